@@ -1,0 +1,83 @@
+package drivers
+
+import (
+	"io"
+	"time"
+
+	"imgfuse/coroutine"
+)
+
+// Optional capabilities, found by type assertion on a Driver.
+
+// DirectReader is implemented by drivers that can serve some reads without a
+// coroutine, straight from the calling goroutine (raw images: an aligned
+// read goes to io_submit). It must not be called from a coroutine.
+type DirectReader interface {
+	// ReadDirect reads p at off if the request qualifies for the fast path
+	// and reports ok=false (having done nothing) if it does not.
+	ReadDirect(p []byte, off int64) (n int, ok bool, err error)
+}
+
+// Snapshot describes an internal snapshot.
+type Snapshot struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	DiskSize    int64     `json:"disk-size"`
+	VMStateSize int64     `json:"vm-state-size"`
+	Date        time.Time `json:"date"`
+	VMClock     int64     `json:"vm-clock-nsec"`
+}
+
+// Snapshotter is implemented by drivers whose images hold internal
+// snapshots.
+type Snapshotter interface {
+	Snapshots() []Snapshot
+}
+
+// ImageInfo is what `imgfuse info` prints about one image of a chain.
+type ImageInfo struct {
+	Filename    string `json:"filename"`
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+	// FileSize is the size of the image file itself.
+	FileSize int64 `json:"actual-size"`
+	// FormatSpecific holds the format's own fields (qcow2: version,
+	// cluster size, features, ...); it must marshal to a JSON object.
+	FormatSpecific any        `json:"format-specific,omitempty"`
+	Snapshots      []Snapshot `json:"snapshots,omitempty"`
+	// Backing is the next image down the chain, if any.
+	Backing *ImageInfo `json:"backing-image,omitempty"`
+}
+
+// Informer is implemented by drivers that can describe themselves.
+type Informer interface {
+	Info() ImageInfo
+}
+
+// ReaderAt adapts a driver to io.ReaderAt for tests and tools: each call
+// runs in its own coroutine. It honours the io.ReaderAt contract: a short
+// read only with an error, io.EOF at the end of the disk.
+func ReaderAt(d Driver) io.ReaderAt { return readerAt{d} }
+
+type readerAt struct{ d Driver }
+
+func (r readerAt) ReadAt(p []byte, off int64) (int, error) {
+	size := r.d.Size()
+	if off < 0 {
+		return 0, io.ErrUnexpectedEOF
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	want := p
+	if int64(len(p)) > size-off {
+		want = p[:size-off]
+	}
+	var n int
+	var err error
+	coroutine.Run(func(co *coroutine.Co) { n, err = r.d.ReadAt(co, want, off) })
+	if err == nil && n < len(p) {
+		err = io.EOF
+	}
+	return n, err
+}

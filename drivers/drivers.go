@@ -1,0 +1,132 @@
+package drivers
+
+import (
+	"errors"
+	"fmt"
+
+	"imgfuse/coroutine"
+)
+
+// Sentinel errors. Drivers wrap them with context, e.g.
+// fmt.Errorf("qcow2: L2 table at %#x: %w", off, drivers.ErrCorrupt).
+var (
+	// ErrCorrupt: the image contradicts its own format.
+	ErrCorrupt = errors.New("image is corrupt")
+	// ErrUnsupported: a valid image using a feature imgfuse does not implement.
+	ErrUnsupported = errors.New("unsupported image feature")
+	// ErrReadOnly: a write to an image opened read-only.
+	ErrReadOnly = errors.New("image is read-only")
+	// ErrLocked: another process holds a conflicting lock on the image.
+	ErrLocked = errors.New("image is locked by another process")
+	// ErrNoSpace: a write past the end of a disk that may not grow.
+	ErrNoSpace = errors.New("write past the end of the disk")
+	// ErrUnknownFormat: no format recognised the file.
+	ErrUnknownFormat = errors.New("unknown image format")
+)
+
+// ExtentFlags describe how a range of the virtual disk reads.
+type ExtentFlags uint8
+
+const (
+	// ExtentData: the range is backed by stored data in some layer of the
+	// chain (it is not a hole for SEEK_DATA/SEEK_HOLE).
+	ExtentData ExtentFlags = 1 << iota
+	// ExtentZero: the range is known to read as zeros.
+	ExtentZero
+)
+
+// Extent is a run of the virtual disk with one status.
+type Extent struct {
+	Off, Len int64
+	Flags    ExtentFlags
+}
+
+// Driver is an open disk image. Every method that may yield takes the
+// calling coroutine first; a driver is used by many coroutines at once and
+// serialises what it must internally.
+//
+// Offsets and lengths are in bytes of the virtual disk. Callers keep every
+// request inside [0, Size()) unless the method says otherwise; requests need
+// not be aligned.
+type Driver interface {
+	// Size is the virtual disk size in bytes.
+	Size() int64
+	// ReadAt fills p from off. It returns len(p), nil or an error; a read
+	// never returns short without an error.
+	ReadAt(co *coroutine.Co, p []byte, off int64) (int, error)
+	// WriteAt writes p at off; ErrReadOnly on a read-only image.
+	WriteAt(co *coroutine.Co, p []byte, off int64) (int, error)
+	// Flush makes everything written so far durable: metadata, then
+	// fdatasync of every file written.
+	Flush(co *coroutine.Co) error
+	// Discard deallocates [off, off+n) where the format allows; the
+	// range must read back as zeros afterwards.
+	Discard(co *coroutine.Co, off, n int64) error
+	// WriteZeroes makes [off, off+n) read as zeros, deallocating if unmap
+	// is set and the format allows.
+	WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error
+	// BlockStatus describes the disk from off. On entry, off < Size();
+	// on exit, the extent starts at off, is non-empty, and may be shorter
+	// than the whole run with the same status (callers loop).
+	BlockStatus(co *coroutine.Co, off int64) (Extent, error)
+	// Truncate changes the virtual size.
+	Truncate(co *coroutine.Co, size int64) error
+	// Close releases the image; it does not flush.
+	Close() error
+}
+
+// OpenOptions are the caller's choices when opening an image.
+type OpenOptions struct {
+	// ReadOnly opens every file read-only and refuses writes.
+	ReadOnly bool
+	// Formats is the list of formats available for probing backing files.
+	// Assembled above the drivers (see cmd/imgfuse) to avoid import cycles.
+	Formats []Format
+	// Snapshot selects an internal snapshot (by id or name) to expose
+	// read-only instead of the active disk. Empty means the active disk.
+	Snapshot string
+	// NoDirectIO makes the I/O layer skip O_DIRECT and use buffered
+	// pread/pwrite.
+	NoDirectIO bool
+}
+
+// Format is one image format: how to recognise it and how to open it.
+type Format interface {
+	// Name is the format's name as users spell it ("raw", "qcow2").
+	Name() string
+	// Probe returns a score for how sure the format is that header (the
+	// first bytes of the file, possibly fewer than asked for) is its own:
+	// 0 never, 1 as a last resort (raw), 100 for a matching magic.
+	Probe(header []byte) int
+	// Open opens the image at path. It must not be called from a
+	// coroutine: it blocks on I/O.
+	Open(path string, opts OpenOptions) (Driver, error)
+}
+
+// ProbeSize is how many leading bytes of a file Probe is given.
+const ProbeSize = 512
+
+// Probe returns the format with the highest score for header.
+func Probe(formats []Format, header []byte) (Format, error) {
+	var best Format
+	bestScore := 0
+	for _, f := range formats {
+		if s := f.Probe(header); s > bestScore {
+			best, bestScore = f, s
+		}
+	}
+	if best == nil {
+		return nil, ErrUnknownFormat
+	}
+	return best, nil
+}
+
+// Lookup returns the format called name.
+func Lookup(formats []Format, name string) (Format, error) {
+	for _, f := range formats {
+		if f.Name() == name {
+			return f, nil
+		}
+	}
+	return nil, fmt.Errorf("format %q: %w", name, ErrUnknownFormat)
+}

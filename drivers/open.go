@@ -1,0 +1,46 @@
+package drivers
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+// Open opens the image at path as format name, or probes its format when
+// name is "" or "auto". It must not be called from a coroutine.
+func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
+	var f Format
+	var err error
+	if name == "" || name == "auto" {
+		f, err = ProbeFile(opts.Formats, path)
+	} else {
+		f, err = Lookup(opts.Formats, name)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := f.Open(path, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d, f, nil
+}
+
+// ProbeFile reads the first ProbeSize bytes of path and probes them.
+func ProbeFile(formats []Format, path string) (Format, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer file.Close()
+	buf := make([]byte, ProbeSize)
+	n, err := io.ReadFull(file, buf)
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	f, err := Probe(formats, buf[:n])
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return f, nil
+}
