@@ -8,12 +8,12 @@ const (
 	maxClusterBits = 21 // 2 MiB
 
 	// Incompatible feature bits.
-	incompatDirty        = 1 << 0
-	incompatCorrupt      = 1 << 1
-	incompatDataFile     = 1 << 2
-	incompatCompression  = 1 << 3
-	incompatExtendedL2   = 1 << 4
-	incompatKnown uint64 = 0x1f
+	incompatDirty              = 1 << 0
+	incompatCorrupt            = 1 << 1
+	incompatDataFile           = 1 << 2
+	incompatCompression        = 1 << 3
+	incompatExtendedL2         = 1 << 4
+	incompatKnown       uint64 = 0x1f
 
 	// Compatible feature bits.
 	compatLazyRefcounts = 1 << 0
