@@ -1,0 +1,347 @@
+package aio
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"imgfuse/coroutine"
+)
+
+// maxInflight bounds the requests submitted to the kernel at once. Requests
+// beyond it wait in the engine's pending queue. 128 keeps a QD32 workload
+// from ever queueing while bounding the pinned buffers; io_setup is asked
+// for exactly this many events so the completion ring can never overflow.
+const maxInflight = 128
+
+// retryDelay is how long the engine waits before retrying an io_submit that
+// failed with EAGAIN while none of its own requests was in flight (so no
+// completion will come to trigger the retry).
+const retryDelay = time.Millisecond
+
+// waiter is how a request's issuer waits for it: a coroutine yields and is
+// woken with Wake; a plain caller (co == nil) blocks on ch.
+type waiter struct {
+	co *coroutine.Co
+	ch chan struct{} // used when co is nil; buffered, capacity 1
+}
+
+func (w *waiter) wait() {
+	if w.co != nil {
+		w.co.Yield()
+		return
+	}
+	<-w.ch
+}
+
+func (w *waiter) wake() {
+	if w.co != nil {
+		w.co.Wake()
+		return
+	}
+	w.ch <- struct{}{}
+}
+
+// request is one iocb on its way through the engine.
+type request struct {
+	cb iocb
+	// buf is the data buffer cb.buf points into. Holding it here keeps the
+	// memory reachable (Go's heap does not move objects) until the
+	// completion has been reaped, whatever the caller does meanwhile.
+	buf []byte
+	res int64 // bytes transferred, or -errno; valid after wake
+	w   waiter
+}
+
+var requestPool = sync.Pool{New: func() any {
+	return &request{w: waiter{ch: make(chan struct{}, 1)}}
+}}
+
+// engine is the process-wide Linux AIO context and its completion reaper.
+//
+// One context serves every File: io_setup contexts count against the
+// system-wide fs.aio-max-nr, a qcow2 chain may open many backing files, and
+// one reaper goroutine for all of them is one parked goroutine instead of
+// one per file. Files track their own in-flight count for Close.
+type engine struct {
+	ctx  aioContext
+	efd  int      // eventfd signalled by every completion (IOCB_FLAG_RESFD)
+	efdF *os.File // efd registered with the netpoller
+
+	mu sync.Mutex
+	// slots holds the submitted requests, indexed by iocb.data; a nil
+	// entry is free. Protected by mu.
+	slots [maxInflight]*request
+	// free lists the indices of the nil entries of slots. Protected by mu.
+	free []uint32
+	// pending holds requests waiting for a slot or for the kernel to
+	// accept them, in arrival order. Protected by mu.
+	pending []*request
+	// submitting is set while one goroutine drains pending into
+	// io_submit; others only append. Protected by mu.
+	submitting bool
+	// retryArmed is set while a retry timer is pending. Protected by mu.
+	retryArmed bool
+
+	// submitFn is ioSubmit; tests replace it to inject EAGAIN and
+	// partial acceptance. Protected by mu.
+	submitFn func(aioContext, []*iocb) (int, error)
+
+	// batch and batchReq are the argument array of the io_submit in
+	// progress; owned by the goroutine that set submitting.
+	batch    [maxInflight]*iocb
+	batchReq [maxInflight]*request
+
+	// Counters for tests and benchmarks. Protected by mu.
+	stats engineStats
+}
+
+type engineStats struct {
+	submitCalls  int64 // io_submit system calls
+	submitted    int64 // iocbs accepted by the kernel
+	eagain       int64 // io_submit calls refused with EAGAIN
+	maxQueued    int   // largest len(pending) seen
+	maxInflight  int   // largest number of submitted requests seen
+	reaperWakeup int64 // eventfd reads that found completions
+}
+
+var (
+	engineMu  sync.Mutex
+	theEngine *engine
+)
+
+// getEngine returns the process-wide engine, creating it on first use. An
+// error (io_setup refused, e.g. fs.aio-max-nr exhausted) is not cached: a
+// later Open may succeed.
+func getEngine() (*engine, error) {
+	engineMu.Lock()
+	defer engineMu.Unlock()
+	if theEngine != nil {
+		return theEngine, nil
+	}
+	e, err := newEngine()
+	if err != nil {
+		return nil, err
+	}
+	theEngine = e
+	return e, nil
+}
+
+func newEngine() (*engine, error) {
+	ctx, err := ioSetup(maxInflight)
+	if err != nil {
+		return nil, fmt.Errorf("aio: io_setup(%d): %w", maxInflight, err)
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		ioDestroy(ctx)
+		return nil, fmt.Errorf("aio: eventfd: %w", err)
+	}
+	e := &engine{
+		ctx: ctx,
+		efd: efd,
+		// os.NewFile sees O_NONBLOCK and registers the fd with the
+		// netpoller: a Read parks the goroutine, not a thread.
+		efdF:     os.NewFile(uintptr(efd), "aio-eventfd"),
+		free:     make([]uint32, 0, maxInflight),
+		submitFn: ioSubmit,
+	}
+	for i := maxInflight - 1; i >= 0; i-- {
+		e.free = append(e.free, uint32(i))
+	}
+	// The context and the reaper live as long as the process: there is
+	// nothing to release at exit that the kernel does not release.
+	go e.reap()
+	return e, nil
+}
+
+// do submits r and waits for its completion. r.cb must be filled in except
+// for data, flags and resfd.
+func (e *engine) do(r *request) {
+	r.cb.flags = iocbFlagResfd
+	r.cb.resfd = uint32(e.efd)
+	e.mu.Lock()
+	e.pending = append(e.pending, r)
+	if len(e.pending) > e.stats.maxQueued {
+		e.stats.maxQueued = len(e.pending)
+	}
+	if !e.submitting {
+		e.submitting = true
+		e.drainLocked()
+		e.submitting = false
+	}
+	e.mu.Unlock()
+	r.w.wait()
+}
+
+// drainLocked submits pending requests while there are free slots, in
+// batches: every request queued while the previous io_submit was in the
+// kernel goes out in the next call. It is called with mu held and
+// submitting set, and drops mu around the system call.
+func (e *engine) drainLocked() {
+	for len(e.pending) > 0 && len(e.free) > 0 {
+		n := min(len(e.pending), len(e.free))
+		for i := 0; i < n; i++ {
+			r := e.pending[i]
+			slot := e.free[len(e.free)-1]
+			e.free = e.free[:len(e.free)-1]
+			e.slots[slot] = r
+			r.cb.data = uint64(slot)
+			e.batch[i] = &r.cb
+			e.batchReq[i] = r
+		}
+		e.pending = e.pending[:copy(e.pending, e.pending[n:])]
+		if inflight := maxInflight - len(e.free); inflight > e.stats.maxInflight {
+			e.stats.maxInflight = inflight
+		}
+
+		submit := e.submitFn
+		e.mu.Unlock()
+		done, err := submit(e.ctx, e.batch[:n])
+		e.mu.Lock()
+
+		e.stats.submitCalls++
+		e.stats.submitted += int64(done)
+		for i := 0; i < done; i++ {
+			e.batch[i] = nil
+			e.batchReq[i] = nil
+		}
+		if done == n {
+			continue
+		}
+		// The kernel stopped at batch[done]. Take the rest back.
+		rest := make([]*request, 0, n-done)
+		for i := done; i < n; i++ {
+			r := e.batchReq[i]
+			e.slots[r.cb.data] = nil
+			e.free = append(e.free, uint32(r.cb.data))
+			e.batch[i] = nil
+			e.batchReq[i] = nil
+			rest = append(rest, r)
+		}
+		switch {
+		case err == nil || err == unix.EINTR:
+			// Partial acceptance: the next call reports what
+			// stopped the kernel, if anything.
+		case err == unix.EAGAIN:
+			// Back-pressure from the kernel: keep the requests
+			// and retry when a completion frees resources, or
+			// after a pause if none of ours is in flight.
+			e.stats.eagain++
+			e.pending = append(rest, e.pending...)
+			if len(e.free) == maxInflight && !e.retryArmed {
+				e.retryArmed = true
+				time.AfterFunc(retryDelay, e.retry)
+			}
+			return
+		default:
+			// The first remaining request is invalid (EINVAL
+			// for an unsupported opcode, EBADF, ...): fail it.
+			r := rest[0]
+			rest = rest[1:]
+			r.res = -int64(errnoOf(err))
+			r.w.wake()
+		}
+		e.pending = append(rest, e.pending...)
+	}
+}
+
+func errnoOf(err error) unix.Errno {
+	var en unix.Errno
+	if errors.As(err, &en) {
+		return en
+	}
+	return unix.EIO
+}
+
+// retry resubmits after an EAGAIN that no completion will follow.
+func (e *engine) retry() {
+	e.mu.Lock()
+	e.retryArmed = false
+	e.kickLocked()
+	e.mu.Unlock()
+}
+
+// kickLocked drains pending unless another goroutine already is.
+func (e *engine) kickLocked() {
+	if len(e.pending) > 0 && !e.submitting {
+		e.submitting = true
+		e.drainLocked()
+		e.submitting = false
+	}
+}
+
+// reap is the completion goroutine. It sleeps in the netpoller on the
+// eventfd, then empties the completion queue with non-blocking
+// io_getevents calls, wakes each request's waiter and resubmits queued
+// requests into the freed slots.
+func (e *engine) reap() {
+	var cnt [8]byte
+	var evs [maxInflight]ioEvent
+	var done [maxInflight]*request
+	for {
+		if _, err := e.efdF.Read(cnt[:]); err != nil {
+			// An eventfd read cannot fail once registered; if it
+			// ever does, poll slowly rather than spin or die.
+			time.Sleep(10 * time.Millisecond)
+		}
+		// The kernel writes an event into the ring before it signals
+		// the eventfd, and the Read above reset the counter: every
+		// completion not returned by the calls below will signal
+		// again. So the queue is empty for our purposes as soon as a
+		// call returns fewer events than asked for, which saves the
+		// extra system call that would confirm it.
+		first := true
+		for {
+			n, err := ioGetEventsNow(e.ctx, evs[:])
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || n == 0 {
+				break
+			}
+			k := 0
+			e.mu.Lock()
+			if first {
+				e.stats.reaperWakeup++
+				first = false
+			}
+			for i := 0; i < n; i++ {
+				ev := &evs[i]
+				if ev.data >= maxInflight || e.slots[ev.data] == nil {
+					continue // not ours: cannot happen, ignore
+				}
+				r := e.slots[ev.data]
+				e.slots[ev.data] = nil
+				e.free = append(e.free, uint32(ev.data))
+				r.res = ev.res
+				done[k] = r
+				k++
+			}
+			e.mu.Unlock()
+			// Wake first: the waiters' latency matters more than
+			// that of requests still queued.
+			for i := 0; i < k; i++ {
+				done[i].w.wake()
+				done[i] = nil
+			}
+			e.mu.Lock()
+			e.kickLocked()
+			e.mu.Unlock()
+			if n < len(evs) {
+				break
+			}
+		}
+	}
+}
+
+// snapshotStats returns a copy of the engine counters.
+func (e *engine) snapshotStats() engineStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.stats
+}

@@ -1,0 +1,105 @@
+package aio
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"imgfuse/coroutine"
+)
+
+// TestSubmitErrors injects io_submit failures: EAGAIN with nothing in
+// flight (retried after a pause), partial acceptance (the rest resubmitted)
+// and an error for one iocb (only that request fails).
+func TestSubmitErrors(t *testing.T) {
+	d, why := directDir(t)
+	if d == "" {
+		t.Skipf("no O_DIRECT-capable directory: %s", why)
+	}
+	r := rand.New(rand.NewPCG(8, 9))
+	const blocks = 64
+	data := randBytes(r, blocks*4096)
+	f := openCase(t, engineCase{dir: d, wantDirect: true}, createFile(t, d, data))
+	e := f.eng
+
+	const poisonOff = 13 * 4096
+	var mu sync.Mutex
+	calls, eagains, partials := 0, 0, 0
+	inject := func(ctx aioContext, cbs []*iocb) (int, error) {
+		mu.Lock()
+		calls++
+		c := calls
+		mu.Unlock()
+		switch {
+		case c <= 3:
+			mu.Lock()
+			eagains++
+			mu.Unlock()
+			return 0, unix.EAGAIN
+		case cbs[0].offset == poisonOff:
+			return 0, unix.EINVAL
+		case len(cbs) > 1 && c%2 == 0:
+			// Accept a prefix, but never past the poisoned one so
+			// that it is always reported first.
+			k := 1
+			mu.Lock()
+			partials++
+			mu.Unlock()
+			return ioSubmit(ctx, cbs[:k])
+		}
+		for i, cb := range cbs {
+			if cb.offset == poisonOff {
+				return ioSubmit(ctx, cbs[:i])
+			}
+		}
+		return ioSubmit(ctx, cbs)
+	}
+	e.mu.Lock()
+	e.submitFn = inject
+	eagainBefore := e.stats.eagain
+	e.mu.Unlock()
+	defer func() {
+		e.mu.Lock()
+		e.submitFn = ioSubmit
+		e.mu.Unlock()
+	}()
+
+	var wg sync.WaitGroup
+	errs := make([]error, blocks)
+	bufs := make([][]byte, blocks)
+	start := make(chan struct{})
+	for i := 0; i < blocks; i++ {
+		bufs[i] = AlignedBuffer(4096)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			coroutine.Run(func(co *coroutine.Co) { errs[i] = f.PreadCo(co, bufs[i], int64(i)*4096) })
+		}()
+	}
+	close(start)
+	wg.Wait()
+	for i := 0; i < blocks; i++ {
+		if i*4096 == poisonOff {
+			if !errors.Is(errs[i], unix.EINVAL) {
+				t.Errorf("poisoned request: err = %v, want EINVAL", errs[i])
+			}
+			continue
+		}
+		if errs[i] != nil {
+			t.Errorf("block %d: %v", i, errs[i])
+		} else if !bytes.Equal(bufs[i], data[i*4096:(i+1)*4096]) {
+			t.Errorf("block %d: wrong data", i)
+		}
+	}
+	st := e.snapshotStats()
+	t.Logf("calls %d, injected EAGAIN %d, partial %d, engine saw EAGAIN %d",
+		calls, eagains, partials, st.eagain-eagainBefore)
+	if st.eagain-eagainBefore < 3 {
+		t.Errorf("engine counted %d EAGAIN, want >= 3", st.eagain-eagainBefore)
+	}
+}
