@@ -90,6 +90,16 @@ type header struct {
 	UnknownExts []extension
 	HasBitmaps  bool
 	HasCrypto   bool
+
+	// The bitmaps extension (meaningful only when HasBitmaps), kept so a
+	// rewrite can carry it.
+	NbBitmaps       uint32
+	BitmapDirSize   uint64
+	BitmapDirOffset uint64
+	// The full-disk-encryption header extension (meaningful only when
+	// HasCrypto).
+	CryptoOffset uint64
+	CryptoLength uint64
 }
 
 type extension struct {

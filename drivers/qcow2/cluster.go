@@ -1,0 +1,299 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+// clusterType is how a guest (sub)cluster reads (qcow2.md §1.6, §1.8;
+// QEMU's QCow2SubclusterType).
+type clusterType uint8
+
+const (
+	// ctUnallocated: no host cluster; reads the backing file, else zeros.
+	ctUnallocated clusterType = iota
+	// ctUnallocatedAlloc (extended L2 only): the host cluster exists but
+	// this subcluster's bits are clear; reads like ctUnallocated.
+	ctUnallocatedAlloc
+	// ctZeroPlain: reads as zeros, never the backing file.
+	ctZeroPlain
+	// ctZeroAlloc: reads as zeros; a host cluster is preallocated but
+	// must never be read.
+	ctZeroAlloc
+	// ctNormal: data at the host offset.
+	ctNormal
+	// ctCompressed: a compressed cluster (always a whole cluster).
+	ctCompressed
+)
+
+var clusterTypeNames = [...]string{"unallocated", "unallocated-alloc", "zero-plain", "zero-alloc", "normal", "compressed"}
+
+func (t clusterType) String() string {
+	if int(t) < len(clusterTypeNames) {
+		return clusterTypeNames[t]
+	}
+	return fmt.Sprintf("clusterType(%d)", t)
+}
+
+// hasHostOffset reports whether the type carries a host cluster offset
+// (which must then be aligned, and contiguous along a run).
+func (t clusterType) hasHostOffset() bool {
+	return t == ctNormal || t == ctZeroAlloc || t == ctUnallocatedAlloc
+}
+
+// readsBacking reports whether the type reads from the backing layer.
+func (t clusterType) readsBacking() bool {
+	return t == ctUnallocated || t == ctUnallocatedAlloc
+}
+
+// hostRun is the result of a lookup: a run of guest bytes with one type.
+type hostRun struct {
+	typ clusterType
+	// n is the run length in bytes.
+	n int64
+	// host is the host offset of the run's first byte, in the data file,
+	// for the types with hasHostOffset.
+	host int64
+	// l2e is the L2 entry of a ctCompressed cluster.
+	l2e uint64
+}
+
+// mapLocked translates guest offset off (QEMU's qcow2_get_host_offset).
+// On entry, n > 0 is the most bytes the caller wants from off and
+// off+n <= the disk size; on exit, run.n (0 < run.n <= n) is the length
+// from off that has the same type and, where the type has host offsets,
+// contiguous ones. A run never crosses an L2 table, and a compressed run
+// never crosses its cluster. Corruption in the metadata that off needs is
+// an error wrapping drivers.ErrCorrupt; corruption further on merely ends
+// the run before it, to be reported when (if) a read reaches it.
+func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
+	img.mu.AssertHeld(co)
+	cs := img.clusterSize
+	inCluster := off & (cs - 1)
+	l2Entries := int64(1) << img.l2Bits
+	l2Index := (off >> img.clusterBits) & (l2Entries - 1)
+	l1Index := off >> (img.clusterBits + img.l2Bits)
+
+	// A run stops at the end of the L2 table.
+	n = min(n, (l2Entries-l2Index)<<img.clusterBits-inCluster)
+
+	l2Off, err := img.l2OffsetLocked(l1Index)
+	if err != nil {
+		return hostRun{}, err
+	}
+	if l2Off == 0 {
+		return hostRun{typ: ctUnallocated, n: n}, nil
+	}
+	t, err := img.l2.Get(co, int64(l2Off))
+	if err != nil {
+		return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
+	}
+	defer img.l2.Put(t)
+	tb := t.Bytes()
+
+	// Clusters the request touches: no need to look further.
+	nbClusters := (inCluster + n + cs - 1) >> img.clusterBits
+	scFirst := int(inCluster >> img.scBits)
+	var (
+		run        hostRun
+		count      int64 // subclusters in the run so far
+		wantOffset uint64
+	)
+	for i := int64(0); i < nbClusters; i++ {
+		idx := l2Index + i
+		e := binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes:])
+		var bitmap uint64
+		if img.scPerCluster > 1 {
+			bitmap = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes+8:])
+		}
+		sc := 0
+		if i == 0 {
+			sc = scFirst
+		}
+		typ, same, err := img.entryRange(e, bitmap, sc)
+		hostCluster := e & l2eOffsetMask
+		guestCluster := off - inCluster + i*cs
+		if err == nil && typ.hasHostOffset() {
+			err = img.checkHostCluster(typ, hostCluster, guestCluster)
+		}
+		if err != nil {
+			if i == 0 {
+				return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
+					img.path, l2Off, idx, guestCluster, err)
+			}
+			break // reported when a read gets there
+		}
+		if i == 0 {
+			run.typ = typ
+			if typ == ctCompressed {
+				if coff, _ := img.compressedRange(e); coff >= img.fileSize {
+					return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): compressed data at %#x is past the end of the file (%d bytes): %w",
+						img.path, l2Off, idx, guestCluster, coff, img.fileSize, drivers.ErrCorrupt)
+				}
+				return hostRun{typ: ctCompressed, n: min(n, cs-inCluster), l2e: e}, nil
+			}
+			if typ.hasHostOffset() {
+				run.host = int64(hostCluster) + inCluster
+			}
+			wantOffset = hostCluster
+		} else {
+			if typ != run.typ {
+				break
+			}
+			if typ.hasHostOffset() {
+				wantOffset += uint64(cs)
+				if hostCluster != wantOffset {
+					break
+				}
+			}
+		}
+		count += int64(same)
+		if sc+same < img.scPerCluster {
+			break // the type changes inside this cluster
+		}
+	}
+	scSize := int64(1) << img.scBits
+	runBytes := count*scSize - (inCluster & (scSize - 1))
+	run.n = min(n, runBytes)
+	return run, nil
+}
+
+// l2OffsetLocked returns the L2 table offset of L1 entry l1Index, 0 if the
+// entry is unallocated or past the end of L1. The caller holds mu (it never
+// yields, so it takes no coroutine to assert that with; mapLocked does).
+func (img *image) l2OffsetLocked(l1Index int64) (uint64, error) {
+	if l1Index >= int64(len(img.l1)) {
+		return 0, nil
+	}
+	e := img.l1[l1Index]
+	if e&l1eReservedMask != 0 {
+		return 0, fmt.Errorf("qcow2: %s: L1 entry %d (%#x) has reserved bits set: %w",
+			img.path, l1Index, e, drivers.ErrCorrupt)
+	}
+	off := e & l1eOffsetMask
+	if off == 0 {
+		return 0, nil
+	}
+	if off&uint64(img.clusterSize-1) != 0 {
+		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is not cluster-aligned: %w",
+			img.path, l1Index, off, drivers.ErrCorrupt)
+	}
+	if off >= uint64(img.fileSize) {
+		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is past the end of the file (%d bytes): %w",
+			img.path, l1Index, off, img.fileSize, drivers.ErrCorrupt)
+	}
+	return off, nil
+}
+
+// checkHostCluster validates the host cluster offset of a type that has
+// one: aligned; equal to the guest offset in an external data file; and,
+// for data read from the image file itself, inside the file.
+func (img *image) checkHostCluster(typ clusterType, host uint64, guest int64) error {
+	if host&uint64(img.clusterSize-1) != 0 {
+		return fmt.Errorf("host cluster offset %#x is not cluster-aligned: %w", host, drivers.ErrCorrupt)
+	}
+	if img.h.hasDataFile() {
+		if host != uint64(guest) {
+			return fmt.Errorf("external data file host offset %#x differs from the guest offset %#x: %w",
+				host, guest, drivers.ErrCorrupt)
+		}
+		return nil
+	}
+	if typ == ctNormal && host >= uint64(img.fileSize) {
+		return fmt.Errorf("host cluster offset %#x is past the end of the file (%d bytes): %w",
+			host, img.fileSize, drivers.ErrCorrupt)
+	}
+	return nil
+}
+
+// entryRange classifies subcluster sc of the cluster described by L2 entry
+// e and, with extended L2, its bitmap (QEMU's
+// qcow2_get_subcluster_range_type). It returns the type and how many
+// subclusters from sc to the end of the cluster have that type (at least
+// 1). Without extended L2 a cluster is a single subcluster.
+func (img *image) entryRange(e, bitmap uint64, sc int) (clusterType, int, error) {
+	extL2 := img.scPerCluster > 1
+	rest := img.scPerCluster - sc
+	if e&oflagCompressed != 0 {
+		if img.h.hasDataFile() {
+			return 0, 0, fmt.Errorf("compressed cluster %#x in an image with an external data file: %w",
+				e, drivers.ErrCorrupt)
+		}
+		if bitmap != 0 {
+			return 0, 0, fmt.Errorf("compressed cluster %#x has a subcluster bitmap %#x: %w",
+				e, bitmap, drivers.ErrCorrupt)
+		}
+		return ctCompressed, rest, nil
+	}
+	if e&l2eStdReservedMk != 0 {
+		return 0, 0, fmt.Errorf("L2 entry %#x has reserved bits set: %w", e, drivers.ErrCorrupt)
+	}
+	host := e & l2eOffsetMask
+	// Offset 0 is ambiguous with an external data file, where guest
+	// cluster 0 lives at host offset 0; there every allocated cluster has
+	// refcount 1, so COPIED tells them apart.
+	unallocated := host == 0 && !(img.h.hasDataFile() && e&oflagCopied != 0)
+	if e&oflagZero != 0 {
+		// "With version 2 or with extended L2 entries, this is always 0."
+		if img.h.Version < 3 || extL2 {
+			return 0, 0, fmt.Errorf("L2 entry %#x has the zero flag, invalid in this image (v%d, extended L2 %t): %w",
+				e, img.h.Version, extL2, drivers.ErrCorrupt)
+		}
+		if host != 0 {
+			return ctZeroAlloc, 1, nil
+		}
+		return ctZeroPlain, 1, nil
+	}
+	if !extL2 {
+		if unallocated {
+			return ctUnallocated, 1, nil
+		}
+		return ctNormal, 1, nil
+	}
+
+	// Extended L2: bits 0-31 of the bitmap say "allocated" and bits
+	// 32-63 "reads as zero", for subclusters 0-31, LSB first.
+	alloc, zero := uint32(bitmap), uint32(bitmap>>32)
+	if unallocated {
+		if alloc != 0 {
+			return 0, 0, fmt.Errorf("unallocated cluster has allocation bitmap %#x: %w", alloc, drivers.ErrCorrupt)
+		}
+		if zero&(1<<sc) != 0 {
+			return ctZeroPlain, onesFrom(zero, sc), nil
+		}
+		return ctUnallocated, zerosFrom(zero, sc), nil
+	}
+	if alloc&zero != 0 {
+		return 0, 0, fmt.Errorf("subclusters %#x are both allocated and zero: %w", alloc&zero, drivers.ErrCorrupt)
+	}
+	switch {
+	case zero&(1<<sc) != 0:
+		return ctZeroAlloc, onesFrom(zero, sc), nil
+	case alloc&(1<<sc) != 0:
+		return ctNormal, onesFrom(alloc, sc), nil
+	default:
+		return ctUnallocatedAlloc, zerosFrom(alloc|zero, sc), nil
+	}
+}
+
+// onesFrom counts consecutive set bits of b from bit i up (at most 32-i).
+func onesFrom(b uint32, i int) int { return min(bits.TrailingZeros32(^(b >> i)), 32-i) }
+
+// zerosFrom counts consecutive clear bits of b from bit i up (at most 32-i).
+func zerosFrom(b uint32, i int) int { return min(bits.TrailingZeros32(b>>i), 32-i) }
+
+// compressedRange decodes a compressed cluster descriptor (qcow2.md §1.7):
+// the host byte offset of the compressed stream and how many bytes to read
+// from it. The stream need not fill them: the tail sector may hold the next
+// cluster's stream, and the range may run past the end of the file.
+func (img *image) compressedRange(e uint64) (coff, csize int64) {
+	x := 62 - (img.clusterBits - 8) // bits 0..x-1: offset; x..61: sectors-1
+	coff = int64(e & (1<<x - 1))
+	sectors := int64((e>>x)&(1<<(img.clusterBits-8)-1)) + 1
+	csize = sectors*512 - coff&511
+	return coff, csize
+}
