@@ -1,0 +1,355 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Daemonizing. Go cannot fork a running runtime, so `imgfuse mount` re-execs
+// itself (/proc/self/exe) with daemonEnv naming an inherited pipe, the
+// readiness pipe. The child (setsid, stdio on /dev/null or the --log file)
+// opens the image, mounts, and writes "ok\n" or its error text to the pipe,
+// then closes it. The parent exits 0 only after reading "ok".
+
+// daemonEnv marks the re-executed child; its value is the readiness fd.
+const daemonEnv = "IMGFUSE_DAEMON_READY_FD"
+
+// readyOK is what the child writes once the mount answers.
+const readyOK = "ok\n"
+
+// daemonReadyTimeout bounds the wait for the child's report. Opening an
+// image reads only headers and tables; fusefs.Mount waits at most 10 s.
+const daemonReadyTimeout = 60 * time.Second
+
+// daemonReadyFD reports whether this process is the re-executed child, and
+// the readiness fd it inherited.
+func daemonReadyFD() (int, bool) {
+	v, ok := os.LookupEnv(daemonEnv)
+	if !ok {
+		return 0, false
+	}
+	// Helpers we run (fusermount3) must not think they are daemons.
+	os.Unsetenv(daemonEnv)
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return 0, false
+	}
+	return fd, true
+}
+
+// childArgs rebuilds the mount command line for the child from validated
+// options. Paths are made absolute so that the child can chdir("/") and not
+// pin the caller's working directory.
+func childArgs(o *mountOptions) []string {
+	args := []string{"mount", "--foreground", "--format", o.format}
+	if o.readOnly {
+		args = append(args, "--read-only")
+	}
+	if o.snapshot != "" {
+		args = append(args, "--snapshot", o.snapshot)
+	}
+	if o.name != "" {
+		args = append(args, "--name", o.name)
+	}
+	if o.allowOther {
+		args = append(args, "--allow-other")
+	}
+	if o.noDirectIO {
+		args = append(args, "--no-direct-io")
+	}
+	if o.debug {
+		args = append(args, "--debug")
+	}
+	return append(args, "--", o.absImage, o.absMountpoint)
+}
+
+// startDaemon starts the child that serves the mount and waits for its
+// report. On failure it leaves neither a child nor a mount behind.
+func startDaemon(o *mountOptions) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	cmd := exec.Command("/proc/self/exe", childArgs(o)...)
+	cmd.Args[0] = os.Args[0]
+	cmd.Env = append(os.Environ(), daemonEnv+"=3")
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	if o.logFile != "" {
+		lf, err := os.OpenFile(o.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			w.Close()
+			return fmt.Errorf("log file: %w", err)
+		}
+		defer lf.Close()
+		cmd.Stdout, cmd.Stderr = lf, lf
+	}
+	err = startIOFlusher(cmd)
+	w.Close()
+	if err != nil {
+		return fmt.Errorf("start mount daemon: %w", err)
+	}
+
+	msg, rerr := readReport(r, daemonReadyTimeout)
+	if rerr == nil && msg == readyOK {
+		// The child lives on in its own session; init reaps it.
+		_ = cmd.Process.Release()
+		return nil
+	}
+	// Failure: make sure the child is gone and no mount is left.
+	waitErr := reapChild(cmd, rerr != nil, o.absMountpoint)
+	hint := ""
+	if o.logFile != "" {
+		hint = " (see " + o.logFile + ")"
+	}
+	switch {
+	case rerr != nil:
+		return fmt.Errorf("mount daemon did not report within %v; killed it%s", daemonReadyTimeout, hint)
+	case msg == "":
+		return fmt.Errorf("mount daemon exited before reporting (%v)%s", waitErr, hint)
+	default:
+		// The child saw absolute paths; show the user's spelling.
+		msg = strings.Replace(strings.TrimSpace(msg), "open "+o.absImage+":", "open "+o.image+":", 1)
+		return errors.New(msg)
+	}
+}
+
+// readReport reads the child's report until it closes the pipe.
+func readReport(r *os.File, timeout time.Duration) (string, error) {
+	if err := r.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(io.LimitReader(r, 64<<10))
+	return string(b), err
+}
+
+// reapChild waits for a failed child to exit, killing it if it does not
+// within a few seconds (or at once if kill), and removes any mount it left
+// at mountpoint. It never blocks forever: a child stuck in the kernel on
+// its own FUSE mount is freed by aborting that mount's connection, and if
+// it still does not exit the parent gives up waiting.
+func reapChild(cmd *exec.Cmd, kill bool, mountpoint string) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	wait := func(d time.Duration) (bool, error) {
+		select {
+		case err := <-done:
+			return true, err
+		case <-time.After(d):
+			return false, nil
+		}
+	}
+	if kill {
+		_ = cmd.Process.Kill()
+	}
+	exited, err := wait(10 * time.Second)
+	if !exited {
+		_ = cmd.Process.Kill()
+		exited, err = wait(5 * time.Second)
+	}
+	detachIfOurs(mountpoint)
+	if !exited {
+		exited, err = wait(5 * time.Second)
+	}
+	if !exited {
+		return fmt.Errorf("pid %d did not exit after SIGKILL", cmd.Process.Pid)
+	}
+	return err
+}
+
+// detachIfOurs lazily unmounts mountpoint if an imgfuse mount sits there:
+// the child died or was killed between mounting and reporting.
+func detachIfOurs(mountpoint string) {
+	if e, ok, _ := findMount(mountpoint); ok && isImgfuseMount(e) {
+		abortConnection(e)
+		_ = lazyUnmount(mountpoint)
+	}
+}
+
+// startIOFlusher starts cmd with PR_SET_IO_FLUSHER on the forking thread:
+// the flag is inherited by the child's first thread and so by every thread
+// its runtime creates. A FUSE server under a loop device needs it to avoid
+// deadlocking in memory reclaim that waits on its own I/O. Setting it needs
+// CAP_SYS_RESOURCE; without it the child runs as before.
+func startIOFlusher(cmd *exec.Cmd) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	set := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0) == nil
+	err := cmd.Start()
+	if set {
+		if unix.Prctl(unix.PR_SET_IO_FLUSHER, 0, 0, 0, 0) != nil {
+			// Leave the thread locked: the runtime then retires it
+			// when this goroutine exits instead of reusing it.
+			runtime.LockOSThread()
+		}
+	}
+	return err
+}
+
+// runDaemonChild is the re-executed child: serve the mount, report
+// readiness (or the error) on fd, exit when the mount goes away.
+func runDaemonChild(o *mountOptions, fd int) error {
+	syscall.CloseOnExec(fd)
+	pipe := os.NewFile(uintptr(fd), "readiness")
+	logger := log.New(os.Stderr, "imgfuse: ", log.LstdFlags)
+	reported := false
+	err := serve(o, logger, func() {
+		logger.Printf("serving %s on %s (pid %d)", o.image, o.mountpoint, os.Getpid())
+		reported = true
+		_, _ = pipe.WriteString(readyOK)
+		pipe.Close()
+		_ = os.Chdir("/")
+	})
+	if err == nil {
+		return nil
+	}
+	if !reported {
+		_, _ = pipe.WriteString(err.Error())
+		pipe.Close()
+	}
+	logger.Print(err)
+	return exitError{exitFailure}
+}
+
+// daemonState is what a serving process records so that `imgfuse unmount`
+// can find it and wait for it to flush and exit.
+type daemonState struct {
+	PID        int       `json:"pid"`
+	Image      string    `json:"image"`
+	Mountpoint string    `json:"mountpoint"`
+	Format     string    `json:"format"`
+	ReadOnly   bool      `json:"read-only"`
+	Started    time.Time `json:"started"`
+}
+
+// stateDir is where state files live: /run/imgfuse for root, else
+// $XDG_RUNTIME_DIR/imgfuse, else a per-user directory under /tmp.
+func stateDir() string {
+	if os.Geteuid() == 0 {
+		return "/run/imgfuse"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "imgfuse")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("imgfuse-%d", os.Geteuid()))
+}
+
+// statePath names the state file of a canonical mountpoint: a hash, so any
+// path (spaces, slashes, length) maps to one flat file name.
+func statePath(dir, mountpoint string) string {
+	sum := sha256.Sum256([]byte(mountpoint))
+	return filepath.Join(dir, hex.EncodeToString(sum[:])+".json")
+}
+
+// writeState records st atomically (write a temporary file, rename).
+func writeState(dir string, st daemonState) (string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("state dir: %w", err)
+	}
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	path := statePath(dir, st.Mountpoint)
+	tmp, err := os.CreateTemp(dir, ".state-*")
+	if err != nil {
+		return "", fmt.Errorf("state file: %w", err)
+	}
+	_, err = tmp.Write(append(b, '\n'))
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return "", fmt.Errorf("state file: %w", err)
+	}
+	return path, nil
+}
+
+// readState loads the state file of a canonical mountpoint.
+func readState(dir, mountpoint string) (daemonState, error) {
+	var st daemonState
+	b, err := os.ReadFile(statePath(dir, mountpoint))
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return st, fmt.Errorf("state file %s: %w", statePath(dir, mountpoint), err)
+	}
+	if st.Mountpoint != mountpoint {
+		return st, fmt.Errorf("state file %s is for %s", statePath(dir, mountpoint), st.Mountpoint)
+	}
+	return st, nil
+}
+
+// daemonRunning reports whether pid is still a live imgfuse process
+// serving a mount: the pid exists, is not a zombie, and its command line is
+// an imgfuse mount (so a recycled pid is not waited for).
+func daemonRunning(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name, which may itself
+	// contain ") ".
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	return isImgfuseMountCmdline(cmdline)
+}
+
+// isImgfuseMountCmdline checks a NUL-separated /proc/PID/cmdline.
+func isImgfuseMountCmdline(cmdline []byte) bool {
+	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	if len(args) < 2 || !strings.Contains(filepath.Base(args[0]), "imgfuse") {
+		return false
+	}
+	for _, a := range args[1:] {
+		if a == "mount" || a == "demo" {
+			return true
+		}
+	}
+	return false
+}
+
+// abortConnection aborts the FUSE connection behind e (root only), failing
+// every pending and future request with ENOTCONN. It frees processes stuck
+// waiting on a server that will never answer.
+func abortConnection(e mountEntry) {
+	major, minor, ok := strings.Cut(e.Dev, ":")
+	if !ok || major != "0" {
+		return
+	}
+	if _, err := strconv.Atoi(minor); err != nil {
+		return
+	}
+	_ = os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+}

@@ -1,0 +1,39 @@
+// Command imgfuse mounts a qcow2 or raw disk image as one regular file
+// through FUSE. It is only the command line: flags, daemonizing, signals,
+// state files, exit codes and output formatting. Everything about image
+// formats lives in the drivers (imgfuse/drivers/...), everything about FUSE
+// in imgfuse/fusefs; this package never interprets image bytes.
+//
+// Commands: mount, unmount, info, demo (see `imgfuse help`).
+//
+// Exit codes: 0 success; 1 runtime error (open, probe, mount, unmount,
+// flush); 2 usage error (unknown command or flag, wrong argument count,
+// invalid flag value). Errors are printed to stderr prefixed "imgfuse: ".
+//
+// Daemonizing (daemon.go). A Go process cannot fork, so `mount` re-execs
+// /proc/self/exe with IMGFUSE_DAEMON_READY_FD=3 and the write end of a pipe
+// as fd 3, in a new session (setsid) with stdio on /dev/null or the --log
+// file. The child opens the image, mounts, records its state file and
+// writes "ok\n" — or its error text — to the pipe. The parent exits 0 only
+// on "ok"; otherwise it reaps (or kills) the child, detaches any mount the
+// child left, and prints the reason. The child is started from a thread
+// with PR_SET_IO_FLUSHER set (when permitted) so that every thread of the
+// server inherits it: a FUSE server behind a loop device must not block in
+// memory reclaim that waits for its own I/O.
+//
+// Serving (mount.go). SIGINT/SIGTERM unmount; if the mount is busy (a loop
+// device holds the disk) the server logs it and keeps serving, because
+// dropping it would fail the loop device's I/O. When the FUSE server stops
+// for any reason (our unmount, an external umount/fusermount3 -u), the
+// driver is flushed and closed, the state file removed, and the process
+// exits. Signal handlers are installed before mounting.
+//
+// State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, one JSON
+// file per mount named by the SHA-256 of the canonical mountpoint, holding
+// the server's pid. `unmount` uses it to wait until the image is closed,
+// checking /proc/PID/cmdline so that a recycled pid is not waited for.
+//
+// Concurrency: the only goroutines are the FUSE server's (in fusefs) and,
+// in serve, one that turns srv.Wait into a channel; no state is shared
+// between them here.
+package main

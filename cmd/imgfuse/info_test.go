@@ -1,0 +1,134 @@
+package main
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestHumanSize(t *testing.T) {
+	tests := []struct {
+		n    int64
+		want string
+	}{
+		{0, "0 B"},
+		{512, "512 B"},
+		{999, "999 B"},
+		{1000, "0.977 KiB"},
+		{1024, "1 KiB"},
+		{82343, "80.4 KiB"},
+		{8 << 20, "8 MiB"},
+		{10<<30 + 512<<20, "10.5 GiB"},
+		{1 << 40, "1 TiB"},
+	}
+	for _, tt := range tests {
+		if got := humanSize(tt.n); got != tt.want {
+			t.Errorf("humanSize(%d) = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestVMClock(t *testing.T) {
+	if got := vmClock(3723_004_000_000); got != "01:02:03.004" {
+		t.Errorf("vmClock = %q", got)
+	}
+}
+
+// infoChain builds raw <- qcow2 (with a snapshot) <- qcow2 with qemu-img.
+func infoChain(t *testing.T) (dir, top string) {
+	requireQemuImg(t)
+	dir = t.TempDir()
+	writeFile(t, filepath.Join(dir, "base.raw"), 64<<20)
+	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on",
+		"-b", "base.raw", "-F", "raw", "mid.qcow2")
+	qemuImg(t, dir, "snapshot", "-c", "snap1", "mid.qcow2")
+	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,compat=0.10",
+		"-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+	return dir, filepath.Join(dir, "top.qcow2")
+}
+
+func TestInfoText(t *testing.T) {
+	_, top := infoChain(t)
+	code, out, stderr := runCLI(t, "info", top)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	blocks := strings.Split(out, "\n\n")
+	if len(blocks) != 3 {
+		t.Fatalf("want 3 blocks (top, mid, base), got %d:\n%s", len(blocks), out)
+	}
+	want := [][]string{
+		{"image: " + top, "file format: qcow2", "virtual size: 64 MiB (67108864 bytes)",
+			"backing file: ", "mid.qcow2 (format qcow2)", "Format specific information:",
+			"compat: 0.10", "cluster size: 4096"},
+		{"file format: qcow2", "cluster size: 65536", "compat: 1.1", "lazy refcounts: true",
+			"compatible features: 0x1", "compression type: zlib", "corrupt: false", "dirty: false",
+			"Snapshot list:", "snap1", "base.raw (format raw)"},
+		{"file format: raw", "virtual size: 64 MiB (67108864 bytes)"},
+	}
+	for i, ws := range want {
+		for _, w := range ws {
+			if !strings.Contains(blocks[i], w) {
+				t.Errorf("block %d does not contain %q:\n%s", i, w, blocks[i])
+			}
+		}
+	}
+}
+
+func TestInfoJSON(t *testing.T) {
+	_, top := infoChain(t)
+	code, out, stderr := runCLI(t, "info", "--json", top)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var got map[string]any
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	for _, k := range []string{"filename", "format", "virtual-size", "actual-size", "format-specific", "backing-image"} {
+		if _, ok := got[k]; !ok {
+			t.Errorf("top level lacks key %q", k)
+		}
+	}
+	if got["format"] != "qcow2" || got["virtual-size"] != float64(64<<20) {
+		t.Errorf("format %v, virtual-size %v", got["format"], got["virtual-size"])
+	}
+	mid, _ := got["backing-image"].(map[string]any)
+	if mid == nil || mid["format"] != "qcow2" {
+		t.Fatalf("backing-image: %v", got["backing-image"])
+	}
+	snaps, _ := mid["snapshots"].([]any)
+	if len(snaps) != 1 || snaps[0].(map[string]any)["name"] != "snap1" {
+		t.Errorf("mid snapshots: %v", mid["snapshots"])
+	}
+	base, _ := mid["backing-image"].(map[string]any)
+	if base == nil || base["format"] != "raw" || !strings.HasSuffix(base["filename"].(string), "base.raw") {
+		t.Errorf("base: %v", mid["backing-image"])
+	}
+}
+
+func TestInfoRawAndErrors(t *testing.T) {
+	img := tempPath(t, "disk.img")
+	writeFile(t, img, 3<<20)
+	code, out, stderr := runCLI(t, "info", img)
+	if code != exitOK || !strings.Contains(out, "file format: raw") || !strings.Contains(out, "virtual size: 3 MiB (3145728 bytes)") {
+		t.Errorf("raw info: exit %d\n%s%s", code, out, stderr)
+	}
+	code, _, stderr = runCLI(t, "info", img+".missing")
+	if code != exitFailure || !strings.Contains(stderr, "imgfuse: open "+img+".missing") {
+		t.Errorf("missing image: exit %d, %q", code, stderr)
+	}
+}
+
+func TestWriteJSONTreeKeepsOrder(t *testing.T) {
+	var b strings.Builder
+	raw := `{"zeta":1,"alpha":{"bits":3,"names":["dirty","corrupt"]},"nested":{"b-c":true,"a":[1,2]},"empty":{"bits":0}}`
+	if err := writeJSONTree(&b, []byte(raw), 1); err != nil {
+		t.Fatal(err)
+	}
+	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
+	if b.String() != want {
+		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}

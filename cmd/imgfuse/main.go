@@ -1,0 +1,126 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit codes. Scripts depend on them: keep them stable.
+const (
+	exitOK      = 0 // success
+	exitFailure = 1 // runtime error: open, mount, unmount, I/O
+	exitUsage   = 2 // bad command line: unknown flag or command, wrong argument count, bad flag value
+)
+
+// version is set at build time with -ldflags "-X main.version=v1.2.3".
+var version = "0.1.0-dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// usageError marks an error in the command line itself; it exits with
+// exitUsage.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// exitError carries an exit code chosen by a command (the daemon's, for
+// instance) without printing anything more.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+// run executes the command line args and returns the process exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	root := newRootCmd(stdout, stderr)
+	root.SetArgs(args)
+	cmd, err := root.ExecuteC()
+	if err == nil {
+		return exitOK
+	}
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	fmt.Fprintf(stderr, "imgfuse: %v\n", err)
+	var ue usageError
+	if errors.As(err, &ue) {
+		if cmd == nil {
+			cmd = root
+		}
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
+		return exitUsage
+	}
+	return exitFailure
+}
+
+const rootLong = `imgfuse exposes a qcow2 or raw disk image as one regular file through FUSE,
+so that loop mounts, fsck, dd and friends can use it without QEMU or NBD.
+
+  imgfuse mount image.qcow2 /mnt/img            # returns once the mount answers
+  mount -o loop /mnt/img/disk /mnt/root         # use the disk
+  umount /mnt/root && imgfuse unmount /mnt/img  # returns once the image is closed
+
+No image at hand? 'imgfuse demo' mounts a small sample.
+
+Exit codes:
+  0  success
+  1  runtime error (cannot open the image, mount, unmount, ...)
+  2  usage error (unknown command or flag, wrong number of arguments, bad flag value)`
+
+func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "imgfuse",
+		Short:         "Mount qcow2 and raw disk images as a file through FUSE",
+		Long:          rootLong,
+		Version:       version,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		// A root without RunE makes cobra print help and succeed on an
+		// unknown command; we want exit 2 instead.
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q", args[0])
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cmd.SetOut(stderr)
+			_ = cmd.Usage()
+			return usagef("missing command")
+		},
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetVersionTemplate("imgfuse {{.Version}}\n")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.CompletionOptions.DisableDefaultCmd = true
+	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newDemoCmd(stdout))
+	return root
+}
+
+// exactArgs is cobra.ExactArgs with the error marked as a usage error and
+// the expected arguments named.
+func exactArgs(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != len(names) && len(names) == 0 {
+			return usagef("%s takes no arguments (got %q)", cmd.Name(), args)
+		}
+		if len(args) != len(names) {
+			return usagef("%s needs %d argument(s): %s (got %d)",
+				cmd.Name(), len(names), strings.Join(names, " "), len(args))
+		}
+		return nil
+	}
+}

@@ -1,0 +1,168 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestMain lets the test binary stand in for imgfuse when `mount` re-execs
+// /proc/self/exe as its daemon, so mount tests need no separate build.
+func TestMain(m *testing.M) {
+	if _, ok := os.LookupEnv(daemonEnv); ok {
+		if os.Getenv("IMGFUSE_TEST_DAEMON_CRASH") != "" {
+			os.Exit(3) // a daemon that dies before reporting
+		}
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// runCLI runs the command line in-process.
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want string // in stderr
+	}{
+		{"no command", nil, exitUsage, "imgfuse: missing command"},
+		{"unknown command", []string{"frobnicate"}, exitUsage, `imgfuse: unknown command "frobnicate"`},
+		{"unknown flag", []string{"mount", "--bogus", "a", "b"}, exitUsage, "imgfuse: unknown flag: --bogus"},
+		{"mount one arg", []string{"mount", "a"}, exitUsage, "imgfuse: mount needs 2 argument(s): IMAGE MOUNTPOINT (got 1)"},
+		{"mount three args", []string{"mount", "a", "b", "c"}, exitUsage, "got 3"},
+		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, exitUsage, `imgfuse: invalid --format "vmdk"`},
+		{"info no arg", []string{"info"}, exitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
+		{"info bad format", []string{"info", "--format", "vdi", "x"}, exitUsage, "invalid --format"},
+		{"unmount two args", []string{"unmount", "a", "b"}, exitUsage, "unmount needs 1 argument(s)"},
+		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, exitUsage, `invalid argument "soon"`},
+		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, exitUsage, "--timeout must be positive"},
+		{"demo extra arg", []string{"demo", "x"}, exitUsage, "demo takes no arguments"},
+		{"help hint", []string{"mount"}, exitUsage, "Run 'imgfuse mount --help' for usage."},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, stderr := runCLI(t, tt.args...)
+			if code != tt.code {
+				t.Errorf("exit %d, want %d; stderr:\n%s", code, tt.code, stderr)
+			}
+			if !strings.Contains(stderr, tt.want) {
+				t.Errorf("stderr %q does not contain %q", stderr, tt.want)
+			}
+		})
+	}
+}
+
+func TestVersionAndHelp(t *testing.T) {
+	code, out, _ := runCLI(t, "--version")
+	if code != exitOK || out != "imgfuse "+version+"\n" {
+		t.Errorf("--version: exit %d, output %q", code, out)
+	}
+	code, out, _ = runCLI(t, "mount", "--help")
+	if code != exitOK {
+		t.Errorf("mount --help: exit %d", code)
+	}
+	for _, flag := range []string{"--read-only", "--foreground", "--format", "--snapshot", "--name",
+		"--allow-other", "--no-direct-io", "--debug", "--log"} {
+		if !strings.Contains(out, flag) {
+			t.Errorf("mount --help does not mention %s", flag)
+		}
+	}
+	code, out, _ = runCLI(t, "--help")
+	if code != exitOK || !strings.Contains(out, "Exit codes:") {
+		t.Errorf("--help: exit %d, no exit codes documented:\n%s", code, out)
+	}
+}
+
+func TestFormatChoices(t *testing.T) {
+	got := strings.Join(formatChoices(), ",")
+	if got != "auto,qcow2,raw" {
+		t.Errorf("formatChoices = %s", got)
+	}
+}
+
+func TestChildArgs(t *testing.T) {
+	o := &mountOptions{format: "qcow2", readOnly: true, snapshot: "s 1", name: "d",
+		allowOther: true, noDirectIO: true, debug: true,
+		absImage: "/i/x.qcow2", absMountpoint: "/m"}
+	got := strings.Join(childArgs(o), "|")
+	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--debug|--|/i/x.qcow2|/m"
+	if got != want {
+		t.Errorf("childArgs =\n%s\nwant\n%s", got, want)
+	}
+	// The child must parse what the parent built.
+	cmd := newMountCmd()
+	if err := cmd.ParseFlags(childArgs(o)[1:]); err != nil {
+		t.Fatal(err)
+	}
+	if a := cmd.Flags().Args(); len(a) != 2 || a[0] != "/i/x.qcow2" || a[1] != "/m" {
+		t.Errorf("child parses args %q", a)
+	}
+}
+
+func TestMountReadOnlyDecision(t *testing.T) {
+	tests := []struct {
+		format   string
+		flag     bool
+		snapshot string
+		want     bool
+	}{
+		{"raw", false, "", false},
+		{"raw", true, "", true},
+		{"qcow2", false, "", true}, // no qcow2 write path yet
+		{"qcow2", false, "snap", true},
+		{"qcow2", true, "", true},
+	}
+	for _, tt := range tests {
+		if got := mountReadOnly(tt.format, tt.flag, tt.snapshot); got != tt.want {
+			t.Errorf("mountReadOnly(%q, %v, %q) = %v, want %v", tt.format, tt.flag, tt.snapshot, got, tt.want)
+		}
+	}
+}
+
+// requireQemuImg skips when qemu-img is missing, unless the environment
+// demands end-to-end coverage.
+func requireQemuImg(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
+			t.Fatalf("qemu-img not found and IMGFUSE_REQUIRE_E2E is set")
+		}
+		t.Skip("qemu-img not found")
+	}
+}
+
+func qemuImg(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	c := exec.Command("qemu-img", args...)
+	c.Dir = dir
+	if out, err := c.CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+func writeFile(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func tempPath(t *testing.T, name string) string {
+	return filepath.Join(t.TempDir(), name)
+}

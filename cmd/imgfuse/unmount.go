@@ -1,0 +1,162 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+)
+
+const unmountLong = `Unmount an imgfuse MOUNTPOINT and wait until its server has flushed and
+closed the image (up to --timeout).
+
+A dead mount (its server was killed; every access fails with "Transport
+endpoint is not connected") is detached lazily, with a note.
+
+The unmount fails while the disk is in use, typically by a loop device:
+umount the filesystem on it and 'losetup -d' the device first.`
+
+func newUnmountCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:     "unmount [flags] MOUNTPOINT",
+		Aliases: []string{"umount"},
+		Short:   "Unmount and wait until the image is flushed and closed",
+		Long:    unmountLong,
+		Args:    exactArgs("MOUNTPOINT"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if timeout <= 0 {
+				return usagef("--timeout must be positive")
+			}
+			return unmount(args[0], timeout, cmd.ErrOrStderr())
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 60*time.Second, "how long to wait for the server to flush and exit")
+	return cmd
+}
+
+// unmount implements `imgfuse unmount`; notes receives informational
+// messages that are not errors.
+func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
+	mp, err := canonicalPath(mountpoint)
+	if err != nil {
+		return fmt.Errorf("unmount %s: %w", mountpoint, err)
+	}
+	e, mounted, err := findMount(mp)
+	if err != nil {
+		return fmt.Errorf("unmount %s: %w", mountpoint, err)
+	}
+	dir := stateDir()
+	st, stErr := readState(dir, mp)
+	if stErr == nil && !daemonRunning(st.PID) {
+		// Left by a server that was killed: it cannot clean up.
+		os.Remove(statePath(dir, mp))
+		stErr = os.ErrNotExist
+	}
+	if !mounted {
+		return fmt.Errorf("%s is not mounted", mountpoint)
+	}
+	if !isImgfuseMount(e) {
+		return fmt.Errorf("%s is not an imgfuse mount (it is %s, type %s); use umount(8)", mountpoint, e.Source, e.FSType)
+	}
+
+	if isDeadMount(mp) {
+		if err := lazyUnmount(mp); err != nil {
+			return fmt.Errorf("detach dead mount %s: %w", mountpoint, err)
+		}
+		fmt.Fprintf(notes, "imgfuse: note: %s was a dead mount (its server had exited without unmounting); "+
+			"detached it. Check the image with 'qemu-img check' if it was written to.\n", mountpoint)
+		return nil
+	}
+
+	if err := unmountFS(mp); err != nil {
+		if errors.Is(err, syscall.EBUSY) {
+			return fmt.Errorf("unmount %s: target is busy: the disk is still in use, probably by a loop device; "+
+				"'umount' the filesystem mounted from it and 'losetup -d' the loop device first", mountpoint)
+		}
+		return fmt.Errorf("unmount %s: %w", mountpoint, err)
+	}
+	if stErr != nil {
+		fmt.Fprintf(notes, "imgfuse: note: no server state found for %s; not waiting for it to exit\n", mountpoint)
+		return nil
+	}
+	return waitExit(st.PID, timeout, mountpoint)
+}
+
+// isDeadMount reports whether the FUSE mount at mp has lost its server.
+// statfs always reaches the server; stat may be answered from the kernel's
+// attribute cache and succeed on a dead mount.
+func isDeadMount(mp string) bool {
+	var st unix.Statfs_t
+	return errors.Is(unix.Statfs(mp, &st), syscall.ENOTCONN)
+}
+
+// waitExit waits until the server pid has flushed, closed and exited.
+func waitExit(pid int, timeout time.Duration, mountpoint string) error {
+	deadline := time.Now().Add(timeout)
+	delay := 10 * time.Millisecond
+	for daemonRunning(pid) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("unmounted %s, but its server (pid %d) has not exited after %v; it may still be flushing",
+				mountpoint, pid, timeout)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 200*time.Millisecond)
+	}
+	return nil
+}
+
+// isImgfuseMount tells our mounts from others, so `imgfuse unmount` never
+// unmounts, say, a tmpfs by mistake.
+func isImgfuseMount(e mountEntry) bool {
+	return e.FSType == "fuse.imgfuse" || strings.HasPrefix(e.Source, "imgfuse")
+}
+
+// unmountFS is `umount` for root and `fusermount3 -u` for others.
+func unmountFS(mp string) error {
+	if os.Geteuid() == 0 {
+		return unix.Unmount(mp, 0)
+	}
+	return fusermount("-u", mp)
+}
+
+// lazyUnmount detaches mp even though it does not answer (MNT_DETACH).
+func lazyUnmount(mp string) error {
+	if os.Geteuid() == 0 {
+		return unix.Unmount(mp, unix.MNT_DETACH)
+	}
+	return fusermount("-uz", mp)
+}
+
+// fusermount runs fusermount3 (or fusermount) and maps its "busy" message
+// back to EBUSY.
+func fusermount(flag, mp string) error {
+	bin, err := exec.LookPath("fusermount3")
+	if err != nil {
+		if bin, err = exec.LookPath("fusermount"); err != nil {
+			return errors.New("fusermount3 not found (needed to unmount as non-root)")
+		}
+	}
+	var out bytes.Buffer
+	c := exec.Command(bin, flag, mp)
+	c.Stdout, c.Stderr = &out, &out
+	if err := c.Run(); err != nil {
+		msg := strings.TrimSpace(out.String())
+		if strings.Contains(msg, "busy") {
+			return fmt.Errorf("%s: %w", msg, syscall.EBUSY)
+		}
+		if msg == "" {
+			msg = err.Error()
+		}
+		return errors.New(msg)
+	}
+	return nil
+}
