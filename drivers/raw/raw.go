@@ -1,0 +1,237 @@
+package raw
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"imgfuse/aio"
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+// Format is the raw format. Every file is a valid raw image, so Probe
+// answers 1 (last resort) for anything.
+type Format struct{}
+
+var _ drivers.Format = Format{}
+
+func (Format) Name() string { return "raw" }
+
+func (Format) Probe(header []byte) int { return 1 }
+
+// Open opens the raw image at path. It must not be called from a coroutine.
+func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
+	return Open(path, opts)
+}
+
+// Driver is an open raw image.
+type Driver struct {
+	// All fields are immutable after Open.
+	f        *aio.File
+	path     string
+	readOnly bool
+	// size is the file size at open: the disk never grows or shrinks.
+	size int64
+}
+
+var (
+	_ drivers.Driver       = (*Driver)(nil)
+	_ drivers.DirectReader = (*Driver)(nil)
+	_ drivers.Informer     = (*Driver)(nil)
+)
+
+// Open opens the raw image at path. It must not be called from a coroutine.
+func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
+	if opts.Snapshot != "" {
+		return nil, fmt.Errorf("raw: %s: snapshot %q: raw images have no snapshots: %w",
+			path, opts.Snapshot, drivers.ErrUnsupported)
+	}
+	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO})
+	if err != nil {
+		return nil, fmt.Errorf("raw: %w", err)
+	}
+	size, err := f.Size()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("raw: %w", err)
+	}
+	return &Driver{f: f, path: path, readOnly: opts.ReadOnly, size: size}, nil
+}
+
+// Size is the size of the image file when it was opened.
+func (d *Driver) Size() int64 { return d.size }
+
+// inRange reports whether [off, off+n) lies inside the disk.
+func (d *Driver) inRange(off, n int64) bool {
+	return off >= 0 && n >= 0 && off <= d.size && n <= d.size-off
+}
+
+// ReadAt fills p from off; [off, off+len(p)) must lie inside the disk.
+func (d *Driver) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
+	if !d.inRange(off, int64(len(p))) {
+		return 0, fmt.Errorf("raw: %s: read [%#x, +%#x) outside the disk (size %#x): %w",
+			d.path, off, len(p), d.size, syscall.EINVAL)
+	}
+	if err := d.f.PreadCo(co, p, off); err != nil {
+		return 0, fmt.Errorf("raw: %w", err)
+	}
+	return len(p), nil
+}
+
+// ReadDirect is the coroutine-free read path. It reports ok=false, having
+// done nothing, when aio cannot serve the request directly (misaligned
+// buffer, offset or length, or out of range: ReadAt then reports the
+// error). It must not be called from a coroutine: it blocks the goroutine
+// until the read completes.
+func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
+	if !d.inRange(off, int64(len(p))) {
+		return 0, false, nil
+	}
+	ok, err = d.f.PreadAligned(p, off)
+	if !ok {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, true, fmt.Errorf("raw: %w", err)
+	}
+	return len(p), true, nil
+}
+
+// WriteAt writes p at off. A write reaching past the end of the disk fails
+// with ErrNoSpace before anything is written.
+func (d *Driver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
+	if d.readOnly {
+		return 0, fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
+	}
+	if !d.inRange(off, int64(len(p))) {
+		return 0, fmt.Errorf("raw: %s: write [%#x, +%#x) past the end (size %#x): %w",
+			d.path, off, len(p), d.size, drivers.ErrNoSpace)
+	}
+	if err := d.f.PwriteCo(co, p, off); err != nil {
+		return 0, fmt.Errorf("raw: %w", err)
+	}
+	return len(p), nil
+}
+
+// Flush makes written data durable (fdatasync). A read-only image has
+// nothing to flush.
+func (d *Driver) Flush(co *coroutine.Co) error {
+	if d.readOnly {
+		return nil
+	}
+	if err := d.f.FdatasyncCo(co); err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	return nil
+}
+
+// Discard makes [off, off+n) read as zeros, punching a hole in the image
+// file where its filesystem can (mkfs through a loop device discards the
+// whole disk: a hole costs nothing, writing zeros costs the whole disk).
+func (d *Driver) Discard(co *coroutine.Co, off, n int64) error {
+	return d.zeroRange(co, off, n, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE)
+}
+
+// WriteZeroes makes [off, off+n) read as zeros: a punched hole if unmap is
+// set, else a zeroed, still allocated range (FALLOC_FL_ZERO_RANGE).
+func (d *Driver) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
+	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
+	if unmap {
+		mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	return d.zeroRange(co, off, n, mode)
+}
+
+// zeroRange zeroes [off, off+n) with fallocate(mode), or by writing zeros
+// if the image file's filesystem does not support mode.
+func (d *Driver) zeroRange(co *coroutine.Co, off, n int64, mode uint32) error {
+	if d.readOnly {
+		return fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
+	}
+	if !d.inRange(off, n) {
+		return fmt.Errorf("raw: %s: zero [%#x, +%#x) past the end (size %#x): %w",
+			d.path, off, n, d.size, drivers.ErrNoSpace)
+	}
+	if n == 0 {
+		return nil
+	}
+	err := d.f.FallocateCo(co, mode, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		return d.writeZeroes(co, off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	return nil
+}
+
+// zeroChunk bounds one zero write: large enough to stream, small enough
+// that one request does not hold a huge write in flight.
+const zeroChunk = 1 << 20
+
+var zeros = sync.OnceValue(func() []byte { return aio.AlignedBuffer(zeroChunk) })
+
+// writeZeroes writes zeros over [off, off+n), which the caller has checked.
+func (d *Driver) writeZeroes(co *coroutine.Co, off, n int64) error {
+	// The buffer is shared by every caller and only ever read.
+	z := zeros()
+	for n > 0 {
+		// Align chunk ends to zeroChunk so that later chunks stay aligned
+		// for O_DIRECT when the first one is not.
+		c := min(n, zeroChunk-off%zeroChunk)
+		if err := d.f.PwriteCo(co, z[:c], off); err != nil {
+			return fmt.Errorf("raw: %w", err)
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+// BlockStatus reports everything from off to the end as data: a raw image
+// has no allocation map of its own.
+func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
+	if off < 0 || off >= d.size {
+		return drivers.Extent{}, fmt.Errorf("raw: %s: block status at %#x outside the disk (size %#x): %w",
+			d.path, off, d.size, syscall.EINVAL)
+	}
+	return drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentData}, nil
+}
+
+// Truncate is not supported: the disk keeps its size (asking for the
+// current size succeeds).
+func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
+	if size == d.size {
+		return nil
+	}
+	if d.readOnly {
+		return fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
+	}
+	return fmt.Errorf("raw: %s: resize from %#x to %#x: %w", d.path, d.size, size, drivers.ErrUnsupported)
+}
+
+// Info describes the image. FileSize is the space the file occupies on its
+// filesystem (what `qemu-img info` calls disk size), 0 if it cannot be
+// found.
+func (d *Driver) Info() drivers.ImageInfo {
+	info := drivers.ImageInfo{Filename: d.path, Format: "raw", VirtualSize: d.size}
+	if fi, err := os.Stat(d.path); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			info.FileSize = st.Blocks * 512
+		}
+	}
+	return info
+}
+
+// Close closes the image file after in-flight I/O. It does not flush.
+func (d *Driver) Close() error {
+	if err := d.f.Close(); err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,488 @@
+package fusefs
+
+import (
+	"math"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+// Inode numbers. The tree never changes: either the root directory
+// (FUSE_ROOT_ID) holding the disk (diskDirIno), or the root is the disk.
+const diskDirIno = 2
+
+// cacheTimeout is how long the kernel may trust entries and attributes. The
+// tree never changes and the size only changes through SETATTR, whose reply
+// updates the kernel's copy, so a long timeout only saves round trips.
+const cacheTimeout = 24 * time.Hour
+
+// Handle flags kept in OpenOut.Fh.
+const fhWrite = 1 // the handle was opened for writing
+
+// blockSize is st_blksize and the statfs block size.
+const blockSize = 4096
+
+// diskFS serves one disk through the raw FUSE protocol. Its fields are
+// immutable after newDiskFS; all mutable state lives in the driver, which
+// serialises what it must. Handlers run concurrently, one goroutine per
+// request in flight.
+type diskFS struct {
+	fuse.RawFileSystem
+
+	d drivers.Driver
+	// direct is d's fast path for reads, or nil.
+	direct drivers.DirectReader
+
+	name     string
+	readOnly bool
+	dirMode  bool
+	diskIno  uint64
+	modTime  time.Time
+	uid, gid uint32
+}
+
+var _ fuse.RawFileSystem = (*diskFS)(nil)
+
+func newDiskFS(d drivers.Driver, opts Options, dirMode bool) *diskFS {
+	fs := &diskFS{
+		RawFileSystem: fuse.NewDefaultRawFileSystem(),
+		d:             d,
+		name:          opts.Name,
+		readOnly:      opts.ReadOnly,
+		dirMode:       dirMode,
+		diskIno:       fuse.FUSE_ROOT_ID,
+		modTime:       opts.ModTime,
+		uid:           uint32(os.Getuid()),
+		gid:           uint32(os.Getgid()),
+	}
+	if dirMode {
+		fs.diskIno = diskDirIno
+	}
+	if dr, ok := d.(drivers.DirectReader); ok {
+		fs.direct = dr
+	}
+	return fs
+}
+
+func (fs *diskFS) String() string { return "imgfuse" }
+
+// fillAttr describes inode ino; ok is false for an unknown inode.
+func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
+	*a = fuse.Attr{Ino: ino, Owner: fuse.Owner{Uid: fs.uid, Gid: fs.gid}, Blksize: blockSize}
+	t := fs.modTime
+	a.SetTimes(&t, &t, &t)
+	switch {
+	case ino == fs.diskIno:
+		size := fs.d.Size()
+		a.Mode = syscall.S_IFREG | 0o644
+		if fs.readOnly {
+			a.Mode = syscall.S_IFREG | 0o444
+		}
+		a.Nlink = 1
+		a.Size = uint64(size)
+		a.Blocks = (uint64(size) + 511) / 512
+	case fs.dirMode && ino == fuse.FUSE_ROOT_ID:
+		a.Mode = syscall.S_IFDIR | 0o755
+		if fs.readOnly {
+			a.Mode = syscall.S_IFDIR | 0o555
+		}
+		a.Nlink = 2
+		a.Size = blockSize
+		a.Blocks = blockSize / 512
+	default:
+		return false
+	}
+	return true
+}
+
+func (fs *diskFS) fillEntry(out *fuse.EntryOut) {
+	out.NodeId = fs.diskIno
+	out.Generation = 1
+	out.SetEntryTimeout(cacheTimeout)
+	out.SetAttrTimeout(cacheTimeout)
+	fs.fillAttr(fs.diskIno, &out.Attr)
+}
+
+func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	if !fs.dirMode || h.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	if name != fs.name {
+		// A negative entry the kernel may cache: NodeId 0 with a timeout.
+		*out = fuse.EntryOut{}
+		out.SetEntryTimeout(cacheTimeout)
+		return fuse.OK
+	}
+	fs.fillEntry(out)
+	return fuse.OK
+}
+
+// Forget: inodes are static, nothing to release.
+func (fs *diskFS) Forget(nodeid, nlookup uint64) {}
+
+func (fs *diskFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	if !fs.fillAttr(in.NodeId, &out.Attr) {
+		return fuse.ENOENT
+	}
+	out.SetTimeout(cacheTimeout)
+	return fuse.OK
+}
+
+func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	if in.NodeId == fs.diskIno && in.Valid&fuse.FATTR_SIZE != 0 && int64(in.Size) != fs.d.Size() {
+		if fs.readOnly {
+			return fuse.EROFS
+		}
+		if in.Size > math.MaxInt64 {
+			return fuse.Status(syscall.EFBIG)
+		}
+		var err error
+		coroutine.Run(func(co *coroutine.Co) { err = fs.d.Truncate(co, int64(in.Size)) })
+		if err != nil {
+			return toErrno(err)
+		}
+	}
+	// Mode, owner and time changes are accepted and ignored: the
+	// attributes describe the image, not a file of their own.
+	if !fs.fillAttr(in.NodeId, &out.Attr) {
+		return fuse.ENOENT
+	}
+	out.SetTimeout(cacheTimeout)
+	return fuse.OK
+}
+
+// Open answers with FOPEN_DIRECT_IO: every read and write reaches the
+// driver, nothing is cached twice, and the kernel never holds dirty pages of
+// the image (see the package doc). KEEP_CACHE is never set: it would let a
+// writable disk serve stale pages.
+func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.NodeId != fs.diskIno {
+		return fuse.EISDIR
+	}
+	out.Fh = 0
+	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+		if fs.readOnly {
+			return fuse.EROFS
+		}
+		out.Fh = fhWrite
+	}
+	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES
+	return fuse.OK
+}
+
+// Read serves a read, clamped at the end of the disk. The data goes into
+// buf, go-fuse's own output buffer, which is only referenced until this
+// handler returns (ReadResultData just hands it back to go-fuse).
+func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	size := fs.d.Size()
+	if in.Offset >= uint64(size) {
+		return fuse.ReadResultData(nil), fuse.OK
+	}
+	off := int64(in.Offset)
+	n := min(int64(in.Size), size-off)
+	if int64(len(buf)) < n {
+		buf = make([]byte, n)
+	}
+	p := buf[:n]
+	if fs.direct != nil {
+		// Fast path: an aligned raw read goes straight to the kernel
+		// from this goroutine, no coroutine.
+		_, ok, err := fs.direct.ReadDirect(p, off)
+		if ok {
+			if err != nil {
+				return nil, toErrno(err)
+			}
+			return fuse.ReadResultData(p), fuse.OK
+		}
+	}
+	var err error
+	coroutine.Run(func(co *coroutine.Co) { _, err = fs.d.ReadAt(co, p, off) })
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	return fuse.ReadResultData(p), fuse.OK
+}
+
+// Write forwards one WRITE to the driver.
+//
+// data is go-fuse's request buffer and belongs to the request until this
+// handler returns: WriteAt is synchronous from here (coroutine.Run returns
+// only once the coroutine has finished, i.e. once every AIO on data has
+// completed), so the driver is done with data before we reply. Any change
+// that lets a write complete later must copy data first.
+func (fs *diskFS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	return fs.Writev(cancel, in, [][]byte{data})
+}
+
+// Writev is Write for a payload go-fuse received in pieces; it saves
+// go-fuse's copy into one buffer. The same ownership rule as Write holds.
+func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	if fs.readOnly {
+		return 0, fuse.EROFS
+	}
+	size := fs.d.Size()
+	if in.Offset >= uint64(size) {
+		return 0, fuse.Status(syscall.ENOSPC)
+	}
+	off := int64(in.Offset)
+	// A write that crosses the end of the disk writes what fits and
+	// reports it, as a block device does; the caller's retry of the rest
+	// then fails with ENOSPC.
+	room := size - off
+	var written int64
+	var err error
+	coroutine.Run(func(co *coroutine.Co) {
+		for _, p := range data {
+			if int64(len(p)) > room-written {
+				p = p[:room-written]
+			}
+			if len(p) == 0 {
+				break
+			}
+			var n int
+			n, err = fs.d.WriteAt(co, p, off+written)
+			written += int64(n)
+			if err != nil {
+				return
+			}
+		}
+	})
+	if err != nil && written == 0 {
+		return 0, toErrno(err)
+	}
+	return uint32(written), fuse.OK
+}
+
+// Flush is sent on every close(2) of a descriptor. Only a descriptor that
+// could write makes us flush the image, so close(2) after write(2) reports
+// write-back errors as it does on a local file.
+func (fs *diskFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
+	if in.Fh&fhWrite == 0 {
+		return fuse.OK
+	}
+	return fs.flush()
+}
+
+// Fsync flushes the image. It must never answer ENOSYS: the kernel would
+// then stop sending fsync for good and report success without asking.
+func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	return fs.flush()
+}
+
+func (fs *diskFS) flush() fuse.Status {
+	var err error
+	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
+	return toErrno(err)
+}
+
+func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
+
+// Fallocate: the kernel forwards KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE only
+// (a loop device sends PUNCH_HOLE|KEEP_SIZE for discard and
+// ZERO_RANGE|KEEP_SIZE for write-zeroes). Plain allocation (mode 0, or
+// KEEP_SIZE alone) is refused with EOPNOTSUPP.
+func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	const (
+		keepSize  = unix.FALLOC_FL_KEEP_SIZE
+		punchHole = unix.FALLOC_FL_PUNCH_HOLE
+		zeroRange = unix.FALLOC_FL_ZERO_RANGE
+	)
+	if fs.readOnly {
+		return fuse.EROFS
+	}
+	if in.Offset > math.MaxInt64 || in.Length > math.MaxInt64-in.Offset {
+		return fuse.EINVAL
+	}
+	size := fs.d.Size()
+	off, n := int64(in.Offset), int64(in.Length)
+	var op func(co *coroutine.Co, off, n int64) error
+	switch in.Mode {
+	case punchHole | keepSize:
+		op = fs.d.Discard
+	case zeroRange | keepSize, zeroRange:
+		if in.Mode&keepSize == 0 && off+n > size {
+			// Would grow the disk.
+			return fuse.Status(syscall.ENOSPC)
+		}
+		op = func(co *coroutine.Co, off, n int64) error {
+			return fs.d.WriteZeroes(co, off, n, false)
+		}
+	default:
+		return fuse.Status(syscall.EOPNOTSUPP)
+	}
+	if off >= size {
+		return fuse.OK
+	}
+	n = min(n, size-off)
+	var err error
+	coroutine.Run(func(co *coroutine.Co) { err = op(co, off, n) })
+	return toErrno(err)
+}
+
+// Lseek answers SEEK_DATA and SEEK_HOLE (the only whence values the kernel
+// forwards) from the driver's block status. The end of the disk is a hole.
+func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
+	if in.Whence != unix.SEEK_DATA && in.Whence != unix.SEEK_HOLE {
+		return fuse.EINVAL
+	}
+	size := fs.d.Size()
+	if in.Offset >= uint64(size) {
+		return fuse.Status(syscall.ENXIO)
+	}
+	wantData := in.Whence == unix.SEEK_DATA
+	off := int64(in.Offset)
+	var err error
+	found := false
+	coroutine.Run(func(co *coroutine.Co) {
+		for off < size {
+			var e drivers.Extent
+			e, err = fs.d.BlockStatus(co, off)
+			if err != nil {
+				return
+			}
+			if e.Len <= 0 {
+				err = syscall.EIO // a driver bug; never loop for ever
+				return
+			}
+			if (e.Flags&drivers.ExtentData != 0) == wantData {
+				found = true
+				return
+			}
+			off += e.Len
+		}
+	})
+	if err != nil {
+		return toErrno(err)
+	}
+	switch {
+	case found:
+		out.Offset = uint64(off)
+	case wantData:
+		return fuse.Status(syscall.ENXIO)
+	default:
+		out.Offset = uint64(size)
+	}
+	return fuse.OK
+}
+
+func (fs *diskFS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	*out = fuse.StatfsOut{
+		Blocks:  (uint64(fs.d.Size()) + blockSize - 1) / blockSize,
+		Files:   1,
+		Bsize:   blockSize,
+		Frsize:  blockSize,
+		NameLen: 255,
+	}
+	if fs.dirMode {
+		out.Files = 2
+	}
+	return fuse.OK
+}
+
+func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	// The listing never changes: let the kernel cache it.
+	out.OpenFlags = fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
+	return fuse.OK
+}
+
+// dirEntries is the directory listing: ".", "..", the disk. Offsets are
+// indexes into it plus one.
+func (fs *diskFS) dirEntries() []fuse.DirEntry {
+	return []fuse.DirEntry{
+		{Name: ".", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
+		{Name: "..", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
+		{Name: fs.name, Mode: syscall.S_IFREG, Ino: fs.diskIno},
+	}
+}
+
+func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	ents := fs.dirEntries()
+	for i := in.Offset; i < uint64(len(ents)); i++ {
+		e := ents[i]
+		e.Off = i + 1
+		if !out.AddDirEntry(e) {
+			break
+		}
+	}
+	return fuse.OK
+}
+
+func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	ents := fs.dirEntries()
+	for i := in.Offset; i < uint64(len(ents)); i++ {
+		e := ents[i]
+		e.Off = i + 1
+		eo := out.AddDirLookupEntry(e)
+		if eo == nil {
+			break
+		}
+		// The kernel ignores the entry attributes of "." and "..";
+		// the disk's are filled like a LOOKUP (and count as one).
+		if e.Ino == fs.diskIno {
+			fs.fillEntry(eo)
+		}
+	}
+	return fuse.OK
+}
+
+func (fs *diskFS) ReleaseDir(in *fuse.ReleaseIn) {}
+
+func (fs *diskFS) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	return fuse.OK
+}
+
+// The tree is fixed: creating, removing or renaming anything is refused.
+
+func (fs *diskFS) refuse() fuse.Status {
+	if fs.readOnly {
+		return fuse.EROFS
+	}
+	return fuse.EPERM
+}
+
+func (fs *diskFS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Unlink(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Rmdir(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newName string) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.refuse()
+}
+
+func (fs *diskFS) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.refuse()
+}
