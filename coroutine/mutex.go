@@ -2,9 +2,53 @@ package coroutine
 
 import "sync"
 
+// waitList is a FIFO of suspended coroutines linked through Co.waitNext, so
+// queueing never allocates. Protected by the mutex of the CoMutex or CoQueue
+// that owns it.
+type waitList struct {
+	head, tail *Co
+}
+
+func (l *waitList) push(co *Co) {
+	co.waitNext = nil
+	if l.tail == nil {
+		l.head = co
+	} else {
+		l.tail.waitNext = co
+	}
+	l.tail = co
+}
+
+// pop removes and returns the oldest waiter, nil if none.
+func (l *waitList) pop() *Co {
+	co := l.head
+	if co == nil {
+		return nil
+	}
+	l.head = co.waitNext
+	if l.head == nil {
+		l.tail = nil
+	}
+	co.waitNext = nil
+	return co
+}
+
+func (l *waitList) len() int {
+	n := 0
+	for co := l.head; co != nil; co = co.waitNext {
+		n++
+	}
+	return n
+}
+
 // CoMutex is a mutual-exclusion lock for coroutines. A coroutine that finds
 // it held yields instead of blocking its thread; Unlock hands the lock
-// directly to the first waiter (FIFO), so a waiter is never overtaken.
+// directly to the first waiter (FIFO), so a waiter is never overtaken, not
+// even by a coroutine that calls Lock at the moment of the hand-off.
+//
+// It may be held across Yields (metadata I/O under the lock is the point).
+// Its internal sync.Mutex is a leaf lock held only to update the holder and
+// the wait list, never across a Yield or a Wake.
 //
 // The zero value is an unlocked mutex.
 type CoMutex struct {
@@ -14,7 +58,7 @@ type CoMutex struct {
 	holder *Co
 	// waiters are the coroutines waiting for the lock, oldest first.
 	// Protected by mu.
-	waiters []*Co
+	waiters waitList
 }
 
 // Lock acquires m, yielding while another coroutine holds it.
@@ -30,7 +74,7 @@ func (m *CoMutex) Lock(co *Co) {
 		m.mu.Unlock()
 		panic("coroutine: CoMutex locked twice by the same coroutine")
 	}
-	m.waiters = append(m.waiters, co)
+	m.waiters.push(co)
 	m.mu.Unlock()
 	co.Yield() // Unlock made us the holder before waking us.
 	co.locks++
@@ -56,17 +100,12 @@ func (m *CoMutex) Unlock(co *Co) {
 		panic("coroutine: CoMutex unlocked by a coroutine that does not hold it")
 	}
 	co.locks--
-	if len(m.waiters) == 0 {
-		m.holder = nil
-		m.mu.Unlock()
-		return
-	}
-	next := m.waiters[0]
-	m.waiters[0] = nil
-	m.waiters = m.waiters[1:]
+	next := m.waiters.pop()
 	m.holder = next
 	m.mu.Unlock()
-	next.Wake()
+	if next != nil {
+		next.Wake()
+	}
 }
 
 // AssertHeld panics unless co holds m. Functions named ...Locked call it on
@@ -81,19 +120,24 @@ func (m *CoMutex) AssertHeld(co *Co) {
 }
 
 // CoQueue is a FIFO of coroutines waiting for a condition, like a condition
-// variable for coroutines. The zero value is an empty queue.
+// variable for coroutines. Its internal sync.Mutex is a leaf lock, never held
+// across a Yield or a Wake. The zero value is an empty queue.
 type CoQueue struct {
 	mu sync.Mutex
 	// waiters, oldest first. Protected by mu.
-	waiters []*Co
+	waiters waitList
 }
 
 // Wait suspends co until Next or RestartAll wakes it. If m is not nil, co
 // must hold it; it is released while waiting and re-acquired before Wait
-// returns.
+// returns. As with a condition variable, the caller re-checks its condition
+// after Wait: another coroutine may have taken the mutex in between.
+//
+// co is queued before m is released, so a Next by the coroutine m is handed
+// to is never lost.
 func (q *CoQueue) Wait(co *Co, m *CoMutex) {
 	q.mu.Lock()
-	q.waiters = append(q.waiters, co)
+	q.waiters.push(co)
 	q.mu.Unlock()
 	if m != nil {
 		m.Unlock(co)
@@ -107,26 +151,28 @@ func (q *CoQueue) Wait(co *Co, m *CoMutex) {
 // Next wakes the oldest waiter and reports whether there was one.
 func (q *CoQueue) Next() bool {
 	q.mu.Lock()
-	if len(q.waiters) == 0 {
-		q.mu.Unlock()
+	co := q.waiters.pop()
+	q.mu.Unlock()
+	if co == nil {
 		return false
 	}
-	co := q.waiters[0]
-	q.waiters[0] = nil
-	q.waiters = q.waiters[1:]
-	q.mu.Unlock()
 	co.Wake()
 	return true
 }
 
-// RestartAll wakes every waiter.
+// RestartAll wakes every waiter, oldest first.
 func (q *CoQueue) RestartAll() {
 	q.mu.Lock()
-	ws := q.waiters
-	q.waiters = nil
+	co := q.waiters.head
+	q.waiters = waitList{}
 	q.mu.Unlock()
-	for _, co := range ws {
+	for co != nil {
+		// Unlink before Wake: once woken, co may queue somewhere
+		// again and reuse waitNext.
+		next := co.waitNext
+		co.waitNext = nil
 		co.Wake()
+		co = next
 	}
 }
 
@@ -134,5 +180,5 @@ func (q *CoQueue) RestartAll() {
 func (q *CoQueue) Empty() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.waiters) == 0
+	return q.waiters.head == nil
 }
