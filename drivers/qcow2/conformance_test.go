@@ -1,6 +1,7 @@
 package qcow2_test
 
 import (
+	"errors"
 	"os"
 	"testing"
 
@@ -52,6 +53,46 @@ func TestConformance(t *testing.T) {
 			}
 			driverstest.Run(t, open)
 			t.Run("RefusesWrites", func(t *testing.T) { driverstest.RunReadOnly(t, open) })
+		})
+	}
+}
+
+// TestDamaged opens every damaged image of the catalogue: the open fails
+// with a matching error, or reads of the damaged range fail with an error
+// wrapping drivers.ErrCorrupt. Never other data, never a panic.
+func TestDamaged(t *testing.T) {
+	driverstest.RequireTools(t, "qemu-img", "qemu-io")
+	for _, c := range driverstest.Damaged() {
+		t.Run(c.Name, func(t *testing.T) {
+			t.Parallel()
+			path := driverstest.BuildDamaged(t, c)
+			format := c.Format
+			if format == "" {
+				format = "auto"
+			}
+			d, _, err := drivers.Open(path, format, drivers.OpenOptions{ReadOnly: true, Formats: formats})
+			if err != nil {
+				if !c.Msg.MatchString(err.Error()) {
+					t.Errorf("open: %v; want an error matching %v", err, c.Msg)
+				}
+				if !errors.Is(err, drivers.ErrCorrupt) && !errors.Is(err, drivers.ErrUnsupported) {
+					t.Errorf("open: %v wraps neither ErrCorrupt nor ErrUnsupported", err)
+				}
+				return
+			}
+			defer d.Close()
+			if c.MustFail {
+				t.Fatalf("open of a damaged image succeeded")
+			}
+			buf := make([]byte, 64<<10)
+			n, err := driverstest.ReadAt(d, buf, c.ReadOff)
+			if err == nil {
+				t.Fatalf("read of the damaged range [%d, +64k) returned %d bytes starting % x and no error; the image holds 0x5c there",
+					c.ReadOff, n, buf[:16])
+			}
+			if !errors.Is(err, drivers.ErrCorrupt) {
+				t.Errorf("read of the damaged range: %v, want an error wrapping ErrCorrupt", err)
+			}
 		})
 	}
 }

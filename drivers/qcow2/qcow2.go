@@ -202,11 +202,12 @@ func (img *image) loadL1(off uint64, entries uint32) ([]uint64, error) {
 	if off%uint64(img.clusterSize) != 0 {
 		return nil, fmt.Errorf("L1 table offset %#x is not cluster-aligned: %w", off, drivers.ErrCorrupt)
 	}
-	// The table may end past EOF (the tail reads as zeros: unallocated),
-	// but it must start inside the file.
-	if n > 0 && off >= uint64(img.fileSize) {
-		return nil, fmt.Errorf("L1 table at %#x is past the end of the file (%d bytes): %w",
-			off, img.fileSize, drivers.ErrCorrupt)
+	// QEMU always writes the whole table, so a table that runs past EOF
+	// means a truncated file: reading its tail as zeros would silently
+	// turn allocated clusters into holes.
+	if n > 0 && off+uint64(n) > uint64(img.fileSize) {
+		return nil, fmt.Errorf("L1 table at %#x (%d bytes) runs past the end of the file (%d bytes): truncated image: %w",
+			off, n, img.fileSize, drivers.ErrCorrupt)
 	}
 	buf := make([]byte, n)
 	if err := img.file.Pread(buf, int64(off)); err != nil {
