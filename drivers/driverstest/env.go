@@ -1,0 +1,72 @@
+package driverstest
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// Required reports whether missing prerequisites (tools, /dev/fuse, root)
+// must fail tests instead of skipping them: in CI, or when
+// IMGFUSE_REQUIRE_E2E=1.
+func Required() bool {
+	return os.Getenv("IMGFUSE_REQUIRE_E2E") == "1" || os.Getenv("CI") == "true"
+}
+
+// SkipUnless skips t (or fails it when Required) unless ok.
+func SkipUnless(t testing.TB, ok bool, format string, args ...any) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if Required() {
+		t.Fatalf("prerequisite missing: "+format, args...)
+	}
+	t.Skipf("prerequisite missing: "+format, args...)
+}
+
+// RequireTools skips t (or fails it when Required) unless every named
+// command is on PATH.
+func RequireTools(t testing.TB, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		_, err := exec.LookPath(n)
+		SkipUnless(t, err == nil, "%s not on PATH", n)
+	}
+}
+
+// Cmd runs name with args and fails t, showing the output, unless it
+// exits 0. It returns stdout.
+func Cmd(t testing.TB, name string, args ...string) []byte {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	c := exec.Command(name, args...)
+	c.Stdout, c.Stderr = &stdout, &stderr
+	if err := c.Run(); err != nil {
+		t.Fatalf("%s %s: %v\nstdout: %s\nstderr: %s", name, strings.Join(args, " "), err, stdout.Bytes(), stderr.Bytes())
+	}
+	return stdout.Bytes()
+}
+
+// QemuIO runs each of cmds with qemu-io on a qcow2 image and fails t if one
+// fails. qemu-io exits 0 for some failed commands and reports them in its
+// output, so the output is checked too.
+func QemuIO(t testing.TB, img string, cmds ...string) {
+	t.Helper()
+	if len(cmds) == 0 {
+		return
+	}
+	args := []string{"-f", "qcow2"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, img)
+	out := Cmd(t, "qemu-io", args...)
+	for _, bad := range []string{"failed", "error", "Error"} {
+		if bytes.Contains(out, []byte(bad)) {
+			t.Fatalf("qemu-io %v: %s", cmds, out)
+		}
+	}
+}
