@@ -1,0 +1,37 @@
+// Package tests holds the end-to-end tests of imgfuse: they build the
+// binary, mount images on a real kernel FUSE mount and compare what the
+// kernel reads with what the reference implementation (qemu-img) says the
+// disk holds, byte for byte.
+//
+// Prerequisites are root, /dev/fuse, qemu-img and qemu-io (and for some
+// tests mkfs.ext4 and loop devices). Without them the tests skip, unless
+// IMGFUSE_REQUIRE_E2E=1 or CI=true, where they fail.
+//
+// Every mount gets its own mountpoint under t.TempDir() and a cleanup that
+// unmounts it with `imgfuse unmount`, falling back to a lazy unmount, so a
+// failed test never leaves a stale mount behind. Independent tests run in
+// parallel. When the tests are built with -race the binary is too, and a
+// data race reported by a daemon fails the test that started it.
+//
+// What is covered, by file:
+//   - qcow2_test.go: every image of driverstest.Catalogue (v2/v3, clusters
+//     512 B to 2 MiB, refcount widths, zlib/zstd compression, extended L2,
+//     zero writes and discards over backing files, chains, short backing
+//     files, external data files, snapshots, odd sizes) read through the
+//     mount and compared with `qemu-img convert -O raw`; snapshots by name
+//     and id; a 1 TiB sparse image; SEEK_DATA/SEEK_HOLE against
+//     `qemu-img map`.
+//   - mount_test.go: file mountpoints, --name, read-only semantics (EROFS,
+//     0444, the image's mtime), writes reaching the image, unmount waiting
+//     for the daemon, SIGTERM, kill -9 and clearing the dead mount, info.
+//   - write_test.go: parallel O_DIRECT writes (qemu-img convert, fio with
+//     verification), PUNCH_HOLE, concurrent readers.
+//   - ext4_test.go: loop-mounted ext4 read-only from a compressed qcow2 and
+//     read-write from a raw image with fstrim, checked by e2fsck.
+//   - badinput_test.go: damaged images and bad command lines.
+//   - lock_test.go: QEMU's image locks.
+//   - lint_test.go: package import boundaries, no exits in library code.
+//
+// Images are kept at 32 MiB virtual (the 1 TiB sparse image aside) so the
+// package runs in well under five minutes on two cores.
+package tests

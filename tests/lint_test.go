@@ -1,0 +1,148 @@
+package tests
+
+import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// sourceFile is one parsed Go file of the module.
+type sourceFile struct {
+	dir  string // package directory relative to the module root ("fusefs")
+	path string
+	test bool
+	f    *ast.File
+}
+
+func parseModule(t *testing.T) ([]sourceFile, *token.FileSet) {
+	fset := token.NewFileSet()
+	var files []sourceFile
+	err := filepath.WalkDir("..", func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if n := d.Name(); p != ".." && (strings.HasPrefix(n, ".") || n == "testdata") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if !strings.HasSuffix(p, ".go") {
+			return nil
+		}
+		f, err := parser.ParseFile(fset, p, nil, parser.ImportsOnly|parser.ParseComments)
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel("..", filepath.Dir(p))
+		files = append(files, sourceFile{dir: filepath.ToSlash(rel), path: p, test: strings.HasSuffix(p, "_test.go"), f: f})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files, fset
+}
+
+func under(dir, prefix string) bool { return dir == prefix || strings.HasPrefix(dir, prefix+"/") }
+
+// TestImportRules enforces the package boundaries of the design: go-fuse
+// only in fusefs and cmd; the drivers package never imports a format (the
+// list of formats is handed in from above); coroutine, aio and cache know
+// nothing about images.
+func TestImportRules(t *testing.T) {
+	files, _ := parseModule(t)
+	if len(files) == 0 {
+		t.Fatal("no Go files found")
+	}
+	rules := []struct {
+		name    string
+		applies func(sf sourceFile) bool
+		banned  func(imp string) bool
+	}{
+		{
+			"go-fuse outside fusefs and cmd",
+			func(sf sourceFile) bool { return !under(sf.dir, "fusefs") && !under(sf.dir, "cmd") },
+			func(imp string) bool { return strings.HasPrefix(imp, "github.com/hanwen/go-fuse") },
+		},
+		{
+			"a format imported by package drivers",
+			func(sf sourceFile) bool { return sf.dir == "drivers" || sf.dir == "drivers/driverstest" },
+			func(imp string) bool { return imp == "imgfuse/drivers/qcow2" || imp == "imgfuse/drivers/raw" },
+		},
+		{
+			"an imgfuse package imported by coroutine",
+			func(sf sourceFile) bool { return under(sf.dir, "coroutine") && !sf.test },
+			func(imp string) bool { return strings.HasPrefix(imp, "imgfuse/") },
+		},
+		{
+			"drivers or fusefs imported by aio or cache",
+			func(sf sourceFile) bool { return (under(sf.dir, "aio") || under(sf.dir, "cache")) && !sf.test },
+			func(imp string) bool {
+				return strings.HasPrefix(imp, "imgfuse/drivers") || strings.HasPrefix(imp, "imgfuse/fusefs")
+			},
+		},
+		{
+			"fusefs imported by a driver",
+			func(sf sourceFile) bool { return under(sf.dir, "drivers") },
+			func(imp string) bool {
+				return strings.HasPrefix(imp, "imgfuse/fusefs") || strings.HasPrefix(imp, "imgfuse/cmd")
+			},
+		},
+	}
+	sawFuse := false // a positive control: the walk sees fusefs's imports
+	for _, sf := range files {
+		for _, is := range sf.f.Imports {
+			imp, _ := strconv.Unquote(is.Path.Value)
+			if sf.dir == "fusefs" && strings.HasPrefix(imp, "github.com/hanwen/go-fuse") {
+				sawFuse = true
+			}
+			for _, r := range rules {
+				if r.applies(sf) && r.banned(imp) {
+					t.Errorf("%s imports %s: %s", sf.path, imp, r.name)
+				}
+			}
+		}
+	}
+	if !sawFuse {
+		t.Error("no file of fusefs imports go-fuse: the source walk is broken")
+	}
+}
+
+// TestNoExitOutsideCmd: no os.Exit or log.Fatal in library code, so no
+// image byte or FUSE request can end the daemon, and no init() in the
+// drivers (formats are listed by the caller, not registered).
+func TestNoExitOutsideCmd(t *testing.T) {
+	fset := token.NewFileSet()
+	files, _ := parseModule(t)
+	for _, sf := range files {
+		if sf.test || under(sf.dir, "cmd") || under(sf.dir, "tests") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, sf.path, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ast.Inspect(f, func(n ast.Node) bool {
+			switch n := n.(type) {
+			case *ast.FuncDecl:
+				if n.Recv == nil && n.Name.Name == "init" && under(sf.dir, "drivers") {
+					t.Errorf("%s: func init() in a driver", fset.Position(n.Pos()))
+				}
+			case *ast.SelectorExpr:
+				if x, ok := n.X.(*ast.Ident); ok {
+					name := x.Name + "." + n.Sel.Name
+					if name == "os.Exit" || strings.HasPrefix(name, "log.Fatal") {
+						t.Errorf("%s: %s in library code", fset.Position(n.Pos()), name)
+					}
+				}
+			}
+			return true
+		})
+	}
+}
