@@ -102,7 +102,11 @@ func createFile(t testing.TB, dir string, data []byte) string {
 
 func openCase(t testing.TB, c engineCase, path string) *File {
 	t.Helper()
-	f, err := Open(path, c.opts)
+	// Tests open one file through several Files (writable or not): the
+	// image locks are TestImageLocks' business.
+	o := c.opts
+	o.NoLock = true
+	f, err := Open(path, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -750,4 +754,49 @@ func TestOFDLock(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestImageLocks checks QEMU's locking protocol between two Files: two
+// readers share, a writer excludes a second writer and a reader (readers
+// refuse to share write), and NoLock opens regardless.
+func TestImageLocks(t *testing.T) {
+	p := createFile(t, t.TempDir(), make([]byte, 4096))
+	open := func(o Options) (*File, error) {
+		o.NoDirectIO = true
+		return Open(p, o)
+	}
+	r1, err := open(Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := open(Options{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("second reader: %v", err)
+	}
+	var le *LockError
+	if _, err := open(Options{}); !errors.As(err, &le) || le.Perm != "write" {
+		t.Fatalf("writer beside readers: %v, want a write LockError", err)
+	}
+	r1.Close()
+	r2.Close()
+	w, err := open(Options{})
+	if err != nil {
+		t.Fatalf("writer alone: %v", err)
+	}
+	if _, err := open(Options{}); !errors.As(err, &le) {
+		t.Fatalf("second writer: %v, want a LockError", err)
+	}
+	if _, err := open(Options{ReadOnly: true}); !errors.As(err, &le) || !le.Shared {
+		t.Fatalf("reader beside a writer: %v, want a shared LockError", err)
+	}
+	f, err := open(Options{ReadOnly: true, NoLock: true})
+	if err != nil {
+		t.Fatalf("NoLock beside a writer: %v", err)
+	}
+	f.Close()
+	w.Close()
+	if f, err = open(Options{}); err != nil {
+		t.Fatalf("writer after close: %v", err)
+	}
+	f.Close()
 }

@@ -26,6 +26,9 @@ const ramfsMagic = 0x858458f6
 type Options struct {
 	ReadOnly   bool // open O_RDONLY
 	NoDirectIO bool // never use O_DIRECT: use the fallback engine
+	// NoLock skips QEMU's image locks (see lock.go), like qemu-img -U:
+	// for reading an image another process is writing.
+	NoLock bool
 }
 
 // File is an open image file. All methods are safe for concurrent use.
@@ -64,7 +67,25 @@ type File struct {
 // filesystem that reports no direct-I/O alignment or only emulates O_DIRECT
 // through the page cache (tmpfs, ramfs), a probe read that fails, or no AIO
 // context available. Engine reports which was chosen and why.
+//
+// Unless opts.NoLock is set, Open then takes QEMU's image locks, so that a
+// QEMU process and imgfuse cannot both write the file; a conflict is a
+// *LockError.
 func Open(path string, opts Options) (*File, error) {
+	f, err := openFile(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	if !opts.NoLock {
+		if err := f.lockImage(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+func openFile(path string, opts Options) (*File, error) {
 	acc := unix.O_RDWR
 	if opts.ReadOnly {
 		acc = unix.O_RDONLY

@@ -88,6 +88,9 @@ type OpenOptions struct {
 	// NoDirectIO makes the I/O layer skip O_DIRECT and use buffered
 	// pread/pwrite.
 	NoDirectIO bool
+	// ForceShare skips QEMU's image locks (qemu-img -U): for reading an
+	// image that another process may be writing. Only with ReadOnly.
+	ForceShare bool
 }
 
 // Format is one image format: how to recognise it and how to open it.

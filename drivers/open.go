@@ -1,9 +1,12 @@
 package drivers
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"imgfuse/aio"
 )
 
 // Open opens the image at path as format name, or probes its format when
@@ -21,6 +24,10 @@ func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	}
 	d, err := f.Open(path, opts)
 	if err != nil {
+		var le *aio.LockError
+		if errors.As(err, &le) {
+			err = lockedError{err}
+		}
 		return nil, nil, err
 	}
 	return d, f, nil
@@ -44,3 +51,10 @@ func ProbeFile(formats []Format, path string) (Format, error) {
 	}
 	return f, nil
 }
+
+// lockedError keeps a lock conflict's message (which names the file and
+// the permission) and makes it match ErrLocked.
+type lockedError struct{ err error }
+
+func (e lockedError) Error() string   { return e.err.Error() }
+func (e lockedError) Unwrap() []error { return []error{e.err, ErrLocked} }

@@ -73,6 +73,9 @@ func childArgs(o *mountOptions) []string {
 	if o.noDirectIO {
 		args = append(args, "--no-direct-io")
 	}
+	if o.forceShare {
+		args = append(args, "--force-share")
+	}
 	if o.debug {
 		args = append(args, "--debug")
 	}

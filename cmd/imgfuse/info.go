@@ -49,11 +49,14 @@ stable; the backing chain nests under "backing-image".`,
 	return cmd
 }
 
-// imageInfo opens image read-only and describes it.
+// imageInfo opens image read-only and describes it. It takes no image
+// locks (as qemu-img info -U), so it also works on a mounted image: it only
+// reads the header and the snapshot table.
 func imageInfo(image, format string) (drivers.ImageInfo, error) {
 	d, f, err := drivers.Open(image, format, drivers.OpenOptions{
-		ReadOnly: true,
-		Formats:  imageFormats(),
+		ReadOnly:   true,
+		Formats:    imageFormats(),
+		ForceShare: true,
 	})
 	if err != nil {
 		return drivers.ImageInfo{}, fmt.Errorf("open %s: %w", image, err)

@@ -112,20 +112,22 @@ func TestChildArgs(t *testing.T) {
 
 func TestMountReadOnlyDecision(t *testing.T) {
 	tests := []struct {
-		format   string
-		flag     bool
-		snapshot string
-		want     bool
+		format     string
+		flag       bool
+		snapshot   string
+		forceShare bool
+		want       bool
 	}{
-		{"raw", false, "", false},
-		{"raw", true, "", true},
-		{"qcow2", false, "", true}, // no qcow2 write path yet
-		{"qcow2", false, "snap", true},
-		{"qcow2", true, "", true},
+		{"raw", false, "", false, false},
+		{"raw", true, "", false, true},
+		{"raw", false, "", true, true},
+		{"qcow2", false, "", false, true}, // no qcow2 write path yet
+		{"qcow2", false, "snap", false, true},
+		{"qcow2", true, "", false, true},
 	}
 	for _, tt := range tests {
-		if got := mountReadOnly(tt.format, tt.flag, tt.snapshot); got != tt.want {
-			t.Errorf("mountReadOnly(%q, %v, %q) = %v, want %v", tt.format, tt.flag, tt.snapshot, got, tt.want)
+		if got := mountReadOnly(tt.format, tt.flag, tt.snapshot, tt.forceShare); got != tt.want {
+			t.Errorf("mountReadOnly(%q, %v, %q, %v) = %v, want %v", tt.format, tt.flag, tt.snapshot, tt.forceShare, got, tt.want)
 		}
 	}
 }

@@ -32,6 +32,7 @@ type mountOptions struct {
 	name       string
 	allowOther bool
 	noDirectIO bool
+	forceShare bool
 	debug      bool
 	logFile    string
 }
@@ -106,6 +107,7 @@ func newMountCmd() *cobra.Command {
 	f.StringVar(&o.name, "name", "", "file name of the disk in a directory MOUNTPOINT (default \"disk\")")
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users reach the mount (needs user_allow_other in /etc/fuse.conf)")
 	f.BoolVar(&o.noDirectIO, "no-direct-io", false, "open the image without O_DIRECT (for filesystems that refuse it, e.g. tmpfs)")
+	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
 	return cmd
@@ -120,8 +122,10 @@ func newMountCmd() *cobra.Command {
 // its first write instead of falling back to read-only, so every format but
 // raw is mounted read-only. Drop the format test when qcow2 writes land.
 // Snapshots are read-only views by definition.
-func mountReadOnly(format string, readOnlyFlag bool, snapshot string) bool {
-	return readOnlyFlag || snapshot != "" || format != "raw"
+// Without image locks nothing stops a writer, so --force-share is
+// read-only too.
+func mountReadOnly(format string, readOnlyFlag bool, snapshot string, forceShare bool) bool {
+	return readOnlyFlag || snapshot != "" || forceShare || format != "raw"
 }
 
 // validate checks, in the calling process, what can be checked before
@@ -211,12 +215,13 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	if err != nil {
 		return fmt.Errorf("open %s: %w", o.image, err)
 	}
-	ro := mountReadOnly(format, o.readOnly, o.snapshot)
+	ro := mountReadOnly(format, o.readOnly, o.snapshot, o.forceShare)
 	d, f, err := drivers.Open(o.image, format, drivers.OpenOptions{
 		ReadOnly:   ro,
 		Formats:    imageFormats(),
 		Snapshot:   o.snapshot,
 		NoDirectIO: o.noDirectIO,
+		ForceShare: o.forceShare,
 	})
 	if err != nil {
 		return fmt.Errorf("open %s: %w", o.image, err)

@@ -119,7 +119,7 @@ func (img *image) openDataFile(opts drivers.OpenOptions) error {
 			img.path, drivers.ErrCorrupt)
 	}
 	path := img.resolve(img.h.DataFile)
-	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO})
+	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: external data file: %w", img.path, err)
 	}

@@ -118,7 +118,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if err := ch.enter(path); err != nil {
 		return nil, err
 	}
-	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO})
+	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}

@@ -51,7 +51,7 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		return nil, fmt.Errorf("raw: %s: snapshot %q: raw images have no snapshots: %w",
 			path, opts.Snapshot, drivers.ErrUnsupported)
 	}
-	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO})
+	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
 		return nil, fmt.Errorf("raw: %w", err)
 	}
@@ -193,14 +193,31 @@ func (d *Driver) writeZeroes(co *coroutine.Co, off, n int64) error {
 	return nil
 }
 
-// BlockStatus reports everything from off to the end as data: a raw image
-// has no allocation map of its own.
+// BlockStatus answers from the host file's own holes (SEEK_DATA/SEEK_HOLE),
+// as qemu-img map does: a hole reads as zeros and holds no data. Where the
+// file system cannot tell, everything is data.
 func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
 	if off < 0 || off >= d.size {
 		return drivers.Extent{}, fmt.Errorf("raw: %s: block status at %#x outside the disk (size %#x): %w",
 			d.path, off, d.size, syscall.EINVAL)
 	}
-	return drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentData}, nil
+	data := drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentData}
+	next, err := d.f.Seek(off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		// No data from off to the end of the file.
+		return drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentZero}, nil
+	case err != nil:
+		return data, nil
+	case next > off:
+		return drivers.Extent{Off: off, Len: min(next, d.size) - off, Flags: drivers.ExtentZero}, nil
+	}
+	hole, err := d.f.Seek(off, unix.SEEK_HOLE)
+	if err != nil || hole <= off {
+		return data, nil
+	}
+	data.Len = min(hole, d.size) - off
+	return data, nil
 }
 
 // Truncate is not supported: the disk keeps its size (asking for the
