@@ -146,3 +146,50 @@ func TestNoExitOutsideCmd(t *testing.T) {
 		})
 	}
 }
+
+// imageSyscalls are the calls that read, write, sync, resize, punch or
+// lock an image file. Only package aio makes them, so alignment, bounce
+// buffers, the write range lock, image locks and the fallback engine cannot
+// be bypassed.
+var imageSyscalls = map[string]bool{
+	"Pread": true, "Pwrite": true, "Preadv": true, "Pwritev": true,
+	"Preadv2": true, "Pwritev2": true, "Fdatasync": true, "Fsync": true,
+	"Fallocate": true, "Ftruncate": true, "Seek": true, "FcntlFlock": true,
+	"Syscall": true, "Syscall6": true, "RawSyscall": true,
+}
+
+// TestImageIOOnlyInAio: no library code outside aio makes image-file
+// syscalls (tests may, for fault injection and models).
+func TestImageIOOnlyInAio(t *testing.T) {
+	fset := token.NewFileSet()
+	files, _ := parseModule(t)
+	seen := 0
+	for _, sf := range files {
+		if sf.test || under(sf.dir, "tests") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, sf.path, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ast.Inspect(f, func(n ast.Node) bool {
+			sel, ok := n.(*ast.SelectorExpr)
+			if !ok {
+				return true
+			}
+			x, ok := sel.X.(*ast.Ident)
+			if !ok || (x.Name != "unix" && x.Name != "syscall") || !imageSyscalls[sel.Sel.Name] {
+				return true
+			}
+			if under(sf.dir, "aio") {
+				seen++
+			} else {
+				t.Errorf("%s: %s.%s: image file I/O belongs in package aio", fset.Position(n.Pos()), x.Name, sel.Sel.Name)
+			}
+			return true
+		})
+	}
+	if seen == 0 {
+		t.Error("package aio makes none of the image syscalls: the source walk is broken")
+	}
+}
