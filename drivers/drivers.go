@@ -91,6 +91,12 @@ type OpenOptions struct {
 	// ForceShare skips QEMU's image locks (qemu-img -U): for reading an
 	// image that another process may be writing. Only with ReadOnly.
 	ForceShare bool
+	// Growable lets a write past the end grow the disk instead of failing
+	// with ErrNoSpace.
+	Growable bool
+	// LazyRefcounts turns on lazy refcounts for this open even if the
+	// image does not ask for them (qcow2 v3: QEMU's lazy-refcounts=on).
+	LazyRefcounts bool
 }
 
 // Format is one image format: how to recognise it and how to open it.
