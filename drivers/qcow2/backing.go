@@ -119,7 +119,8 @@ func (img *image) openDataFile(opts drivers.OpenOptions) error {
 			img.path, drivers.ErrCorrupt)
 	}
 	path := img.resolve(img.h.DataFile)
-	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
+	// The data file is written with the image: guest data lives there.
+	f, err := aio.Open(path, aio.Options{ReadOnly: !img.writable, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare && !img.writable})
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: external data file: %w", img.path, err)
 	}

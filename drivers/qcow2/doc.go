@@ -7,14 +7,24 @@
 //   - layout.go: on-disk constants and the parsed header struct.
 //   - header.go: header and extension parsing and validation (parseHeader).
 //   - qcow2.go: Format (name, probe, open), the image type, open-time setup
-//     (header, L1, L2 cache, backing file, data file, snapshot selection), the
-//     Driver methods that are not reads, Info and Snapshots.
+//     (header, L1, L2 cache, backing file, data file, snapshot selection;
+//     for a writable open: refusals, refcounts, dirty-image repair, autoclear
+//     bits), header updates (dirty and corrupt bits), Flush, Close, Info and
+//     Snapshots.
 //   - cluster.go: guest → host translation (mapLocked), cluster and
 //     subcluster types, L2 entry validation, the compressed descriptor.
 //   - read.go: ReadAt and BlockStatus: map under the lock, then data I/O
 //     (image or data file, backing file, zeros, decompression) without it.
 //   - backing.go: opening the backing chain (loop and depth checks) and the
 //     external data file; reads from the backing layer.
+//   - write.go: WriteAt: in-place writes, allocating writes (the in-flight
+//     allocation list, COW, linking into L2), L2 table allocation and copy,
+//     L1 entry writes.
+//   - zero.go: Discard and WriteZeroes (zero flags, subcluster zero bits,
+//     freeing clusters, zeros written where the format has no other way).
+//   - resize.go: Truncate (grow only): L1 growth and the header size.
+//   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
+//     and table growth), the consistency check and the refcount rebuild.
 //   - compress.go: deflate and zstd decompression of one cluster.
 //   - snapshot.go: the internal snapshot table.
 //   - info.go: the format-specific part of Info.
@@ -36,12 +46,66 @@
 // (coroutine.RunInWorker) so a 2 MiB zstd cluster neither holds the
 // metadata lock nor stalls the goroutine driving the coroutine.
 //
+// # Writing
+//
+// An image is writable unless opened ReadOnly or on a snapshot; backing
+// files and snapshot views never are. A read-write open refuses images
+// with the corrupt bit (read-only still works) and images with persistent
+// bitmaps (which would have to be dropped and leaked); it rebuilds the
+// refcounts of a dirty image (rc.rebuildLocked) and then clears the bit,
+// and clears unknown autoclear bits with a full header rewrite
+// (marshalHeaderCluster: unknown extensions and compatible bits kept).
+//
+// A write is done in steps, each inside one L2 table (QEMU's
+// qcow2_alloc_host_offset). Under mu a step first waits for any allocation
+// in flight that covers its first cluster (and stops short of one further
+// on), then reads its L2 entries:
+//
+//   - a run of COPIED clusters (extended L2: the touched subclusters
+//     allocated) with contiguous host offsets is written in place after
+//     unlocking: no metadata I/O, no serialisation beyond the lookup;
+//   - otherwise an allocation is registered in image.allocs: new host
+//     clusters from rc.allocLocked (contiguous for the whole run of clusters
+//     that need one; the guest offset itself with an external data file), or
+//     the existing host cluster of a COPIED cluster that only needs its
+//     subcluster bits or zero flag changed. The L2 table is made writable
+//     first (allocated, or copied if its L1 entry lacks COPIED). After
+//     unlocking, the data is written merged with the COW head and tail,
+//     which are read through ReadAt from the old mapping (backing file,
+//     zeros, decompressed or shared cluster); with extended L2 only
+//     partially written subclusters are copied. Then, under mu again, the
+//     entries are linked (offset|COPIED; bitmaps: alloc bits set, zero bits
+//     cleared), the replaced clusters lose a reference, the allocation is
+//     removed and its waiters restarted: they redo their lookup.
+//
+// Every entry written has COPIED iff its refcount is 1.
+//
+// Ordering (qcow2.md §1.13): rc.allocLocked makes the L2 cache depend on
+// the refcount cache, so refcount increases reach the disk before an L2
+// table pointing at the clusters; a link after COW sets DependOnFlush on
+// the L2 cache, so the copied data is synced before the table is written;
+// a refcount decrease makes the refcount cache depend on the L2 cache. New
+// L2 tables and L1 moves flush the refcount cache, write and sync the new
+// table, and only then write the L1 entry or header with a sync write; the
+// old table is freed last. With lazy refcounts the dirty bit is set with a
+// sync header write before the first L2 or L1 update instead, Flush skips
+// the refcount cache, and Close flushes everything and clears the bit.
+// Close always flushes a writable image completely before clearing the
+// dirty bit, whatever the caller did before.
+//
+// A metadata error that wraps drivers.ErrCorrupt during a write sets the
+// corrupt bit and makes every later write fail (signalCorruptionLocked).
+//
 // # Lock order
 //
-//	image.mu (CoMutex, metadata)
-//	└── cache.Cache of L2 tables (not locked itself; used only under image.mu)
+//	image.mu (CoMutex, metadata; rc.mu points at it)
+//	├── allocation.wait (CoQueue: waited on with image.mu released by Wait)
+//	├── cache.Cache of L2 tables   (not locked themselves; used only under
+//	└── cache.Cache of refcounts    image.mu; dependencies between them)
 //	image.zmu (sync.Mutex, the small decompressed-cluster cache; never held
-//	          across a yield, taken without image.mu)
+//	          across a yield, taken with or without image.mu)
+//	aio range lock (inside aio.File): metadata writes under image.mu may
+//	          wait for a data write's range; data writes never take image.mu.
 //
 // A backing image is a separate driver with its own locks; it is only ever
 // called with no lock of this image held.
@@ -67,7 +131,11 @@
 //   - Mapping cost: a 4 KiB random read of an allocated, page-cached image
 //     takes 1–2 µs in all (lock, L2 cache hit, pread) and 64 KiB
 //     sequential reads run at 4.8–6 GB/s, from a single coroutine.
-//
-// The driver is read-only for now: writes, discards, zero writes and
-// truncation return drivers.ErrReadOnly.
+//   - Writes (bench_write_test.go, O_DIRECT on ext4/virtio, 2 vCPUs): a
+//     4 KiB in-place write into a COPIED cluster takes 100–130 µs from one
+//     coroutine, all of it the device round trip (1 allocation, 16 B), and
+//     12 µs per write (~83k writes/s) from 32 goroutines at once, since
+//     in-place writes share only the lookup under mu; a 64 KiB write into a
+//     fresh cluster takes 155–190 µs (2 allocations, ~100 B): allocation
+//     and the L2 update are cache operations written back at Flush.
 package qcow2

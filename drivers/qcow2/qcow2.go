@@ -2,8 +2,10 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"imgfuse/aio"
 	"imgfuse/cache"
@@ -35,8 +37,9 @@ func (Format) Probe(hdr []byte) int {
 }
 
 // Open implements drivers.Format. It must not be called from a coroutine.
-// The image is opened read-only whatever opts.ReadOnly says: the write path
-// does not exist yet.
+// The image is opened read-write unless opts.ReadOnly is set or a snapshot
+// is selected (a snapshot is always exposed read-only). Backing files are
+// always opened read-only.
 func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
 	return openImage(path, opts, &chain{})
 }
@@ -58,9 +61,19 @@ type image struct {
 	data     *aio.File
 	dataPath string
 	h        *header
+	// writable: the image was opened read-write (never for a snapshot
+	// view or a backing file). lazy: lazy refcounts are on for this
+	// open. growable: writes past the end grow the disk.
+	writable bool
+	lazy     bool
+	growable bool
+	// extData: the image has an external data file (a copy of the
+	// header bit, which may be read without the lock).
+	extData bool
 	// size is the virtual disk size: the header's, or the selected
-	// snapshot's.
-	size        int64
+	// snapshot's. Read without the lock (Size, bounds checks); changed
+	// only by a grow, under mu.
+	size        atomic.Int64
 	clusterBits uint32
 	clusterSize int64
 	// l2Bits is log2 of the entries per L2 table; l2EntryBytes is 8, or
@@ -79,13 +92,23 @@ type image struct {
 	// snapshot is the snapshot being exposed, nil for the active disk.
 	snapshot *snapshotEntry
 
-	// mu is the metadata lock. It protects l1, l2 and fileSize, and is
-	// held across metadata I/O (L2 table reads) but never across data
-	// I/O.
+	// mu is the metadata lock. It protects h (once open: L1 and
+	// refcount table location, size, feature bits), l1, l2, rc, allocs
+	// and fileSize, and is held across metadata I/O (table reads and
+	// writes, header writes) but never across data I/O.
 	mu coroutine.CoMutex
 	// l1 is the L1 table in use (the active one, or the snapshot's).
 	// Protected by mu.
 	l1 []uint64
+	// rc is the refcount layer; nil unless writable. Protected by mu.
+	rc *refcounts
+	// allocs are the allocating writes in flight: host clusters chosen,
+	// L2 entries not yet written (see write.go). Protected by mu.
+	allocs []*allocation
+	// broken is set when a write found the image corrupt (and set the
+	// corrupt bit): every later write, zero write, resize, flush and the
+	// clean close fail; reads still work. Protected by mu.
+	broken error
 	// l2 caches L2 tables, one cluster each. Protected by mu.
 	l2 *cache.Cache
 	// fileSize is the image file's size; host offsets at or past it are
@@ -94,6 +117,8 @@ type image struct {
 
 	// srcPool holds *[]byte buffers for compressed streams.
 	srcPool sync.Pool
+	// cowPool holds *[]byte buffers for writes merged with COW data.
+	cowPool sync.Pool
 
 	// zmu protects zcache. Never held across a yield.
 	zmu sync.Mutex
@@ -118,11 +143,12 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if err := ch.enter(path); err != nil {
 		return nil, err
 	}
-	f, err := aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
+	writable := !opts.ReadOnly && opts.Snapshot == ""
+	f, err := aio.Open(path, aio.Options{ReadOnly: !writable, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare && !writable})
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
-	img := &image{path: path, file: f, data: f, dataPath: path}
+	img := &image{path: path, file: f, data: f, dataPath: path, writable: writable, growable: opts.Growable}
 	defer func() {
 		if err != nil {
 			img.Close()
@@ -140,7 +166,8 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 	}
 	img.h = h
-	img.size = int64(h.Size)
+	img.extData = h.hasDataFile()
+	img.size.Store(int64(h.Size))
 	img.clusterBits = h.ClusterBits
 	img.clusterSize = h.clusterSize()
 	img.l2EntryBytes = 8
@@ -174,7 +201,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 			if s.DiskSize > 1<<62 {
 				return nil, fmt.Errorf("qcow2: %s: snapshot %q has disk size %d: %w", path, s.Name, s.DiskSize, drivers.ErrCorrupt)
 			}
-			img.size = int64(s.DiskSize)
+			img.size.Store(int64(s.DiskSize))
 		}
 	}
 	if img.l1, err = img.loadL1(l1Off, l1Size); err != nil {
@@ -187,6 +214,11 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	}
 	if err := img.openBacking(opts, ch); err != nil {
 		return nil, err
+	}
+	if writable {
+		if err := img.openWritable(opts); err != nil {
+			return nil, err
+		}
 	}
 	return img, nil
 }
@@ -224,7 +256,7 @@ func (img *image) loadL1(off uint64, entries uint32) ([]uint64, error) {
 // at most l2CacheMax bytes, at least 2 tables.
 func (img *image) l2CacheTables() int {
 	perTable := img.clusterSize << img.l2Bits // guest bytes one L2 table maps
-	need := (img.size + perTable - 1) / perTable
+	need := (img.size.Load() + perTable - 1) / perTable
 	need = min(need, l2CacheMax/img.clusterSize)
 	return int(max(need, 2))
 }
@@ -237,46 +269,47 @@ func (b l2Backend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
 }
 
 func (b l2Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
-	return fmt.Errorf("qcow2: writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
+	if !b.img.writable {
+		return fmt.Errorf("qcow2: writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
+	}
+	// Called under mu (the cache is only used with it held).
+	if err := b.img.overlap(off, int64(len(p))); err != nil {
+		return fmt.Errorf("qcow2: %s: L2 table: %w", b.img.path, err)
+	}
+	return b.img.file.PwriteCo(co, p, off)
 }
 
-func (b l2Backend) Sync(co *coroutine.Co) error { return nil }
+func (b l2Backend) Sync(co *coroutine.Co) error {
+	if !b.img.writable {
+		return nil
+	}
+	return b.img.file.FdatasyncCo(co)
+}
 
 // Size implements drivers.Driver.
-func (img *image) Size() int64 { return img.size }
-
-// WriteAt implements drivers.Driver; the driver is read-only.
-func (img *image) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
-	return 0, img.readOnly("write")
-}
-
-// Flush implements drivers.Driver. Nothing is ever written, so there is
-// nothing to make durable.
-func (img *image) Flush(co *coroutine.Co) error { return nil }
-
-// Discard implements drivers.Driver; the driver is read-only.
-func (img *image) Discard(co *coroutine.Co, off, n int64) error { return img.readOnly("discard") }
-
-// WriteZeroes implements drivers.Driver; the driver is read-only.
-func (img *image) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
-	return img.readOnly("write zeroes")
-}
-
-// Truncate implements drivers.Driver; the driver is read-only.
-func (img *image) Truncate(co *coroutine.Co, size int64) error { return img.readOnly("truncate") }
+func (img *image) Size() int64 { return img.size.Load() }
 
 func (img *image) readOnly(op string) error {
 	return fmt.Errorf("qcow2: %s: %s: %w", img.path, op, drivers.ErrReadOnly)
 }
 
 // Close implements drivers.Driver: it closes the backing chain and the
-// files. It does not flush (there is nothing to flush).
+// files. The Driver contract does not ask Close to flush, but a writable
+// image is flushed completely here anyway (L2 tables, refcount blocks, even
+// in lazy mode, fdatasync) and only then is its dirty bit cleared: a close
+// that did not flush must not mark the image clean, and flushing here
+// makes that decision safe whatever the caller did before. Callers must
+// not have requests in flight.
 func (img *image) Close() error {
 	var first error
 	keep := func(err error) {
 		if err != nil && first == nil {
 			first = err
 		}
+	}
+	if img.writable && img.rc != nil && img.file != nil {
+		coroutine.Run(func(co *coroutine.Co) { keep(img.closeClean(co)) })
+		img.rc = nil
 	}
 	if img.backing != nil {
 		keep(img.backing.Close())
@@ -313,7 +346,7 @@ func (img *image) Info() drivers.ImageInfo {
 	info := drivers.ImageInfo{
 		Filename:       img.path,
 		Format:         "qcow2",
-		VirtualSize:    img.size,
+		VirtualSize:    img.size.Load(),
 		FormatSpecific: img.h.formatInfo(),
 		Snapshots:      img.Snapshots(),
 	}
@@ -325,4 +358,205 @@ func (img *image) Info() drivers.ImageInfo {
 		info.Backing = &b
 	}
 	return info
+}
+
+// openWritable prepares an image opened read-write (QEMU's qcow2_do_open
+// for a writable node): it refuses what must not be written, loads the
+// refcounts, repairs a dirty image, and clears unknown autoclear bits. It
+// must not be called from a coroutine.
+func (img *image) openWritable(opts drivers.OpenOptions) error {
+	h := img.h
+	if h.Incompatible&incompatCorrupt != 0 {
+		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with qemu-img check -r all): %w",
+			img.path, drivers.ErrCorrupt)
+	}
+	if h.HasBitmaps {
+		// Writing without maintaining the bitmaps means clearing
+		// autoclear bit 0, after which QEMU drops them and their
+		// clusters leak (qemu-img check then reports leaks). Refusing
+		// keeps both the bitmaps and a clean image.
+		return fmt.Errorf("qcow2: %s: the image has persistent dirty bitmaps, which imgfuse does not maintain; open it read-only, or remove them first (qemu-img bitmap --remove): %w",
+			img.path, drivers.ErrUnsupported)
+	}
+	img.lazy = h.Compatible&compatLazyRefcounts != 0 || opts.LazyRefcounts
+	if opts.LazyRefcounts && h.Version < 3 {
+		return fmt.Errorf("qcow2: %s: lazy refcounts need a version 3 image (compat=1.1): %w",
+			img.path, drivers.ErrUnsupported)
+	}
+	rc, err := openRefcounts(img.file, h, img.fileSize, img.l2)
+	if err != nil {
+		return fmt.Errorf("qcow2: %s: %w", img.path, err)
+	}
+	rc.mu = &img.mu
+	rc.lazy = img.lazy
+	img.rc = rc
+	coroutine.Run(func(co *coroutine.Co) {
+		img.mu.Lock(co)
+		defer img.mu.Unlock(co)
+		if h.Incompatible&incompatDirty != 0 {
+			if err = img.repairLocked(co); err != nil {
+				return
+			}
+		}
+		// Unknown autoclear bits describe structures this writer does
+		// not maintain: clear them before the first write (and rewrite
+		// the whole header, as QEMU does; unknown extensions and
+		// compatible bits are kept).
+		if unknown := h.Autoclear &^ (autoclearBitmaps | autoclearDataFileRaw); unknown != 0 {
+			h.Autoclear &^= unknown
+			err = img.writeHeaderLocked(co)
+		}
+	})
+	if err != nil {
+		img.rc = nil
+		return err
+	}
+	return nil
+}
+
+// repairLocked rebuilds the refcounts of a dirty image from its tables
+// (the refcounts may be stale after a crash with lazy refcounts) and clears
+// the dirty bit.
+func (img *image) repairLocked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	if err := img.rebuildRefcountsLocked(co); err != nil {
+		return fmt.Errorf("qcow2: %s: rebuilding the refcounts of a dirty image: %w", img.path, err)
+	}
+	img.fileSize = max(img.fileSize, img.rc.end)
+	return img.setIncompatibleLocked(co, img.h.Incompatible&^incompatDirty)
+}
+
+// setIncompatibleLocked writes the incompatible feature word v with a sync
+// write (the dirty bit protocol needs it on disk before what follows).
+func (img *image) setIncompatibleLocked(co *coroutine.Co, v uint64) error {
+	img.mu.AssertHeld(co)
+	if v == img.h.Incompatible {
+		return nil
+	}
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	if err := img.syncWriteLocked(co, b[:], 72); err != nil {
+		return fmt.Errorf("qcow2: %s: writing the incompatible feature bits: %w", img.path, err)
+	}
+	img.h.Incompatible = v
+	return nil
+}
+
+// markDirtyLocked sets the dirty bit, synchronously, before the first L2
+// or L1 update of a lazy-refcounts image (QEMU's qcow2_mark_dirty).
+func (img *image) markDirtyLocked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	if !img.lazy || img.h.Incompatible&incompatDirty != 0 {
+		return nil
+	}
+	return img.setIncompatibleLocked(co, img.h.Incompatible|incompatDirty)
+}
+
+// syncWriteLocked writes p at off in the image file and fdatasyncs it.
+func (img *image) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error {
+	img.mu.AssertHeld(co)
+	if err := img.file.PwriteCo(co, p, off); err != nil {
+		return err
+	}
+	return img.file.FdatasyncCo(co)
+}
+
+// writeHeaderLocked rewrites cluster 0 from img.h (unknown fields,
+// extensions and compatible bits preserved) with a sync write.
+func (img *image) writeHeaderLocked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	buf, err := marshalHeaderCluster(img.h)
+	if err != nil {
+		return fmt.Errorf("qcow2: %s: %w", img.path, err)
+	}
+	if err := img.syncWriteLocked(co, buf, 0); err != nil {
+		return fmt.Errorf("qcow2: %s: writing the header: %w", img.path, err)
+	}
+	return nil
+}
+
+// Flush implements drivers.Driver: dirty L2 tables are written (after the
+// refcount blocks they depend on), then the refcount blocks unless the
+// dirty bit makes them optional (lazy refcounts), then the image file and
+// the data file are fdatasynced. Header updates are always synchronous, so
+// nothing else is pending.
+func (img *image) Flush(co *coroutine.Co) error {
+	if !img.writable {
+		return nil
+	}
+	img.mu.Lock(co)
+	err := img.broken
+	if err == nil {
+		err = img.l2.Write(co)
+	}
+	if err == nil && img.h.Incompatible&incompatDirty == 0 {
+		err = img.rc.writeLocked(co)
+	}
+	img.mu.Unlock(co)
+	if err != nil {
+		return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+	}
+	return img.syncFiles(co)
+}
+
+// syncFiles fdatasyncs the image file and the data file.
+func (img *image) syncFiles(co *coroutine.Co) error {
+	if err := img.file.FdatasyncCo(co); err != nil {
+		return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+	}
+	if img.data != img.file {
+		if err := img.data.FdatasyncCo(co); err != nil {
+			return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+		}
+	}
+	return nil
+}
+
+// closeClean flushes everything, refcounts included, and then clears the
+// dirty bit: only a fully flushed image may be marked clean.
+func (img *image) closeClean(co *coroutine.Co) error {
+	img.mu.Lock(co)
+	defer img.mu.Unlock(co)
+	if img.broken != nil {
+		return img.broken
+	}
+	err := img.l2.Flush(co)
+	if err == nil {
+		err = img.rc.flushLocked(co)
+	}
+	if err == nil && img.data != img.file {
+		err = img.data.FdatasyncCo(co)
+	}
+	if err == nil {
+		err = img.file.FdatasyncCo(co)
+	}
+	if err == nil {
+		err = img.setIncompatibleLocked(co, img.h.Incompatible&^incompatDirty)
+	}
+	if err != nil {
+		return fmt.Errorf("qcow2: %s: close: %w", img.path, err)
+	}
+	return nil
+}
+
+// rebuildRefcountsLocked recomputes the refcounts from the image's tables.
+func (img *image) rebuildRefcountsLocked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	read := func(off int64, p []byte) error { return img.file.PreadCo(co, p, off) }
+	return img.rc.rebuildLocked(co, read, img.snaps)
+}
+
+// signalCorruptionLocked handles an error of a metadata update: if it says
+// the image is corrupt, the corrupt bit is set (best effort, QEMU's
+// qcow2_signal_corruption) and every later write, zero write, resize and
+// the clean close fail, so nothing builds on the damage; reads go on. It
+// returns err.
+func (img *image) signalCorruptionLocked(co *coroutine.Co, err error) error {
+	img.mu.AssertHeld(co)
+	if err == nil || !errors.Is(err, drivers.ErrCorrupt) || img.broken != nil {
+		return err
+	}
+	img.broken = fmt.Errorf("qcow2: %s: the image was marked corrupt and is no longer written: %w", img.path, err)
+	_ = img.setIncompatibleLocked(co, img.h.Incompatible|incompatCorrupt)
+	return err
 }

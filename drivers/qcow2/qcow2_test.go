@@ -32,8 +32,11 @@ func qemuImg(t testing.TB, args ...string) []byte {
 }
 
 // openTest opens path as qcow2 and closes it at the end of the test.
+// openTest opens path read-only: the read tests must not change their
+// images (the write tests open their own).
 func openTest(t testing.TB, path string, opts drivers.OpenOptions) *image {
 	t.Helper()
+	opts.ReadOnly = true
 	if opts.Formats == nil {
 		opts.Formats = testFormats
 	}
@@ -335,7 +338,7 @@ func TestBackingChainDepth(t *testing.T) {
 		t.Fatalf("read through %d layers: %v %x", maxChainDepth, err, buf[4094:])
 	}
 	// One more is refused.
-	if _, err := (Format{}).Open(filepath.Join(dir, name(maxChainDepth)), drivers.OpenOptions{Formats: testFormats}); !errors.Is(err, drivers.ErrCorrupt) {
+	if _, err := (Format{}).Open(filepath.Join(dir, name(maxChainDepth)), drivers.OpenOptions{ReadOnly: true, Formats: testFormats}); !errors.Is(err, drivers.ErrCorrupt) {
 		t.Fatalf("open a chain of %d: %v", maxChainDepth+1, err)
 	}
 }

@@ -13,9 +13,9 @@ import (
 // any number of clusters. Each run is mapped under the metadata lock and
 // read after releasing it; p is not referenced once ReadAt returns.
 func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
-	if off < 0 || off > img.size || int64(len(p)) > img.size-off {
+	if size := img.size.Load(); off < 0 || off > size || int64(len(p)) > size-off {
 		return 0, fmt.Errorf("qcow2: %s: read of %d bytes at %#x outside the %d-byte disk: %w",
-			img.path, len(p), off, img.size, io.ErrUnexpectedEOF)
+			img.path, len(p), off, size, io.ErrUnexpectedEOF)
 	}
 	done := 0
 	for done < len(p) {
@@ -99,12 +99,13 @@ func (img *image) srcBuffer(n int64) []byte {
 // ExtentZero for zero clusters and for unallocated ranges with nothing
 // below them, as `qemu-img map` reports them.
 func (img *image) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
-	if off < 0 || off >= img.size {
+	size := img.size.Load()
+	if off < 0 || off >= size {
 		return drivers.Extent{}, fmt.Errorf("qcow2: %s: block status at %#x outside the %d-byte disk: %w",
-			img.path, off, img.size, io.ErrUnexpectedEOF)
+			img.path, off, size, io.ErrUnexpectedEOF)
 	}
 	img.mu.Lock(co)
-	run, err := img.mapLocked(co, off, img.size-off)
+	run, err := img.mapLocked(co, off, size-off)
 	img.mu.Unlock(co)
 	if err != nil {
 		return drivers.Extent{}, err
