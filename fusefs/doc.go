@@ -16,9 +16,16 @@
 //
 // The tree is static: either a directory (inode 1) holding the disk
 // (inode 2, Options.Name), or the root inode is the disk. Entries and
-// attributes are cached by the kernel for 24 h; the only attribute that
-// changes, the size, changes through SETATTR, whose reply updates the
-// kernel's copy. Times are Options.ModTime (the image's mtime), never "now".
+// attributes are cached by the kernel for 24 h. The only attribute that
+// changes, the size, changes only through requests the kernel sends and so
+// knows about: SETATTR (truncate, O_TRUNC), whose reply carries the new
+// size; a WRITE past the end (Options.Growable), after which the kernel
+// raises its cached size itself and marks the size stale
+// (fuse_write_update_attr), so the next stat asks GETATTR, which reads the
+// driver's size; a ZERO_RANGE fallocate without KEEP_SIZE, likewise.
+// TestGrowable checks fstat, stat by path, an older descriptor and
+// SEEK_END after each kind, so no InodeNotify is needed. Times are
+// Options.ModTime (the image's mtime), never "now".
 //
 // # Concurrency
 //
@@ -82,16 +89,21 @@
 //   - Open for writing on a read-only mount fails with EROFS even for root,
 //     so `mount -o loop` falls back to read-only by itself.
 //   - Fsync and Flush never answer ENOSYS (the kernel would stop sending
-//     them for good). Flush (sent on every close) flushes the driver only
-//     for descriptors opened for writing.
+//     them for good): a failed driver Flush answers EIO (ENOSPC, EDQUOT and
+//     EROFS pass as they are), so fsync(2), fdatasync(2) and close(2) report
+//     it. Flush (sent on every close) flushes the driver only for
+//     descriptors opened for writing.
 //   - Fallocate: PUNCH_HOLE|KEEP_SIZE → Discard, ZERO_RANGE → WriteZeroes
 //     (what a loop device sends for discard and write-zeroes); allocation
 //     (mode 0) → EOPNOTSUPP. Lseek answers SEEK_DATA/SEEK_HOLE from
 //     BlockStatus (an extent without ExtentData is a hole).
 //   - A write that crosses the end of the disk writes what fits and reports
 //     a short count, as a block device does; a write at or past the end
-//     fails with ENOSPC. An open with O_TRUNC, like any size change, is
-//     passed to the driver's Truncate.
+//     fails with ENOSPC. With Options.Growable such writes go to the driver
+//     whole and grow the disk, and a ZERO_RANGE without KEEP_SIZE past the
+//     end grows it through Truncate. An open with O_TRUNC, like any size
+//     change, is passed to the driver's Truncate (drivers refuse to shrink:
+//     a shell's '>' must not destroy a disk).
 //
 // # Readiness
 //

@@ -34,3 +34,16 @@ func toErrno(err error) fuse.Status {
 		return fuse.EIO
 	}
 }
+
+// toFlushErrno is toErrno for fsync and flush, whose callers must learn
+// that data may be lost: anything but the errors fsync(2) documents for it
+// (ENOSPC, EDQUOT, EROFS) becomes EIO. ENOSYS in particular would make the
+// kernel stop sending FSYNC/FLUSH and report success from then on, and
+// EOPNOTSUPP would read as "this file needs no fsync".
+func toFlushErrno(err error) fuse.Status {
+	switch s := toErrno(err); s {
+	case fuse.OK, fuse.EIO, fuse.EROFS, fuse.Status(syscall.ENOSPC), fuse.Status(syscall.EDQUOT):
+		return s
+	}
+	return fuse.EIO
+}

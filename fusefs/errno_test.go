@@ -37,6 +37,31 @@ func TestToErrno(t *testing.T) {
 	}
 }
 
+func TestToFlushErrno(t *testing.T) {
+	wrap := func(err error) error { return fmt.Errorf("qcow2: flush: %w", err) }
+	for _, tc := range []struct {
+		err  error
+		want fuse.Status
+	}{
+		{nil, fuse.OK},
+		{wrap(syscall.EIO), fuse.EIO},
+		{wrap(syscall.ENOSPC), fuse.Status(syscall.ENOSPC)},
+		{wrap(syscall.EDQUOT), fuse.Status(syscall.EDQUOT)},
+		{wrap(drivers.ErrReadOnly), fuse.EROFS},
+		{wrap(drivers.ErrNoSpace), fuse.Status(syscall.ENOSPC)},
+		{wrap(syscall.ENOSYS), fuse.EIO},
+		{wrap(syscall.EOPNOTSUPP), fuse.EIO},
+		{wrap(drivers.ErrUnsupported), fuse.EIO},
+		{wrap(drivers.ErrCorrupt), fuse.EIO},
+		{wrap(syscall.EINVAL), fuse.EIO},
+		{errors.New("anything else"), fuse.EIO},
+	} {
+		if got := toFlushErrno(tc.err); got != tc.want {
+			t.Errorf("toFlushErrno(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
 // TestDriverErrorsReachCaller checks errors cross the mount as errno.
 func TestDriverErrorsReachCaller(t *testing.T) {
 	d := newMemDriver(make([]byte, diskSize))

@@ -26,6 +26,11 @@ type memDriver struct {
 	blockStatus int
 	// readErr, if set, fails every ReadAt; protected by mu.
 	readErr error
+	// flushErr, if set, fails every Flush; protected by mu.
+	flushErr error
+	// growable makes a write past the end grow the disk, as a driver
+	// opened with OpenOptions.Growable does. Set before mounting.
+	growable bool
 }
 
 type span struct{ off, n int64 }
@@ -60,6 +65,10 @@ func (m *memDriver) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 func (m *memDriver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// Growth stops at 1 GiB: the disk is in memory.
+	if end := off + int64(len(p)); m.growable && off >= 0 && end > int64(len(m.data)) && end <= 1<<30 {
+		m.data = append(m.data, make([]byte, end-int64(len(m.data)))...)
+	}
 	if err := m.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -71,7 +80,7 @@ func (m *memDriver) Flush(co *coroutine.Co) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.flushes++
-	return nil
+	return m.flushErr
 }
 
 func (m *memDriver) zero(off, n int64) error {

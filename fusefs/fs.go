@@ -41,6 +41,7 @@ type diskFS struct {
 
 	name     string
 	readOnly bool
+	growable bool
 	dirMode  bool
 	diskIno  uint64
 	modTime  time.Time
@@ -55,6 +56,7 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool) *diskFS {
 		d:             d,
 		name:          opts.Name,
 		readOnly:      opts.ReadOnly,
+		growable:      opts.Growable,
 		dirMode:       dirMode,
 		diskIno:       fuse.FUSE_ROOT_ID,
 		modTime:       opts.ModTime,
@@ -226,15 +228,28 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 	if fs.readOnly {
 		return 0, fuse.EROFS
 	}
-	size := fs.d.Size()
-	if in.Offset >= uint64(size) {
-		return 0, fuse.Status(syscall.ENOSPC)
+	var total int64
+	for _, p := range data {
+		total += int64(len(p))
+	}
+	if in.Offset > math.MaxInt64 || total > math.MaxInt64-int64(in.Offset) {
+		return 0, fuse.Status(syscall.EFBIG)
 	}
 	off := int64(in.Offset)
-	// A write that crosses the end of the disk writes what fits and
-	// reports it, as a block device does; the caller's retry of the rest
-	// then fails with ENOSPC.
-	room := size - off
+	// room bounds the write. A growable disk takes all of it: the driver
+	// grows the disk, and the kernel, which sent a write past the size it
+	// knows, raises its cached size itself when we report it done.
+	// Otherwise a write that crosses the end of the disk writes what fits
+	// and reports it, as a block device does; the caller's retry of the
+	// rest then fails with ENOSPC.
+	room := total
+	if !fs.growable {
+		size := fs.d.Size()
+		if off >= size {
+			return 0, fuse.Status(syscall.ENOSPC)
+		}
+		room = min(total, size-off)
+	}
 	var written int64
 	var err error
 	coroutine.Run(func(co *coroutine.Co) {
@@ -278,7 +293,7 @@ func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 func (fs *diskFS) flush() fuse.Status {
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
-	return toErrno(err)
+	return toFlushErrno(err)
 }
 
 func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
@@ -302,13 +317,16 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 	size := fs.d.Size()
 	off, n := int64(in.Offset), int64(in.Length)
 	var op func(co *coroutine.Co, off, n int64) error
+	grow := false
 	switch in.Mode {
 	case punchHole | keepSize:
 		op = fs.d.Discard
 	case zeroRange | keepSize, zeroRange:
 		if in.Mode&keepSize == 0 && off+n > size {
-			// Would grow the disk.
-			return fuse.Status(syscall.ENOSPC)
+			if !fs.growable {
+				return fuse.Status(syscall.ENOSPC)
+			}
+			grow = true
 		}
 		op = func(co *coroutine.Co, off, n int64) error {
 			return fs.d.WriteZeroes(co, off, n, false)
@@ -316,12 +334,24 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 	default:
 		return fuse.Status(syscall.EOPNOTSUPP)
 	}
-	if off >= size {
-		return fuse.OK
-	}
-	n = min(n, size-off)
 	var err error
-	coroutine.Run(func(co *coroutine.Co) { err = op(co, off, n) })
+	coroutine.Run(func(co *coroutine.Co) {
+		if grow {
+			// Grow first, then zero the whole range: zeroing does
+			// not rely on what a driver's Truncate leaves in the new
+			// range (an overlay over a longer backing file). Another
+			// request may have grown the disk further meanwhile,
+			// making our Truncate a refused shrink: that is fine.
+			if err = fs.d.Truncate(co, off+n); err != nil && fs.d.Size() < off+n {
+				return
+			}
+			size = off + n
+		}
+		if off >= size {
+			return
+		}
+		err = op(co, off, min(n, size-off))
+	})
 	return toErrno(err)
 }
 

@@ -27,6 +27,11 @@ type Options struct {
 	// (needs user_allow_other in /etc/fuse.conf when not root). The
 	// kernel then enforces the file mode (default_permissions).
 	AllowOther bool
+	// Growable passes writes that reach past the end of the disk to the
+	// driver, which grows the disk (open it with OpenOptions.Growable),
+	// instead of writing what fits and failing the rest with ENOSPC. So
+	// does a ZERO_RANGE fallocate without KEEP_SIZE (through Truncate).
+	Growable bool
 	// ModTime is the image file's mtime, reported as the disk's (and the
 	// directory's) mtime, ctime and atime. It never changes while mounted.
 	ModTime time.Time

@@ -76,6 +76,12 @@ func childArgs(o *mountOptions) []string {
 	if o.forceShare {
 		args = append(args, "--force-share")
 	}
+	if o.growable {
+		args = append(args, "--growable")
+	}
+	if o.lazyRefcnt {
+		args = append(args, "--lazy-refcounts")
+	}
 	if o.debug {
 		args = append(args, "--debug")
 	}
@@ -241,6 +247,9 @@ type daemonState struct {
 	Format     string    `json:"format"`
 	ReadOnly   bool      `json:"read-only"`
 	Started    time.Time `json:"started"`
+	// CloseError is set by a server whose final flush or close failed,
+	// just before it exits; 'imgfuse unmount' reports it.
+	CloseError string `json:"close-error,omitempty"`
 }
 
 // stateDir is where state files live: /run/imgfuse for root, else

@@ -25,8 +25,19 @@
 // device holds the disk) the server logs it and keeps serving, because
 // dropping it would fail the loop device's I/O. When the FUSE server stops
 // for any reason (our unmount, an external umount/fusermount3 -u), the
-// driver is flushed and closed, the state file removed, and the process
-// exits. Signal handlers are installed before mounting.
+// driver is flushed and then closed — closed even if the flush failed, so
+// the descriptors and image locks go — the state file removed, and the
+// process exits. A failed flush or close is logged, makes the exit status
+// 1, and is left in the state file (close-error) for `unmount`, which waits
+// for the exit, to report with exit status 1. Signal handlers are installed
+// before mounting.
+//
+// Writability (mount.go, mountReadOnly): every format is writable unless
+// --read-only, --snapshot or --force-share. A driver that will not write
+// an image (qcow2 with the corrupt bit) fails a writable open; the error
+// then says whether a read-only open works. --growable and
+// --lazy-refcounts go to drivers.OpenOptions (and --growable to
+// fusefs.Options); with a read-only mount they are usage errors.
 //
 // State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, one JSON
 // file per mount named by the SHA-256 of the canonical mountpoint, holding

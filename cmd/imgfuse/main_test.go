@@ -49,6 +49,9 @@ func TestUsageErrors(t *testing.T) {
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, exitUsage, "--timeout must be positive"},
 		{"demo extra arg", []string{"demo", "x"}, exitUsage, "demo takes no arguments"},
 		{"help hint", []string{"mount"}, exitUsage, "Run 'imgfuse mount --help' for usage."},
+		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, exitUsage, "--growable needs a writable mount, not --read-only"},
+		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, exitUsage, "--snapshot is read-only"},
+		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, exitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -93,10 +96,10 @@ func TestFormatChoices(t *testing.T) {
 
 func TestChildArgs(t *testing.T) {
 	o := &mountOptions{format: "qcow2", readOnly: true, snapshot: "s 1", name: "d",
-		allowOther: true, noDirectIO: true, debug: true,
+		allowOther: true, noDirectIO: true, forceShare: true, growable: true, lazyRefcnt: true, debug: true,
 		absImage: "/i/x.qcow2", absMountpoint: "/m"}
 	got := strings.Join(childArgs(o), "|")
-	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--debug|--|/i/x.qcow2|/m"
+	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--force-share|--growable|--lazy-refcounts|--debug|--|/i/x.qcow2|/m"
 	if got != want {
 		t.Errorf("childArgs =\n%s\nwant\n%s", got, want)
 	}
@@ -108,26 +111,30 @@ func TestChildArgs(t *testing.T) {
 	if a := cmd.Flags().Args(); len(a) != 2 || a[0] != "/i/x.qcow2" || a[1] != "/m" {
 		t.Errorf("child parses args %q", a)
 	}
+	for _, name := range []string{"read-only", "force-share", "growable", "lazy-refcounts", "no-direct-io"} {
+		if v, err := cmd.Flags().GetBool(name); err != nil || !v {
+			t.Errorf("child's --%s = %v, %v", name, v, err)
+		}
+	}
 }
 
 func TestMountReadOnlyDecision(t *testing.T) {
+	// Every format, qcow2 included, is writable unless asked otherwise.
 	tests := []struct {
-		format     string
 		flag       bool
 		snapshot   string
 		forceShare bool
 		want       bool
 	}{
-		{"raw", false, "", false, false},
-		{"raw", true, "", false, true},
-		{"raw", false, "", true, true},
-		{"qcow2", false, "", false, true}, // no qcow2 write path yet
-		{"qcow2", false, "snap", false, true},
-		{"qcow2", true, "", false, true},
+		{false, "", false, false},
+		{true, "", false, true},
+		{false, "snap", false, true},
+		{false, "", true, true},
+		{true, "snap", true, true},
 	}
 	for _, tt := range tests {
-		if got := mountReadOnly(tt.format, tt.flag, tt.snapshot, tt.forceShare); got != tt.want {
-			t.Errorf("mountReadOnly(%q, %v, %q, %v) = %v, want %v", tt.format, tt.flag, tt.snapshot, tt.forceShare, got, tt.want)
+		if got := mountReadOnly(tt.flag, tt.snapshot, tt.forceShare); got != tt.want {
+			t.Errorf("mountReadOnly(%v, %q, %v) = %v, want %v", tt.flag, tt.snapshot, tt.forceShare, got, tt.want)
 		}
 	}
 }

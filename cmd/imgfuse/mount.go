@@ -33,6 +33,8 @@ type mountOptions struct {
 	allowOther bool
 	noDirectIO bool
 	forceShare bool
+	growable   bool
+	lazyRefcnt bool
 	debug      bool
 	logFile    string
 }
@@ -47,16 +49,23 @@ opening the image are printed here and the exit code is non-zero. Stop it
 with 'imgfuse unmount MOUNTPOINT', which returns once the image is flushed
 and closed.
 
-qcow2 images are mounted read-only in this release (writes need the qcow2
-write path); a read-only disk refuses open(O_RDWR) with EROFS so that
-'mount -o loop' falls back to a read-only mount by itself.
+The disk is writable unless --read-only, --snapshot or --force-share is
+given; a read-only disk refuses open(O_RDWR) with EROFS so that
+'mount -o loop' falls back to a read-only mount by itself. An image that
+cannot be opened for writing (a corrupt qcow2 image, a file without write
+permission) is not mounted: the error says so, and --read-only still
+mounts it. A write past the end of the disk fails with ENOSPC unless
+--growable is given; 'truncate -s' grows the disk either way, and
+shrinking it is refused.
 
 The server unmounts on SIGINT, SIGTERM or SIGHUP (unless the disk is busy:
 then it logs and keeps serving), and after any unmount flushes and closes
-the image and exits.
+the image and exits; 'imgfuse unmount' waits for that and fails if the
+flush did.
 
 Exit status: 0 once the mount answers (with --foreground: after a clean
-unmount); 1 if the image cannot be opened or mounted; 2 for usage errors.`
+unmount and flush); 1 if the image cannot be opened or mounted, or (with
+--foreground) cannot be flushed at the end; 2 for usage errors.`
 
 func newMountCmd() *cobra.Command {
 	o := &mountOptions{}
@@ -65,12 +74,16 @@ func newMountCmd() *cobra.Command {
 		Short: "Expose a disk image as a file on MOUNTPOINT",
 		Long:  mountLong,
 		Example: `  imgfuse mount disk.qcow2 /mnt/img
-  sudo mount -o loop,ro /mnt/img/disk /mnt/root
+  sudo mount -o loop /mnt/img/disk /mnt/root
+  imgfuse mount --read-only disk.qcow2 /mnt/img
   imgfuse mount --snapshot before-upgrade disk.qcow2 /mnt/img`,
 		Args: exactArgs("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.image, o.mountpoint = args[0], args[1]
 			if err := checkFormatFlag(o.format); err != nil {
+				return err
+			}
+			if err := o.checkWriteFlags(); err != nil {
 				return err
 			}
 			if fd, ok := daemonReadyFD(); ok {
@@ -108,24 +121,45 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users reach the mount (needs user_allow_other in /etc/fuse.conf)")
 	f.BoolVar(&o.noDirectIO, "no-direct-io", false, "open the image without O_DIRECT (for filesystems that refuse it, e.g. tmpfs)")
 	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
+	f.BoolVar(&o.growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
+	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
 	return cmd
 }
 
 // mountReadOnly decides whether the disk is exposed read-only, and so
-// whether the image is opened read-only.
+// whether the image is opened read-only. Every format is writable by
+// default. Snapshots are read-only views by definition. Without image locks
+// nothing stops a writer, so --force-share is read-only too.
 //
-// The qcow2 write path is not there yet: the qcow2 driver opens every image
-// read-only and fails writes with drivers.ErrReadOnly. Exposing such a disk
-// writable would let `mount -o loop` pick a read-write mount that fails on
-// its first write instead of falling back to read-only, so every format but
-// raw is mounted read-only. Drop the format test when qcow2 writes land.
-// Snapshots are read-only views by definition.
-// Without image locks nothing stops a writer, so --force-share is
-// read-only too.
-func mountReadOnly(format string, readOnlyFlag bool, snapshot string, forceShare bool) bool {
-	return readOnlyFlag || snapshot != "" || forceShare || format != "raw"
+// A driver that cannot write an image it was asked to open writable (the
+// qcow2 driver, for a corrupt image) fails the open: serve reports that
+// rather than exposing a writable disk whose every write fails, which would
+// keep `mount -o loop` from falling back to read-only.
+func mountReadOnly(readOnlyFlag bool, snapshot string, forceShare bool) bool {
+	return readOnlyFlag || snapshot != "" || forceShare
+}
+
+// checkWriteFlags refuses write-path flags on a mount that cannot write:
+// silently ignoring them would hide a mistake in a script.
+func (o *mountOptions) checkWriteFlags() error {
+	if !o.growable && !o.lazyRefcnt {
+		return nil
+	}
+	flag := "--growable"
+	if !o.growable {
+		flag = "--lazy-refcounts"
+	}
+	switch {
+	case o.readOnly:
+		return usagef("%s needs a writable mount, not --read-only", flag)
+	case o.snapshot != "":
+		return usagef("%s needs a writable mount; --snapshot is read-only", flag)
+	case o.forceShare:
+		return usagef("%s needs a writable mount; --force-share is read-only", flag)
+	}
+	return nil
 }
 
 // validate checks, in the calling process, what can be checked before
@@ -153,6 +187,9 @@ func (o *mountOptions) validate() error {
 	}
 	if o.snapshot != "" && format == "raw" {
 		return fmt.Errorf("--snapshot: %s is a raw image, which has no snapshots", o.image)
+	}
+	if o.lazyRefcnt && format == "raw" {
+		return fmt.Errorf("--lazy-refcounts: %s is a raw image, which has no refcounts", o.image)
 	}
 
 	mi, err := os.Stat(o.mountpoint)
@@ -215,16 +252,19 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	if err != nil {
 		return fmt.Errorf("open %s: %w", o.image, err)
 	}
-	ro := mountReadOnly(format, o.readOnly, o.snapshot, o.forceShare)
-	d, f, err := drivers.Open(o.image, format, drivers.OpenOptions{
-		ReadOnly:   ro,
-		Formats:    imageFormats(),
-		Snapshot:   o.snapshot,
-		NoDirectIO: o.noDirectIO,
-		ForceShare: o.forceShare,
-	})
+	ro := mountReadOnly(o.readOnly, o.snapshot, o.forceShare)
+	opts := drivers.OpenOptions{
+		ReadOnly:      ro,
+		Formats:       imageFormats(),
+		Snapshot:      o.snapshot,
+		NoDirectIO:    o.noDirectIO,
+		ForceShare:    o.forceShare,
+		Growable:      o.growable && !ro,
+		LazyRefcounts: o.lazyRefcnt && !ro,
+	}
+	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return fmt.Errorf("open %s: %w", o.image, explainWritableOpen(o.image, format, opts, err))
 	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
@@ -237,6 +277,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	srv, err := fusefs.Mount(o.mountpoint, d, fusefs.Options{
 		Name:       o.name,
 		ReadOnly:   ro,
+		Growable:   opts.Growable,
 		AllowOther: o.allowOther,
 		ModTime:    mtime,
 		FSName:     "imgfuse:" + absImage,
@@ -251,10 +292,11 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	if mp == "" {
 		mp, _ = canonicalPath(o.mountpoint)
 	}
-	statePath, serr := writeState(stateDir(), daemonState{
+	state := daemonState{
 		PID: os.Getpid(), Image: absImage, Mountpoint: mp,
 		Format: f.Name(), ReadOnly: ro, Started: time.Now().UTC(),
-	})
+	}
+	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
 		logger.Printf("warning: %v ('imgfuse unmount' will not wait for this process)", serr)
 	}
@@ -281,18 +323,57 @@ loop:
 		}
 	}
 
-	var ferr error
-	coroutine.Run(func(co *coroutine.Co) { ferr = d.Flush(co) })
-	cerr := d.Close()
+	err = closeImage(d, o.image, logger)
 	if serr == nil {
-		os.Remove(statePath)
+		// Leave the error where 'imgfuse unmount', waiting for us to
+		// exit, finds it; a clean close removes the state file.
+		if err != nil {
+			state.CloseError = err.Error()
+			if _, werr := writeState(stateDir(), state); werr != nil {
+				os.Remove(statePath)
+			}
+		} else {
+			os.Remove(statePath)
+		}
 	}
-	if ferr != nil {
-		return fmt.Errorf("flush %s: %w", o.image, ferr)
-	}
-	if cerr != nil {
-		return fmt.Errorf("close %s: %w", o.image, cerr)
+	if err != nil {
+		return err
 	}
 	logger.Printf("%s unmounted; %s flushed and closed", mp, o.image)
 	return nil
+}
+
+// closeImage flushes d and then closes it, even if the flush failed: the
+// descriptors and image locks must go whatever happened. A flush error is
+// logged at once (before the close, which may take time or fail too) and
+// returned with any close error.
+func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
+	var ferr error
+	coroutine.Run(func(co *coroutine.Co) { ferr = d.Flush(co) })
+	if ferr != nil {
+		ferr = fmt.Errorf("flush %s: %w", image, ferr)
+		logger.Printf("%v; data written through the mount may not be in the image; closing it", ferr)
+	}
+	var cerr error
+	if err := d.Close(); err != nil {
+		cerr = fmt.Errorf("close %s: %w", image, err)
+	}
+	return errors.Join(ferr, cerr)
+}
+
+// explainWritableOpen adds a hint to err, the failure to open an image for
+// writing, when the image opens read-only: a driver refuses to write a
+// corrupt image, and a user may lack write permission, yet either can be
+// read with --read-only. The read-only open is closed at once.
+func explainWritableOpen(image, format string, opts drivers.OpenOptions, err error) error {
+	if opts.ReadOnly || errors.Is(err, drivers.ErrLocked) || errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	opts.ReadOnly, opts.Growable, opts.LazyRefcounts = true, false, false
+	d, _, rerr := drivers.Open(image, format, opts)
+	if rerr != nil {
+		return err
+	}
+	d.Close()
+	return fmt.Errorf("%w (it cannot be opened for writing; --read-only mounts it read-only)", err)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"imgfuse/drivers/driverstest"
 )
 
 // assertNotMounted fails if anything is mounted at path.
@@ -369,6 +372,90 @@ func TestDemoMountsSample(t *testing.T) {
 	// A second demo in the same directory must not touch the live images.
 	if code, _, stderr := runCLI(t, "demo", "--dir", dir); code != exitFailure || !strings.Contains(stderr, "already mounted") {
 		t.Errorf("second demo: exit %d, %q", code, stderr)
+	}
+	pid := serverPID(t, mnt)
+	if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+		t.Errorf("unmount: exit %d: %s", code, stderr)
+	}
+	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
+	assertNotMounted(t, mnt)
+}
+
+// TestMountGrowable: --growable reaches the daemon (through its re-exec)
+// and the driver: a write past the end grows the disk, and after unmount
+// the image file has the new size. Without it the same write fails with
+// ENOSPC, while truncate grows the disk either way.
+func TestMountGrowable(t *testing.T) {
+	requireFUSE(t)
+	for _, growable := range []bool{true, false} {
+		t.Run(fmt.Sprintf("growable=%v", growable), func(t *testing.T) {
+			img, mnt, _ := mountRaw(t)
+			args := []string{"mount", img, mnt}
+			if growable {
+				args = []string{"mount", "--growable", img, mnt}
+			}
+			if code, _, stderr := runCLI(t, args...); code != exitOK {
+				t.Fatalf("mount: exit %d: %s", code, stderr)
+			}
+			pid := serverPID(t, mnt)
+			disk := filepath.Join(mnt, "disk")
+			f, err := os.OpenFile(disk, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const size = 1 << 20
+			_, werr := f.WriteAt([]byte("tail"), size+4096)
+			if err := f.Truncate(2 * size); err != nil {
+				t.Errorf("truncate to 2 MiB: %v", err)
+			}
+			f.Close()
+			want := int64(2 * size)
+			if growable {
+				if werr != nil {
+					t.Errorf("write past the end: %v", werr)
+				}
+			} else if !errors.Is(werr, syscall.ENOSPC) {
+				t.Errorf("write past the end without --growable: %v, want ENOSPC", werr)
+			}
+			if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+				t.Fatalf("unmount: exit %d: %s", code, stderr)
+			}
+			_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
+			data, err := os.ReadFile(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if int64(len(data)) != want {
+				t.Errorf("image size %d after unmount, want %d", len(data), want)
+			}
+			if got := string(data[size+4096 : size+4100]); growable && got != "tail" {
+				t.Errorf("grown data %q", got)
+			}
+		})
+	}
+}
+
+// TestMountUnwritableImage: an image that opens read-only but not for
+// writing (here an immutable file, which even root cannot open O_RDWR) is
+// not mounted writable: mount fails, says why and how to read it, and
+// leaves no mount; --read-only then mounts it.
+func TestMountUnwritableImage(t *testing.T) {
+	requireFUSE(t)
+	driverstest.RequireTools(t, "chattr")
+	img, mnt, _ := mountRaw(t)
+	out, err := exec.Command("chattr", "+i", img).CombinedOutput()
+	driverstest.SkipUnless(t, err == nil, "chattr +i on %s: %v %s", img, err, out)
+	t.Cleanup(func() { exec.Command("chattr", "-i", img).Run() })
+
+	code, _, stderr := runCLI(t, "mount", img, mnt)
+	if code != exitFailure || !strings.Contains(stderr, "imgfuse: open "+img+": ") ||
+		!strings.Contains(stderr, "--read-only mounts it read-only") {
+		t.Errorf("writable mount of an immutable image: exit %d, %q", code, stderr)
+	}
+	assertNotMounted(t, mnt)
+
+	if code, _, stderr := runCLI(t, "mount", "--read-only", img, mnt); code != exitOK {
+		t.Fatalf("--read-only mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
 	if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {

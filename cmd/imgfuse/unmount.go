@@ -16,7 +16,8 @@ import (
 )
 
 const unmountLong = `Unmount an imgfuse MOUNTPOINT and wait until its server has flushed and
-closed the image (up to --timeout).
+closed the image (up to --timeout). If the flush or close failed, say so
+and exit 1: data written through the mount may be missing from the image.
 
 A dead mount (its server was killed; every access fails with "Transport
 endpoint is not connected") is detached lazily, with a note.
@@ -88,7 +89,21 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		fmt.Fprintf(notes, "imgfuse: note: no server state found for %s; not waiting for it to exit\n", mountpoint)
 		return nil
 	}
-	return waitExit(st.PID, timeout, mountpoint)
+	if err := waitExit(st.PID, timeout, mountpoint); err != nil {
+		return err
+	}
+	return serverCloseError(dir, mp, st.PID, mountpoint)
+}
+
+// serverCloseError returns the flush or close error that the server pid
+// recorded in its state file before exiting, if any, and removes the file.
+func serverCloseError(dir, mp string, pid int, mountpoint string) error {
+	st, err := readState(dir, mp)
+	if err != nil || st.PID != pid || st.CloseError == "" {
+		return nil
+	}
+	os.Remove(statePath(dir, mp))
+	return fmt.Errorf("unmounted %s, but its server failed to write the image back: %s", mountpoint, st.CloseError)
 }
 
 // isDeadMount reports whether the FUSE mount at mp has lost its server.

@@ -4,10 +4,20 @@
 //
 // # Concurrency
 //
-// A Driver has no mutable state of its own: its size is fixed at open and
-// every request goes straight to the aio.File, which is safe for concurrent
-// use. Many coroutines (and ReadDirect callers) use one Driver at once; no
-// lock is taken, so there is no lock order.
+// A Driver's only mutable state is its size, which only grows: Truncate to
+// a larger size, or a write past the end of a disk opened Growable. Every
+// such change holds the Driver's resizeMu (a coroutine.CoMutex, held across
+// the file operation) and publishes the new size with an atomic store once
+// the file has its new length, so readers load the size without a lock and
+// never see a size the file does not have yet. Reads, and writes inside the
+// disk, take no lock: the disk never shrinks, so what was inside stays
+// inside, and the aio.File is safe for concurrent use. Many coroutines (and
+// ReadDirect callers) use one Driver at once. Lock order: resizeMu, then
+// aio's internal locks.
+//
+// Shrinking is refused (drivers.ErrUnsupported): a shell's '>' onto the
+// exposed file opens it with O_TRUNC, and a disk must not be destroyed by a
+// typo.
 //
 // # Paths
 //
@@ -25,7 +35,9 @@
 //     most 1 MiB per write from one shared zero buffer, on filesystems that
 //     refuse the mode. mkfs.ext4 through a loop device discards the whole
 //     disk: a hole costs nothing, zeros cost a write of the whole disk.
-//   - BlockStatus reports the whole disk as data, and Truncate is not
-//     supported: simple first versions that can grow without changing the
-//     contract (SEEK_DATA on the image file; resizing the file).
+//   - BlockStatus answers from the image file's holes (SEEK_DATA and
+//     SEEK_HOLE), as qemu-img map does.
+//   - Truncate grows the file with ftruncate (the new range is a hole and
+//     reads as zeros); a growing write just writes past the end (aio keeps
+//     O_DIRECT's whole-block writes from leaving the file longer).
 package raw

@@ -3,8 +3,10 @@ package raw
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -31,12 +33,23 @@ func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error
 
 // Driver is an open raw image.
 type Driver struct {
-	// All fields are immutable after Open.
+	// Immutable after Open.
 	f        *aio.File
 	path     string
 	readOnly bool
-	// size is the file size at open: the disk never grows or shrinks.
-	size int64
+	growable bool
+
+	// resizeMu serialises every change of the size (Truncate, and writes
+	// that reach past the end of a growable disk) so that two of them
+	// cannot interleave their file operations: a growing write that
+	// completed before an ftruncate to a smaller grown size would be cut
+	// off by it. Writes inside the disk never take it: the disk never
+	// shrinks, so a write inside it stays inside.
+	resizeMu coroutine.CoMutex
+	// size is the disk size. It only grows, and is changed only by the
+	// holder of resizeMu, after the file has its new length; readers load
+	// it without a lock.
+	size atomic.Int64
 }
 
 var (
@@ -60,22 +73,25 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		f.Close()
 		return nil, fmt.Errorf("raw: %w", err)
 	}
-	return &Driver{f: f, path: path, readOnly: opts.ReadOnly, size: size}, nil
+	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable}
+	d.size.Store(size)
+	return d, nil
 }
 
-// Size is the size of the image file when it was opened.
-func (d *Driver) Size() int64 { return d.size }
+// Size is the disk size: the file size at open, or what Truncate and
+// growing writes have made it since.
+func (d *Driver) Size() int64 { return d.size.Load() }
 
-// inRange reports whether [off, off+n) lies inside the disk.
-func (d *Driver) inRange(off, n int64) bool {
-	return off >= 0 && n >= 0 && off <= d.size && n <= d.size-off
+// inRange reports whether [off, off+n) lies inside a disk of size bytes.
+func inRange(off, n, size int64) bool {
+	return off >= 0 && n >= 0 && off <= size && n <= size-off
 }
 
 // ReadAt fills p from off; [off, off+len(p)) must lie inside the disk.
 func (d *Driver) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
-	if !d.inRange(off, int64(len(p))) {
+	if size := d.Size(); !inRange(off, int64(len(p)), size) {
 		return 0, fmt.Errorf("raw: %s: read [%#x, +%#x) outside the disk (size %#x): %w",
-			d.path, off, len(p), d.size, syscall.EINVAL)
+			d.path, off, len(p), size, syscall.EINVAL)
 	}
 	if err := d.f.PreadCo(co, p, off); err != nil {
 		return 0, fmt.Errorf("raw: %w", err)
@@ -89,7 +105,7 @@ func (d *Driver) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 // error). It must not be called from a coroutine: it blocks the goroutine
 // until the read completes.
 func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
-	if !d.inRange(off, int64(len(p))) {
+	if !inRange(off, int64(len(p)), d.Size()) {
 		return 0, false, nil
 	}
 	ok, err = d.f.PreadAligned(p, off)
@@ -102,18 +118,42 @@ func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
 	return len(p), true, nil
 }
 
-// WriteAt writes p at off. A write reaching past the end of the disk fails
-// with ErrNoSpace before anything is written.
+// WriteAt writes p at off. A write reaching past the end of the disk grows
+// the disk to its end if the image was opened Growable (the gap, if any,
+// reads as zeros); otherwise it fails with ErrNoSpace before anything is
+// written.
 func (d *Driver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
-	if !d.inRange(off, int64(len(p))) {
-		return 0, fmt.Errorf("raw: %s: write [%#x, +%#x) past the end (size %#x): %w",
-			d.path, off, len(p), d.size, drivers.ErrNoSpace)
+	n := int64(len(p))
+	if size := d.Size(); !inRange(off, n, size) {
+		if !d.growable || off < 0 || off > math.MaxInt64-n {
+			return 0, fmt.Errorf("raw: %s: write [%#x, +%#x) past the end (size %#x): %w",
+				d.path, off, n, size, drivers.ErrNoSpace)
+		}
+		return d.growingWrite(co, p, off)
 	}
 	if err := d.f.PwriteCo(co, p, off); err != nil {
 		return 0, fmt.Errorf("raw: %w", err)
+	}
+	return len(p), nil
+}
+
+// growingWrite writes p at off on a growable disk, where off+len(p) was
+// past the end when the caller looked, and makes the disk end there.
+func (d *Driver) growingWrite(co *coroutine.Co, p []byte, off int64) (int, error) {
+	d.resizeMu.Lock(co)
+	defer d.resizeMu.Unlock(co)
+	end := off + int64(len(p))
+	if err := d.f.PwriteCo(co, p, off); err != nil {
+		// The file may have grown partly; the disk keeps its size (a
+		// later growth or Truncate sets the file length again).
+		return 0, fmt.Errorf("raw: %w", err)
+	}
+	// Another growth may have overtaken the caller's look at the size.
+	if end > d.Size() {
+		d.size.Store(end)
 	}
 	return len(p), nil
 }
@@ -153,9 +193,9 @@ func (d *Driver) zeroRange(co *coroutine.Co, off, n int64, mode uint32) error {
 	if d.readOnly {
 		return fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
-	if !d.inRange(off, n) {
+	if size := d.Size(); !inRange(off, n, size) {
 		return fmt.Errorf("raw: %s: zero [%#x, +%#x) past the end (size %#x): %w",
-			d.path, off, n, d.size, drivers.ErrNoSpace)
+			d.path, off, n, size, drivers.ErrNoSpace)
 	}
 	if n == 0 {
 		return nil
@@ -197,46 +237,64 @@ func (d *Driver) writeZeroes(co *coroutine.Co, off, n int64) error {
 // as qemu-img map does: a hole reads as zeros and holds no data. Where the
 // file system cannot tell, everything is data.
 func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
-	if off < 0 || off >= d.size {
+	size := d.Size()
+	if off < 0 || off >= size {
 		return drivers.Extent{}, fmt.Errorf("raw: %s: block status at %#x outside the disk (size %#x): %w",
-			d.path, off, d.size, syscall.EINVAL)
+			d.path, off, size, syscall.EINVAL)
 	}
-	data := drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentData}
+	data := drivers.Extent{Off: off, Len: size - off, Flags: drivers.ExtentData}
 	next, err := d.f.Seek(off, unix.SEEK_DATA)
 	switch {
 	case errors.Is(err, unix.ENXIO):
 		// No data from off to the end of the file.
-		return drivers.Extent{Off: off, Len: d.size - off, Flags: drivers.ExtentZero}, nil
+		return drivers.Extent{Off: off, Len: size - off, Flags: drivers.ExtentZero}, nil
 	case err != nil:
 		return data, nil
 	case next > off:
-		return drivers.Extent{Off: off, Len: min(next, d.size) - off, Flags: drivers.ExtentZero}, nil
+		return drivers.Extent{Off: off, Len: min(next, size) - off, Flags: drivers.ExtentZero}, nil
 	}
 	hole, err := d.f.Seek(off, unix.SEEK_HOLE)
 	if err != nil || hole <= off {
 		return data, nil
 	}
-	data.Len = min(hole, d.size) - off
+	data.Len = min(hole, size) - off
 	return data, nil
 }
 
-// Truncate is not supported: the disk keeps its size (asking for the
-// current size succeeds).
+// Truncate grows the disk to size; the new range reads as zeros (a hole
+// in the image file). Shrinking is refused with an error wrapping
+// drivers.ErrUnsupported: a shell's '>' redirection onto the exposed file
+// opens it with O_TRUNC, and obeying would destroy the disk. Asking for the
+// current size succeeds, read-only or not.
 func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
-	if size == d.size {
+	if size == d.Size() {
 		return nil
 	}
 	if d.readOnly {
 		return fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
-	return fmt.Errorf("raw: %s: resize from %#x to %#x: %w", d.path, d.size, size, drivers.ErrUnsupported)
+	d.resizeMu.Lock(co)
+	defer d.resizeMu.Unlock(co)
+	cur := d.Size()
+	switch {
+	case size == cur:
+		return nil
+	case size < cur:
+		return fmt.Errorf("raw: %s: shrinking the disk from %d to %d bytes would destroy the data past the new end; refused: %w",
+			d.path, cur, size, drivers.ErrUnsupported)
+	}
+	if err := d.f.TruncateCo(co, size); err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	d.size.Store(size)
+	return nil
 }
 
 // Info describes the image. FileSize is the space the file occupies on its
 // filesystem (what `qemu-img info` calls disk size), 0 if it cannot be
 // found.
 func (d *Driver) Info() drivers.ImageInfo {
-	info := drivers.ImageInfo{Filename: d.path, Format: "raw", VirtualSize: d.size}
+	info := drivers.ImageInfo{Filename: d.path, Format: "raw", VirtualSize: d.Size()}
 	if fi, err := os.Stat(d.path); err == nil {
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			info.FileSize = st.Blocks * 512

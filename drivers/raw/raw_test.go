@@ -3,11 +3,15 @@ package raw
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"imgfuse/aio"
 	"imgfuse/coroutine"
@@ -279,18 +283,232 @@ func TestBlockStatus(t *testing.T) {
 }
 
 func TestTruncate(t *testing.T) {
-	d := openT(t, newImage(t, make([]byte, imageSize)), drivers.OpenOptions{})
-	if err := run(func(co *coroutine.Co) error { return d.Truncate(co, imageSize) }); err != nil {
-		t.Errorf("Truncate to the same size: %v", err)
+	for _, mode := range ioModes {
+		t.Run(mode.name, func(t *testing.T) {
+			model := pattern(imageSize, 7)
+			path := newImage(t, model)
+			d := openT(t, path, mode.opts)
+			if err := run(func(co *coroutine.Co) error { return d.Truncate(co, imageSize) }); err != nil {
+				t.Errorf("Truncate to the same size: %v", err)
+			}
+			// Shrinking is refused and changes nothing.
+			for _, size := range []int64{0, imageSize - 1, -1} {
+				err := run(func(co *coroutine.Co) error { return d.Truncate(co, size) })
+				if !errors.Is(err, drivers.ErrUnsupported) {
+					t.Errorf("Truncate(%d) = %v, want ErrUnsupported", size, err)
+				}
+			}
+			if d.Size() != imageSize {
+				t.Fatalf("Size changed to %d by a refused shrink", d.Size())
+			}
+			// Growing: twice, to an unaligned size and then further.
+			for _, size := range []int64{imageSize + 1000, 8<<20 + 7} {
+				if err := run(func(co *coroutine.Co) error { return d.Truncate(co, size) }); err != nil {
+					t.Fatalf("Truncate(%d): %v", size, err)
+				}
+				if d.Size() != size {
+					t.Fatalf("Size = %d after Truncate(%d)", d.Size(), size)
+				}
+				model = append(model, make([]byte, size-int64(len(model)))...)
+			}
+			// The grown range reads as zeros and is writable, up to
+			// the last byte.
+			size := int64(len(model))
+			last := []byte{0xa5}
+			if n, err := writeAt(d, last, size-1); n != 1 || err != nil {
+				t.Fatalf("write of the last byte: %d, %v", n, err)
+			}
+			model[size-1] = 0xa5
+			if _, err := writeAt(d, last, size); !errors.Is(err, drivers.ErrNoSpace) {
+				t.Errorf("write past the grown end of a non-growable disk: %v, want ErrNoSpace", err)
+			}
+			got := make([]byte, size)
+			if _, err := readAt(d, got, 0); err != nil || !bytes.Equal(got, model) {
+				t.Fatalf("read after growth: %v (equal %v)", err, bytes.Equal(got, model))
+			}
+			var e drivers.Extent
+			if err := run(func(co *coroutine.Co) (err error) { e, err = d.BlockStatus(co, size-1); return }); err != nil || e.Off+e.Len != size {
+				t.Errorf("BlockStatus(%d) = %+v, %v: does not end at the new size", size-1, e, err)
+			}
+			if info := d.Info(); info.VirtualSize != size {
+				t.Errorf("Info().VirtualSize = %d, want %d", info.VirtualSize, size)
+			}
+			if err := run(d.Flush); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			file, err := os.ReadFile(path)
+			if err != nil || !bytes.Equal(file, model) {
+				t.Errorf("image file after growth: %d bytes (want %d), %v", len(file), size, err)
+			}
+		})
 	}
-	for _, size := range []int64{0, imageSize + 4096} {
-		if err := run(func(co *coroutine.Co) error { return d.Truncate(co, size) }); !errors.Is(err, drivers.ErrUnsupported) {
-			t.Errorf("Truncate(%d) = %v, want ErrUnsupported", size, err)
+}
+
+func TestGrowable(t *testing.T) {
+	for _, mode := range ioModes {
+		t.Run(mode.name, func(t *testing.T) {
+			model := pattern(imageSize, 8)
+			path := newImage(t, model)
+			opts := mode.opts
+			opts.Growable = true
+			d := openT(t, path, opts)
+			for _, w := range []struct {
+				name string
+				off  int64
+				n    int
+			}{
+				{"crossing the end", imageSize - 10, 20},
+				{"at the end", imageSize + 10, 4096},
+				{"past the end, leaving a gap", 5<<20 + 3, 777},
+				{"aligned past the end", 6 << 20, 8192},
+				{"inside", 4096, 100},
+			} {
+				p := pattern(w.n, uint64(w.off))
+				if n, err := writeAt(d, p, w.off); n != w.n || err != nil {
+					t.Fatalf("%s: WriteAt(%d, %d) = %d, %v", w.name, w.off, w.n, n, err)
+				}
+				if end := w.off + int64(w.n); end > int64(len(model)) {
+					model = append(model, make([]byte, end-int64(len(model)))...)
+				}
+				copy(model[w.off:], p)
+				if d.Size() != int64(len(model)) {
+					t.Fatalf("%s: Size = %d, want %d", w.name, d.Size(), len(model))
+				}
+			}
+			for _, off := range []int64{-1, math.MaxInt64 - 10} {
+				if _, err := writeAt(d, make([]byte, 100), off); !errors.Is(err, drivers.ErrNoSpace) {
+					t.Errorf("WriteAt(%d) = %v, want ErrNoSpace", off, err)
+				}
+			}
+			got := make([]byte, len(model))
+			if _, err := readAt(d, got, 0); err != nil || !bytes.Equal(got, model) {
+				t.Fatalf("read back: %v (equal %v)", err, bytes.Equal(got, model))
+			}
+			if err := run(d.Flush); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if file, err := os.ReadFile(path); err != nil || !bytes.Equal(file, model) {
+				t.Errorf("image file: %d bytes (want %d), %v", len(file), len(model), err)
+			}
+		})
+	}
+}
+
+// TestConcurrentGrowth races growing writes, truncates, in-range writes and
+// reads (run it with -race): every write must survive, and the size must
+// end as the largest end asked for.
+func TestConcurrentGrowth(t *testing.T) {
+	for _, mode := range ioModes {
+		t.Run(mode.name, func(t *testing.T) {
+			const start = 64 << 10
+			path := newImage(t, pattern(start, 9))
+			opts := mode.opts
+			opts.Growable = true
+			d := openT(t, path, opts)
+			seed := uint64(time.Now().UnixNano())
+			t.Logf("seed %d", seed)
+			const workers, steps = 8, 40
+			type write struct {
+				off int64
+				p   []byte
+			}
+			writes := make([][]write, workers)
+			var wantSize int64 = start
+			var wg sync.WaitGroup
+			errs := make(chan error, workers)
+			for w := range workers {
+				rng := rand.New(rand.NewPCG(seed, uint64(w)))
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := range steps {
+						// Each worker owns the 512-byte slots
+						// congruent to w modulo workers.
+						slot := int64(rng.IntN(4096))*workers + int64(w)
+						off := slot*512 + int64(rng.IntN(256))
+						switch rng.IntN(4) {
+						case 0:
+							size := off + int64(rng.IntN(512))
+							if err := run(func(co *coroutine.Co) error {
+								err := d.Truncate(co, size)
+								if errors.Is(err, drivers.ErrUnsupported) {
+									return nil // someone grew it further
+								}
+								return err
+							}); err != nil {
+								errs <- fmt.Errorf("worker %d step %d: Truncate(%d): %v", w, i, size, err)
+								return
+							}
+						case 1:
+							p := make([]byte, 100)
+							if size := d.Size(); size > 100 {
+								if _, err := readAt(d, p, size-100); err != nil {
+									errs <- fmt.Errorf("worker %d step %d: read at the end: %v", w, i, err)
+									return
+								}
+							}
+						default:
+							p := pattern(1+rng.IntN(256), seed+uint64(w*steps+i))
+							if _, err := writeAt(d, p, off); err != nil {
+								errs <- fmt.Errorf("worker %d step %d: WriteAt(%d): %v", w, i, off, err)
+								return
+							}
+							writes[w] = append(writes[w], write{off, p})
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			model := make([]byte, d.Size())
+			copy(model, pattern(start, 9))
+			for w := range workers {
+				for _, wr := range writes[w] {
+					wantSize = max(wantSize, wr.off+int64(len(wr.p)))
+				}
+			}
+			if d.Size() < wantSize {
+				t.Fatalf("Size = %d, below the end of a write (%d)", d.Size(), wantSize)
+			}
+			// Slots are disjoint between workers, and in order within one.
+			for w := range workers {
+				for _, wr := range writes[w] {
+					copy(model[wr.off:], wr.p)
+				}
+			}
+			got := make([]byte, len(model))
+			if _, err := readAt(d, got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(got, model); i >= 0 {
+				t.Fatalf("disk differs from the model at %d", i)
+			}
+			if fi, err := os.Stat(path); err != nil || fi.Size() != d.Size() {
+				t.Errorf("file size %v, %v; Size() = %d", fi.Size(), err, d.Size())
+			}
+		})
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
 		}
 	}
-	if d.Size() != imageSize {
-		t.Errorf("Size changed to %d", d.Size())
+	if len(a) != len(b) {
+		return min(len(a), len(b))
 	}
+	return -1
 }
 
 func TestReadDirect(t *testing.T) {
