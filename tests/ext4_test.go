@@ -114,7 +114,7 @@ func TestExt4(t *testing.T) {
 	driverstest.Cmd(t, "qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", fsRaw, fsQcow2)
 	want := treeSummary(t, src)
 
-	_, disk := mount(t, fsQcow2, false)
+	_, disk := mount(t, fsQcow2, false, "--read-only")
 	for _, opts := range []string{"loop,ro", "loop"} {
 		t.Run(opts, func(t *testing.T) {
 			loopMP := filepath.Join(t.TempDir(), "fs")

@@ -47,10 +47,24 @@ func TestLocking(t *testing.T) {
 
 	t.Run("qcow2-read-only", func(t *testing.T) {
 		img, _ := smallQcow2(t)
-		mp, _ := mount(t, img, false)
+		mp, _ := mount(t, img, false, "--read-only")
 		qemuWriteFails(t, "qcow2", img)
 		// Readers that share read access are fine, as with QEMU.
 		driverstest.Cmd(t, "qemu-img", "info", img)
+		unmount(t, mp)
+		driverstest.Cmd(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 512", img)
+	})
+
+	t.Run("qcow2-writable", func(t *testing.T) {
+		img, _ := smallQcow2(t)
+		mp, _ := mount(t, img, false)
+		qemuWriteFails(t, "qcow2", img)
+		// qemu-img refuses to read an image being written without -U.
+		out, err := exec.Command("qemu-img", "info", img).CombinedOutput()
+		if err == nil || !lockMsg.Match(out) {
+			t.Errorf("qemu-img info on a writable mount: %v\n%s", err, out)
+		}
+		driverstest.Cmd(t, "qemu-img", "info", "-U", img)
 		unmount(t, mp)
 		driverstest.Cmd(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 512", img)
 	})

@@ -102,8 +102,9 @@ func TestReadOnlySemantics(t *testing.T) {
 		img   string
 		flags []string
 	}{
-		{"qcow2", qimg, nil},
+		{"qcow2", qimg, []string{"--read-only"}},
 		{"qcow2-explicit", qimg, []string{"--read-only", "--format", "qcow2"}},
+		{"qcow2-force-share", qimg, []string{"--force-share"}},
 		{"raw-read-only", rimg, []string{"--read-only"}},
 		{"raw-read-only-format", rimg, []string{"--read-only", "--format", "raw"}},
 	}
