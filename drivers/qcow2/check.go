@@ -500,27 +500,12 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 
 	cs := r.clusterSize
 	perBlock := int64(1) << r.blockBits
-	perTableCluster := cs / 8
 	// Past everything referenced, the end of the file, and anything
 	// allocated: the old structure stays untouched until the switch.
 	start := max(int64(len(counts)), (max(fileSize, r.end)+cs-1)/cs)
-	total := int64(1)
-	var tableEntries, endCluster int64
-	for {
-		tableEntries = total + (total+1)/2
-		tableEntries = (tableEntries + perTableCluster - 1) / perTableCluster * perTableCluster
-		endCluster = start + total + tableEntries/perTableCluster
-		if endCluster <= total*perBlock {
-			break
-		}
-		total = (endCluster + perBlock - 1) / perBlock
-	}
-	if tableEntries*8 > maxReftableBytes {
-		return fmt.Errorf("qcow2: rebuild: refcount table would need %d bytes (limit %d): %w",
-			tableEntries*8, maxReftableBytes, drivers.ErrNoSpace)
-	}
-	if endCluster > maxHostClusterOffset>>r.clusterBits {
-		return fmt.Errorf("qcow2: rebuild: refcount structures would pass the largest host offset: %w", drivers.ErrNoSpace)
+	total, tableEntries, endCluster, err := r.areaLayout(start, 0, 0)
+	if err != nil {
+		return err
 	}
 	for int64(len(counts)) < endCluster {
 		counts = append(counts, 0)
@@ -562,24 +547,12 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 		return err
 	}
 	table := make([]uint64, tableEntries)
-	tb := make([]byte, tableEntries*8)
 	for i := range total {
 		table[i] = uint64((start + i) * cs)
-		binary.BigEndian.PutUint64(tb[i*8:], table[i])
 	}
-	tableOff := (start + total) * cs
-	if err := r.syncWriteLocked(co, tb, tableOff); err != nil {
-		return fmt.Errorf("qcow2: rebuild: writing the refcount table: %w", err)
+	if err := r.switchReftableLocked(co, table, (start+total)*cs); err != nil {
+		return err
 	}
-	var hdr [12]byte
-	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
-	binary.BigEndian.PutUint32(hdr[8:], uint32(tableEntries/perTableCluster))
-	if err := r.syncWriteLocked(co, hdr[:], 48); err != nil {
-		return fmt.Errorf("qcow2: rebuild: switching the header to the new refcount table: %w", err)
-	}
-	r.reftable = table
-	r.h.ReftableOffset = uint64(tableOff)
-	r.h.ReftableClusters = uint32(tableEntries / perTableCluster)
 	r.freeClusterIndex = 0
 	r.end = max(r.end, endCluster*cs)
 	if calc.res.Corruptions > 0 {

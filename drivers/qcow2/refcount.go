@@ -567,34 +567,15 @@ func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error
 // 48-59, one 12-byte sync write), and only then frees the old table, so a
 // crash leaves either structure whole.
 func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
-	cs := r.clusterSize
 	perBlock := int64(1) << r.blockBits
-	perTableCluster := cs / 8
 	startCluster := ti << r.blockBits // first cluster of block ti
 	oldLen := int64(len(r.reftable))
 
-	// Fixed point: blocks [ti, total) and the table, laid out from
-	// startCluster, must be covered by blocks [0, total).
-	total := ti + 1
-	var tableEntries, newBlocks, endCluster int64
-	for {
-		newBlocks = total - ti
-		tableEntries = total + (total+1)/2
-		tableEntries = (tableEntries + perTableCluster - 1) / perTableCluster * perTableCluster
-		tableEntries = max(tableEntries, (oldLen+perTableCluster-1)/perTableCluster*perTableCluster)
-		endCluster = startCluster + newBlocks + tableEntries/perTableCluster
-		if endCluster <= total*perBlock {
-			break
-		}
-		total = (endCluster + perBlock - 1) / perBlock
+	total, tableEntries, endCluster, err := r.areaLayout(startCluster, ti, oldLen)
+	if err != nil {
+		return err
 	}
-	if tableEntries*8 > maxReftableBytes {
-		return fmt.Errorf("qcow2: refcount table would need %d bytes (limit %d): %w",
-			tableEntries*8, maxReftableBytes, drivers.ErrNoSpace)
-	}
-	if endCluster > maxHostClusterOffset>>r.clusterBits {
-		return fmt.Errorf("qcow2: refcount structures would pass the largest host offset: %w", drivers.ErrNoSpace)
-	}
+	newBlocks := total - ti
 	tableCluster := startCluster + newBlocks
 	newTable := make([]uint64, tableEntries)
 	copy(newTable, r.reftable)
@@ -628,31 +609,70 @@ func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
 		discardNew()
 		return err
 	}
-	buf := make([]byte, tableEntries*8)
-	for i, e := range newTable {
-		binary.BigEndian.PutUint64(buf[i*8:], e)
-	}
-	tableOff := tableCluster << r.clusterBits
-	if err := r.syncWriteLocked(co, buf, tableOff); err != nil {
-		discardNew()
-		return fmt.Errorf("qcow2: writing the new refcount table at %#x: %w", tableOff, err)
-	}
-	var hdr [12]byte
-	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
-	binary.BigEndian.PutUint32(hdr[8:], uint32(tableEntries/perTableCluster))
-	if err := r.syncWriteLocked(co, hdr[:], 48); err != nil {
+	oldOff, oldClusters := int64(r.h.ReftableOffset), int64(r.h.ReftableClusters)
+	if err := r.switchReftableLocked(co, newTable, tableCluster<<r.clusterBits); err != nil {
 		// The header may or may not point at the new table: both are
 		// whole. Keep using the old one, which is a subset.
 		discardNew()
-		return fmt.Errorf("qcow2: switching the header to the new refcount table: %w", err)
+		return err
 	}
-	oldOff, oldClusters := int64(r.h.ReftableOffset), int64(r.h.ReftableClusters)
-	r.reftable = newTable
-	r.h.ReftableOffset = uint64(tableOff)
-	r.h.ReftableClusters = uint32(tableEntries / perTableCluster)
 	// On failure the old table is merely leaked: the new structure is
 	// in place and consistent, which is what the caller retries on.
 	_ = r.updateDepthLocked(co, oldOff, oldClusters<<r.clusterBits, -1, 0)
+	return nil
+}
+
+// areaLayout sizes a refcount area laid out from startCluster (every
+// cluster from there on free): new refcount blocks for block indexes
+// [firstBlock, total), then a reftable for all total blocks with half as
+// much again of headroom, rounded to clusters and at least minEntries long.
+// It is the fixed point at which blocks [0, total) cover the area itself.
+func (r *refcounts) areaLayout(startCluster, firstBlock, minEntries int64) (total, tableEntries, endCluster int64, err error) {
+	perBlock := int64(1) << r.blockBits
+	perTableCluster := r.clusterSize / 8
+	roundUp := func(n int64) int64 { return (n + perTableCluster - 1) / perTableCluster * perTableCluster }
+	total = firstBlock + 1
+	for {
+		tableEntries = max(roundUp(total+(total+1)/2), roundUp(minEntries))
+		endCluster = startCluster + (total - firstBlock) + tableEntries/perTableCluster
+		if endCluster <= total*perBlock {
+			break
+		}
+		total = (endCluster + perBlock - 1) / perBlock
+	}
+	if tableEntries*8 > maxReftableBytes {
+		return 0, 0, 0, fmt.Errorf("qcow2: refcount table would need %d bytes (limit %d): %w",
+			tableEntries*8, maxReftableBytes, drivers.ErrNoSpace)
+	}
+	if endCluster > maxHostClusterOffset>>r.clusterBits {
+		return 0, 0, 0, fmt.Errorf("qcow2: refcount structures would pass the largest host offset: %w", drivers.ErrNoSpace)
+	}
+	return total, tableEntries, endCluster, nil
+}
+
+// switchReftableLocked writes table at tableOff and syncs it, then points
+// the header at it (bytes 48-59, reftable offset and clusters, in one
+// 12-byte sync write, so a crash sees the old table or the new one) and
+// starts using it. The refcount blocks it names must be on disk already.
+func (r *refcounts) switchReftableLocked(co *coroutine.Co, table []uint64, tableOff int64) error {
+	r.mu.AssertHeld(co)
+	buf := make([]byte, len(table)*8)
+	for i, e := range table {
+		binary.BigEndian.PutUint64(buf[i*8:], e)
+	}
+	if err := r.syncWriteLocked(co, buf, tableOff); err != nil {
+		return fmt.Errorf("qcow2: writing the new refcount table at %#x: %w", tableOff, err)
+	}
+	clusters := uint32(int64(len(buf)) >> r.clusterBits)
+	var hdr [12]byte
+	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
+	binary.BigEndian.PutUint32(hdr[8:], clusters)
+	if err := r.syncWriteLocked(co, hdr[:], 48); err != nil {
+		return fmt.Errorf("qcow2: switching the header to the new refcount table: %w", err)
+	}
+	r.reftable = table
+	r.h.ReftableOffset = uint64(tableOff)
+	r.h.ReftableClusters = clusters
 	return nil
 }
 
