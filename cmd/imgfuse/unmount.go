@@ -78,7 +78,15 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return nil
 	}
 
-	if err := unmountFS(mp); err != nil {
+	// A file of the mount can stay open a moment after its user closed
+	// it: a process that forked meanwhile holds a copy until it execs. So
+	// a busy mount gets a few short retries before we call it in use.
+	err = unmountFS(mp)
+	for try := 0; try < 10 && errors.Is(err, syscall.EBUSY); try++ {
+		time.Sleep(100 * time.Millisecond)
+		err = unmountFS(mp)
+	}
+	if err != nil {
 		if errors.Is(err, syscall.EBUSY) {
 			return fmt.Errorf("unmount %s: target is busy: the disk is still in use, probably by a loop device; "+
 				"'umount' the filesystem mounted from it and 'losetup -d' the loop device first", mountpoint)
