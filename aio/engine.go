@@ -55,6 +55,13 @@ type request struct {
 	buf []byte
 	res int64 // bytes transferred, or -errno; valid after wake
 	w   waiter
+	// inSubmit is set while the io_submit call that carries this request
+	// runs (protected by engine.mu). A completion that arrives meanwhile
+	// is handed to the submitter to wake once the call has returned: the
+	// kernel's ordering is invisible to the race detector, and this way
+	// the submitter's last touch of the iocb happens before the waiter
+	// reuses it.
+	inSubmit bool
 }
 
 var requestPool = sync.Pool{New: func() any {
@@ -95,6 +102,9 @@ type engine struct {
 	// progress; owned by the goroutine that set submitting.
 	batch    [maxInflight]*iocb
 	batchReq [maxInflight]*request
+	// early holds requests completed while the io_submit carrying them
+	// still ran; the submitter wakes them when it returns. Protected by mu.
+	early []*request
 
 	// Counters for tests and benchmarks. Protected by mu.
 	stats engineStats
@@ -191,6 +201,7 @@ func (e *engine) drainLocked() {
 			e.free = e.free[:len(e.free)-1]
 			e.slots[slot] = r
 			r.cb.data = uint64(slot)
+			r.inSubmit = true
 			e.batch[i] = &r.cb
 			e.batchReq[i] = r
 		}
@@ -206,6 +217,14 @@ func (e *engine) drainLocked() {
 
 		e.stats.submitCalls++
 		e.stats.submitted += int64(done)
+		for i := 0; i < n; i++ {
+			e.batchReq[i].inSubmit = false
+		}
+		for _, r := range e.early {
+			r.w.wake()
+		}
+		clear(e.early)
+		e.early = e.early[:0]
 		for i := 0; i < done; i++ {
 			e.batch[i] = nil
 			e.batchReq[i] = nil
@@ -319,6 +338,10 @@ func (e *engine) reap() {
 				e.slots[ev.data] = nil
 				e.free = append(e.free, uint32(ev.data))
 				r.res = ev.res
+				if r.inSubmit {
+					e.early = append(e.early, r)
+					continue
+				}
 				done[k] = r
 				k++
 			}
