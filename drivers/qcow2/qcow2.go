@@ -105,6 +105,16 @@ type image struct {
 	// allocs are the allocating writes in flight: host clusters chosen,
 	// L2 entries not yet written (see write.go). Protected by mu.
 	allocs []*allocation
+	// inPlace counts in-place data writes in flight: mapped under mu into
+	// a COPIED cluster, then written without it. Before lowering the
+	// refcount of clusters it unmapped, a discard waits (holding mu, so
+	// no new ones start) until this is zero, so that such a write can
+	// never land in a cluster already handed to another guest offset.
+	inPlace atomic.Int64
+	// drainMu protects drainer, the coroutine waiting for inPlace to
+	// reach zero. A leaf lock, never held across a yield.
+	drainMu sync.Mutex
+	drainer *coroutine.Co
 	// broken is set when a write found the image corrupt (and set the
 	// corrupt bit): every later write, zero write, resize, flush and the
 	// clean close fail; reads still work. Protected by mu.

@@ -192,6 +192,9 @@ func (img *image) writeStep(co *coroutine.Co, p []byte, off int64) (int, error) 
 		pl, retry, err = img.planWriteLocked(co, off, int64(len(p)))
 	}
 	err = img.signalCorruptionLocked(co, err)
+	if err == nil && pl.a == nil {
+		img.inPlace.Add(1) // under mu: see drainInPlaceLocked
+	}
 	img.mu.Unlock(co)
 	if err != nil {
 		return 0, err
@@ -199,7 +202,9 @@ func (img *image) writeStep(co *coroutine.Co, p []byte, off int64) (int, error) 
 	data := p[:pl.n]
 	a := pl.a
 	if a == nil {
-		if err := img.data.PwriteCo(co, data, pl.host); err != nil {
+		err := img.data.PwriteCo(co, data, pl.host)
+		img.inPlaceDone()
+		if err != nil {
 			return 0, fmt.Errorf("qcow2: %s: writing guest %#x to host %#x: %w", img.path, off, pl.host, err)
 		}
 		return int(pl.n), nil
@@ -682,4 +687,36 @@ func (img *image) overlap(off, n int64) error {
 		}
 	}
 	return nil
+}
+
+// inPlaceDone ends an in-place write counted in inPlace, waking a discard
+// that waits for the last one.
+func (img *image) inPlaceDone() {
+	if img.inPlace.Add(-1) != 0 {
+		return
+	}
+	img.drainMu.Lock()
+	d := img.drainer
+	img.drainer = nil
+	img.drainMu.Unlock()
+	if d != nil {
+		d.Wake()
+	}
+}
+
+// drainInPlaceLocked waits until no in-place write is in flight. Holding
+// mu keeps new ones from starting, so it ends once those already mapped
+// have written their data.
+func (img *image) drainInPlaceLocked(co *coroutine.Co) {
+	img.mu.AssertHeld(co)
+	for {
+		img.drainMu.Lock()
+		if img.inPlace.Load() == 0 {
+			img.drainMu.Unlock()
+			return
+		}
+		img.drainer = co
+		img.drainMu.Unlock()
+		co.Yield()
+	}
 }

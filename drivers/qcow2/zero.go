@@ -219,6 +219,11 @@ func (img *image) zeroStep(co *coroutine.Co, pos, n int64, unmap bool) (done int
 	if compressedFreed {
 		img.zcacheDrop()
 	}
+	if len(frees) > 0 {
+		// An in-place write mapped before the L2 update above may still
+		// be writing into a cluster freed below.
+		img.drainInPlaceLocked(co)
+	}
 	for _, f := range frees {
 		if err := img.rc.updateLocked(co, f[0], f[1], -1); err != nil {
 			return 0, fmt.Errorf("qcow2: %s: freeing host cluster %#x: %w", img.path, f[0], err)
