@@ -74,12 +74,8 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 	img.mu.AssertHeld(co)
 	cs := img.clusterSize
 	inCluster := off & (cs - 1)
-	l2Entries := int64(1) << img.l2Bits
-	l2Index := (off >> img.clusterBits) & (l2Entries - 1)
-	l1Index := off >> (img.clusterBits + img.l2Bits)
-
 	// A run stops at the end of the L2 table.
-	n = min(n, (l2Entries-l2Index)<<img.clusterBits-inCluster)
+	l1Index, l2Index, n := img.l2Slot(off, n)
 
 	l2Off, err := img.l2OffsetLocked(l1Index)
 	if err != nil {
@@ -296,4 +292,15 @@ func (img *image) compressedRange(e uint64) (coff, csize int64) {
 	sectors := int64((e>>x)&(1<<(img.clusterBits-8)-1)) + 1
 	csize = sectors*512 - coff&511
 	return coff, csize
+}
+
+// l2Slot locates guest offset off in the mapping tables: the L1 index of
+// its L2 table, its index in that table, and n cut so that [off, off+n)
+// stays inside the one L2 table (a step of any operation never crosses it).
+func (img *image) l2Slot(off, n int64) (l1Index, l2Index, clamped int64) {
+	l2Entries := int64(1) << img.l2Bits
+	l2Index = (off >> img.clusterBits) & (l2Entries - 1)
+	l1Index = off >> (img.clusterBits + img.l2Bits)
+	inCluster := off & (img.clusterSize - 1)
+	return l1Index, l2Index, min(n, (l2Entries-l2Index)<<img.clusterBits-inCluster)
 }

@@ -259,11 +259,7 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	cs := img.clusterSize
 	inCluster := off & (cs - 1)
 	cstart := off - inCluster
-	l2Entries := int64(1) << img.l2Bits
-	l2Index := (off >> img.clusterBits) & (l2Entries - 1)
-	l1Index := off >> (img.clusterBits + img.l2Bits)
-	// A step never crosses an L2 table.
-	n = min(n, (l2Entries-l2Index)<<img.clusterBits-inCluster)
+	l1Index, l2Index, n := img.l2Slot(off, n)
 	n, waited := img.waitForAllocsLocked(co, off, n)
 	if waited {
 		return writePlan{}, true, nil

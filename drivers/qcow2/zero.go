@@ -100,10 +100,7 @@ func (img *image) writeZeros(co *coroutine.Co, off, n int64) error {
 func (img *image) zeroStep(co *coroutine.Co, pos, n int64, unmap bool) (done int64, err error) {
 	cs := img.clusterSize
 	inCluster := pos & (cs - 1)
-	l2Entries := int64(1) << img.l2Bits
-	l2Index := (pos >> img.clusterBits) & (l2Entries - 1)
-	l1Index := pos >> (img.clusterBits + img.l2Bits)
-	n = min(n, (l2Entries-l2Index)<<img.clusterBits-inCluster)
+	l1Index, l2Index, n := img.l2Slot(pos, n)
 
 	img.mu.Lock(co)
 	defer func() {
