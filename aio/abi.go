@@ -115,7 +115,7 @@ func ioSubmit(ctx aioContext, cbs []*iocb) (int, error) {
 // ioGetEventsNow reaps up to len(evs) completed events without waiting.
 func ioGetEventsNow(ctx aioContext, evs []ioEvent) (int, error) {
 	var ts unix.Timespec // zero: do not wait
-	n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 0, uintptr(len(evs)),
+	n, _, e := unix.RawSyscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 0, uintptr(len(evs)),
 		uintptr(unsafe.Pointer(&evs[0])), uintptr(unsafe.Pointer(&ts)), 0)
 	if e != 0 {
 		return 0, e

@@ -27,11 +27,31 @@
 // SEEK_END after each kind, so no InodeNotify is needed. Times are
 // Options.ModTime (the image's mtime), never "now".
 //
+// # Serving
+//
+// go-fuse mounts the filesystem and answers INIT (fuse.NewServer), but its
+// reader loop does not serve it: go-fuse reads /dev/fuse with blocking
+// read(2) calls, so every idle reader is an OS thread asleep in the kernel
+// that each request must wake, and the runtime's sysmon keeps retaking Ps
+// from those threads. Instead loop.go opens a second descriptor on the same
+// connection (FUSE_DEV_IOC_CLONE) in non-blocking mode and reads it through
+// the Go netpoller: a goroutine waiting for a request holds no thread, and
+// one epoll wait covers /dev/fuse and the AIO eventfd alike, as QEMU's
+// event loop polls both. go-fuse's exported fuse.ProtocolServer decodes
+// each request, calls diskFS and encodes the reply into our buffers; the
+// reply goes out with one writev. If the clone is impossible (the
+// descriptor cannot be identified, or the ioctl is refused) go-fuse's own
+// loop serves the mount; the daemon log says which ("serving requests:").
+//
+// One goroutine at a time waits for a request; the one that receives it
+// starts the next reader and serves its request itself, then retires. So a
+// request waiting for I/O parks only its goroutine, and requests in flight
+// are goroutines minus one.
+//
 // # Concurrency
 //
-// go-fuse runs several reader goroutines on the one /dev/fuse descriptor
-// and handles each request on the goroutine that read it: one goroutine per
-// request in flight. diskFS has no mutable state (every field is set before
+// Requests are handled concurrently, each on the goroutine that read it:
+// one goroutine per request in flight. diskFS has no mutable state (every field is set before
 // mounting), so handlers share nothing but the driver, which serialises
 // what it must. A handler that needs the driver runs it in a coroutine
 // (coroutine.Run) on its own goroutine and returns when the coroutine has

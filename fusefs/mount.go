@@ -44,6 +44,9 @@ type Options struct {
 
 // Server is a mounted disk.
 type Server struct {
+	// Mode says how requests are read from the kernel, for the log.
+	Mode string
+
 	srv        *fuse.Server
 	mountpoint string
 	served     chan struct{}
@@ -115,12 +118,24 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		Name:          "imgfuse",
 		Debug:         opts.Debug,
 	}
-	srv, err := fuse.NewServer(fsys, abs, mopts)
+	srv, fd, err := newServer(fsys, abs, mopts)
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
 	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{})}
+	loop, err := startLoop(srv, fd, fsys, mopts)
+	if err != nil {
+		s.Mode = "go-fuse reader threads (" + err.Error() + ")"
+	} else {
+		s.Mode = "netpoller"
+	}
 	go func() {
+		if loop != nil {
+			loop.wait()
+		}
+		// Without our loop this serves the mount; with it, it only
+		// finds the connection gone and releases go-fuse's descriptor,
+		// which Unmount waits for.
 		srv.Serve()
 		close(s.served)
 	}()

@@ -288,6 +288,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		return err
 	}
 
+	logger.Printf("serving requests: %s", srv.Mode)
 	mp := o.absMountpoint
 	if mp == "" {
 		mp, _ = canonicalPath(o.mountpoint)
