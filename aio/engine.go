@@ -117,6 +117,16 @@ type engine struct {
 	// leader meanwhile, so the two never both reap. Protected by mu.
 	reaping bool
 
+	// leadEvs, leadDone and reapEvs, reapDone are the event and wake-up
+	// arrays of the leader and of reapAll, each used by one goroutine at
+	// a time (one leader; reaping set). Kept here rather than on the
+	// stack: 5 KiB of stack made every new request goroutine grow its
+	// stack by copying.
+	leadEvs  [maxInflight]ioEvent
+	leadDone [maxInflight]*request
+	reapEvs  [maxInflight]ioEvent
+	reapDone [maxInflight]*request
+
 	// Counters for tests and benchmarks. Protected by mu.
 	stats engineStats
 }
@@ -238,8 +248,7 @@ func (e *engine) do(r *request) {
 // completes. Then it gives up the lead and reaps what completed meanwhile
 // (the reaper skipped its eventfd signals while r led).
 func (e *engine) lead(r *request) {
-	var evs [maxInflight]ioEvent
-	var done [maxInflight]*request
+	evs, done := &e.leadEvs, &e.leadDone
 	for {
 		n, err := ioGetEventsWait(e.ctx, evs[:], leaderTimeout)
 		if err != nil && err != unix.EINTR {
@@ -426,8 +435,6 @@ func (e *engine) reap() {
 // calls, wakes their waiters and resubmits queued requests into the freed
 // slots. It does nothing while a leader reaps.
 func (e *engine) reapAll() {
-	var evs [maxInflight]ioEvent
-	var done [maxInflight]*request
 	e.mu.Lock()
 	if e.leader != nil || e.reaping {
 		e.mu.Unlock()
@@ -435,6 +442,7 @@ func (e *engine) reapAll() {
 	}
 	e.reaping = true
 	e.mu.Unlock()
+	evs, done := &e.reapEvs, &e.reapDone
 	// The kernel writes an event into the ring before it signals the
 	// eventfd, and the reaper's Read reset the counter: every completion
 	// not returned by the calls below will signal again. So the queue is

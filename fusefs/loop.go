@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -64,11 +65,14 @@ const minOut = 4096
 
 // serveLoop serves one FUSE connection from a non-blocking descriptor.
 //
-// Goroutines: exactly one goroutine at a time waits for the next request
-// (in the netpoller, holding no thread). When it receives one it starts the
-// next reader and serves its request itself, so a request that waits for
-// I/O parks only its own goroutine; when it has replied it retires, since a
-// reader is already waiting. Requests in flight = goroutines − 1.
+// Goroutines: exactly one goroutine at a time reads (waits for the next
+// request in the netpoller, holding no thread). When it receives a request
+// it hands the reading over — to an idle goroutine of the loop if there is
+// one, else to a new one — and serves its request itself, so a request
+// that waits for I/O parks only its own goroutine. Having replied, it waits
+// idle to be handed the reading again. Reusing goroutines keeps their
+// stacks: a new goroutine grew its stack by copying on every request
+// (runtime.copystack was ~7% of the daemon's CPU at QD1).
 type serveLoop struct {
 	ps *fuse.ProtocolServer
 	f  *os.File // the cloned descriptor, non-blocking, in the netpoller
@@ -77,18 +81,24 @@ type serveLoop struct {
 	// sends (MaxWrite of data after the WRITE header), rounded up.
 	bigSize int
 
-	mu sync.Mutex
-	// readers is 1 while a goroutine waits for a request (or is about to),
-	// else 0. Protected by mu.
-	readers int
-	// dead is set once the connection is gone (ENODEV); then no goroutine
-	// starts another reader. Protected by mu.
-	dead bool
+	// wake hands the reading to an idle goroutine (unbuffered: a send
+	// succeeds only if one is waiting). stop is closed once the
+	// connection is gone (ENODEV) and releases the idle goroutines.
+	wake     chan struct{}
+	stop     chan struct{}
+	stopOnce sync.Once
+	// idle counts goroutines waiting on wake, at most maxIdle.
+	idle atomic.Int32
 
 	wg  sync.WaitGroup // every goroutine of the loop
 	big sync.Pool      // *[]byte of bigSize, WRITE payload 4 KiB-aligned
 	log *log.Logger
 }
+
+// maxIdle bounds the goroutines kept waiting for work: more than the
+// requests the kernel keeps in flight (MaxBackground 64 plus synchronous
+// ones) would only hold stacks.
+const maxIdle = 128
 
 // reqBufs is one request's small buffers, pooled.
 type reqBufs struct {
@@ -225,7 +235,8 @@ func startLoop(srv *fuse.Server, fd int, fsys fuse.RawFileSystem, mopts *fuse.Mo
 		f:       f,
 		fd:      nfd,
 		bigSize: writePayloadOff + mopts.MaxWrite + 4096,
-		readers: 1,
+		wake:    make(chan struct{}),
+		stop:    make(chan struct{}),
 		log:     mopts.Logger,
 	}
 	if l.log == nil {
@@ -258,31 +269,45 @@ func (l *serveLoop) serve() {
 	defer l.wg.Done()
 	for {
 		rb, big, ok := l.read()
-		l.mu.Lock()
-		l.readers = 0
 		if !ok {
-			l.dead = true
-		} else if !l.dead {
-			l.readers = 1
-			l.wg.Add(1)
-			go l.serve()
-		}
-		l.mu.Unlock()
-		if !ok {
+			l.stopOnce.Do(func() { close(l.stop) })
 			return
 		}
+		l.startReader()
 		l.handle(rb)
 		if big != nil {
 			l.big.Put(big)
 		}
 		reqPool.Put(rb)
-		l.mu.Lock()
-		if l.readers > 0 || l.dead {
-			l.mu.Unlock()
+		if !l.waitIdle() {
 			return
 		}
-		l.readers = 1
-		l.mu.Unlock()
+	}
+}
+
+// startReader hands the reading to an idle goroutine, or to a new one.
+func (l *serveLoop) startReader() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+		l.wg.Add(1)
+		go l.serve()
+	}
+}
+
+// waitIdle waits until the caller is handed the reading (true), or the
+// connection is gone or enough goroutines already wait (false).
+func (l *serveLoop) waitIdle() bool {
+	if l.idle.Add(1) > maxIdle {
+		l.idle.Add(-1)
+		return false
+	}
+	defer l.idle.Add(-1)
+	select {
+	case <-l.wake:
+		return true
+	case <-l.stop:
+		return false
 	}
 }
 
