@@ -42,9 +42,9 @@
 // Data I/O never happens under mu: a read locks, maps one run of clusters
 // with the same type and contiguous host offsets, unlocks, then reads the
 // run (from the image or data file, from the backing driver, zeros, or a
-// compressed cluster). Decompression runs in a worker goroutine
-// (coroutine.RunInWorker) so a 2 MiB zstd cluster neither holds the
-// metadata lock nor stalls the goroutine driving the coroutine.
+// compressed cluster). Decompression runs outside the lock through
+// coroutine.RunInWorker, so a 2 MiB zstd cluster neither holds the
+// metadata lock nor stalls another request.
 //
 // # Writing
 //
