@@ -139,6 +139,10 @@ func alignedSlab(c *Cache, n int) []byte {
 	return b[:n:n]
 }
 
+// Tables returns how many tables the cache holds: its memory is Tables()
+// times TableSize() bytes.
+func (c *Cache) Tables() int { return len(c.tables) }
+
 // TableSize returns the size in bytes of every table.
 func (c *Cache) TableSize() int { return c.tableSize }
 

@@ -97,6 +97,10 @@ type OpenOptions struct {
 	// LazyRefcounts turns on lazy refcounts for this open even if the
 	// image does not ask for them (qcow2 v3: QEMU's lazy-refcounts=on).
 	LazyRefcounts bool
+	// CacheSize is the most memory, in bytes, the metadata table cache of
+	// each image may hold (qcow2: L2 tables; QEMU's l2-cache-size). Zero
+	// means the default: enough to map the whole disk, at most 32 MiB.
+	CacheSize int64
 }
 
 // Format is one image format: how to recognise it and how to open it.

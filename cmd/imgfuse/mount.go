@@ -35,6 +35,7 @@ type mountOptions struct {
 	forceShare bool
 	growable   bool
 	lazyRefcnt bool
+	cacheSize  string
 	debug      bool
 	logFile    string
 }
@@ -123,6 +124,7 @@ func newMountCmd() *cobra.Command {
 	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
+	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
 	return cmd
@@ -190,6 +192,11 @@ func (o *mountOptions) validate() error {
 	}
 	if o.lazyRefcnt && format == "raw" {
 		return fmt.Errorf("--lazy-refcounts: %s is a raw image, which has no refcounts", o.image)
+	}
+	if o.cacheSize != "" {
+		if _, err := parseSize(o.cacheSize); err != nil {
+			return usagef("--cache-size: %v", err)
+		}
 	}
 
 	mi, err := os.Stat(o.mountpoint)
@@ -261,6 +268,11 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ForceShare:    o.forceShare,
 		Growable:      o.growable && !ro,
 		LazyRefcounts: o.lazyRefcnt && !ro,
+	}
+	if o.cacheSize != "" {
+		if opts.CacheSize, err = parseSize(o.cacheSize); err != nil {
+			return usagef("--cache-size: %v", err)
+		}
 	}
 	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {

@@ -217,7 +217,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if img.l1, err = img.loadL1(l1Off, l1Size); err != nil {
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 	}
-	img.l2 = cache.New(path+" L2", img.l2CacheTables(), int(img.clusterSize), l2Backend{img})
+	img.l2 = cache.New(path+" L2", img.l2CacheTables(opts.CacheSize), int(img.clusterSize), l2Backend{img})
 
 	if err := img.openDataFile(opts); err != nil {
 		return nil, err
@@ -263,11 +263,14 @@ func (img *image) loadL1(off uint64, entries uint32) ([]uint64, error) {
 }
 
 // l2CacheTables sizes the L2 cache: enough tables to map the whole disk,
-// at most l2CacheMax bytes, at least 2 tables.
-func (img *image) l2CacheTables() int {
+// at most limit bytes (l2CacheMax if limit is 0), at least 2 tables.
+func (img *image) l2CacheTables(limit int64) int {
+	if limit <= 0 {
+		limit = l2CacheMax
+	}
 	perTable := img.clusterSize << img.l2Bits // guest bytes one L2 table maps
 	need := (img.size.Load() + perTable - 1) / perTable
-	need = min(need, l2CacheMax/img.clusterSize)
+	need = min(need, limit/img.clusterSize)
 	return int(max(need, 2))
 }
 
