@@ -41,6 +41,16 @@
 //     io_getevents with a zero timeout, wakes each waiter (co.Wake for a
 //     coroutine, a channel for a plain caller) and moves queued requests into
 //     the freed slots.
+//   - The leader: a request that finds the engine idle (nothing in flight
+//     or queued, the reaper not reaping) is submitted without the eventfd,
+//     and its issuer waits in io_getevents(min_nr=1) itself, reaping for
+//     everyone meanwhile and waking their waiters; the reaper reaps nothing
+//     while a leader leads, so the leader's completion cannot be taken from
+//     it, and reaps once more when the leader hands back. At QD1 every
+//     request is a leader: its thread sleeps and wakes once, as with
+//     pread(2), instead of the completion crossing the netpoller, the
+//     reaper goroutine and a wake-up of the waiter. At QD32 requests
+//     overlap and go through the reaper, which batches completions.
 //   - Back-pressure: EAGAIN from io_submit puts the refused requests back at
 //     the head of the queue; the next completion resubmits them, or, if none
 //     of ours is in flight, a 1 ms timer does. Nothing is dropped and nothing

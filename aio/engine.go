@@ -257,10 +257,6 @@ func (e *engine) lead(r *request) {
 		}
 		e.mu.Lock()
 		k := e.completeLocked(evs[:n], done[:], r)
-		finished := r.done
-		if finished {
-			e.leader = nil
-		}
 		if n > 0 {
 			e.kickLocked()
 		}
@@ -269,6 +265,13 @@ func (e *engine) lead(r *request) {
 			done[i].w.wake()
 			done[i] = nil
 		}
+		e.mu.Lock()
+		finished := r.done
+		if finished {
+			// Only now: evs and done belong to whoever leads next.
+			e.leader = nil
+		}
+		e.mu.Unlock()
 		if finished {
 			break
 		}
