@@ -149,10 +149,9 @@ func cloneConn(fd int) (*os.File, int, error) {
 	if err != nil {
 		return nil, -1, fmt.Errorf("open /dev/fuse: %w", err)
 	}
-	src := uint32(fd)
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(nfd), fuseDevIocClone, uintptr(unsafe.Pointer(&src))); e != 0 {
+	if err := unix.IoctlSetPointerInt(nfd, fuseDevIocClone, fd); err != nil {
 		unix.Close(nfd)
-		return nil, -1, fmt.Errorf("FUSE_DEV_IOC_CLONE: %w", e)
+		return nil, -1, fmt.Errorf("FUSE_DEV_IOC_CLONE: %w", err)
 	}
 	// os.NewFile sees O_NONBLOCK and registers the descriptor with the
 	// netpoller: Read parks the goroutine, not a thread.
@@ -383,28 +382,11 @@ func (l *serveLoop) handle(rb *reqBufs) {
 		return // FORGET and friends: no reply
 	}
 	rb.out[1] = rb.out[1][:n-outHeaderSize]
-	if err := l.writev(rb.out[:]); err != 0 && err != unix.ENOENT && err != unix.ENODEV {
+	if _, err := unix.Writev(l.fd, rb.out[:]); err != nil && err != unix.ENOENT && err != unix.ENODEV {
 		// ENOENT: the request was interrupted meanwhile; ENODEV: the
 		// connection is gone. Anything else is a bug worth a line.
 		l.log.Printf("fusefs: reply to opcode %d: %v", h.Opcode, err)
 	}
 	rb.out[1] = nil
 	rb.in[0] = nil
-}
-
-// writev writes a reply. It is a raw system call: writing to /dev/fuse
-// copies the reply and wakes its caller, and never sleeps.
-func (l *serveLoop) writev(iov [][]byte) unix.Errno {
-	var v [2]unix.Iovec
-	k := 0
-	for _, b := range iov {
-		if len(b) == 0 {
-			continue
-		}
-		v[k].Base = &b[0]
-		v[k].SetLen(len(b))
-		k++
-	}
-	_, _, e := unix.RawSyscall(unix.SYS_WRITEV, uintptr(l.fd), uintptr(unsafe.Pointer(&v[0])), uintptr(k))
-	return e
 }
