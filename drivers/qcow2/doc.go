@@ -11,8 +11,9 @@
 //     for a writable open: refusals, refcounts, dirty-image repair, autoclear
 //     bits), header updates (dirty and corrupt bits), Flush, Close, Info and
 //     Snapshots.
-//   - cluster.go: guest → host translation (mapLocked), cluster and
-//     subcluster types, L2 entry validation, the compressed descriptor.
+//   - cluster.go: the L2 cursor (l2Slice), guest → host translation
+//     (mapLocked), cluster and subcluster types, L2 entry validation, the
+//     compressed descriptor.
 //   - read.go: ReadAt and BlockStatus: map under the lock, then data I/O
 //     (image or data file, backing file, zeros, decompression) without it.
 //   - backing.go: opening the backing chain (loop and depth checks) and the
@@ -80,11 +81,32 @@
 //
 // Every entry written has COPIED iff its refcount is 1.
 //
-// Ordering (qcow2.md §1.13): rc.allocLocked makes the L2 cache depend on
-// the refcount cache, so refcount increases reach the disk before an L2
-// table pointing at the clusters; a link after COW sets DependOnFlush on
-// the L2 cache, so the copied data is synced before the table is written;
-// a refcount decrease makes the refcount cache depend on the L2 cache. New
+// # One walk over L2
+//
+// Every operation that reads or changes L2 entries — mapLocked (reads,
+// block status), writeRunLocked (planning a write step), zeroStepLocked
+// (discard, write zeroes) and linkLocked (publishing an allocation) —
+// walks them through one cursor, l2Slice (QEMU's l2_slice with
+// get_l2_entry, get_l2_bitmap and qcow2_get_subcluster_range_type):
+// sliceLocked locates the step's slice of one L2 table and pins the table
+// once (for an update, after making it writable), the caller defers close;
+// entry and set read and write an entry with its bitmap, touched gives the
+// subclusters a step covers, typeAt classifies and validates an entry
+// (type, span of subclusters with that type, host cluster), and errorf
+// names the table, entry and guest offset in every error. The callers keep
+// only their decisions: the run a read maps, the class of a write step
+// (in place, keep, new), the zeroed entry (zeroEntry), the linked entry.
+// References an update drops are collected (releases) and released by one
+// helper.
+//
+// Ordering (qcow2.md §1.13), one named helper per rule, called by the
+// update it protects: refcountsBeforeL2Locked (linkLocked, for fresh
+// clusters) makes the L2 cache depend on the refcount cache, so refcount
+// increases reach the disk before an L2 table pointing at the clusters;
+// dataBeforeL2 (a link after COW) sets DependOnFlush on the L2 cache, so
+// the copied data is synced before the table is written; releaseLocked
+// lowers refcounts after the entries changed, and every decrease makes the
+// refcount cache depend on the L2 cache (rc.updateLocked). New
 // L2 tables and L1 moves flush the refcount cache, write and sync the new
 // table, and only then write the L1 entry or header with a sync write; the
 // old table is freed last. With lazy refcounts the dirty bit is set with a

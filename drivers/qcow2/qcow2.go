@@ -398,7 +398,6 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}
 	rc.mu = &img.mu
-	rc.lazy = img.lazy
 	img.rc = rc
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)

@@ -92,9 +92,6 @@ type refcounts struct {
 	// cluster allocated here: the file's size once everything allocated
 	// is written. A partial last cluster counts as used. Protected by mu.
 	end int64
-	// lazy: refcounts need not reach the disk before the L2 entries that
-	// use them (the dirty bit is set). Set by the owner. Protected by mu.
-	lazy bool
 }
 
 // refcountTables returns the number of tables of the refcount cache.
@@ -107,7 +104,7 @@ func refcountTables(clusterSize int64) int {
 // cache. fileSize is the image file's size. l2 is the L2 cache, for the
 // write-ordering dependencies; it may be nil. The caller must set the
 // result's mu to the image's metadata lock before calling any Locked
-// method, and set lazy while the dirty bit is set.
+// method.
 //
 // Reftable entries are validated when used (reserved bits, alignment, past
 // the end of the file), as L1 entries are.
@@ -307,11 +304,10 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 // first. The clusters may lie past the end of the file, which grows when
 // they are written.
 //
-// Ordering: unless lazy is set, it makes the L2 cache depend on the
-// refcount cache, so the increase reaches the disk before any L2 table
-// that points at the clusters is written. An L1 entry (written directly,
-// not through a cache) must be written only after the L2 cache and the
-// refcount cache have been flushed.
+// Ordering is the caller's: an L2 entry pointing at the clusters follows
+// refcountsBeforeL2Locked; an L1 entry or header field (written directly,
+// not through a cache) is written only after the refcount cache has been
+// flushed.
 func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 	r.mu.AssertHeld(co)
 	if n <= 0 || n > maxHostClusterOffset>>r.clusterBits {
@@ -335,11 +331,6 @@ func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 			return 0, fmt.Errorf("qcow2: allocation at offset 0: %w", drivers.ErrCorrupt)
 		}
 		r.end = max(r.end, off+n<<r.clusterBits)
-		if r.l2 != nil && !r.lazy {
-			if err := r.l2.SetDependency(co, r.cache); err != nil {
-				return 0, err
-			}
-		}
 		return off, nil
 	}
 }
