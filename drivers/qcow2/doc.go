@@ -24,6 +24,7 @@
 //   - zero.go: Discard and WriteZeroes (zero flags, subcluster zero bits,
 //     freeing clusters, zeros written where the format has no other way).
 //   - resize.go: Truncate (grow only): L1 growth and the header size.
+//   - overlap.go: the metadata overlap check every write passes.
 //   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
 //     and table growth), the consistency check and the refcount rebuild.
 //   - compress.go: deflate and zstd decompression of one cluster.
@@ -117,6 +118,48 @@
 //
 // A metadata error that wraps drivers.ErrCorrupt during a write sets the
 // corrupt bit and makes every later write fail (signalCorruptionLocked).
+//
+// # Overlap checks
+//
+// A damaged image can make a write land on metadata: a refcount of 0 for
+// a table hands the table out as a free cluster, a refcount block placed
+// on a table turns refcount updates into table damage, an L2 entry
+// pointing into metadata sends guest data there. As QEMU does with its
+// default overlap-check=cached, every write to the image file is first
+// compared with the metadata whose location is in memory
+// (checkWriteLocked, overlap.go): the header cluster, the active L1
+// table, every L2 table the active L1 names, the refcount table, every
+// refcount block it names, the snapshot table and the snapshots' L1
+// tables (their L2 tables would need reads: not checked, as in QEMU's
+// cached mode). The write says which kind of metadata it is (ign), which
+// it may hit. The checks sit where writes start, not in each caller:
+//
+//   - data: the write planner checks the host clusters of every step, in
+//     place or allocated (not for an external data file);
+//   - new clusters: rc.allocLocked checks every cluster it found free
+//     before counting it, whatever it is for (data, L2 table, L1 table),
+//     and so do new refcount blocks and refcount areas;
+//   - cached tables: the L2 and refcount cache backends check every
+//     write-back (and refuse it once the image is corrupt);
+//   - direct writes: syncWriteLocked (L1 entries, new L1 tables, header
+//     fields) and rc.syncWriteLocked (reftable entries, new reftables).
+//
+// On a hit the error wraps drivers.ErrCorrupt ("preventing invalid write
+// ... (overlaps with the active L1 table at 0x30000)"), the corrupt bit is
+// set (the header write passes the same check), and no further write,
+// flush or write-back happens on this open image; reads go on, except one
+// that would have to evict a dirty L2 table, which fails with EIO rather
+// than write it.
+//
+// Cost: the L2 table and refcount block offsets are kept sorted
+// (image.l2Set, maintained by setL1Locked; rc.blocks, rebuilt when the
+// reftable changes), so a check is a few range comparisons, one per
+// snapshot, and two binary searches: BenchmarkOverlapCheck (16384 L2
+// tables, 256 refcount blocks) measures a few hundred ns, no allocation,
+// under the metadata lock the write holds anyway — against 100 µs and
+// more for the device write. QEMU's check walks the L1 table and the
+// reftable instead, O(tables) per write. Memory: 8 bytes per L2 table and
+// per refcount block, only for a writable image.
 //
 // # Lock order
 //

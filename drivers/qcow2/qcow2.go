@@ -124,6 +124,12 @@ type image struct {
 	// fileSize is the image file's size; host offsets at or past it are
 	// corrupt. Protected by mu.
 	fileSize int64
+	// l2Set holds the offsets of the L2 tables the active L1 table
+	// names, sorted, for the overlap check (overlap.go); nil unless
+	// writable. Protected by mu.
+	l2Set []int64
+	// snapTableBytes is the size of the snapshot table. Immutable.
+	snapTableBytes int64
 
 	// srcPool holds *[]byte buffers for compressed streams.
 	srcPool sync.Pool
@@ -198,6 +204,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 		if img.snaps, err = readSnapshotTable(read, h); err != nil {
 			return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 		}
+		img.snapTableBytes = snapshotTableBytes(img.snaps)
 	}
 	l1Off, l1Size := h.L1Offset, h.L1Size
 	if opts.Snapshot != "" {
@@ -283,8 +290,8 @@ func (b l2Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
 		return fmt.Errorf("qcow2: writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
 	}
 	// Called under mu (the cache is only used with it held).
-	if err := b.img.overlap(off, int64(len(p))); err != nil {
-		return fmt.Errorf("qcow2: %s: L2 table: %w", b.img.path, err)
+	if err := b.img.guardLocked(co, off, int64(len(p)), olActiveL2); err != nil {
+		return err
 	}
 	return b.img.file.PwriteCo(co, p, off)
 }
@@ -398,6 +405,8 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}
 	rc.mu = &img.mu
+	rc.guard = img.guardLocked
+	img.l2Set = buildL2Set(img.l1)
 	img.rc = rc
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)
@@ -444,7 +453,7 @@ func (img *image) setIncompatibleLocked(co *coroutine.Co, v uint64) error {
 	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
-	if err := img.syncWriteLocked(co, b[:], 72); err != nil {
+	if err := img.syncWriteLocked(co, b[:], 72, olHeader); err != nil {
 		return fmt.Errorf("qcow2: %s: writing the incompatible feature bits: %w", img.path, err)
 	}
 	img.h.Incompatible = v
@@ -461,9 +470,13 @@ func (img *image) markDirtyLocked(co *coroutine.Co) error {
 	return img.setIncompatibleLocked(co, img.h.Incompatible|incompatDirty)
 }
 
-// syncWriteLocked writes p at off in the image file and fdatasyncs it.
-func (img *image) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error {
+// syncWriteLocked writes p at off in the image file and fdatasyncs it,
+// after the overlap check (ign: the kinds of metadata it writes).
+func (img *image) syncWriteLocked(co *coroutine.Co, p []byte, off int64, ign metaKind) error {
 	img.mu.AssertHeld(co)
+	if err := img.checkWriteLocked(co, off, int64(len(p)), ign); err != nil {
+		return err
+	}
 	if err := img.file.PwriteCo(co, p, off); err != nil {
 		return err
 	}
@@ -478,7 +491,7 @@ func (img *image) writeHeaderLocked(co *coroutine.Co) error {
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}
-	if err := img.syncWriteLocked(co, buf, 0); err != nil {
+	if err := img.syncWriteLocked(co, buf, 0, olHeader); err != nil {
 		return fmt.Errorf("qcow2: %s: writing the header: %w", img.path, err)
 	}
 	return nil

@@ -83,6 +83,15 @@ type refcounts struct {
 	// reftable is the refcount table in memory: entries as on disk.
 	// Protected by mu.
 	reftable []uint64
+	// blocks holds the refcount block offsets of reftable, sorted, for
+	// the overlap check; rebuilt by blockSet when blocksStale (set
+	// whenever reftable changes). Protected by mu.
+	blocks      []int64
+	blocksStale bool
+	// guard is the image's overlap check, run before every write of a
+	// refcount block, reftable entry, new reftable or header field (nil
+	// for tools that have no image). Set by the owner.
+	guard func(co *coroutine.Co, off, n int64, ign metaKind) error
 	// freeClusterIndex is where the first-fit search starts: moved past
 	// each allocation, lowered to any cluster freed. A free cluster below
 	// it is a hole a multi-cluster allocation skipped (QEMU's
@@ -129,6 +138,7 @@ func openRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*re
 		return nil, fmt.Errorf("reading the refcount table at %#x: %w", h.ReftableOffset, err)
 	}
 	r.reftable = make([]uint64, n/8)
+	r.blocksStale = true
 	for i := range r.reftable {
 		r.reftable[i] = binary.BigEndian.Uint64(buf[i*8:])
 	}
@@ -153,22 +163,34 @@ func newRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*ref
 		mu:          new(coroutine.CoMutex),
 		end:         (fileSize + cs - 1) &^ (cs - 1),
 	}
-	r.cache = cache.New(f.Name()+" refcounts", refcountTables(cs), int(cs), refcountBackend{f})
+	r.cache = cache.New(f.Name()+" refcounts", refcountTables(cs), int(cs), refcountBackend{r})
 	return r, nil
 }
 
 // refcountBackend does the refcount cache's I/O on the image file.
-type refcountBackend struct{ f *aio.File }
+type refcountBackend struct{ r *refcounts }
 
 func (b refcountBackend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
-	return b.f.PreadCo(co, p, off)
+	return b.r.file.PreadCo(co, p, off)
 }
 
 func (b refcountBackend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
-	return b.f.PwriteCo(co, p, off)
+	if err := b.r.check(co, off, int64(len(p)), olRefcountBlock); err != nil {
+		return err
+	}
+	return b.r.file.PwriteCo(co, p, off)
 }
 
-func (b refcountBackend) Sync(co *coroutine.Co) error { return b.f.FdatasyncCo(co) }
+func (b refcountBackend) Sync(co *coroutine.Co) error { return b.r.file.FdatasyncCo(co) }
+
+// check runs the owner's overlap check on a write of [off, off+n) (ign:
+// the kinds of metadata it writes), if it has one.
+func (r *refcounts) check(co *coroutine.Co, off, n int64, ign metaKind) error {
+	if r.guard == nil {
+		return nil
+	}
+	return r.guard(co, off, n, ign)
+}
 
 // getRefcount returns entry i of a refcount block of the given order.
 // Orders 0-2 pack several entries per byte, entry 0 in the least
@@ -304,6 +326,8 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 // first. The clusters may lie past the end of the file, which grows when
 // they are written.
 //
+// The clusters pass the overlap check before they are counted.
+//
 // Ordering is the caller's: an L2 entry pointing at the clusters follows
 // refcountsBeforeL2Locked; an L1 entry or header field (written directly,
 // not through a cache) is written only after the refcount cache has been
@@ -316,6 +340,12 @@ func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 	for try := 0; ; try++ {
 		off, err := r.findFreeLocked(co, n)
 		if err != nil {
+			return 0, err
+		}
+		// Clusters with refcount 0 may still be metadata of a damaged
+		// image: never hand them out (whatever they are for, data or
+		// a new table, nothing may be written there).
+		if err := r.check(co, off, n<<r.clusterBits, 0); err != nil {
 			return 0, err
 		}
 		err = r.updateDepthLocked(co, off, n<<r.clusterBits, 1, 0)
@@ -505,6 +535,10 @@ func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error 
 	if err != nil {
 		return err
 	}
+	// A cluster found free may be metadata of a damaged image.
+	if err := r.check(co, bOff, r.clusterSize, 0); err != nil {
+		return err
+	}
 	bCluster := bOff >> r.clusterBits
 	var t *cache.Table
 	if bCluster>>r.blockBits == ti {
@@ -533,16 +567,22 @@ func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error 
 	}
 	var e [8]byte
 	binary.BigEndian.PutUint64(e[:], uint64(bOff))
-	if err := r.syncWriteLocked(co, e[:], int64(r.h.ReftableOffset)+ti*8); err != nil {
+	if err := r.syncWriteLocked(co, e[:], int64(r.h.ReftableOffset)+ti*8, olRefcountTable); err != nil {
 		r.cache.Discard(bOff)
 		return fmt.Errorf("qcow2: writing refcount table entry %d: %w", ti, err)
 	}
 	r.reftable[ti] = uint64(bOff)
+	r.blocksStale = true
 	return nil
 }
 
-// syncWriteLocked writes p at off and fdatasyncs the file.
-func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error {
+// syncWriteLocked writes p at off and fdatasyncs the file, after the
+// overlap check (ign: the kinds of metadata it writes).
+func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64, ign metaKind) error {
+	r.mu.AssertHeld(co)
+	if err := r.check(co, off, int64(len(p)), ign); err != nil {
+		return err
+	}
 	if err := r.file.PwriteCo(co, p, off); err != nil {
 		return err
 	}
@@ -568,6 +608,11 @@ func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
 	}
 	newBlocks := total - ti
 	tableCluster := startCluster + newBlocks
+	// Every cluster from startCluster on has refcount 0: in a damaged
+	// image that may still be metadata.
+	if err := r.check(co, startCluster<<r.clusterBits, (endCluster-startCluster)<<r.clusterBits, 0); err != nil {
+		return err
+	}
 	newTable := make([]uint64, tableEntries)
 	copy(newTable, r.reftable)
 
@@ -651,17 +696,18 @@ func (r *refcounts) switchReftableLocked(co *coroutine.Co, table []uint64, table
 	for i, e := range table {
 		binary.BigEndian.PutUint64(buf[i*8:], e)
 	}
-	if err := r.syncWriteLocked(co, buf, tableOff); err != nil {
+	if err := r.syncWriteLocked(co, buf, tableOff, 0); err != nil {
 		return fmt.Errorf("qcow2: writing the new refcount table at %#x: %w", tableOff, err)
 	}
 	clusters := uint32(int64(len(buf)) >> r.clusterBits)
 	var hdr [12]byte
 	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
 	binary.BigEndian.PutUint32(hdr[8:], clusters)
-	if err := r.syncWriteLocked(co, hdr[:], 48); err != nil {
+	if err := r.syncWriteLocked(co, hdr[:], 48, olHeader); err != nil {
 		return fmt.Errorf("qcow2: switching the header to the new refcount table: %w", err)
 	}
 	r.reftable = table
+	r.blocksStale = true
 	r.h.ReftableOffset = uint64(tableOff)
 	r.h.ReftableClusters = clusters
 	return nil

@@ -269,9 +269,9 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	}
 	n = min(n, r.count*cs-inCluster)
 
-	if r.class != wNew && !img.extData {
-		if err := img.checkOverlapLocked(co, r.host, r.count*cs); err != nil {
-			return writePlan{}, false, fmt.Errorf("qcow2: %s: guest %#x maps to host %#x: %w", img.path, cstart, r.host, err)
+	if r.class != wNew {
+		if err := img.checkDataLocked(co, r.host, r.count); err != nil {
+			return writePlan{}, false, err
 		}
 	}
 	if r.class == wInPlace {
@@ -302,6 +302,16 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	}
 	img.allocs = append(img.allocs, a)
 	return writePlan{n: n, host: a.host + inCluster, a: a}, false, nil
+}
+
+// checkDataLocked runs the overlap check on a data write into count host
+// clusters from host (nothing to check in an external data file).
+func (img *image) checkDataLocked(co *coroutine.Co, host, count int64) error {
+	img.mu.AssertHeld(co)
+	if img.extData {
+		return nil
+	}
+	return img.checkWriteLocked(co, host, count<<img.clusterBits, 0)
 }
 
 // writeRun is the run of clusters one write step covers: clusters of one
@@ -644,40 +654,10 @@ func (img *image) writeL1EntryLocked(co *coroutine.Co, i int64, e uint64) error 
 	img.mu.AssertHeld(co)
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], e)
-	if err := img.syncWriteLocked(co, b[:], int64(img.h.L1Offset)+i*8); err != nil {
+	if err := img.syncWriteLocked(co, b[:], int64(img.h.L1Offset)+i*8, olActiveL1); err != nil {
 		return fmt.Errorf("qcow2: %s: writing L1 entry %d: %w", img.path, i, err)
 	}
-	img.l1[i] = e
-	return nil
-}
-
-// checkOverlapLocked refuses a write of [off, off+n) in the image file that
-// would land on the metadata every write depends on: the header cluster,
-// the active L1 table and the refcount table (the constant-cost part of
-// QEMU's overlap checks). Host offsets taken from a damaged L2 table are
-// caught here before the data overwrites them; the error wraps
-// drivers.ErrCorrupt.
-func (img *image) checkOverlapLocked(co *coroutine.Co, off, n int64) error {
-	img.mu.AssertHeld(co)
-	return img.overlap(off, n)
-}
-
-// overlap is checkOverlapLocked for callers that hold mu but have no
-// coroutine to assert it with (cache backends).
-func (img *image) overlap(off, n int64) error {
-	h := img.h
-	for _, r := range [...]struct {
-		what     string
-		off, len int64
-	}{
-		{"the header", 0, img.clusterSize},
-		{"the L1 table", int64(h.L1Offset), int64(h.L1Size) * 8},
-		{"the refcount table", int64(h.ReftableOffset), int64(h.ReftableClusters) << img.clusterBits},
-	} {
-		if r.len > 0 && off < r.off+r.len && r.off < off+n {
-			return fmt.Errorf("write of [%#x, +%#x) would overwrite %s at %#x: %w", off, n, r.what, r.off, drivers.ErrCorrupt)
-		}
-	}
+	img.setL1Locked(co, i, e)
 	return nil
 }
 
