@@ -182,7 +182,7 @@ func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l
 		o, err = img.l2TableForWriteLocked(co, l1Index)
 		l2Off = uint64(o)
 	} else {
-		l2Off, err = img.l2OffsetLocked(l1Index)
+		l2Off, err = img.l2OffsetLocked(co, l1Index)
 	}
 	if err != nil || l2Off == 0 {
 		return s, err
@@ -247,9 +247,9 @@ func (s *l2Slice) errorf(i int64, err error) error {
 }
 
 // l2OffsetLocked returns the L2 table offset of L1 entry l1Index, 0 if the
-// entry is unallocated or past the end of L1. The caller holds mu (it never
-// yields, so it takes no coroutine to assert that with; mapLocked does).
-func (img *image) l2OffsetLocked(l1Index int64) (uint64, error) {
+// entry is unallocated or past the end of L1.
+func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error) {
+	img.mu.AssertHeld(co)
 	if l1Index >= int64(len(img.l1)) {
 		return 0, nil
 	}

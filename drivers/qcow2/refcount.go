@@ -233,7 +233,8 @@ func setRefcount(b []byte, order uint32, i int64, v uint64) {
 
 // blockOffsetLocked returns the offset of refcount block ti, 0 if the
 // block does not exist (all its refcounts are 0).
-func (r *refcounts) blockOffsetLocked(ti int64) (int64, error) {
+func (r *refcounts) blockOffsetLocked(co *coroutine.Co, ti int64) (int64, error) {
+	r.mu.AssertHeld(co)
 	if ti >= int64(len(r.reftable)) {
 		return 0, nil
 	}
@@ -264,7 +265,7 @@ func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 	if cluster < 0 {
 		return 0, fmt.Errorf("qcow2: refcount of cluster %d: %w", cluster, drivers.ErrCorrupt)
 	}
-	off, err := r.blockOffsetLocked(cluster >> r.blockBits)
+	off, err := r.blockOffsetLocked(co, cluster>>r.blockBits)
 	if err != nil || off == 0 {
 		return 0, err
 	}
@@ -284,6 +285,7 @@ func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 // n is skipped until a free lowers the index again; rescanning it on every
 // multi-cluster allocation would make allocation cost grow with the file.
 func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
+	r.mu.AssertHeld(co)
 	limit := int64(maxHostClusterOffset>>r.clusterBits) + 1
 	start := max(r.freeClusterIndex, 1)
 	found := int64(0) // free clusters from start
@@ -294,7 +296,7 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 		c := start + found
 		ti := c >> r.blockBits
 		blockEnd := (ti + 1) << r.blockBits
-		off, err := r.blockOffsetLocked(ti)
+		off, err := r.blockOffsetLocked(co, ti)
 		if err != nil {
 			return 0, err
 		}
@@ -393,6 +395,7 @@ func (r *refcounts) updateLocked(co *coroutine.Co, off, length int64, delta int6
 // down; it may fail with errRetry when it created a refcount block, having
 // undone its own changes.
 func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64, depth int) (err error) {
+	r.mu.AssertHeld(co)
 	if length == 0 || delta == 0 {
 		return nil
 	}
@@ -486,8 +489,9 @@ func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64
 // block (growing the reftable if needed) and fails with errRetry, the
 // block then being in place for the retry.
 func (r *refcounts) blockLocked(co *coroutine.Co, c int64, create bool, depth int) (*cache.Table, error) {
+	r.mu.AssertHeld(co)
 	ti := c >> r.blockBits
-	off, err := r.blockOffsetLocked(ti)
+	off, err := r.blockOffsetLocked(co, ti)
 	if err != nil {
 		return nil, err
 	}
@@ -524,6 +528,7 @@ func (r *refcounts) blockLocked(co *coroutine.Co, c int64, create bool, depth in
 // when it falls in its own range, else through the normal path), write
 // and flush the block, then point the reftable at it with a sync write.
 func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error {
+	r.mu.AssertHeld(co)
 	// The new block becomes live with the reftable write below; any
 	// pending L2 writes the refcount cache depends on go first.
 	if r.l2 != nil {
@@ -598,6 +603,7 @@ func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64, ign m
 // 48-59, one 12-byte sync write), and only then frees the old table, so a
 // crash leaves either structure whole.
 func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
+	r.mu.AssertHeld(co)
 	perBlock := int64(1) << r.blockBits
 	startCluster := ti << r.blockBits // first cluster of block ti
 	oldLen := int64(len(r.reftable))

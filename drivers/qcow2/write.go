@@ -590,7 +590,7 @@ func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64,
 		return 0, fmt.Errorf("qcow2: %s: L1 index %d past the %d-entry L1 table: %w",
 			img.path, l1Index, len(img.l1), drivers.ErrCorrupt)
 	}
-	old, err := img.l2OffsetLocked(l1Index)
+	old, err := img.l2OffsetLocked(co, l1Index)
 	if err != nil {
 		return 0, err
 	}

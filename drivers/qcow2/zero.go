@@ -130,7 +130,7 @@ func (img *image) zeroStepLocked(co *coroutine.Co, pos, n int64, unmap bool) (do
 			break
 		}
 	}
-	old, err := img.l2OffsetLocked(l1Index)
+	old, err := img.l2OffsetLocked(co, l1Index)
 	if err != nil {
 		return 0, 0, err
 	}
