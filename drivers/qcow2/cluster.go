@@ -250,10 +250,13 @@ func (s *l2Slice) errorf(i int64, err error) error {
 // entry is unallocated or past the end of L1.
 func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error) {
 	img.mu.AssertHeld(co)
-	if l1Index >= int64(len(img.l1)) {
+	if l1Index >= img.l1Entries() {
 		return 0, nil
 	}
-	e := img.l1[l1Index]
+	e, err := img.l1EntryLocked(co, l1Index)
+	if err != nil {
+		return 0, err
+	}
 	if e&l1eReservedMask != 0 {
 		return 0, fmt.Errorf("qcow2: %s: L1 entry %d (%#x) has reserved bits set: %w",
 			img.path, l1Index, e, drivers.ErrCorrupt)
