@@ -166,7 +166,8 @@
 //	image.mu (CoMutex, metadata; rc.mu points at it)
 //	├── allocation.wait (CoQueue: waited on with image.mu released by Wait)
 //	├── cache.Cache of L2 tables   (not locked themselves; used only under
-//	└── cache.Cache of refcounts    image.mu; dependencies between them)
+//	├── cache.Cache of refcounts    image.mu; dependencies between the two;
+//	└── cache.Cache of L1 pieces    the last only for a large read-only L1)
 //	image.zmu (sync.Mutex, the small decompressed-cluster cache; never held
 //	          across a yield, taken with or without image.mu)
 //	aio range lock (inside aio.File): metadata writes under image.mu may
