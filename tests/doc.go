@@ -45,6 +45,10 @@
 //   - lock_test.go: QEMU's image locks.
 //   - lint_test.go: package import boundaries, no exits in library code,
 //     image syscalls only in aio.
+//   - bench_smoke_test.go: `bench/run --smoke` (imgfuse against
+//     qemu-storage-daemon and the file) finishes, reports a positive number
+//     for every workload and target in a table that parses, and leaves
+//     nothing mounted. Not parallel: it would distort the other tests.
 //
 // Images are kept at 32 MiB virtual (the 1 TiB sparse image aside) so the
 // package runs in well under five minutes on two cores.
