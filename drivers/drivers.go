@@ -97,6 +97,11 @@ type OpenOptions struct {
 	// LazyRefcounts turns on lazy refcounts for this open even if the
 	// image does not ask for them (qcow2 v3: QEMU's lazy-refcounts=on).
 	LazyRefcounts bool
+	// NoBacking opens the image without its backing file (QEMU's
+	// BDRV_O_NO_BACKING): for describing an image whose backing file may
+	// be missing. Unallocated ranges then read as zeros. Only with
+	// ReadOnly.
+	NoBacking bool
 }
 
 // Format is one image format: how to recognise it and how to open it.

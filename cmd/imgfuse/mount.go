@@ -86,6 +86,9 @@ func newMountCmd() *cobra.Command {
 			if err := o.checkWriteFlags(); err != nil {
 				return err
 			}
+			if o.name != "" && (strings.ContainsRune(o.name, '/') || o.name == "." || o.name == "..") {
+				return usagef("invalid --name %q: a file name, without '/'", o.name)
+			}
 			if fd, ok := daemonReadyFD(); ok {
 				o.absImage, o.absMountpoint = o.image, o.mountpoint
 				return runDaemonChild(o, fd)
@@ -113,9 +116,9 @@ func newMountCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&o.readOnly, "read-only", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
+	f.BoolVarP(&o.readOnly, "read-only", "r", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
 	f.BoolVar(&o.foreground, "foreground", false, "serve in the foreground until unmounted or interrupted")
-	f.StringVar(&o.format, "format", "auto", "image format: "+strings.Join(formatChoices(), "|"))
+	f.StringVarP(&o.format, "format", "f", "auto", "image format: "+strings.Join(formatChoices(), "|"))
 	f.StringVar(&o.snapshot, "snapshot", "", "expose internal snapshot `NAME|ID` (read-only) instead of the active disk")
 	f.StringVar(&o.name, "name", "", "file name of the disk in a directory MOUNTPOINT (default \"disk\")")
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users reach the mount (needs user_allow_other in /etc/fuse.conf)")
@@ -167,23 +170,29 @@ func (o *mountOptions) checkWriteFlags() error {
 func (o *mountOptions) validate() error {
 	f, err := os.Open(o.image)
 	if err != nil {
-		return err // "open IMAGE: no such file or directory"
+		return openError(err) // "open IMAGE: no such file or directory"
 	}
 	fi, err := f.Stat()
 	f.Close()
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	if fi.IsDir() {
-		return fmt.Errorf("open %s: is a directory, not a disk image", o.image)
+		return openError(fmt.Errorf("open %s: is a directory, not a disk image", o.image))
 	}
 	if o.absImage, err = filepath.Abs(o.image); err != nil {
 		return err
 	}
 
+	if err := checkExplicitFormat(o.image, o.format); err != nil {
+		return err
+	}
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return err
+		return openError(err)
+	}
+	if err := o.validateMountpoint(); err != nil {
+		return mountFailed(err)
 	}
 	if o.snapshot != "" && format == "raw" {
 		return fmt.Errorf("--snapshot: %s is a raw image, which has no snapshots", o.image)
@@ -191,7 +200,12 @@ func (o *mountOptions) validate() error {
 	if o.lazyRefcnt && format == "raw" {
 		return fmt.Errorf("--lazy-refcounts: %s is a raw image, which has no refcounts", o.image)
 	}
+	return nil
+}
 
+// validateMountpoint checks that the mountpoint exists, can take a mount
+// and is not the image.
+func (o *mountOptions) validateMountpoint() error {
 	mi, err := os.Stat(o.mountpoint)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN) || isDeadMount(o.mountpoint):
@@ -250,7 +264,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	ro := mountReadOnly(o.readOnly, o.snapshot, o.forceShare)
 	opts := drivers.OpenOptions{
@@ -264,7 +278,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	}
 	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, explainWritableOpen(o.image, format, opts, err))
+		return openError(describeOpenError(o.image, explainWritableOpen(o.image, format, opts, err)))
 	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
@@ -285,7 +299,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	})
 	if err != nil {
 		d.Close()
-		return err
+		return mountFailed(err)
 	}
 
 	mp := o.absMountpoint
@@ -358,7 +372,10 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 	if err := d.Close(); err != nil {
 		cerr = fmt.Errorf("close %s: %w", image, err)
 	}
-	return errors.Join(ferr, cerr)
+	if err := errors.Join(ferr, cerr); err != nil {
+		return flushFailed(err)
+	}
+	return nil
 }
 
 // explainWritableOpen adds a hint to err, the failure to open an image for

@@ -124,6 +124,7 @@ func FuzzParseHeader(f *testing.F) {
 		}
 		checkRoundTrip(t, h)
 		_ = h.formatInfo()
+		_ = h.qemuSpecific()
 	})
 }
 

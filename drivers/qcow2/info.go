@@ -23,6 +23,34 @@ type formatInfo struct {
 	BackingFormat   string      `json:"backing-format,omitempty"`
 }
 
+// qemuSpecific is the "data" of QEMU's ImageInfoSpecificQCow2, field for
+// field: lazy-refcounts, corrupt and extended-l2 exist only in version 3
+// images; data-file and data-file-raw only with an external data file.
+// (QEMU also lists persistent bitmaps; imgfuse reports only their presence,
+// under its own "imgfuse" key.)
+type qemuSpecific struct {
+	Compat          string `json:"compat"`
+	CompressionType string `json:"compression-type"`
+	LazyRefcounts   *bool  `json:"lazy-refcounts,omitempty"`
+	RefcountBits    int    `json:"refcount-bits"`
+	DataFile        string `json:"data-file,omitempty"`
+	DataFileRaw     *bool  `json:"data-file-raw,omitempty"`
+	Corrupt         *bool  `json:"corrupt,omitempty"`
+	ExtendedL2      *bool  `json:"extended-l2,omitempty"`
+}
+
+func (h *header) qemuSpecific() qemuSpecific {
+	fi := h.formatInfo()
+	q := qemuSpecific{Compat: fi.Compat, CompressionType: fi.CompressionType, RefcountBits: fi.RefcountBits}
+	if h.Version >= 3 {
+		q.LazyRefcounts, q.Corrupt, q.ExtendedL2 = &fi.LazyRefcounts, &fi.Corrupt, &fi.ExtendedL2
+	}
+	if h.hasDataFile() {
+		q.DataFile, q.DataFileRaw = fi.DataFile, &fi.DataFileRaw
+	}
+	return q
+}
+
 // featureBits is one feature word: its value and the names of its set bits.
 type featureBits struct {
 	Bits  uint64   `json:"bits"`

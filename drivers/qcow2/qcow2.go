@@ -353,12 +353,19 @@ func (img *image) Snapshots() []drivers.Snapshot {
 
 // Info implements drivers.Informer.
 func (img *image) Info() drivers.ImageInfo {
+	fi := img.h.formatInfo()
 	info := drivers.ImageInfo{
-		Filename:       img.path,
-		Format:         "qcow2",
-		VirtualSize:    img.size.Load(),
-		FormatSpecific: img.h.formatInfo(),
-		Snapshots:      img.Snapshots(),
+		Filename:        img.path,
+		Format:          "qcow2",
+		VirtualSize:     img.size.Load(),
+		ClusterSize:     img.clusterSize,
+		Dirty:           fi.Dirty,
+		BackingFilename: img.h.BackingFile,
+		BackingFormat:   img.h.BackingFormat,
+		DataFile:        fi.DataFile,
+		FormatSpecific:  &drivers.FormatSpecific{Type: "qcow2", Data: img.h.qemuSpecific()},
+		Extra:           fi,
+		Snapshots:       img.Snapshots(),
 	}
 	if sz, err := img.file.Size(); err == nil {
 		info.FileSize = sz

@@ -1,0 +1,266 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+// The drivers.Checker capability: `imgfuse check` (qemu-img check). The
+// counting is check.go's; this file adds what the command needs around
+// it: a check of an image opened read-only, progress, block statistics,
+// and the repairs of qemu-img check -r leaks|all.
+
+var _ drivers.Checker = (*image)(nil)
+
+// Check implements drivers.Checker. It must not be called from a
+// coroutine, nor with requests in flight.
+func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+	var res drivers.CheckResult
+	var err error
+	if img.snapshot != nil {
+		return res, fmt.Errorf("qcow2: %s: check: opened on a snapshot: %w", img.path, drivers.ErrUnsupported)
+	}
+	if mode != drivers.CheckOnly && !img.writable {
+		return res, img.readOnly("repair")
+	}
+	coroutine.Run(func(co *coroutine.Co) {
+		img.mu.Lock(co)
+		defer img.mu.Unlock(co)
+		res, err = img.checkLocked(co, mode, progress)
+	})
+	return res, err
+}
+
+func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+	img.mu.AssertHeld(co)
+	var res drivers.CheckResult
+	rc := img.rc
+	if rc == nil {
+		var err error
+		if rc, err = openRefcounts(img.file, img.h, img.fileSize, nil); err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		}
+		rc.mu = &img.mu
+	}
+	read := img.progressReader(co, progress)
+	r, err := rc.checkLocked(co, read, img.snaps)
+	if err != nil {
+		res.CheckErrors++
+		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+	}
+	if mode != drivers.CheckOnly && (r.Leaks > 0 || mode == drivers.RepairAll && r.Corruptions > 0) {
+		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read)
+		if err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: repair: %w", img.path, err)
+		}
+		if r, err = rc.checkLocked(co, read, img.snaps); err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
+		}
+		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
+	}
+	res.Corruptions, res.Leaks, res.Messages = r.Corruptions, r.Leaks, r.Errors
+	res.ImageEndOffset = r.ImageEnd
+	cs := img.clusterSize
+	res.TotalClusters = (img.size.Load() + cs - 1) / cs
+	if err := img.blockStats(read, &res); err != nil {
+		res.CheckErrors++
+		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+	}
+	if progress != nil {
+		progress(1, 1)
+	}
+	return res, nil
+}
+
+// progressReader is a metadata reader for the checker that reports, per
+// table read, the share of the L2 tables (active and snapshots') read.
+func (img *image) progressReader(co *coroutine.Co, progress func(done, total int64)) func(off int64, p []byte) error {
+	base := func(off int64, p []byte) error { return img.file.PreadCo(co, p, off) }
+	if progress == nil {
+		return base
+	}
+	var total int64 = 1
+	for _, e := range img.l1 {
+		if e&l1eOffsetMask != 0 {
+			total++
+		}
+	}
+	for i := range img.snaps {
+		total += int64(img.snaps[i].L1Size) // an upper bound: entries, not tables
+	}
+	var done int64
+	return func(off int64, p []byte) error {
+		if int64(len(p)) == img.clusterSize {
+			done++
+			progress(min(done, total), total)
+		}
+		return base(off, p)
+	}
+}
+
+// blockStats counts the active disk's allocated, fragmented and
+// compressed clusters as QEMU's check_refcounts_l2 does (CHECK_FRAG_INFO):
+// a cluster is fragmented when it does not follow the previous allocated
+// cluster of the same L2 table in the file; compressed clusters always
+// are.
+func (img *image) blockStats(read func(off int64, p []byte) error, res *drivers.CheckResult) error {
+	h := img.h
+	cs := img.clusterSize
+	tb := make([]byte, cs)
+	for _, l1e := range img.l1 {
+		l2Off := int64(l1e & l1eOffsetMask)
+		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
+			continue // counted as a corruption by the check
+		}
+		if err := read(l2Off, tb); err != nil {
+			return fmt.Errorf("reading L2 table at %#x: %w", l2Off, err)
+		}
+		var next int64
+		for j := int64(0); j < cs; j += img.l2EntryBytes {
+			e := binary.BigEndian.Uint64(tb[j:])
+			host := int64(e & l2eOffsetMask)
+			switch {
+			case e&oflagCompressed != 0:
+				res.AllocatedClusters++
+				res.CompressedClusters++
+				res.FragmentedClusters++
+			case e&oflagZero != 0 && !h.extendedL2() && host == 0:
+				// a plain zero cluster: nothing allocated
+			case host != 0 || h.hasDataFile() && e&oflagCopied != 0:
+				res.AllocatedClusters++
+				if next != 0 && host != next {
+					res.FragmentedClusters++
+				}
+				next = host + cs
+			}
+		}
+	}
+	return nil
+}
+
+// repairCheckedLocked repairs what a check found (QEMU's
+// qcow2_check_refcounts with BDRV_FIX_LEAKS, and BDRV_FIX_ERRORS for
+// RepairAll): refcounts above the references are lowered to them; with
+// RepairAll, a damaged refcount structure is rebuilt, refcounts below the
+// references are raised to them, and COPIED flags are made to agree with
+// the refcounts. It returns the leaks and corruptions fixed.
+func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, read func(off int64, p []byte) error) (leaks, corruptions int, err error) {
+	img.mu.AssertHeld(co)
+	rc := img.rc
+	if err := img.l2.Write(co); err != nil {
+		return 0, 0, err
+	}
+	fileSize, err := img.file.Size()
+	if err != nil {
+		return 0, 0, err
+	}
+	calc, err := computeRefcounts(read, img.h, fileSize, img.snaps)
+	if err != nil {
+		return 0, 0, err
+	}
+	if calc.rebuild && mode == drivers.RepairAll {
+		before := calc.res.Corruptions
+		if err := rc.rebuildLocked(co, read, img.snaps); err != nil {
+			return 0, 0, err
+		}
+		corruptions += before
+	} else {
+		for i, want := range calc.counts {
+			got, err := rc.getLocked(co, int64(i))
+			if err != nil {
+				continue // reported by the check
+			}
+			switch {
+			case got > want:
+				leaks++
+			case got < want && mode == drivers.RepairAll:
+				corruptions++
+			default:
+				continue
+			}
+			if err := rc.updateLocked(co, int64(i)<<img.clusterBits, img.clusterSize, int64(want)-int64(got)); err != nil {
+				return leaks, corruptions, fmt.Errorf("cluster %d: %w", i, err)
+			}
+		}
+	}
+	if mode == drivers.RepairAll {
+		n, err := img.fixCopiedLocked(co, rc, read)
+		corruptions += n
+		if err != nil {
+			return leaks, corruptions, err
+		}
+	}
+	if err := rc.flushLocked(co); err != nil {
+		return leaks, corruptions, err
+	}
+	return leaks, corruptions, img.file.FdatasyncCo(co)
+}
+
+// fixCopiedLocked sets the COPIED flag of every active L1 and L2 entry
+// whose cluster has refcount 1 and clears it elsewhere (QEMU's
+// check_oflag_copied with BDRV_FIX_ERRORS). The L2 cache is written back
+// and emptied first, then the tables are patched on disk. It returns the
+// entries fixed.
+func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off int64, p []byte) error) (int, error) {
+	img.mu.AssertHeld(co)
+	if err := img.l2.Write(co); err != nil {
+		return 0, err
+	}
+	if err := img.l2.Invalidate(); err != nil {
+		return 0, err
+	}
+	cs := img.clusterSize
+	fixed := 0
+	l1Changed := false
+	tb := make([]byte, cs)
+	for i, l1e := range img.l1 {
+		l2Off := int64(l1e & l1eOffsetMask)
+		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
+			continue
+		}
+		if r, err := rc.getLocked(co, l2Off>>img.clusterBits); err == nil && (r == 1) != (l1e&oflagCopied != 0) {
+			img.l1[i] = l1e ^ oflagCopied
+			l1Changed = true
+			fixed++
+		}
+		if err := read(l2Off, tb); err != nil {
+			return fixed, err
+		}
+		changed := false
+		for j := int64(0); j < cs; j += img.l2EntryBytes {
+			e := binary.BigEndian.Uint64(tb[j:])
+			host := int64(e & l2eOffsetMask)
+			if e&oflagCompressed != 0 || img.extData || host == 0 || host&(cs-1) != 0 {
+				continue
+			}
+			r, err := rc.getLocked(co, host>>img.clusterBits)
+			if err != nil || (r == 1) == (e&oflagCopied != 0) {
+				continue
+			}
+			binary.BigEndian.PutUint64(tb[j:], e^oflagCopied)
+			changed = true
+			fixed++
+		}
+		if changed {
+			if err := img.file.PwriteCo(co, tb, l2Off); err != nil {
+				return fixed, err
+			}
+		}
+	}
+	if l1Changed {
+		buf := make([]byte, len(img.l1)*8)
+		for i, e := range img.l1 {
+			binary.BigEndian.PutUint64(buf[i*8:], e)
+		}
+		if err := img.file.PwriteCo(co, buf, int64(img.h.L1Offset)); err != nil {
+			return fixed, err
+		}
+	}
+	return fixed, nil
+}
