@@ -52,7 +52,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		res.CheckErrors++
 		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
 	}
-	if mode != drivers.CheckOnly && (r.Leaks > 0 || mode == drivers.RepairAll && r.Corruptions > 0) {
+	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
 		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read)
 		if err != nil {
 			res.CheckErrors++
@@ -164,28 +164,49 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 	if err != nil {
 		return 0, 0, err
 	}
-	if calc.rebuild && mode == drivers.RepairAll {
-		before := calc.res.Corruptions
+	// A cluster in use with refcount 0, or a damaged refcount structure,
+	// needs a rebuild (QEMU's compare_refcounts sets rebuild), which only
+	// -r all may do; -r leaks then fails the check, as qemu-img's does.
+	type fix struct {
+		cluster   int64
+		got, want uint64
+	}
+	var fixes []fix
+	rebuild := calc.rebuild
+	under, over := 0, 0
+	for i, want := range calc.counts {
+		got, err := rc.getLocked(co, int64(i))
+		if err != nil || got == want {
+			continue // an error is reported by the check
+		}
+		if got < want {
+			under++
+			rebuild = rebuild || got == 0
+		} else {
+			over++
+		}
+		fixes = append(fixes, fix{int64(i), got, want})
+	}
+	switch {
+	case rebuild && mode != drivers.RepairAll:
+		return 0, 0, fmt.Errorf("the refcount structure needs a rebuild, which only -r all does: %w", drivers.ErrCorrupt)
+	case rebuild:
 		if err := rc.rebuildLocked(co, read, img.snaps); err != nil {
 			return 0, 0, err
 		}
-		corruptions += before
-	} else {
-		for i, want := range calc.counts {
-			got, err := rc.getLocked(co, int64(i))
-			if err != nil {
-				continue // reported by the check
-			}
-			switch {
-			case got > want:
-				leaks++
-			case got < want && mode == drivers.RepairAll:
-				corruptions++
-			default:
+		leaks, corruptions = over, under
+	default:
+		for _, f := range fixes {
+			if f.got < f.want && mode != drivers.RepairAll {
 				continue
 			}
-			if err := rc.updateLocked(co, int64(i)<<img.clusterBits, img.clusterSize, int64(want)-int64(got)); err != nil {
-				return leaks, corruptions, fmt.Errorf("cluster %d: %w", i, err)
+			if err := rc.updateLocked(co, f.cluster<<img.clusterBits, img.clusterSize, int64(f.want)-int64(f.got)); err != nil {
+				return leaks, corruptions, fmt.Errorf("cluster %d: %w", f.cluster, err)
+			}
+			if f.got < f.want {
+				corruptions++
+			} else {
+				leaks++
 			}
 		}
 	}

@@ -134,6 +134,10 @@ type image struct {
 	zmu sync.Mutex
 	// zcache holds recently decompressed clusters. Protected by zmu.
 	zcache zcache
+
+	// mapPrealloc caches LayerStatus's guess whether the image has
+	// metadata preallocation (mapinfo.go): 0 not made yet, 1 no, 2 yes.
+	mapPrealloc atomic.Int32
 }
 
 // chain carries what an open needs to know about the images above it in a
