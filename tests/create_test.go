@@ -1,0 +1,136 @@
+package tests
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"imgfuse/drivers/driverstest"
+)
+
+// TestCreateLikeQemuImg: `imgfuse create` makes, for each qemu-img create
+// option, the same file qemu-img create makes (so qemu-img info describes
+// it identically and qemu-img check accepts it); the result mounts and
+// takes writes.
+func TestCreateLikeQemuImg(t *testing.T) {
+	requireE2E(t)
+	cases := []struct {
+		name string
+		args []string // between "create" and IMAGE SIZE
+		size string
+	}{
+		{"default", nil, "64M"},
+		{"cluster-4k-refcount-8", []string{"-o", "cluster_size=4k,refcount_bits=8"}, "64M"},
+		{"cluster-512-refcount-1", []string{"-o", "cluster_size=512,refcount_bits=1"}, "16M"},
+		{"cluster-2M-refcount-64", []string{"-o", "cluster_size=2M,refcount_bits=64"}, "1G"},
+		{"extended-l2", []string{"-o", "extended_l2=on"}, "64M"},
+		{"zstd", []string{"-o", "compression_type=zstd"}, "64M"},
+		{"lazy-refcounts", []string{"-o", "lazy_refcounts=on"}, "64M"},
+		{"compat-0.10", []string{"-o", "compat=0.10"}, "64M"},
+		{"compat-1.1-preallocation-off", []string{"-o", "compat=1.1", "-o", "preallocation=off"}, "64M"},
+		{"raw", []string{"-f", "raw"}, "64M"},
+		{"odd-size", nil, "12345678"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			theirs, ours := filepath.Join(dir, "qemu.img"), filepath.Join(dir, "imgfuse.img")
+			qargs := append([]string{"create", "-q"}, c.args...)
+			if len(c.args) == 0 || c.args[0] != "-f" {
+				qargs = append(qargs, "-f", "qcow2")
+			}
+			driverstest.Cmd(t, "qemu-img", append(qargs, theirs, c.size)...)
+			if r := imgfuse(t, nil, append(append([]string{"create", "-q"}, c.args...), ours, c.size)...); r.code != 0 {
+				t.Fatalf("imgfuse create: %v", r)
+			}
+			compareFiles(t, ours, theirs)
+			if c.name != "raw" {
+				requireClean(t, ours)
+			}
+			sameInfo(t, ours, theirs)
+
+			// It mounts and takes a write that qemu-img reads back.
+			mp, disk := mount(t, ours, false)
+			f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := bytes.Repeat([]byte("imgfuse create "), 1000)
+			if _, err := f.WriteAt(data, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			unmount(t, mp)
+			if c.name != "raw" {
+				requireClean(t, ours)
+			}
+			got := driverstest.Cmd(t, "qemu-io", "-f", map[bool]string{true: "raw", false: "qcow2"}[c.name == "raw"],
+				"-c", "read -v 1048576 15", ours)
+			if !bytes.Contains(got, []byte("69 6d 67 66 75 73 65 20 63 72 65 61 74 65 20")) {
+				t.Errorf("qemu-io does not read the write back:\n%s", got)
+			}
+		})
+	}
+}
+
+// sameInfo compares qemu-img info of two images, filename and actual-size
+// aside.
+func sameInfo(t *testing.T, ours, theirs string) {
+	t.Helper()
+	a := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", ours)).(map[string]any)
+	b := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", theirs)).(map[string]any)
+	for _, k := range []string{"filename", "actual-size"} {
+		delete(a, k)
+		delete(b, k)
+	}
+	sameShared(t, "qemu-img info", a, b)
+	sameShared(t, "qemu-img info", b, a)
+}
+
+// TestCreateOverlay: the everyday CI use, an overlay over a base with the
+// size taken from the base, relative backing name kept as given.
+func TestCreateOverlay(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "48M")
+	driverstest.Cmd(t, "qemu-io", "-c", "write -P 0x5a 0 1M", base)
+	theirs, ours := filepath.Join(dir, "qemu.qcow2"), filepath.Join(dir, "imgfuse.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", theirs)
+	// Without -F: the format is probed from the base and written.
+	if r := imgfuse(t, nil, "create", "-q", "-b", "base.qcow2", ours); r.code != 0 {
+		t.Fatalf("imgfuse create -b: %v", r)
+	}
+	compareFiles(t, ours, theirs)
+	sameInfo(t, ours, theirs)
+
+	_, disk := mount(t, ours, false, "--read-only")
+	b := make([]byte, 4096)
+	f, err := os.Open(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(b, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b, bytes.Repeat([]byte{0x5a}, 4096)) {
+		t.Errorf("the overlay does not read the base's data: % x...", b[:16])
+	}
+
+	// A missing backing file: refused unless -u, which needs SIZE and -F.
+	if r := imgfuse(t, nil, "create", "-q", "-b", "nope.qcow2", filepath.Join(dir, "x.qcow2")); r.code != 3 {
+		t.Errorf("create over a missing backing file: %v", r)
+	}
+	if r := imgfuse(t, nil, "create", "-q", "-u", "-b", "nope.qcow2", "-F", "qcow2", filepath.Join(dir, "y.qcow2"), "1M"); r.code != 0 {
+		t.Errorf("create -u: %v", r)
+	}
+	if r := imgfuse(t, nil, "create", "-q", "-o", "compat=0.10,extended_l2=on", filepath.Join(dir, "z.qcow2"), "1M"); r.code != 2 {
+		t.Errorf("create with contradicting options: %v", r)
+	}
+}
