@@ -64,8 +64,10 @@ the image and exits; 'imgfuse unmount' waits for that and fails if the
 flush did.
 
 Exit status: 0 once the mount answers (with --foreground: after a clean
-unmount and flush); 1 if the image cannot be opened or mounted, or (with
---foreground) cannot be flushed at the end; 2 for usage errors.`
+unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4 if
+another process holds its lock, 5 if it uses an unsupported feature, 6 if it
+is corrupt, 7 if the mount itself fails, 8 (with --foreground) if the final
+flush fails; 1 for anything else.`
 
 func newMountCmd() *cobra.Command {
 	o := &mountOptions{}

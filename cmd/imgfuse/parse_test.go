@@ -82,3 +82,20 @@ func FuzzDecodeReport(f *testing.F) {
 		}
 	})
 }
+
+func TestCompletionAndVersion(t *testing.T) {
+	for _, sh := range []string{"bash", "zsh", "fish"} {
+		code, out, stderr := runCLI(t, "completion", sh)
+		if code != exitOK || !strings.Contains(out, "imgfuse") {
+			t.Errorf("completion %s: exit %d, %d bytes, %s", sh, code, len(out), stderr)
+		}
+	}
+	code, out, _ := runCLI(t, "version")
+	if code != exitOK || out != "imgfuse "+version+"\n" {
+		t.Errorf("version: exit %d, %q", code, out)
+	}
+	code, out, _ = runCLI(t, "--help")
+	if code != exitOK || !strings.Contains(out, exitCodesHelp) {
+		t.Errorf("--help lacks the exit codes: exit %d\n%s", code, out)
+	}
+}
