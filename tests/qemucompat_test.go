@@ -94,6 +94,12 @@ var compatMatrix = []compatImage{
 		qi(t, dir, "snapshot", "-c", "second", img)
 		return img
 	}},
+	{"bitmaps", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "bitmaps.qcow2", "")
+		qi(t, dir, "bitmap", "--add", img, "b0")
+		qi(t, dir, "bitmap", "--add", "-g", "128k", "--disable", img, "second")
+		return img
+	}},
 	{"overlay-chain", true, func(t *testing.T, dir string) string {
 		base := filepath.Join(dir, "base.raw")
 		qi(t, dir, "create", "-q", "-f", "raw", base, "16M")

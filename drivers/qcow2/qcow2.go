@@ -367,7 +367,7 @@ func (img *image) Info() drivers.ImageInfo {
 		BackingFilename: img.h.BackingFile,
 		BackingFormat:   img.h.BackingFormat,
 		DataFile:        fi.DataFile,
-		FormatSpecific:  &drivers.FormatSpecific{Type: "qcow2", Data: img.h.qemuSpecific()},
+		FormatSpecific:  &drivers.FormatSpecific{Type: "qcow2", Data: img.qemuSpecific()},
 		Extra:           fi,
 		Snapshots:       img.Snapshots(),
 	}
