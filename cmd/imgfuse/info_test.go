@@ -163,3 +163,16 @@ func TestWriteJSONTreeKeepsOrder(t *testing.T) {
 		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
 	}
 }
+
+// TestInfoJSONFlagsAgree: --json is --output=json.
+func TestInfoJSONFlagsAgree(t *testing.T) {
+	_, top := infoChain(t)
+	c1, a, _ := runCLI(t, "info", "--json", top)
+	c2, b, _ := runCLI(t, "info", "--output=json", top)
+	if c1 != exitOK || c2 != exitOK || a != b || a == "" {
+		t.Errorf("--json (exit %d) and --output=json (exit %d) differ:\n%s\n%s", c1, c2, a, b)
+	}
+	if code, _, stderr := runCLI(t, "info", "--output=yaml", top); code != exitUsage || !strings.Contains(stderr, "--output") {
+		t.Errorf("--output=yaml: exit %d, %s", code, stderr)
+	}
+}
