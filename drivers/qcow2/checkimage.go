@@ -72,14 +72,13 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		res.CheckErrors++
 		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
 	}
-	if progress != nil {
-		progress(1, 1)
-	}
 	return res, nil
 }
 
 // progressReader is a metadata reader for the checker that reports, per
-// table read, the share of the L2 tables (active and snapshots') read.
+// table read, how many of the L2 table reads of a check were done: each
+// active table is read three times (references, COPIED flags, block
+// statistics), each snapshot's once (its L1 size is an upper bound).
 func (img *image) progressReader(co *coroutine.Co, progress func(done, total int64)) func(off int64, p []byte) error {
 	base := func(off int64, p []byte) error { return img.file.PreadCo(co, p, off) }
 	if progress == nil {
@@ -88,7 +87,7 @@ func (img *image) progressReader(co *coroutine.Co, progress func(done, total int
 	var total int64 = 1
 	for _, e := range img.l1 {
 		if e&l1eOffsetMask != 0 {
-			total++
+			total += 3
 		}
 	}
 	for i := range img.snaps {
