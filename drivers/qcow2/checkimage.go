@@ -52,8 +52,14 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		res.CheckErrors++
 		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
 	}
+	res.Messages = r.Errors
 	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
-		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read)
+		note := func(m string) {
+			if len(res.Messages) < 2*maxCheckMessages {
+				res.Messages = append(res.Messages, m)
+			}
+		}
+		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read, note)
 		if err != nil {
 			res.CheckErrors++
 			return res, fmt.Errorf("qcow2: %s: repair: %w", img.path, err)
@@ -63,8 +69,9 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
 		}
 		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
+		res.Messages = append(res.Messages, r.Errors...)
 	}
-	res.Corruptions, res.Leaks, res.Messages = r.Corruptions, r.Leaks, r.Errors
+	res.Corruptions, res.Leaks = r.Corruptions, r.Leaks
 	res.ImageEndOffset = r.ImageEnd
 	cs := img.clusterSize
 	res.TotalClusters = (img.size.Load() + cs - 1) / cs
@@ -149,7 +156,7 @@ func (img *image) blockStats(read func(off int64, p []byte) error, res *drivers.
 // RepairAll, a damaged refcount structure is rebuilt, refcounts below the
 // references are raised to them, and COPIED flags are made to agree with
 // the refcounts. It returns the leaks and corruptions fixed.
-func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, read func(off int64, p []byte) error) (leaks, corruptions int, err error) {
+func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, read func(off int64, p []byte) error, note func(string)) (leaks, corruptions int, err error) {
 	img.mu.AssertHeld(co)
 	rc := img.rc
 	if err := img.l2.Write(co); err != nil {
@@ -190,6 +197,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 	case rebuild && mode != drivers.RepairAll:
 		return 0, 0, fmt.Errorf("the refcount structure needs a rebuild, which only -r all does: %w", drivers.ErrCorrupt)
 	case rebuild:
+		note("Rebuilding refcount structure")
 		if err := rc.rebuildLocked(co, read, img.snaps); err != nil {
 			return 0, 0, err
 		}
@@ -199,6 +207,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 			if f.got < f.want && mode != drivers.RepairAll {
 				continue
 			}
+			note(fmt.Sprintf("Repairing cluster %d refcount=%d reference=%d", f.cluster, f.got, f.want))
 			if err := rc.updateLocked(co, f.cluster<<img.clusterBits, img.clusterSize, int64(f.want)-int64(f.got)); err != nil {
 				return leaks, corruptions, fmt.Errorf("cluster %d: %w", f.cluster, err)
 			}
@@ -210,7 +219,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 		}
 	}
 	if mode == drivers.RepairAll {
-		n, err := img.fixCopiedLocked(co, rc, read)
+		n, err := img.fixCopiedLocked(co, rc, read, note)
 		corruptions += n
 		if err != nil {
 			return leaks, corruptions, err
@@ -227,7 +236,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 // check_oflag_copied with BDRV_FIX_ERRORS). The L2 cache is written back
 // and emptied first, then the tables are patched on disk. It returns the
 // entries fixed.
-func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off int64, p []byte) error) (int, error) {
+func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off int64, p []byte) error, note func(string)) (int, error) {
 	img.mu.AssertHeld(co)
 	if err := img.l2.Write(co); err != nil {
 		return 0, err
@@ -245,6 +254,7 @@ func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off
 			continue
 		}
 		if r, err := rc.getLocked(co, l2Off>>img.clusterBits); err == nil && (r == 1) != (l1e&oflagCopied != 0) {
+			note(fmt.Sprintf("Repairing OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, l1e, r))
 			img.l1[i] = l1e ^ oflagCopied
 			l1Changed = true
 			fixed++
@@ -263,6 +273,7 @@ func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off
 			if err != nil || (r == 1) == (e&oflagCopied != 0) {
 				continue
 			}
+			note(fmt.Sprintf("Repairing OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", e, r))
 			binary.BigEndian.PutUint64(tb[j:], e^oflagCopied)
 			changed = true
 			fixed++
