@@ -126,6 +126,14 @@ func TestCreateOverlay(t *testing.T) {
 	if !bytes.Equal(b, bytes.Repeat([]byte{0x5a}, 4096)) {
 		t.Errorf("the overlay does not read the base's data: % x...", b[:16])
 	}
+	// create over an image in use is refused before anything is written.
+	sum := fileSum(t, ours)
+	if r := imgfuse(t, nil, "create", "-q", ours, "1M"); r.code != 4 {
+		t.Errorf("create over a mounted image: %v", r)
+	}
+	if fileSum(t, ours) != sum {
+		t.Error("create over a mounted image changed it")
+	}
 
 	// A missing backing file: refused unless -u, which needs SIZE and -F.
 	if r := imgfuse(t, nil, "create", "-q", "-b", "nope.qcow2", filepath.Join(dir, "x.qcow2")); r.code != 3 {

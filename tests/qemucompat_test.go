@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"imgfuse/drivers/driverstest"
@@ -336,5 +337,23 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestCheckProgressOnlyOnTerminal: check shows a progress bar for a large
+// image on a terminal (script(1) provides one) and none otherwise.
+func TestCheckProgressOnlyOnTerminal(t *testing.T) {
+	requireE2E(t, "script")
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "big.qcow2")
+	qi(t, "", "create", "-q", "-f", "qcow2", img, "8G")
+	qio(t, img, "write 0 1M", "write 7G 1M")
+	out := driverstest.Cmd(t, "script", "-qec", imgfuseBin+" check "+img, "/dev/null")
+	if !strings.Contains(string(out), "checking") || !strings.Contains(string(out), "No errors were found") {
+		t.Errorf("on a terminal: no progress bar or no verdict:\n%q", out)
+	}
+	r := imgfuse(t, nil, "check", img)
+	if r.code != 0 || strings.Contains(r.stdout+r.stderr, "checking") {
+		t.Errorf("without a terminal: %v", r)
 	}
 }

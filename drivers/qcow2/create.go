@@ -1,11 +1,13 @@
 package qcow2
 
 import (
+	"errors"
 	"fmt"
 	"math/bits"
 	"os"
 
 	"imgfuse/aio"
+	"imgfuse/drivers"
 )
 
 // Creating images (`imgfuse create`, qemu-img create -f qcow2).
@@ -60,16 +62,25 @@ func Create(path string, o CreateOptions) error {
 		setRefcount(tables[cs:], h.RefcountOrder, c, 1)
 	}
 
-	fd, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	// Create the file if need be, but truncate only once its image locks
+	// are held: an image in use elsewhere must not be destroyed.
+	fd, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
 	if err != nil {
 		return fmt.Errorf("qcow2: create: %w", err)
 	}
 	fd.Close()
 	f, err := aio.Open(path, aio.Options{NoDirectIO: true})
 	if err != nil {
+		var le *aio.LockError
+		if errors.As(err, &le) {
+			return fmt.Errorf("qcow2: create: %w (%w)", err, drivers.ErrLocked)
+		}
 		return fmt.Errorf("qcow2: create: %w", err)
 	}
 	werr := func() error {
+		if err := f.Truncate(0); err != nil {
+			return err
+		}
 		if err := f.Pwrite(hdr, 0); err != nil {
 			return err
 		}

@@ -1,6 +1,7 @@
 package raw
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -15,16 +16,25 @@ func Create(path string, size int64) error {
 	if size < 0 {
 		return fmt.Errorf("raw: create %s: negative size %d: %w", path, size, drivers.ErrUnsupported)
 	}
-	fd, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	// Create the file if need be, but truncate only once its image locks
+	// are held: an image in use elsewhere must not be destroyed.
+	fd, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
 	if err != nil {
 		return fmt.Errorf("raw: create: %w", err)
 	}
 	fd.Close()
 	f, err := aio.Open(path, aio.Options{NoDirectIO: true})
 	if err != nil {
+		var le *aio.LockError
+		if errors.As(err, &le) {
+			return fmt.Errorf("raw: create: %w (%w)", err, drivers.ErrLocked)
+		}
 		return fmt.Errorf("raw: create: %w", err)
 	}
-	werr := f.Truncate(size)
+	werr := f.Truncate(0)
+	if werr == nil {
+		werr = f.Truncate(size)
+	}
 	if werr == nil && size > 0 {
 		werr = f.Pwrite(make([]byte, min(size, 4096)), 0)
 	}
