@@ -367,12 +367,12 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 	var ferr error
 	coroutine.Run(func(co *coroutine.Co) { ferr = d.Flush(co) })
 	if ferr != nil {
-		ferr = fmt.Errorf("flush %s: %w", image, ferr)
+		ferr = fmt.Errorf("flush %s: %v%w", image, trimPathError(ferr, image), sentinelOf(ferr))
 		logger.Printf("%v; data written through the mount may not be in the image; closing it", ferr)
 	}
 	var cerr error
 	if err := d.Close(); err != nil {
-		cerr = fmt.Errorf("close %s: %w", image, err)
+		cerr = fmt.Errorf("close %s: %v%w", image, trimPathError(err, image), sentinelOf(err))
 	}
 	if err := errors.Join(ferr, cerr); err != nil {
 		return flushFailed(err)
