@@ -112,6 +112,12 @@ func TestCreateOverlay(t *testing.T) {
 	}
 	compareFiles(t, ours, theirs)
 	sameInfo(t, ours, theirs)
+	// qemu-img's -o spelling of the same.
+	viaOpts := filepath.Join(dir, "opts.qcow2")
+	if r := imgfuse(t, nil, "create", "-q", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", viaOpts); r.code != 0 {
+		t.Fatalf("imgfuse create -o backing_file: %v", r)
+	}
+	compareFiles(t, viaOpts, theirs)
 
 	_, disk := mount(t, ours, false, "--read-only")
 	b := make([]byte, 4096)

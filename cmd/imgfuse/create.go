@@ -40,6 +40,7 @@ given and to probe its format when -F is not given; -u skips that (SIZE and
   extended_l2=on|off         subclusters (compat=1.1, cluster_size >= 16k)
   compression_type=zlib|zstd (zstd: compat=1.1)
   preallocation=off          the only mode imgfuse creates
+  size=SIZE, backing_file=BACKING, backing_fmt=FMT   as SIZE, -b and -F
 Raw images (-f raw) take no options and are sparse files.`,
 		Example: `  imgfuse create -f qcow2 disk.qcow2 10G
   imgfuse create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2   # size from the base
@@ -68,9 +69,30 @@ Raw images (-f raw) take no options and are sparse files.`,
 			if err != nil {
 				return err
 			}
+			// qemu-img also takes these as -o options.
+			if co.BackingFile != "" {
+				if backing != "" && backing != co.BackingFile {
+					return usagef("-b and -o backing_file disagree")
+				}
+				backing = co.BackingFile
+			}
+			if co.BackingFormat != "" {
+				if backingFmt != "" && backingFmt != co.BackingFormat {
+					return usagef("-F and -o backing_fmt disagree")
+				}
+				backingFmt = co.BackingFormat
+			}
+			if co.Size >= 0 {
+				if size >= 0 && size != co.Size {
+					return usagef("SIZE and -o size disagree")
+				}
+				size = co.Size
+			}
 			if format == "raw" {
-				if len(opts) > 0 || backing != "" {
-					return usagef("-o and -b are for qcow2 images; a raw image takes none")
+				qcowOnly := co
+				qcowOnly.Size, qcowOnly.BackingFile, qcowOnly.BackingFormat = -1, "", ""
+				if qcowOnly != (qcow2.CreateOptions{Size: -1}) || backing != "" {
+					return usagef("-b and the -o options other than size are for qcow2 images")
 				}
 				if size < 0 {
 					return usagef("create needs a SIZE for a raw image")
@@ -155,7 +177,7 @@ func isUnsupported(err error) bool {
 
 // parseCreateOptions parses -o's k=v list.
 func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
-	var o qcow2.CreateOptions
+	o := qcow2.CreateOptions{Size: -1} // -1: no size option
 	if s == "" {
 		return o, nil
 	}
@@ -187,12 +209,20 @@ func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
 			o.ExtendedL2, err = onOff(k, v)
 		case "compression_type":
 			o.CompressionType = v
+		case "size":
+			if o.Size, err = parseSize(v); err == nil {
+				o.Size = (o.Size + 511) &^ 511
+			}
+		case "backing_file":
+			o.BackingFile = v
+		case "backing_fmt":
+			o.BackingFormat = v
 		case "preallocation":
 			if v != "off" {
 				err = fmt.Errorf("only preallocation=off is supported")
 			}
 		default:
-			return o, usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off)", k)
+			return o, usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off, size, backing_file, backing_fmt)", k)
 		}
 		if err != nil {
 			if _, isUsage := err.(usageError); isUsage {

@@ -28,6 +28,12 @@ func TestCreateOptionsParse(t *testing.T) {
 	if err != nil || o.ClusterSize != 4096 || o.RefcountBits != 8 || !o.LazyRefcounts || o.ExtendedL2 || o.CompressionType != "zstd" || o.Compat != "1.1" {
 		t.Errorf("parse: %+v, %v", o, err)
 	}
+	if o, err := parseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1024 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
+		t.Errorf("size/backing options: %+v, %v", o, err)
+	}
+	if o, _ := parseCreateOptions(""); o.Size != -1 {
+		t.Errorf("no size option: Size %d, want -1", o.Size)
+	}
 	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=full", "cluster_size=x"} {
 		if _, err := parseCreateOptions(bad); exitCode(err) != exitUsage {
 			t.Errorf("%q: err %v is not a usage error", bad, err)
