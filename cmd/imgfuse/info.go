@@ -246,8 +246,7 @@ func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 		var below *qemuInfo
 		for i := len(links) - 1; i >= 0; i-- {
 			if links[i].err != nil {
-				links[i-1].info.Backing = nil
-				continue
+				continue // named by the image above, under imgfuse.backing-error
 			}
 			q := toQemuInfo(links[i].info)
 			q.BackingImage = below
