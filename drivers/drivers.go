@@ -102,6 +102,11 @@ type OpenOptions struct {
 	// be missing. Unallocated ranges then read as zeros. Only with
 	// ReadOnly.
 	NoBacking bool
+	// Repair opens an image for a consistency repair (qemu-img check -r):
+	// a qcow2 image marked corrupt opens read-write, to be repaired and
+	// marked consistent again. Only drivers.Checker's Check may be used
+	// on such an open.
+	Repair bool
 }
 
 // Format is one image format: how to recognise it and how to open it.

@@ -357,3 +357,25 @@ func TestCheckProgressOnlyOnTerminal(t *testing.T) {
 		t.Errorf("without a terminal: %v", r)
 	}
 }
+
+// TestCheckRepairClearsCorruptBit: like qemu-img check -r, a repair that
+// leaves no corruption clears the corrupt bit of an image marked corrupt
+// (which otherwise mounts read-only only).
+func TestCheckRepairClearsCorruptBit(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "marked.qcow2")
+	qi(t, "", "create", "-q", "-f", "qcow2", img, "32M")
+	qio(t, img, "write -P 0x11 0 128k")
+	setByte(t, img, 72+7, 0x02) // incompatible bit 1: corrupt
+	compareCheck(t, img, 0)
+	if r := imgfuse(t, nil, "check", "-r", "leaks", img); r.code != 0 {
+		t.Fatalf("check -r leaks: %v", r)
+	}
+	info := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", img)).(map[string]any)
+	data := info["format-specific"].(map[string]any)["data"].(map[string]any)
+	if data["corrupt"] != false {
+		t.Errorf("corrupt bit still set after check -r: %v", data)
+	}
+	requireClean(t, img)
+}

@@ -170,6 +170,7 @@ func openForRepair(image, format string, opts drivers.OpenOptions) (drivers.Driv
 		return nil, nil, err
 	}
 	opts.Formats = imageFormats()
+	opts.Repair = true
 	d, f, err := drivers.Open(image, format, opts)
 	if err != nil {
 		return nil, nil, openError(describeOpenError(image, err))

@@ -72,6 +72,14 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		res.Messages = append(res.Messages, r.Errors...)
 	}
 	res.Corruptions, res.Leaks = r.Corruptions, r.Leaks
+	// A repaired image without corruptions is consistent again (QEMU's
+	// qcow2_mark_consistent): the corrupt bit goes.
+	if mode != drivers.CheckOnly && r.Corruptions == 0 && img.h.Incompatible&incompatCorrupt != 0 {
+		if err := img.setIncompatibleLocked(co, img.h.Incompatible&^incompatCorrupt); err != nil {
+			res.CheckErrors++
+			return res, err
+		}
+	}
 	res.ImageEndOffset = r.ImageEnd
 	cs := img.clusterSize
 	res.TotalClusters = (img.size.Load() + cs - 1) / cs

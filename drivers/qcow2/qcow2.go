@@ -387,8 +387,8 @@ func (img *image) Info() drivers.ImageInfo {
 // must not be called from a coroutine.
 func (img *image) openWritable(opts drivers.OpenOptions) error {
 	h := img.h
-	if h.Incompatible&incompatCorrupt != 0 {
-		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with qemu-img check -r all): %w",
+	if h.Incompatible&incompatCorrupt != 0 && !opts.Repair {
+		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): %w",
 			img.path, drivers.ErrCorrupt)
 	}
 	if h.HasBitmaps {
