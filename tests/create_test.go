@@ -3,7 +3,9 @@ package tests
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"imgfuse/drivers/driverstest"
@@ -32,25 +34,55 @@ func TestCreateLikeQemuImg(t *testing.T) {
 		{"compat-1.1-preallocation-off", []string{"-o", "compat=1.1", "-o", "preallocation=off"}, "64M", false},
 		{"raw", []string{"-f", "raw"}, "64M", true},
 		{"odd-size", nil, "12345678", false},
+		{"data-file", []string{"-o", "data_file=img.data"}, "64M", true},
+		{"data-file-raw", []string{"-o", "data_file=img.data,data_file_raw=on,extended_l2=on"}, "64M", false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
+			// Each tool in its own directory, the images (and data
+			// files) under the same names: the names are stored.
 			dir := t.TempDir()
-			theirs, ours := filepath.Join(dir, "qemu.img"), filepath.Join(dir, "imgfuse.img")
+			qdir, odir := filepath.Join(dir, "qemu"), filepath.Join(dir, "imgfuse")
+			for _, d := range []string{qdir, odir} {
+				if err := os.Mkdir(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			theirs, ours := filepath.Join(qdir, "img"), filepath.Join(odir, "img")
 			qargs := append([]string{"create", "-q"}, c.args...)
 			if len(c.args) == 0 || c.args[0] != "-f" {
 				qargs = append(qargs, "-f", "qcow2")
 			}
-			driverstest.Cmd(t, "qemu-img", append(qargs, theirs, c.size)...)
+			qemu := exec.Command("qemu-img", append(qargs, "img", c.size)...)
+			qemu.Dir = qdir // qemu-img creates a data file relative to its cwd
+			if out, err := qemu.CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img create: %v\n%s", err, out)
+			}
 			if r := imgfuse(t, nil, append(append([]string{"create", "-q"}, c.args...), ours, c.size)...); r.code != 0 {
 				t.Fatalf("imgfuse create: %v", r)
 			}
 			compareFiles(t, ours, theirs)
-			if c.name != "raw" {
-				requireClean(t, ours)
+			// QEMU opens a relative data file name from its working
+			// directory (imgfuse from the image's): run it from odir.
+			dataFile := strings.Contains(strings.Join(c.args, " "), "data_file")
+			clean := func() {
+				t.Helper()
+				if c.name == "raw" {
+					return
+				}
+				qc := exec.Command("qemu-img", "check", "img")
+				qc.Dir = odir
+				if out, err := qc.CombinedOutput(); err != nil {
+					t.Errorf("qemu-img check: %v\n%s", err, out)
+				}
 			}
-			sameInfo(t, ours, theirs)
+			clean()
+			if dataFile {
+				compareFiles(t, filepath.Join(odir, "img.data"), filepath.Join(qdir, "img.data"))
+			} else {
+				sameInfo(t, ours, theirs) // same bytes; this is the contract users see
+			}
 			if !c.mount {
 				return
 			}
@@ -69,11 +101,14 @@ func TestCreateLikeQemuImg(t *testing.T) {
 				t.Fatal(err)
 			}
 			unmount(t, mp)
-			if c.name != "raw" {
-				requireClean(t, ours)
+			clean()
+			qio := exec.Command("qemu-io", "-f", map[bool]string{true: "raw", false: "qcow2"}[c.name == "raw"],
+				"-c", "read -v 1048576 15", "img")
+			qio.Dir = odir
+			got, err := qio.CombinedOutput()
+			if err != nil {
+				t.Fatalf("qemu-io: %v\n%s", err, got)
 			}
-			got := driverstest.Cmd(t, "qemu-io", "-f", map[bool]string{true: "raw", false: "qcow2"}[c.name == "raw"],
-				"-c", "read -v 1048576 15", ours)
 			if !bytes.Contains(got, []byte("69 6d 67 66 75 73 65 20 63 72 65 61 74 65 20")) {
 				t.Errorf("qemu-io does not read the write back:\n%s", got)
 			}

@@ -40,6 +40,9 @@ given and to probe its format when -F is not given; -u skips that (SIZE and
   extended_l2=on|off         subclusters (compat=1.1, cluster_size >= 16k)
   compression_type=zlib|zstd (zstd: compat=1.1)
   preallocation=off          the only mode imgfuse creates
+  data_file=NAME             guest data in the raw file NAME (created; relative
+                             to IMAGE's directory), compat=1.1
+  data_file_raw=on|off       NAME is a raw image of the disk (metadata preallocated)
   size=SIZE, backing_file=BACKING, backing_fmt=FMT   as SIZE, -b and -F
 Raw images (-f raw) take no options and are sparse files.`,
 		Example: `  imgfuse create -f qcow2 disk.qcow2 10G
@@ -130,6 +133,11 @@ Raw images (-f raw) take no options and are sparse files.`,
 			if err := qcow2.Create(image, co); err != nil {
 				return createError(err)
 			}
+			if co.DataFile != "" {
+				if err := raw.Create(pathCombine(image, co.DataFile), size); err != nil {
+					return createError(err)
+				}
+			}
 			if !quiet {
 				fmt.Fprintf(stdout, "Formatting '%s', fmt=qcow2 %s\n", image, describeCreate(co))
 			}
@@ -217,12 +225,16 @@ func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
 			o.BackingFile = v
 		case "backing_fmt":
 			o.BackingFormat = v
+		case "data_file":
+			o.DataFile = v
+		case "data_file_raw":
+			o.DataFileRaw, err = onOff(k, v)
 		case "preallocation":
 			if v != "off" {
 				err = fmt.Errorf("only preallocation=off is supported")
 			}
 		default:
-			return o, usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off, size, backing_file, backing_fmt)", k)
+			return o, usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off, size, backing_file, backing_fmt, data_file, data_file_raw)", k)
 		}
 		if err != nil {
 			if _, isUsage := err.(usageError); isUsage {

@@ -39,13 +39,19 @@ type CreateOptions struct {
 	CompressionType string
 	// BackingFile and BackingFormat are written as given ("" for none).
 	BackingFile, BackingFormat string
+	// DataFile names an external data file (version 3 only), written as
+	// given; the caller creates the file. DataFileRaw marks it a raw
+	// image of the disk, which QEMU lays out with preallocated metadata:
+	// every guest cluster mapped to the same offset of the data file.
+	DataFile    string
+	DataFileRaw bool
 }
 
 // Create writes a new, empty qcow2 image at path (truncating any file
 // there) as qemu-img create does. It must not be called from a coroutine.
 // Invalid options fail with an error wrapping drivers.ErrUnsupported.
 func Create(path string, o CreateOptions) error {
-	h, l1Clusters, err := createHeader(o)
+	h, l1Clusters, l2Tables, err := createHeader(o)
 	if err != nil {
 		return fmt.Errorf("qcow2: create %s: %w", path, err)
 	}
@@ -58,8 +64,28 @@ func Create(path string, o CreateOptions) error {
 	// 2), then the refcount block.
 	tables := make([]byte, 2*cs)
 	be.PutUint64(tables, uint64(2*cs))
-	for c := int64(0); c < 3+l1Clusters; c++ {
+	for c := int64(0); c < 3+l1Clusters+l2Tables; c++ {
 		setRefcount(tables[cs:], h.RefcountOrder, c, 1)
+	}
+	// The L1 table, and with preallocated metadata its L2 tables.
+	var l1 []byte
+	if h.L1Size > 0 {
+		l1 = make([]byte, int64(h.L1Size)*8)
+	}
+	var l2 []byte
+	if l2Tables > 0 {
+		l2 = make([]byte, l2Tables*cs)
+		l2Start := int64(h.L1Offset) + l1Clusters*cs
+		entryBytes, entries := int64(8), cs/8
+		if o.ExtendedL2 {
+			entryBytes, entries = 16, cs/16
+		}
+		for i := range l2Tables {
+			be.PutUint64(l1[i*8:], uint64(l2Start+i*cs)|oflagCopied)
+		}
+		for g := int64(0); g*cs < o.Size; g++ {
+			be.PutUint64(l2[(g/entries)*cs+(g%entries)*entryBytes:], uint64(g*cs)|oflagCopied)
+		}
 	}
 
 	// Create the file if need be, but truncate only once its image locks
@@ -88,7 +114,12 @@ func Create(path string, o CreateOptions) error {
 			return err
 		}
 		if h.L1Size > 0 {
-			if err := f.Pwrite(make([]byte, int64(h.L1Size)*8), int64(h.L1Offset)); err != nil {
+			if err := f.Pwrite(l1, int64(h.L1Offset)); err != nil {
+				return err
+			}
+		}
+		if len(l2) > 0 {
+			if err := f.Pwrite(l2, int64(h.L1Offset)+l1Clusters*cs); err != nil {
 				return err
 			}
 		}
@@ -105,24 +136,25 @@ func Create(path string, o CreateOptions) error {
 }
 
 // createHeader validates o as QEMU's qcow2_co_create does and returns the
-// header of the new image and the clusters of its L1 table.
-func createHeader(o CreateOptions) (*header, int64, error) {
+// header of the new image, the clusters of its L1 table and the number of
+// preallocated L2 tables.
+func createHeader(o CreateOptions) (*header, int64, int64, error) {
 	cs := o.ClusterSize
 	if cs == 0 {
 		cs = 64 << 10
 	}
 	if cs < 1<<minClusterBits || cs > 1<<maxClusterBits || cs&(cs-1) != 0 {
-		return nil, 0, unsupportedf("cluster size must be a power of two between 512 and 2M, not %d", cs)
+		return nil, 0, 0, unsupportedf("cluster size must be a power of two between 512 and 2M, not %d", cs)
 	}
 	rb := o.RefcountBits
 	if rb == 0 {
 		rb = 16
 	}
 	if rb > 64 || rb&(rb-1) != 0 {
-		return nil, 0, unsupportedf("refcount_bits must be a power of two up to 64, not %d", rb)
+		return nil, 0, 0, unsupportedf("refcount_bits must be a power of two up to 64, not %d", rb)
 	}
 	if o.Size < 0 {
-		return nil, 0, unsupportedf("negative size %d", o.Size)
+		return nil, 0, 0, unsupportedf("negative size %d", o.Size)
 	}
 	h := &header{
 		Version:          3,
@@ -141,14 +173,14 @@ func createHeader(o CreateOptions) (*header, int64, error) {
 		h.CompressionType = compressionZstd
 		h.Incompatible |= incompatCompression
 	default:
-		return nil, 0, unsupportedf("compression_type %q (want zlib or zstd)", o.CompressionType)
+		return nil, 0, 0, unsupportedf("compression_type %q (want zlib or zstd)", o.CompressionType)
 	}
 	if o.LazyRefcounts {
 		h.Compatible |= compatLazyRefcounts
 	}
 	if o.ExtendedL2 {
 		if cs < 16<<10 {
-			return nil, 0, unsupportedf("extended_l2 needs a cluster size of at least 16k, not %d", cs)
+			return nil, 0, 0, unsupportedf("extended_l2 needs a cluster size of at least 16k, not %d", cs)
 		}
 		h.Incompatible |= incompatExtendedL2
 	}
@@ -162,20 +194,32 @@ func createHeader(o CreateOptions) (*header, int64, error) {
 	case "0.10", "v2":
 		switch {
 		case o.LazyRefcounts:
-			return nil, 0, unsupportedf("lazy_refcounts need compat=1.1")
+			return nil, 0, 0, unsupportedf("lazy_refcounts need compat=1.1")
 		case rb != 16:
-			return nil, 0, unsupportedf("refcount_bits other than 16 need compat=1.1")
+			return nil, 0, 0, unsupportedf("refcount_bits other than 16 need compat=1.1")
 		case o.ExtendedL2:
-			return nil, 0, unsupportedf("extended_l2 needs compat=1.1")
+			return nil, 0, 0, unsupportedf("extended_l2 needs compat=1.1")
 		case h.CompressionType != 0:
-			return nil, 0, unsupportedf("compression_type zstd needs compat=1.1")
+			return nil, 0, 0, unsupportedf("compression_type zstd needs compat=1.1")
 		}
 		h.Version, h.RefcountOrder, h.HeaderLength = 2, 4, hdrV2Len
 	default:
-		return nil, 0, unsupportedf("compat %q (want 0.10 or 1.1)", o.Compat)
+		return nil, 0, 0, unsupportedf("compat %q (want 0.10 or 1.1)", o.Compat)
+	}
+	if o.DataFile != "" {
+		if h.Version < 3 {
+			return nil, 0, 0, unsupportedf("data_file needs compat=1.1")
+		}
+		h.Incompatible |= incompatDataFile
+		h.DataFile = o.DataFile
+		if o.DataFileRaw {
+			h.Autoclear |= autoclearDataFileRaw
+		}
+	} else if o.DataFileRaw {
+		return nil, 0, 0, unsupportedf("data_file_raw needs data_file")
 	}
 	if o.BackingFormat != "" && o.BackingFile == "" {
-		return nil, 0, unsupportedf("a backing format without a backing file")
+		return nil, 0, 0, unsupportedf("a backing format without a backing file")
 	}
 
 	l2Entries := cs / 8
@@ -184,16 +228,21 @@ func createHeader(o CreateOptions) (*header, int64, error) {
 	}
 	l1Entries := (o.Size + cs*l2Entries - 1) / (cs * l2Entries)
 	if l1Entries*8 > maxL1Bytes {
-		return nil, 0, unsupportedf("size %d needs an L1 table larger than %d bytes", o.Size, maxL1Bytes)
+		return nil, 0, 0, unsupportedf("size %d needs an L1 table larger than %d bytes", o.Size, maxL1Bytes)
 	}
 	l1Clusters := (l1Entries*8 + cs - 1) / cs
-	// The one refcount block must count the header, both tables and L1.
-	if perBlock := cs * 8 / int64(rb); 3+l1Clusters > perBlock {
-		return nil, 0, unsupportedf("size %d with %d-byte clusters and %d-bit refcounts needs more than one refcount block", o.Size, cs, rb)
+	var l2Tables int64
+	if o.DataFileRaw {
+		l2Tables = l1Entries
+	}
+	// The one refcount block must count the header, both tables, L1 and
+	// the L2 tables.
+	if perBlock := cs * 8 / int64(rb); 3+l1Clusters+l2Tables > perBlock {
+		return nil, 0, 0, unsupportedf("size %d with %d-byte clusters and %d-bit refcounts needs more than one refcount block", o.Size, cs, rb)
 	}
 	h.L1Size = uint32(l1Entries)
 	if l1Entries > 0 {
 		h.L1Offset = uint64(3 * cs)
 	}
-	return h, l1Clusters, nil
+	return h, l1Clusters, l2Tables, nil
 }
