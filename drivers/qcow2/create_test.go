@@ -57,6 +57,7 @@ func TestCreateRefusesBadOptions(t *testing.T) {
 		{Compat: "0.10", ExtendedL2: true}, {Compat: "0.10", CompressionType: "zstd"},
 		{Compat: "2.0"}, {CompressionType: "lz4"}, {ExtendedL2: true, ClusterSize: 4096},
 		{BackingFormat: "raw"}, {Size: -1}, {Size: 1 << 62, ClusterSize: 512},
+		{Compat: "0.10", DataFile: "d"}, {DataFileRaw: true},
 	} {
 		if err := Create(p, o); !errors.Is(err, drivers.ErrUnsupported) {
 			t.Errorf("Create(%+v) = %v, want ErrUnsupported", o, err)
