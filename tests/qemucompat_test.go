@@ -197,6 +197,15 @@ func TestQemuCompatInfoMapCheck(t *testing.T) {
 				if r.code != 0 || r.stdout != string(want) {
 					t.Errorf("map differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", r.code, r.stdout, r.stderr, want)
 				}
+				if c.chain {
+					// A window that starts and ends inside runs.
+					win := []string{"--start-offset=100000", "--max-length=3000000"}
+					want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
+					r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
+					if r.code != 0 || r.stdout != string(want) {
+						t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+					}
+				}
 			}
 
 			if filepath.Ext(img) == ".raw" {
