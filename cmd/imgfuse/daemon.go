@@ -5,7 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
+
 	"fmt"
 	"io"
 	"log"
@@ -136,8 +136,7 @@ func startDaemon(o *mountOptions) error {
 		return fmt.Errorf("mount daemon exited before reporting (%v)%s", waitErr, hint)
 	default:
 		// The child saw absolute paths; show the user's spelling.
-		msg = strings.Replace(strings.TrimSpace(msg), "open "+o.absImage+":", "open "+o.image+":", 1)
-		return errors.New(msg)
+		return decodeReport(strings.ReplaceAll(msg, o.absImage, o.image))
 	}
 }
 
@@ -231,11 +230,11 @@ func runDaemonChild(o *mountOptions, fd int) error {
 		return nil
 	}
 	if !reported {
-		_, _ = pipe.WriteString(err.Error())
+		_, _ = pipe.WriteString(encodeReport(err))
 		pipe.Close()
 	}
 	logger.Print(err)
-	return exitError{exitFailure}
+	return exitError{exitCode(err)}
 }
 
 // daemonState is what a serving process records so that `imgfuse unmount`

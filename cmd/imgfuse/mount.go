@@ -65,8 +65,10 @@ the image and exits; 'imgfuse unmount' waits for that and fails if the
 flush did.
 
 Exit status: 0 once the mount answers (with --foreground: after a clean
-unmount and flush); 1 if the image cannot be opened or mounted, or (with
---foreground) cannot be flushed at the end; 2 for usage errors.`
+unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4 if
+another process holds its lock, 5 if it uses an unsupported feature, 6 if it
+is corrupt, 7 if the mount itself fails, 8 (with --foreground) if the final
+flush fails; 1 for anything else.`
 
 func newMountCmd() *cobra.Command {
 	o := &mountOptions{}
@@ -86,6 +88,9 @@ func newMountCmd() *cobra.Command {
 			}
 			if err := o.checkWriteFlags(); err != nil {
 				return err
+			}
+			if o.name != "" && (strings.ContainsRune(o.name, '/') || o.name == "." || o.name == "..") {
+				return usagef("invalid --name %q: a file name, without '/'", o.name)
 			}
 			if fd, ok := daemonReadyFD(); ok {
 				o.absImage, o.absMountpoint = o.image, o.mountpoint
@@ -114,9 +119,9 @@ func newMountCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&o.readOnly, "read-only", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
+	f.BoolVarP(&o.readOnly, "read-only", "r", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
 	f.BoolVar(&o.foreground, "foreground", false, "serve in the foreground until unmounted or interrupted")
-	f.StringVar(&o.format, "format", "auto", "image format: "+strings.Join(formatChoices(), "|"))
+	f.StringVarP(&o.format, "format", "f", "auto", "image format: "+strings.Join(formatChoices(), "|"))
 	f.StringVar(&o.snapshot, "snapshot", "", "expose internal snapshot `NAME|ID` (read-only) instead of the active disk")
 	f.StringVar(&o.name, "name", "", "file name of the disk in a directory MOUNTPOINT (default \"disk\")")
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users reach the mount (needs user_allow_other in /etc/fuse.conf)")
@@ -169,23 +174,29 @@ func (o *mountOptions) checkWriteFlags() error {
 func (o *mountOptions) validate() error {
 	f, err := os.Open(o.image)
 	if err != nil {
-		return err // "open IMAGE: no such file or directory"
+		return openError(err) // "open IMAGE: no such file or directory"
 	}
 	fi, err := f.Stat()
 	f.Close()
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	if fi.IsDir() {
-		return fmt.Errorf("open %s: is a directory, not a disk image", o.image)
+		return openError(fmt.Errorf("open %s: is a directory, not a disk image", o.image))
 	}
 	if o.absImage, err = filepath.Abs(o.image); err != nil {
 		return err
 	}
 
+	if err := checkExplicitFormat(o.image, o.format); err != nil {
+		return err
+	}
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return err
+		return openError(err)
+	}
+	if err := o.validateMountpoint(); err != nil {
+		return mountFailed(err)
 	}
 	if o.snapshot != "" && format == "raw" {
 		return fmt.Errorf("--snapshot: %s is a raw image, which has no snapshots", o.image)
@@ -198,7 +209,12 @@ func (o *mountOptions) validate() error {
 			return usagef("--cache-size: %v", err)
 		}
 	}
+	return nil
+}
 
+// validateMountpoint checks that the mountpoint exists, can take a mount
+// and is not the image.
+func (o *mountOptions) validateMountpoint() error {
 	mi, err := os.Stat(o.mountpoint)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN) || isDeadMount(o.mountpoint):
@@ -257,7 +273,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	ro := mountReadOnly(o.readOnly, o.snapshot, o.forceShare)
 	opts := drivers.OpenOptions{
@@ -276,7 +292,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	}
 	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, explainWritableOpen(o.image, format, opts, err))
+		return openError(describeOpenError(o.image, explainWritableOpen(o.image, format, opts, err)))
 	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
@@ -297,7 +313,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	})
 	if err != nil {
 		d.Close()
-		return err
+		return mountFailed(err)
 	}
 
 	logger.Printf("serving requests: %s", srv.Mode)
@@ -364,14 +380,17 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 	var ferr error
 	coroutine.Run(func(co *coroutine.Co) { ferr = d.Flush(co) })
 	if ferr != nil {
-		ferr = fmt.Errorf("flush %s: %w", image, ferr)
+		ferr = fmt.Errorf("flush %s: %v%w", image, trimPathError(ferr, image), sentinelOf(ferr))
 		logger.Printf("%v; data written through the mount may not be in the image; closing it", ferr)
 	}
 	var cerr error
 	if err := d.Close(); err != nil {
-		cerr = fmt.Errorf("close %s: %w", image, err)
+		cerr = fmt.Errorf("close %s: %v%w", image, trimPathError(err, image), sentinelOf(err))
 	}
-	return errors.Join(ferr, cerr)
+	if err := errors.Join(ferr, cerr); err != nil {
+		return flushFailed(err)
+	}
+	return nil
 }
 
 // explainWritableOpen adds a hint to err, the failure to open an image for

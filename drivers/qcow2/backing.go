@@ -95,7 +95,7 @@ func (img *image) resolve(name string) string {
 // openBacking opens the backing file named in the header, read-only, with
 // the format from the backing-format extension or else probed.
 func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
-	if img.h.BackingFile == "" {
+	if img.h.BackingFile == "" || opts.NoBacking && !img.writable {
 		return nil
 	}
 	path := img.resolve(img.h.BackingFile)

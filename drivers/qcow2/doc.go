@@ -29,7 +29,14 @@
 //     and table growth), the consistency check and the refcount rebuild.
 //   - compress.go: deflate and zstd decompression of one cluster.
 //   - snapshot.go: the internal snapshot table.
-//   - info.go: the format-specific part of Info.
+//   - info.go: the format-specific part of Info (QEMU's ImageInfoSpecific
+//     shape, and imgfuse's own details).
+//   - checkimage.go: the drivers.Checker capability around check.go: a
+//     check of a read-only image, block statistics, the repairs of
+//     qemu-img check -r leaks|all (refcounts, rebuild, COPIED flags).
+//   - mapinfo.go: the drivers.LayerMapper capability (qemu-img map), with
+//     QEMU's metadata-preallocation guess.
+//   - create.go: Create, a new image laid out as qemu-img create lays it out.
 //
 // # Concurrency
 //

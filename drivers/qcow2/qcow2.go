@@ -147,6 +147,10 @@ type image struct {
 	zmu sync.Mutex
 	// zcache holds recently decompressed clusters. Protected by zmu.
 	zcache zcache
+
+	// mapPrealloc caches LayerStatus's guess whether the image has
+	// metadata preallocation (mapinfo.go): 0 not made yet, 1 no, 2 yes.
+	mapPrealloc atomic.Int32
 }
 
 // chain carries what an open needs to know about the images above it in a
@@ -445,12 +449,19 @@ func (img *image) Snapshots() []drivers.Snapshot {
 
 // Info implements drivers.Informer.
 func (img *image) Info() drivers.ImageInfo {
+	fi := img.h.formatInfo()
 	info := drivers.ImageInfo{
-		Filename:       img.path,
-		Format:         "qcow2",
-		VirtualSize:    img.size.Load(),
-		FormatSpecific: img.h.formatInfo(),
-		Snapshots:      img.Snapshots(),
+		Filename:        img.path,
+		Format:          "qcow2",
+		VirtualSize:     img.size.Load(),
+		ClusterSize:     img.clusterSize,
+		Dirty:           fi.Dirty,
+		BackingFilename: img.h.BackingFile,
+		BackingFormat:   img.h.BackingFormat,
+		DataFile:        fi.DataFile,
+		FormatSpecific:  &drivers.FormatSpecific{Type: "qcow2", Data: img.qemuSpecific()},
+		Extra:           fi,
+		Snapshots:       img.Snapshots(),
 	}
 	if sz, err := img.file.Size(); err == nil {
 		info.FileSize = sz
@@ -468,8 +479,8 @@ func (img *image) Info() drivers.ImageInfo {
 // must not be called from a coroutine.
 func (img *image) openWritable(opts drivers.OpenOptions) error {
 	h := img.h
-	if h.Incompatible&incompatCorrupt != 0 {
-		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with qemu-img check -r all): %w",
+	if h.Incompatible&incompatCorrupt != 0 && !opts.Repair {
+		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): %w",
 			img.path, drivers.ErrCorrupt)
 	}
 	if h.HasBitmaps {
