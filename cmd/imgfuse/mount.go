@@ -34,6 +34,7 @@ type mountOptions struct {
 	noDirectIO bool
 	forceShare bool
 	growable   bool
+	noPassthru bool
 	lazyRefcnt bool
 	debug      bool
 	logFile    string
@@ -122,6 +123,7 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.noDirectIO, "no-direct-io", false, "open the image without O_DIRECT (for filesystems that refuse it, e.g. tmpfs)")
 	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
+	f.BoolVar(&o.noPassthru, "no-passthrough", false, "never let the kernel serve a raw image's reads itself (FUSE passthrough); every read then goes through imgfuse")
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
@@ -282,11 +284,15 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ModTime:    mtime,
 		FSName:     "imgfuse:" + absImage,
 		Debug:      o.debug,
+
+		NoPassthrough: o.noPassthru,
 	})
 	if err != nil {
 		d.Close()
 		return err
 	}
+	passthrough := passthroughState(srv, o.noPassthru)
+	logger.Printf("passthrough: %s", passthrough)
 
 	mp := o.absMountpoint
 	if mp == "" {
@@ -294,7 +300,8 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	}
 	state := daemonState{
 		PID: os.Getpid(), Image: absImage, Mountpoint: mp,
-		Format: f.Name(), ReadOnly: ro, Started: time.Now().UTC(),
+		Format: f.Name(), ReadOnly: ro, Passthrough: passthrough,
+		Started: time.Now().UTC(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
@@ -341,6 +348,19 @@ loop:
 	}
 	logger.Printf("%s unmounted; %s flushed and closed", mp, o.image)
 	return nil
+}
+
+// passthroughState says whether the mount is in FUSE passthrough mode, for
+// the log and the state file: "on", or "off: " and why.
+func passthroughState(srv *fusefs.Server, noPassthru bool) string {
+	on, why := srv.Passthrough()
+	switch {
+	case on:
+		return "on"
+	case noPassthru:
+		return "off: --no-passthrough"
+	}
+	return "off: " + why
 }
 
 // closeImage flushes d and then closes it, even if the flush failed: the
