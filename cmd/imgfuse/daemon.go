@@ -82,6 +82,9 @@ func childArgs(o *mountOptions) []string {
 	if o.lazyRefcnt {
 		args = append(args, "--lazy-refcounts")
 	}
+	if o.noPassthru {
+		args = append(args, "--no-passthrough")
+	}
 	if o.debug {
 		args = append(args, "--debug")
 	}
