@@ -59,6 +59,12 @@ mounts it. A write past the end of the disk fails with ENOSPC unless
 --growable is given; 'truncate -s' grows the disk either way, and
 shrinking it is refused.
 
+On Linux 6.9 or later, run as root, opens of a raw image's disk for
+reading only are served by the kernel straight from the image file (FUSE
+passthrough); opens for writing still go through imgfuse. The log says
+'passthrough: on' or 'passthrough: off: <why>'; --no-passthrough turns it
+off.
+
 The server unmounts on SIGINT, SIGTERM or SIGHUP (unless the disk is busy:
 then it logs and keeps serving), and after any unmount flushes and closes
 the image and exits; 'imgfuse unmount' waits for that and fails if the
