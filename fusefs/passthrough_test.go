@@ -187,6 +187,27 @@ func testPassthroughReads(t *testing.T, noPT bool) {
 	}
 	check("first read")
 
+	// The registered descriptor is aio's, O_DIRECT where the filesystem
+	// allows it; buffered readers must not inherit O_DIRECT's alignment
+	// rules (the kernel opens the image anew with each reader's flags).
+	direct := false
+	if err := c.LendBackingFd(func(fd int) error {
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		direct = fl&unix.O_DIRECT != 0
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("image descriptor O_DIRECT: %v", direct)
+	for _, off := range []int64{0, 1, 4095, 12347, size - 1} {
+		b := make([]byte, 3)
+		n, err := ro.ReadAt(b, off)
+		want := model[off:min(off+3, size)]
+		if n != len(want) || !bytes.Equal(b[:n], want) || (err != nil && n == 3) {
+			t.Errorf("3-byte buffered read at %d: %d, %v", off, n, err)
+		}
+	}
+
 	// Reads on a descriptor open for writing reach the driver.
 	before := c.reads.Load()
 	if _, err := rw.ReadAt(make([]byte, 4096), 8192); err != nil {
