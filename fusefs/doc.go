@@ -136,10 +136,15 @@
 //     mkfs.ext4 and writes through a direct-I/O loop device, then a
 //     read-only loop mount and e2fsck -fn through passthrough, are clean.
 //   - Liveness: a passed-through descriptor keeps reading after the daemon
-//     stopped or died (the kernel holds the image file open for it), and
-//     a shared writable mapping made through an open for writing keeps
-//     writing the image file, outside the image locks, until it is
-//     unmapped. The end-to-end test uses the first as its proof that
+//     stopped or died, and a shared writable mapping made through an open
+//     for writing keeps writing the image file until it is unmapped. The
+//     kernel keeps a reference to the registered open file – aio's own,
+//     which carries QEMU's image locks (OFD locks live as long as the open
+//     file) – while the connection or any passed-through open lives, so
+//     after a kill -9 the image stays locked against QEMU until those
+//     descriptors are closed and the dead mount is cleared (checked by
+//     hand with qemu-io); a clean unmount releases everything before the
+//     daemon exits. The end-to-end test uses the first as its proof that
 //     passthrough is on: with the daemon stopped (SIGSTOP) a read on a
 //     descriptor opened before completes, and waits without passthrough.
 //
