@@ -148,7 +148,23 @@
 //     passthrough is on: with the daemon stopped (SIGSTOP) a read on a
 //     descriptor opened before completes, and waits without passthrough.
 //
-// Numbers: PASSTHROUGH_NUMBERS
+// Numbers: fio 4k random reads of a 1 GiB raw image (random data) on ext4
+// on virtio, 2 vCPUs shared with other work (load average 4–6), page cache
+// dropped before each run, the three targets alternating, four rounds of
+// 6 s (IOPS, mean of the rounds, then the rounds):
+//
+//	fio --name=b --filename=TARGET --direct=1 --ioengine=libaio --bs=4k \
+//	    --rw=randread --iodepth=32|1 --readonly --time_based --runtime=6
+//
+//	          passthrough                    --no-passthrough              the image file
+//	QD32   33.0k (17.9 41.9 30.3 42.0k)   13.7k (16.5 14.2 12.6 11.4k)   32.0k (25.7 38.0 34.2 30.3k)
+//	QD1     9.2k (9.2 10.1 11.2 6.2k)      3.8k (3.8 4.5 4.2 2.7k)        8.7k (9.6 8.9 4.4 12.2k)
+//
+// Passthrough reads as fast as the file itself (103% and 105% of it, within
+// the run-to-run noise of the shared disk); without it the mount does 43%.
+// Buffered dd bs=4k of 256 MiB, cache dropped: 429 MB/s through
+// passthrough (readahead on the image file), 13.4 MB/s without, 334 MB/s
+// from the file. Script: mount, run, unmount, for each round and target.
 //
 // # Options chosen, and why
 //
