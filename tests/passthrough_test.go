@@ -313,6 +313,16 @@ func TestPassthroughFsync(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Munmap(m)
+	// tmpfs keeps no dirty state to write back (and cachestat reports
+	// none): there only the success of the calls can be checked.
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(img, &sfs); err != nil {
+		t.Fatal(err)
+	}
+	tmpfs := sfs.Type == unix.TMPFS_MAGIC
+	if tmpfs {
+		t.Logf("%s is on tmpfs: checking only that fsync and fdatasync succeed", img)
+	}
 	for _, c := range []struct {
 		name string
 		sync func() error
@@ -328,13 +338,16 @@ func TestPassthroughFsync(t *testing.T) {
 			for i := 0; i < len(m); i += 4096 {
 				m[i]++
 			}
-			dirty = cachestat(t, img).Dirty > 0
+			dirty = tmpfs || cachestat(t, img).Dirty > 0
 		}
 		if !dirty {
 			t.Fatalf("%s: a write through the mapping left no dirty page in the image file's cache", c.name)
 		}
 		if err := c.sync(); err != nil {
 			t.Fatalf("%s: %v", c.name, err)
+		}
+		if tmpfs {
+			continue
 		}
 		if cs := cachestat(t, img); cs.Dirty != 0 || cs.Writeback != 0 {
 			t.Errorf("%s returned with %d dirty and %d writeback pages of the image file", c.name, cs.Dirty, cs.Writeback)
