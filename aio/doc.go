@@ -3,7 +3,10 @@
 // an O_DIRECT descriptor, and falls back to plain pread/pwrite where direct
 // I/O is unavailable. No other package touches an image's descriptor; the
 // few other system calls drivers need on it (ftruncate, fallocate, lseek
-// SEEK_DATA/SEEK_HOLE, OFD locks) are methods of File too.
+// SEEK_DATA/SEEK_HOLE, OFD locks) are methods of File too. The one
+// exception is LendFd, which lends the descriptor for the length of a call
+// to a caller that hands it to the kernel without doing I/O on it (FUSE
+// passthrough registers the image file as a backing file).
 //
 // # Engines
 //

@@ -108,3 +108,15 @@ func (r readerAt) ReadAt(p []byte, off int64) (int, error) {
 	}
 	return n, err
 }
+
+// FileBacked is implemented by drivers whose disk is one host file, byte
+// for byte (raw images), so that the kernel may serve the disk's reads and
+// memory maps from that file itself: FUSE passthrough.
+type FileBacked interface {
+	// LendBackingFd calls fn with a descriptor of the disk's file. fn may
+	// hand it to the kernel (which takes its own reference) but must not
+	// do I/O on it, close it or keep it after returning. It fails with an
+	// error wrapping ErrUnsupported, without calling fn, when the file is
+	// not a regular file (a block device cannot back a FUSE file).
+	LendBackingFd(fn func(fd int) error) error
+}

@@ -82,6 +82,9 @@ func childArgs(o *mountOptions) []string {
 	if o.lazyRefcnt {
 		args = append(args, "--lazy-refcounts")
 	}
+	if o.noPassthru {
+		args = append(args, "--no-passthrough")
+	}
 	if o.debug {
 		args = append(args, "--debug")
 	}
@@ -240,12 +243,15 @@ func runDaemonChild(o *mountOptions, fd int) error {
 // daemonState is what a serving process records so that `imgfuse unmount`
 // can find it and wait for it to flush and exit.
 type daemonState struct {
-	PID        int       `json:"pid"`
-	Image      string    `json:"image"`
-	Mountpoint string    `json:"mountpoint"`
-	Format     string    `json:"format"`
-	ReadOnly   bool      `json:"read-only"`
-	Started    time.Time `json:"started"`
+	PID        int    `json:"pid"`
+	Image      string `json:"image"`
+	Mountpoint string `json:"mountpoint"`
+	Format     string `json:"format"`
+	ReadOnly   bool   `json:"read-only"`
+	// Passthrough is "on" when the kernel serves the disk's reads itself
+	// (FUSE passthrough), else "off: " and why.
+	Passthrough string    `json:"passthrough,omitempty"`
+	Started     time.Time `json:"started"`
 	// CloseError is set by a server whose final flush or close failed,
 	// just before it exits; 'imgfuse unmount' reports it.
 	CloseError string `json:"close-error,omitempty"`

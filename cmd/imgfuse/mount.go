@@ -34,6 +34,7 @@ type mountOptions struct {
 	noDirectIO bool
 	forceShare bool
 	growable   bool
+	noPassthru bool
 	lazyRefcnt bool
 	cacheSize  string
 	debug      bool
@@ -58,6 +59,12 @@ permission) is not mounted: the error says so, and --read-only still
 mounts it. A write past the end of the disk fails with ENOSPC unless
 --growable is given; 'truncate -s' grows the disk either way, and
 shrinking it is refused.
+
+On Linux 6.9 or later, run as root, opens of a raw image's disk for
+reading only are served by the kernel straight from the image file (FUSE
+passthrough); opens for writing still go through imgfuse. The log says
+'passthrough: on' or 'passthrough: off: <why>'; --no-passthrough turns it
+off.
 
 The server unmounts on SIGINT, SIGTERM or SIGHUP (unless the disk is busy:
 then it logs and keeps serving), and after any unmount flushes and closes
@@ -128,6 +135,7 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.noDirectIO, "no-direct-io", false, "open the image without O_DIRECT (for filesystems that refuse it, e.g. tmpfs)")
 	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
+	f.BoolVar(&o.noPassthru, "no-passthrough", false, "never let the kernel serve a raw image's reads itself (FUSE passthrough); every read then goes through imgfuse")
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
@@ -310,11 +318,15 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ModTime:    mtime,
 		FSName:     "imgfuse:" + absImage,
 		Debug:      o.debug,
+
+		NoPassthrough: o.noPassthru,
 	})
 	if err != nil {
 		d.Close()
 		return mountFailed(err)
 	}
+	passthrough := passthroughState(srv, o.noPassthru)
+	logger.Printf("passthrough: %s", passthrough)
 
 	logger.Printf("serving requests: %s", srv.Mode)
 	mp := o.absMountpoint
@@ -323,7 +335,8 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	}
 	state := daemonState{
 		PID: os.Getpid(), Image: absImage, Mountpoint: mp,
-		Format: f.Name(), ReadOnly: ro, Started: time.Now().UTC(),
+		Format: f.Name(), ReadOnly: ro, Passthrough: passthrough,
+		Started: time.Now().UTC(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
@@ -370,6 +383,19 @@ loop:
 	}
 	logger.Printf("%s unmounted; %s flushed and closed", mp, o.image)
 	return nil
+}
+
+// passthroughState says whether the mount is in FUSE passthrough mode, for
+// the log and the state file: "on", or "off: " and why.
+func passthroughState(srv *fusefs.Server, noPassthru bool) string {
+	on, why := srv.Passthrough()
+	switch {
+	case on:
+		return "on"
+	case noPassthru:
+		return "off: --no-passthrough"
+	}
+	return "off: " + why
 }
 
 // closeImage flushes d and then closes it, even if the flush failed: the
