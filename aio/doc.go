@@ -122,11 +122,20 @@
 //
 // At QD32 the engine does 1.5–1.9× the IOPS of 32 goroutines blocked in
 // pread(2), at less CPU per I/O, with 1.5–1.7 iocbs per io_submit. At QD1 it
-// costs 15–35 µs more per read than pread (the completion crosses the
-// netpoller, the reaper goroutine and a wake-up of the waiter). A variant
-// whose reaper blocked a thread in io_getevents(min_nr=1) instead of the
-// eventfd measured the same at QD1 (10.9–11.0k IOPS), so the netpoller is not
-// the cost: the completion is a cross-thread wake-up where pread sleeps and
-// wakes on one thread. The engine wins as soon as requests overlap, which is
-// the case the FUSE server is built for.
+// cost 15–35 µs more per read than pread when every completion went through
+// the reaper (the completion crosses the netpoller, the reaper goroutine and
+// a wake-up of the waiter). A variant whose reaper blocked a thread in
+// io_getevents(min_nr=1) instead of the eventfd measured the same at QD1
+// (10.9–11.0k IOPS), so the netpoller is not the cost: the completion is a
+// cross-thread wake-up where pread sleeps and wakes on one thread. Hence the
+// leader, which sleeps and wakes on its own thread like pread. The same
+// benchmark before and after it, alternated on a loaded machine (load
+// average ~14, so absolute numbers are low):
+//
+//	                     QD1 IOPS (CPU µs/op)    pread QD1 in the same run
+//	reaper only          5.8k (68)               5.7k (33)
+//	with the leader      8.6k (35)               6.2k (39)
+//
+// QD32 is unchanged (23–36k either way on that machine: requests overlap,
+// so they rarely lead).
 package aio
