@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 
 	"imgfuse/aio"
 )
@@ -33,9 +32,11 @@ func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	return d, f, nil
 }
 
-// ProbeFile reads the first ProbeSize bytes of path and probes them.
+// ProbeFile reads the first ProbeSize bytes of path and probes them. A path
+// that is not a regular file or a block device is refused, without
+// blocking, by aio.OpenHead.
 func ProbeFile(formats []Format, path string) (Format, error) {
-	file, err := os.Open(path)
+	file, err := aio.OpenHead(path)
 	if err != nil {
 		return nil, err
 	}

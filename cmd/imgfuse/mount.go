@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/fusefs"
@@ -165,18 +166,13 @@ func (o *mountOptions) checkWriteFlags() error {
 // validate checks, in the calling process, what can be checked before
 // starting a daemon, so that common mistakes fail fast with a clear message.
 func (o *mountOptions) validate() error {
-	f, err := os.Open(o.image)
+	// OpenHead refuses, without blocking, what cannot be an image: a
+	// FIFO would block a plain open for ever.
+	f, err := aio.OpenHead(o.image)
 	if err != nil {
 		return err // "open IMAGE: no such file or directory"
 	}
-	fi, err := f.Stat()
 	f.Close()
-	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
-	}
-	if fi.IsDir() {
-		return fmt.Errorf("open %s: is a directory, not a disk image", o.image)
-	}
 	if o.absImage, err = filepath.Abs(o.image); err != nil {
 		return err
 	}
