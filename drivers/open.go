@@ -9,12 +9,14 @@ import (
 )
 
 // Open opens the image at path as format name, or probes its format when
-// name is "" or "auto". It must not be called from a coroutine.
+// name is "" or "auto" (and then sets opts.Probed for the format's Open).
+// It must not be called from a coroutine.
 func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	var f Format
 	var err error
 	if name == "" || name == "auto" {
 		f, err = ProbeFile(opts.Formats, path)
+		opts.Probed = true
 	} else {
 		f, err = Lookup(opts.Formats, name)
 	}

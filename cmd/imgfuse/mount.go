@@ -257,6 +257,10 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ForceShare:    o.forceShare,
 		Growable:      o.growable && !ro,
 		LazyRefcounts: o.lazyRefcnt && !ro,
+		// The format was probed just above: a probed raw image guards
+		// its first sector (drivers.OpenOptions.Probed).
+		Probed: o.format == "" || o.format == "auto",
+		Logf:   logger.Printf,
 	}
 	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {
