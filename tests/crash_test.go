@@ -172,6 +172,9 @@ func TestCrash(t *testing.T) {
 				if !waitFor(10*time.Second, func() bool { return !alive(pid) && filesClosed(pid) }) {
 					t.Fatalf("daemon %d still alive (or holding files) 10s after SIGKILL", pid)
 				}
+				if !waitFor(10*time.Second, func() bool { return !imageLocked(t, img) }) {
+					t.Fatalf("round %d: %s still locked 10s after its daemon died", it, img)
+				}
 				exited := make(chan struct{})
 				go func() { wg.Wait(); close(exited) }()
 				select {
@@ -246,11 +249,38 @@ func TestCrash(t *testing.T) {
 
 // filesClosed reports whether process pid holds no open files any more. A
 // dying process gives up its memory (alive turns false) before its files,
-// and with them its OFD locks on the image: qemu-img check in that window
-// fails with "Failed to get shared write lock" (1 round in 300 did).
+// and with them its OFD locks on the image; and its files stay open until
+// its last thread has exited, which a thread blocked in I/O delays while
+// the leader's own /proc/PID/fd is already empty. qemu-img check in that
+// window fails with "Failed to get shared write lock" (1 to 5 rounds in
+// 300 did).
 func filesClosed(pid int) bool {
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	return err != nil || len(ents) == 0
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return true
+	}
+	for _, task := range tasks {
+		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/task/%s/fd", pid, task.Name()))
+		if err == nil && len(fds) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// imageLocked reports whether anyone holds one of QEMU's lock bytes
+// (100-299, see aio/lock.go) on the image.
+func imageLocked(t *testing.T, img string) bool {
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 100, Len: 200}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		t.Fatal(err)
+	}
+	return lk.Type != unix.F_UNLCK
 }
 
 // writeSync writes d to disk and fsyncs it.
