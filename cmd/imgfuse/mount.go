@@ -167,12 +167,24 @@ func (o *mountOptions) checkWriteFlags() error {
 // starting a daemon, so that common mistakes fail fast with a clear message.
 func (o *mountOptions) validate() error {
 	// OpenHead refuses, without blocking, what cannot be an image: a
-	// FIFO would block a plain open for ever.
-	f, err := aio.OpenHead(o.image)
+	// FIFO would block the plain open below for ever.
+	head, err := aio.OpenHead(o.image)
 	if err != nil {
 		return err // "open IMAGE: no such file or directory"
 	}
+	head.Close()
+	f, err := os.Open(o.image)
+	if err != nil {
+		return err // "open IMAGE: no such file or directory"
+	}
+	fi, err := f.Stat()
 	f.Close()
+	if err != nil {
+		return fmt.Errorf("open %s: %w", o.image, err)
+	}
+	if fi.IsDir() {
+		return fmt.Errorf("open %s: is a directory, not a disk image", o.image)
+	}
 	if o.absImage, err = filepath.Abs(o.image); err != nil {
 		return err
 	}
