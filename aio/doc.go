@@ -3,7 +3,10 @@
 // an O_DIRECT descriptor, and falls back to plain pread/pwrite where direct
 // I/O is unavailable. No other package touches an image's descriptor; the
 // few other system calls drivers need on it (ftruncate, fallocate, lseek
-// SEEK_DATA/SEEK_HOLE, OFD locks) are methods of File too.
+// SEEK_DATA/SEEK_HOLE, OFD locks) are methods of File too. The one
+// exception is LendFd, which lends the descriptor for the length of a call
+// to a caller that hands it to the kernel without doing I/O on it (FUSE
+// passthrough registers the image file as a backing file).
 //
 // # What Open accepts
 //
@@ -52,6 +55,16 @@
 //     io_getevents with a zero timeout, wakes each waiter (co.Wake for a
 //     coroutine, a channel for a plain caller) and moves queued requests into
 //     the freed slots.
+//   - The leader: a request that finds the engine idle (nothing in flight
+//     or queued, the reaper not reaping) is submitted without the eventfd,
+//     and its issuer waits in io_getevents(min_nr=1) itself, reaping for
+//     everyone meanwhile and waking their waiters; the reaper reaps nothing
+//     while a leader leads, so the leader's completion cannot be taken from
+//     it, and reaps once more when the leader hands back. At QD1 every
+//     request is a leader: its thread sleeps and wakes once, as with
+//     pread(2), instead of the completion crossing the netpoller, the
+//     reaper goroutine and a wake-up of the waiter. At QD32 requests
+//     overlap and go through the reaper, which batches completions.
 //   - Back-pressure: EAGAIN from io_submit puts the refused requests back at
 //     the head of the queue; the next completion resubmits them, or, if none
 //     of ours is in flight, a 1 ms timer does. Nothing is dropped and nothing
@@ -120,11 +133,20 @@
 //
 // At QD32 the engine does 1.5–1.9× the IOPS of 32 goroutines blocked in
 // pread(2), at less CPU per I/O, with 1.5–1.7 iocbs per io_submit. At QD1 it
-// costs 15–35 µs more per read than pread (the completion crosses the
-// netpoller, the reaper goroutine and a wake-up of the waiter). A variant
-// whose reaper blocked a thread in io_getevents(min_nr=1) instead of the
-// eventfd measured the same at QD1 (10.9–11.0k IOPS), so the netpoller is not
-// the cost: the completion is a cross-thread wake-up where pread sleeps and
-// wakes on one thread. The engine wins as soon as requests overlap, which is
-// the case the FUSE server is built for.
+// cost 15–35 µs more per read than pread when every completion went through
+// the reaper (the completion crosses the netpoller, the reaper goroutine and
+// a wake-up of the waiter). A variant whose reaper blocked a thread in
+// io_getevents(min_nr=1) instead of the eventfd measured the same at QD1
+// (10.9–11.0k IOPS), so the netpoller is not the cost: the completion is a
+// cross-thread wake-up where pread sleeps and wakes on one thread. Hence the
+// leader, which sleeps and wakes on its own thread like pread. The same
+// benchmark before and after it, alternated on a loaded machine (load
+// average ~14, so absolute numbers are low):
+//
+//	                     QD1 IOPS (CPU µs/op)    pread QD1 in the same run
+//	reaper only          5.8k (68)               5.7k (33)
+//	with the leader      8.6k (35)               6.2k (39)
+//
+// QD32 is unchanged (23–36k either way on that machine: requests overlap,
+// so they rarely lead).
 package aio

@@ -62,6 +62,8 @@ type request struct {
 	// the submitter's last touch of the iocb happens before the waiter
 	// reuses it.
 	inSubmit bool
+	// done is set (under engine.mu) once the request's result is in res.
+	done bool
 }
 
 var requestPool = sync.Pool{New: func() any {
@@ -106,6 +108,25 @@ type engine struct {
 	// still ran; the submitter wakes them when it returns. Protected by mu.
 	early []*request
 
+	// leader is the request whose issuer is alone in the engine and reaps
+	// completions itself, blocked in io_getevents, instead of waiting for
+	// the reaper goroutine (see lead). While it is set the reaper reaps
+	// nothing. Protected by mu.
+	leader *request
+	// reaping is set while the reaper goroutine reaps; no request becomes
+	// leader meanwhile, so the two never both reap. Protected by mu.
+	reaping bool
+
+	// leadEvs, leadDone and reapEvs, reapDone are the event and wake-up
+	// arrays of the leader and of reapAll, each used by one goroutine at
+	// a time (one leader; reaping set). Kept here rather than on the
+	// stack: 5 KiB of stack made every new request goroutine grow its
+	// stack by copying.
+	leadEvs  [maxInflight]ioEvent
+	leadDone [maxInflight]*request
+	reapEvs  [maxInflight]ioEvent
+	reapDone [maxInflight]*request
+
 	// Counters for tests and benchmarks. Protected by mu.
 	stats engineStats
 }
@@ -117,6 +138,7 @@ type engineStats struct {
 	maxQueued    int   // largest len(pending) seen
 	maxInflight  int   // largest number of submitted requests seen
 	reaperWakeup int64 // eventfd reads that found completions
+	leads        int64 // requests reaped by their own issuer
 }
 
 var (
@@ -171,10 +193,26 @@ func newEngine() (*engine, error) {
 
 // do submits r and waits for its completion. r.cb must be filled in except
 // for data, flags and resfd.
+//
+// A request that finds the engine idle (nothing in flight or queued, the
+// reaper not reaping) becomes the leader: it is submitted without the
+// eventfd and its issuer waits for it in io_getevents itself, reaping for
+// everyone meanwhile (lead). Its thread then sleeps and wakes once per
+// request, as with pread(2), instead of the completion crossing the
+// netpoller, the reaper goroutine and a wake-up of the waiter: at QD1 that
+// hand-off is most of the engine's cost (see the package doc).
 func (e *engine) do(r *request) {
-	r.cb.flags = iocbFlagResfd
+	r.done = false
 	r.cb.resfd = uint32(e.efd)
 	e.mu.Lock()
+	lead := e.leader == nil && !e.reaping && !e.submitting &&
+		len(e.pending) == 0 && len(e.free) == maxInflight
+	if lead {
+		e.leader = r
+		r.cb.flags = 0
+	} else {
+		r.cb.flags = iocbFlagResfd
+	}
 	e.pending = append(e.pending, r)
 	if len(e.pending) > e.stats.maxQueued {
 		e.stats.maxQueued = len(e.pending)
@@ -184,8 +222,93 @@ func (e *engine) do(r *request) {
 		e.drainLocked()
 		e.submitting = false
 	}
+	if !lead {
+		e.mu.Unlock()
+		r.w.wait()
+		return
+	}
+	if e.slots[r.cb.data] == r && !r.done {
+		e.stats.leads++
+		e.mu.Unlock()
+		e.lead(r)
+		return
+	}
+	// The kernel refused r (its error is in res and its waiter woken), or
+	// EAGAIN put it back in the queue for someone else to submit: then it
+	// needs the eventfd after all.
+	r.cb.flags = iocbFlagResfd
+	e.leader = nil
 	e.mu.Unlock()
+	e.reapAll()
 	r.w.wait()
+}
+
+// lead waits for the leader r by reaping completions in io_getevents,
+// waking the waiters of others' requests as they complete, until r's own
+// completes. Then it gives up the lead and reaps what completed meanwhile
+// (the reaper skipped its eventfd signals while r led).
+func (e *engine) lead(r *request) {
+	evs, done := &e.leadEvs, &e.leadDone
+	for {
+		n, err := ioGetEventsWait(e.ctx, evs[:], leaderTimeout)
+		if err != nil && err != unix.EINTR {
+			// Cannot happen with a valid context; do not spin.
+			time.Sleep(time.Millisecond)
+		}
+		e.mu.Lock()
+		k := e.completeLocked(evs[:n], done[:], r)
+		if n > 0 {
+			e.kickLocked()
+		}
+		e.mu.Unlock()
+		for i := 0; i < k; i++ {
+			done[i].w.wake()
+			done[i] = nil
+		}
+		e.mu.Lock()
+		finished := r.done
+		if finished {
+			// Only now: evs and done belong to whoever leads next.
+			e.leader = nil
+		}
+		e.mu.Unlock()
+		if finished {
+			break
+		}
+	}
+	e.reapAll()
+}
+
+// leaderTimeout bounds one io_getevents wait of a leader. Only the leader
+// reaps while it leads, so its completion cannot be taken by anyone else;
+// the timeout only keeps a bug from becoming a hang.
+const leaderTimeout = 100 * time.Millisecond
+
+// completeLocked records the results of evs, frees their slots and returns,
+// in done[:k], the requests whose waiters must be woken: all but self (a
+// leader, which is not waiting on its waiter) and those still inside the
+// io_submit that carries them (their submitter wakes them).
+func (e *engine) completeLocked(evs []ioEvent, done []*request, self *request) (k int) {
+	for i := range evs {
+		ev := &evs[i]
+		if ev.data >= maxInflight || e.slots[ev.data] == nil {
+			continue // not ours: cannot happen, ignore
+		}
+		r := e.slots[ev.data]
+		e.slots[ev.data] = nil
+		e.free = append(e.free, uint32(ev.data))
+		r.res = ev.res
+		r.done = true
+		switch {
+		case r == self:
+		case r.inSubmit:
+			e.early = append(e.early, r)
+		default:
+			done[k] = r
+			k++
+		}
+	}
+	return k
 }
 
 // drainLocked submits pending requests while there are free slots, in
@@ -263,6 +386,7 @@ func (e *engine) drainLocked() {
 			r := rest[0]
 			rest = rest[1:]
 			r.res = -int64(errnoOf(err))
+			r.done = true
 			r.w.wake()
 		}
 		e.pending = append(rest, e.pending...)
@@ -295,71 +419,71 @@ func (e *engine) kickLocked() {
 }
 
 // reap is the completion goroutine. It sleeps in the netpoller on the
-// eventfd, then empties the completion queue with non-blocking
-// io_getevents calls, wakes each request's waiter and resubmits queued
-// requests into the freed slots.
+// eventfd, then empties the completion queue (reapAll), unless a leader is
+// reaping: then the leader wakes everyone, and reaps once more when it
+// gives up the lead.
 func (e *engine) reap() {
 	var cnt [8]byte
-	var evs [maxInflight]ioEvent
-	var done [maxInflight]*request
 	for {
 		if _, err := e.efdF.Read(cnt[:]); err != nil {
 			// An eventfd read cannot fail once registered; if it
 			// ever does, poll slowly rather than spin or die.
 			time.Sleep(10 * time.Millisecond)
 		}
-		// The kernel writes an event into the ring before it signals
-		// the eventfd, and the Read above reset the counter: every
-		// completion not returned by the calls below will signal
-		// again. So the queue is empty for our purposes as soon as a
-		// call returns fewer events than asked for, which saves the
-		// extra system call that would confirm it.
-		first := true
-		for {
-			n, err := ioGetEventsNow(e.ctx, evs[:])
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil || n == 0 {
-				break
-			}
-			k := 0
-			e.mu.Lock()
-			if first {
-				e.stats.reaperWakeup++
-				first = false
-			}
-			for i := 0; i < n; i++ {
-				ev := &evs[i]
-				if ev.data >= maxInflight || e.slots[ev.data] == nil {
-					continue // not ours: cannot happen, ignore
-				}
-				r := e.slots[ev.data]
-				e.slots[ev.data] = nil
-				e.free = append(e.free, uint32(ev.data))
-				r.res = ev.res
-				if r.inSubmit {
-					e.early = append(e.early, r)
-					continue
-				}
-				done[k] = r
-				k++
-			}
-			e.mu.Unlock()
-			// Wake first: the waiters' latency matters more than
-			// that of requests still queued.
-			for i := 0; i < k; i++ {
-				done[i].w.wake()
-				done[i] = nil
-			}
-			e.mu.Lock()
-			e.kickLocked()
-			e.mu.Unlock()
-			if n < len(evs) {
-				break
-			}
+		e.reapAll()
+	}
+}
+
+// reapAll reaps every completed request with non-blocking io_getevents
+// calls, wakes their waiters and resubmits queued requests into the freed
+// slots. It does nothing while a leader reaps.
+func (e *engine) reapAll() {
+	e.mu.Lock()
+	if e.leader != nil || e.reaping {
+		e.mu.Unlock()
+		return
+	}
+	e.reaping = true
+	e.mu.Unlock()
+	evs, done := &e.reapEvs, &e.reapDone
+	// The kernel writes an event into the ring before it signals the
+	// eventfd, and the reaper's Read reset the counter: every completion
+	// not returned by the calls below will signal again. So the queue is
+	// empty for our purposes as soon as a call returns fewer events than
+	// asked for, which saves the extra system call that would confirm it.
+	first := true
+	for {
+		n, err := ioGetEventsNow(e.ctx, evs[:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n == 0 {
+			break
+		}
+		e.mu.Lock()
+		if first {
+			e.stats.reaperWakeup++
+			first = false
+		}
+		k := e.completeLocked(evs[:n], done[:], nil)
+		e.mu.Unlock()
+		// Wake first: the waiters' latency matters more than that of
+		// requests still queued.
+		for i := 0; i < k; i++ {
+			done[i].w.wake()
+			done[i] = nil
+		}
+		e.mu.Lock()
+		e.kickLocked()
+		e.mu.Unlock()
+		if n < len(evs) {
+			break
 		}
 	}
+	e.mu.Lock()
+	e.reaping = false
+	e.kickLocked()
+	e.mu.Unlock()
 }
 
 // snapshotStats returns a copy of the engine counters.

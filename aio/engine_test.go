@@ -3,9 +3,11 @@ package aio
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -101,5 +103,71 @@ func TestSubmitErrors(t *testing.T) {
 		calls, eagains, partials, st.eagain-eagainBefore)
 	if st.eagain-eagainBefore < 3 {
 		t.Errorf("engine counted %d EAGAIN, want >= 3", st.eagain-eagainBefore)
+	}
+}
+
+// TestLeaderHandOver drives the engine through many changes between one
+// request in flight (a leader reaping for itself) and several (the reaper),
+// from coroutines and plain goroutines at once, and checks every read's
+// data and that both paths were taken. A leader that gave up the lead while
+// still using the leader's event arrays, or a completion lost between
+// leader and reaper, fails it (a wrong byte, a nil dereference, or a hang).
+func TestLeaderHandOver(t *testing.T) {
+	d, why := directDir(t)
+	if d == "" {
+		t.Skipf("no O_DIRECT-capable directory: %s", why)
+	}
+	const blocks = 256
+	r := rand.New(rand.NewPCG(21, 22))
+	data := randBytes(r, blocks*4096)
+	f := openCase(t, engineCase{dir: d, wantDirect: true}, createFile(t, d, data))
+	before := f.eng.snapshotStats()
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	deadline := time.Now().Add(2 * time.Second)
+	for g := 0; g < 6; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rr := rand.New(rand.NewPCG(uint64(g), 23))
+			buf := AlignedBuffer(4096)
+			for time.Now().Before(deadline) {
+				// Bursts and pauses, so the engine often empties.
+				if rr.IntN(4) == 0 {
+					time.Sleep(time.Duration(rr.IntN(200)) * time.Microsecond)
+				}
+				b := rr.IntN(blocks)
+				var err error
+				if g%2 == 0 {
+					coroutine.Run(func(co *coroutine.Co) { err = f.PreadCo(co, buf, int64(b)*4096) })
+				} else {
+					err = f.Pread(buf, int64(b)*4096)
+				}
+				if err == nil && !bytes.Equal(buf, data[b*4096:(b+1)*4096]) {
+					err = fmt.Errorf("block %d: wrong data", b)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(time.Minute):
+		t.Fatal("readers still waiting a minute after the deadline: a completion was lost")
+	}
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	after := f.eng.snapshotStats()
+	leads, wakeups := after.leads-before.leads, after.reaperWakeup-before.reaperWakeup
+	t.Logf("%d requests led, %d reaper wake-ups", leads, wakeups)
+	if leads == 0 || wakeups == 0 {
+		t.Errorf("leads %d, reaper wake-ups %d: want both paths taken", leads, wakeups)
 	}
 }

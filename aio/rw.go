@@ -125,10 +125,8 @@ func (f *File) pread(co *coroutine.Co, p []byte, off int64) error {
 	var err error
 	if f.eng != nil {
 		err = f.readDirect(co, p, off)
-	} else if co != nil && fallbackInWorker {
-		coroutine.RunInWorker(co, func() { err = f.readSync(p, off) })
 	} else {
-		err = f.readSync(p, off)
+		err = f.fallback(co, false, p, off)
 	}
 	if err != nil {
 		return fmt.Errorf("aio: pread %s [%#x, +%#x): %w", f.name, off, len(p), err)
@@ -153,15 +151,40 @@ func (f *File) pwrite(co *coroutine.Co, p []byte, off int64) error {
 	var err error
 	if f.eng != nil {
 		err = f.writeDirect(co, p, off)
-	} else if co != nil && fallbackInWorker {
-		coroutine.RunInWorker(co, func() { err = f.writeSync(p, off) })
 	} else {
-		err = f.writeSync(p, off)
+		err = f.fallback(co, true, p, off)
 	}
 	if err != nil {
 		return fmt.Errorf("aio: pwrite %s [%#x, +%#x): %w", f.name, off, len(p), err)
 	}
 	return nil
+}
+
+// fallback runs readSync or writeSync for the fallback engine. The
+// closure RunInWorker needs lives in a function of its own so that what it
+// captures escapes to the heap only on that path: the direct engine's
+// reads and writes allocate nothing.
+func (f *File) fallback(co *coroutine.Co, write bool, p []byte, off int64) error {
+	switch {
+	case co != nil && fallbackInWorker:
+		return f.syncInWorker(co, write, p, off)
+	case write:
+		return f.writeSync(p, off)
+	default:
+		return f.readSync(p, off)
+	}
+}
+
+func (f *File) syncInWorker(co *coroutine.Co, write bool, p []byte, off int64) error {
+	var err error
+	coroutine.RunInWorker(co, func() {
+		if write {
+			err = f.writeSync(p, off)
+		} else {
+			err = f.readSync(p, off)
+		}
+	})
+	return err
 }
 
 func (f *File) fdatasync(co *coroutine.Co) error {

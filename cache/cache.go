@@ -3,7 +3,10 @@ package cache
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"imgfuse/coroutine"
 )
@@ -36,9 +39,11 @@ type Cache struct {
 	tableSize int
 	b         Backend
 	tables    []Table
-	// slab backs every table's data; kept so the memory is reachable
-	// even if a caller drops all of its tables.
-	slab []byte
+	// slabs back the tables' data, allocated a chunk of tables at a time
+	// as slots are first used (see grow); kept so the memory is reachable
+	// even if a caller drops all of its tables. Protected by the owner's
+	// metadata lock, like the fields below.
+	slabs [][]byte
 
 	// All fields below are protected by the owner's metadata lock.
 
@@ -61,8 +66,11 @@ type Cache struct {
 // only while the table is pinned (between Get/GetEmpty and Put).
 type Table struct {
 	c *Cache
-	// data is the table's slice of the cache's slab; immutable.
+	// data is the table's slice of one of the cache's slabs: nil until
+	// the slot is first used, then immutable.
 	data []byte
+	// i is the slot's index in tables. Immutable.
+	i int
 
 	// Protected by the owner's metadata lock.
 
@@ -86,7 +94,8 @@ const slabAlign = 4096
 // New returns a cache of tables tables of tableSize bytes each, doing its
 // I/O through b. name is used in error messages. tableSize must be a
 // positive multiple of 512 and tables at least 1 (a caller bug otherwise:
-// New panics).
+// New panics). Table memory is allocated as slots are first used, so a
+// cache sized for a large disk costs only what the image's tables fill.
 func New(name string, tables, tableSize int, b Backend) *Cache {
 	if tables < 1 || tableSize < 512 || tableSize%512 != 0 {
 		panic(fmt.Sprintf("cache: New(%q, %d, %d): bad geometry", name, tables, tableSize))
@@ -96,31 +105,78 @@ func New(name string, tables, tableSize int, b Backend) *Cache {
 		tableSize: tableSize,
 		b:         b,
 		tables:    make([]Table, tables),
-		slab:      alignedSlab(tables * tableSize),
 	}
 	c.index.init(tables, tableSize)
 	c.lru.prev, c.lru.next = &c.lru, &c.lru
 	for i := range c.tables {
 		t := &c.tables[i]
 		t.c = c
+		t.i = i
 		t.off = -1
-		t.data = c.slab[i*tableSize : (i+1)*tableSize : (i+1)*tableSize]
 		c.lruPushBack(t)
 	}
 	c.check()
 	return c
 }
 
-// alignedSlab returns n bytes whose address is a multiple of slabAlign.
-// The Go heap does not move objects, so the alignment holds for the slab's
-// lifetime.
-func alignedSlab(n int) []byte {
-	b := make([]byte, n+slabAlign)
-	skip := 0
-	if r := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) % slabAlign); r != 0 {
-		skip = slabAlign - r
+// slabBytes is how much table memory grow allocates at once (at least one
+// table): slots are used in index order until all are, so a chunk serves
+// the next misses too.
+const slabBytes = 256 << 10
+
+// grow gives slot t, which has never been used, its memory, together with
+// the unused slots after it up to slabBytes.
+func (c *Cache) grow(t *Table) {
+	n := max(1, slabBytes/c.tableSize)
+	end := min(t.i+n, len(c.tables))
+	for j := t.i + 1; j < end; j++ {
+		if c.tables[j].data != nil {
+			end = j
+			break
+		}
 	}
-	return b[skip : skip+n : skip+n]
+	slab := c.alignedSlab((end - t.i) * c.tableSize)
+	c.slabs = append(c.slabs, slab)
+	for j := t.i; j < end; j++ {
+		k := (j - t.i) * c.tableSize
+		c.tables[j].data = slab[k : k+c.tableSize : k+c.tableSize]
+	}
+}
+
+// Tables returns how many tables the cache holds at most.
+func (c *Cache) Tables() int { return len(c.tables) }
+
+// Allocated returns the bytes of table memory allocated so far.
+func (c *Cache) Allocated() int64 {
+	var n int64
+	for _, s := range c.slabs {
+		n += int64(len(s))
+	}
+	return n
+}
+
+// alignedSlab returns n bytes whose address is a multiple of slabAlign,
+// for the lifetime of c.
+//
+// Table memory is an anonymous mapping outside the Go heap, unmapped when
+// c is garbage (every Table points back at c, so no table memory outlives
+// it). In the heap, a full 32 MiB L2 cache counted as 32 MiB of live heap,
+// so the collector let as much garbage accumulate before each cycle:
+// measured on a 1 TiB image under 4 KiB random reads, 44–50 MiB resident
+// with the tables in the heap, 14–17 MiB with them mapped.
+func (c *Cache) alignedSlab(n int) []byte {
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		// Out of address space or mappings: fall back to the heap.
+		h := make([]byte, n+slabAlign)
+		skip := 0
+		if r := int(uintptr(unsafe.Pointer(unsafe.SliceData(h))) % slabAlign); r != 0 {
+			skip = slabAlign - r
+		}
+		return h[skip : skip+n : skip+n]
+	}
+	runtime.AddCleanup(c, func(b []byte) { _ = unix.Munmap(b) }, b)
+	return b[:n:n]
 }
 
 // TableSize returns the size in bytes of every table.
@@ -180,6 +236,9 @@ func (c *Cache) get(co *coroutine.Co, off int64, read bool) (*Table, error) {
 	lruRemove(t)
 	if t.off >= 0 {
 		c.index.remove(t.off)
+	}
+	if t.data == nil {
+		c.grow(t)
 	}
 	t.off = off
 	t.ref = 1

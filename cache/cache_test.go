@@ -171,6 +171,15 @@ func TestAligned(t *testing.T) {
 		if c.TableSize() != size {
 			t.Fatalf("TableSize = %d, want %d", c.TableSize(), size)
 		}
+		run(t, c, func(co *coroutine.Co) {
+			for i := range c.tables {
+				tb, err := c.GetEmpty(co, int64(i*size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.Put(tb)
+			}
+		})
 		for i := range c.tables {
 			d := c.tables[i].Bytes()
 			if len(d) != size || cap(d) != size {
@@ -180,6 +189,27 @@ func TestAligned(t *testing.T) {
 				t.Fatalf("table %d of size %d at %#x: misaligned", i, size, a)
 			}
 		}
+	}
+}
+
+// TestLazyMemory: a cache allocates table memory only as slots are used,
+// a chunk at a time.
+func TestLazyMemory(t *testing.T) {
+	c := New("x", 512, 65536, nil) // 32 MiB if allocated up front
+	if n := c.Allocated(); n != 0 {
+		t.Fatalf("a new cache holds %d bytes of tables, want 0", n)
+	}
+	run(t, c, func(co *coroutine.Co) {
+		for i := range 5 {
+			tb, err := c.GetEmpty(co, int64(i)<<16)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Put(tb)
+		}
+	})
+	if n := c.Allocated(); n != slabBytes*2 {
+		t.Fatalf("5 tables of 64 KiB used: %d bytes allocated, want two chunks (%d)", n, 2*slabBytes)
 	}
 }
 

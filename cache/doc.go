@@ -5,8 +5,13 @@
 //
 // # What it owns
 //
-//   - One slab of tables×tableSize bytes, allocated at New and aligned to
-//     4096 so tables can be read and written with O_DIRECT.
+//   - The tables' memory, aligned to 4096 so tables can be read and
+//     written with O_DIRECT, allocated 256 KiB at a time as slots are
+//     first used: a cache sized to map a large disk (32 MiB of L2 tables)
+//     costs only what the image's tables fill, which for a sparse layer of
+//     a backing chain is a few tables. The memory is mapped outside the Go
+//     heap (see alignedSlab): as heap it raised the collector's goal by the
+//     cache's size, and garbage grew to match.
 //   - Pinning: Get/GetEmpty pin a table, Put unpins it. A pinned table is
 //     never evicted. A table's memory (Table.Bytes) is only valid while it
 //     is pinned: once unpinned its slot may be reused for another offset at

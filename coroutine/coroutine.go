@@ -254,10 +254,18 @@ func Run(fn func(co *Co)) {
 	runPool.Put(co)
 }
 
-// RunInWorker runs fn, which may block the thread, on another goroutine and
-// suspends the coroutine until it has returned. Use it for CPU-heavy work
-// (decompression) that must not stall the coroutine's driver.
+// RunInWorker runs fn, which may block the thread or take long (fdatasync,
+// decompression), without stalling other coroutines: a coroutine started
+// by Run runs fn on its own goroutine, which drives nothing else (the
+// runtime gives its P to another thread while fn blocks in a system call);
+// a New coroutine runs fn on another goroutine and yields until it has
+// returned, so its driver goes on. Running fn in place saves a goroutine
+// and two hand-offs per call: 16 per 1 MiB read of 64 KiB zstd clusters.
 func RunInWorker(co *Co, fn func()) {
+	if co.next == nil {
+		fn()
+		return
+	}
 	go func() {
 		fn()
 		co.Wake()

@@ -307,3 +307,16 @@ func TestRunInWorker(t *testing.T) {
 		t.Fatal("coroutine did not terminate after its worker")
 	}
 }
+
+// TestRunInWorkerRunInPlace: a Run coroutine's worker function runs on the
+// coroutine's own goroutine (no hand-off), which drives nothing else.
+func TestRunInWorkerRunInPlace(t *testing.T) {
+	before := runtime.NumGoroutine()
+	during := -1
+	Run(func(co *Co) {
+		RunInWorker(co, func() { during = runtime.NumGoroutine() })
+	})
+	if during != before {
+		t.Errorf("goroutines during the worker function: %d, before: %d (want no new goroutine)", during, before)
+	}
+}

@@ -26,6 +26,9 @@ type Snapshot struct {
 	VMStateSize int64     `json:"vm-state-size"`
 	Date        time.Time `json:"date"`
 	VMClock     int64     `json:"vm-clock-nsec"`
+	// Icount is the guest instruction count at the snapshot (record and
+	// replay), -1 when the snapshot does not record one.
+	Icount int64 `json:"icount"`
 }
 
 // Snapshotter is implemented by drivers whose images hold internal
@@ -34,19 +37,43 @@ type Snapshotter interface {
 	Snapshots() []Snapshot
 }
 
-// ImageInfo is what `imgfuse info` prints about one image of a chain.
+// ImageInfo is what `imgfuse info` prints about one image of a chain. The
+// fields mirror QEMU's ImageInfo (qemu-img info --output=json); the command
+// line renders them in QEMU's JSON shape.
 type ImageInfo struct {
 	Filename    string `json:"filename"`
 	Format      string `json:"format"`
 	VirtualSize int64  `json:"virtual-size"`
 	// FileSize is the size of the image file itself.
 	FileSize int64 `json:"actual-size"`
-	// FormatSpecific holds the format's own fields (qcow2: version,
-	// cluster size, features, ...); it must marshal to a JSON object.
-	FormatSpecific any        `json:"format-specific,omitempty"`
-	Snapshots      []Snapshot `json:"snapshots,omitempty"`
+	// ClusterSize is the allocation unit, 0 for formats without one.
+	ClusterSize int64 `json:"cluster-size,omitempty"`
+	// Dirty: the image says its metadata may be inconsistent (qcow2's
+	// dirty bit with lazy refcounts).
+	Dirty bool `json:"dirty-flag"`
+	// BackingFilename and BackingFormat are the backing file name and
+	// format as the image stores them ("" if none).
+	BackingFilename string `json:"backing-filename,omitempty"`
+	BackingFormat   string `json:"backing-filename-format,omitempty"`
+	// DataFile is the external data file name as the image stores it,
+	// "" if the image has none.
+	DataFile string `json:"-"`
+	// FormatSpecific holds the format's own fields in the shape of
+	// QEMU's ImageInfoSpecific: {"type": "qcow2", "data": {...}}.
+	FormatSpecific *FormatSpecific `json:"format-specific,omitempty"`
+	// Extra holds what imgfuse reports beyond QEMU's fields (feature
+	// names, ...); it must marshal to a JSON object.
+	Extra     any        `json:"imgfuse,omitempty"`
+	Snapshots []Snapshot `json:"snapshots,omitempty"`
 	// Backing is the next image down the chain, if any.
 	Backing *ImageInfo `json:"backing-image,omitempty"`
+}
+
+// FormatSpecific is QEMU's ImageInfoSpecific: the format's name and its
+// own fields, which must marshal to a JSON object with QEMU's key names.
+type FormatSpecific struct {
+	Type string `json:"type"`
+	Data any    `json:"data"`
 }
 
 // Informer is implemented by drivers that can describe themselves.
@@ -80,4 +107,16 @@ func (r readerAt) ReadAt(p []byte, off int64) (int, error) {
 		err = io.EOF
 	}
 	return n, err
+}
+
+// FileBacked is implemented by drivers whose disk is one host file, byte
+// for byte (raw images), so that the kernel may serve the disk's reads and
+// memory maps from that file itself: FUSE passthrough.
+type FileBacked interface {
+	// LendBackingFd calls fn with a descriptor of the disk's file. fn may
+	// hand it to the kernel (which takes its own reference) but must not
+	// do I/O on it, close it or keep it after returning. It fails with an
+	// error wrapping ErrUnsupported, without calling fn, when the file is
+	// not a regular file (a block device cannot back a FUSE file).
+	LendBackingFd(fn func(fd int) error) error
 }

@@ -106,6 +106,20 @@ type OpenOptions struct {
 	// LazyRefcounts turns on lazy refcounts for this open even if the
 	// image does not ask for them (qcow2 v3: QEMU's lazy-refcounts=on).
 	LazyRefcounts bool
+	// CacheSize is the most memory, in bytes, the metadata table cache of
+	// each image may hold (qcow2: L2 tables; QEMU's l2-cache-size). Zero
+	// means the default: enough to map the whole disk, at most 32 MiB.
+	CacheSize int64
+	// NoBacking opens the image without its backing file (QEMU's
+	// BDRV_O_NO_BACKING): for describing an image whose backing file may
+	// be missing. Unallocated ranges then read as zeros. Only with
+	// ReadOnly.
+	NoBacking bool
+	// Repair opens an image for a consistency repair (qemu-img check -r):
+	// a qcow2 image marked corrupt opens read-write, to be repaired and
+	// marked consistent again. Only drivers.Checker's Check may be used
+	// on such an open.
+	Repair bool
 }
 
 // Format is one image format: how to recognise it and how to open it.

@@ -39,6 +39,11 @@ type diskFS struct {
 	// direct is d's fast path for reads, or nil.
 	direct drivers.DirectReader
 
+	// backingID is the kernel's ID of the image file registered for FUSE
+	// passthrough, or 0 when passthrough is off. Set by Mount before the
+	// first request is served.
+	backingID int32
+
 	name     string
 	readOnly bool
 	growable bool
@@ -163,6 +168,13 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 // driver, nothing is cached twice, and the kernel never holds dirty pages of
 // the image (see the package doc). KEEP_CACHE is never set: it would let a
 // writable disk serve stale pages.
+//
+// With passthrough (backingID set) every open names the backing file, as
+// the kernel demands of all opens of an inode once one is passed through.
+// A read-only open is passed through whole: the kernel reads the image file
+// itself. An open for writing keeps FOPEN_DIRECT_IO, which overrides
+// passthrough for read and write, so writes still reach the driver and keep
+// the end-of-disk rules; only its mmap goes to the image file.
 func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	if in.NodeId != fs.diskIno {
 		return fuse.EISDIR
@@ -175,6 +187,13 @@ func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOu
 		out.Fh = fhWrite
 	}
 	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES
+	if fs.backingID != 0 {
+		out.BackingID = fs.backingID
+		out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
+		if out.Fh&fhWrite == 0 {
+			out.OpenFlags = fuse.FOPEN_PASSTHROUGH
+		}
+	}
 	return fuse.OK
 }
 

@@ -40,13 +40,24 @@ type Options struct {
 	FSName string
 	// Debug logs every FUSE request and reply.
 	Debug bool
+	// NoPassthrough never uses FUSE passthrough, even for a driver that
+	// could use it (drivers.FileBacked): every read and write then reaches
+	// the driver. Server.Passthrough says what a mount got.
+	NoPassthrough bool
 }
 
 // Server is a mounted disk.
 type Server struct {
+	// Mode says how requests are read from the kernel, for the log.
+	Mode string
+
 	srv        *fuse.Server
 	mountpoint string
 	served     chan struct{}
+	// passthrough is whether the kernel serves the disk's reads itself;
+	// why says why not. Immutable after Mount.
+	passthrough bool
+	why         string
 }
 
 // mountReadyTimeout bounds how long Mount waits for the new mount to
@@ -114,13 +125,46 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		FsName:        opts.FSName,
 		Name:          "imgfuse",
 		Debug:         opts.Debug,
+		// Passthrough: the image may live on a stacked filesystem
+		// (overlayfs, depth 1); the kernel refuses a backing file whose
+		// filesystem is stacked as deep as the FUSE mount may be.
+		MaxStackDepth: 2,
 	}
-	srv, err := fuse.NewServer(fsys, abs, mopts)
+	fb, _ := d.(drivers.FileBacked)
+	if opts.NoPassthrough || fb == nil {
+		// Not even negotiated: the mount is then exactly what it was
+		// before passthrough existed.
+		mopts.DisabledCapabilities = fuse.CAP_PASSTHROUGH
+	}
+	srv, fd, err := newServer(fsys, abs, mopts)
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
 	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{})}
+	// Decided before the first request is read, so every Open sees the
+	// final fsys.backingID.
+	switch {
+	case opts.NoPassthrough:
+		s.why = "disabled by the mount options"
+	case fb == nil:
+		s.why = "the image format maps the disk onto its file piecewise (only raw images can be passed through)"
+	default:
+		fsys.backingID, s.why = registerBacking(srv, fb)
+		s.passthrough = fsys.backingID != 0
+	}
+	loop, err := startLoop(srv, fd, fsys, mopts)
+	if err != nil {
+		s.Mode = "go-fuse reader threads (" + err.Error() + ")"
+	} else {
+		s.Mode = "netpoller"
+	}
 	go func() {
+		if loop != nil {
+			loop.wait()
+		}
+		// Without our loop this serves the mount; with it, it only
+		// finds the connection gone and releases go-fuse's descriptor,
+		// which Unmount waits for.
 		srv.Serve()
 		close(s.served)
 	}()
@@ -129,6 +173,44 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
 	return s, nil
+}
+
+// Passthrough reports whether the kernel serves the disk's reads itself
+// (FUSE passthrough), and if not, why.
+func (s *Server) Passthrough() (on bool, why string) { return s.passthrough, s.why }
+
+// registerBacking registers the disk's file with the kernel as the backing
+// file of every open of the disk. It returns the backing ID, or 0 and why
+// passthrough is off. The ID lives as long as the connection: the kernel
+// drops it when the mount goes away.
+func registerBacking(srv *fuse.Server, fb drivers.FileBacked) (int32, string) {
+	if srv.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
+		return 0, "the kernel does not offer FUSE passthrough (needs Linux 6.9 or later with CONFIG_FUSE_PASSTHROUGH)"
+	}
+	var id int32
+	var errno syscall.Errno
+	err := fb.LendBackingFd(func(fd int) error {
+		id, errno = srv.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+		return nil
+	})
+	switch {
+	case err != nil:
+		return 0, err.Error()
+	case errno == 0 && id > 0:
+		return id, ""
+	case errno == 0:
+		return 0, fmt.Sprintf("the kernel answered backing ID %d", id)
+	case errno == syscall.EPERM:
+		return 0, "registering the backing file needs CAP_SYS_ADMIN (EPERM)"
+	case errno == syscall.ENOTTY:
+		return 0, "the kernel does not know FUSE_DEV_IOC_BACKING_OPEN (ENOTTY)"
+	case errno == syscall.ELOOP:
+		return 0, "the image's filesystem is stacked too deep for a backing file (ELOOP)"
+	case errno == syscall.EINVAL:
+		return 0, "the kernel refused the image as a backing file (EINVAL: not a regular file?)"
+	default:
+		return 0, fmt.Sprintf("registering the backing file: %v", errno)
+	}
 }
 
 // waitReady returns once the mount answers a stat of its root.

@@ -58,6 +58,18 @@
 //   - lock_test.go: QEMU's image locks.
 //   - lint_test.go: package import boundaries, no exits in library code,
 //     image syscalls only in aio.
+//   - bench_smoke_test.go: `bench/run --smoke` (imgfuse against
+//     qemu-storage-daemon and the file) finishes, reports a positive number
+//     for every workload and target in a table that parses, and leaves
+//     nothing mounted. Not parallel: it would distort the other tests.
+//   - qemucompat_test.go: `imgfuse info|map|check --output=json` against
+//     qemu-img's on a matrix of images (decoded and compared key by key;
+//     map byte for byte); check and check -r verdicts and counts on leaked
+//     and corrupted copies, qemu-img check clean after the repair; the
+//     corrupt bit cleared by a repair; the progress bar only on a terminal.
+//   - create_test.go: `imgfuse create` byte for byte against qemu-img create
+//     for each option (and data files), mounted and written; overlays.
+//   - exitcodes_test.go: every documented exit code provoked once.
 //
 // Images are kept at 32 MiB virtual (the 1 TiB sparse image aside) so the
 // package runs in well under five minutes on two cores.

@@ -235,6 +235,7 @@ func mount(t *testing.T, img string, fileMP bool, flags ...string) (mp, disk str
 	args := []string{"mount"}
 	if logSupported {
 		args = append(args, "--log", logFile)
+		daemonLogs.Store(mp, logFile)
 	}
 	args = append(args, flags...)
 	r := imgfuse(t, env, append(args, img, mp)...)
@@ -258,6 +259,23 @@ func mount(t *testing.T, img string, fileMP bool, flags ...string) (mp, disk str
 		disk = filepath.Join(mp, name)
 	}
 	return mp, disk
+}
+
+// daemonLogs maps a mountpoint made by mount to its daemon's log file.
+var daemonLogs sync.Map
+
+// daemonLog returns what the daemon serving mp has logged so far.
+func daemonLog(t *testing.T, mp string) string {
+	t.Helper()
+	p, ok := daemonLogs.Load(mp)
+	if !ok {
+		t.Fatalf("no daemon log for %s (imgfuse mount has no --log?)", mp)
+	}
+	b, err := os.ReadFile(p.(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
 
 // guard starts the watchdog for the mount on mp and returns its stop

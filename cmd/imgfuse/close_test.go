@@ -94,7 +94,7 @@ func TestServerCloseError(t *testing.T) {
 		t.Errorf("another server's error reported: %v", err)
 	}
 	err := serverCloseError(dir, "/mnt/x", 4242, "mnt/x")
-	if err == nil || !strings.Contains(err.Error(), "unmounted mnt/x, but its server failed to write the image back: flush /i.qcow2: input/output error") {
+	if err == nil || exitCode(err) != exitFlush || !strings.Contains(err.Error(), "unmounted mnt/x, but its server failed to write the image back: flush /i.qcow2: input/output error") {
 		t.Errorf("serverCloseError = %v", err)
 	}
 	if _, err := os.Stat(statePath(dir, "/mnt/x")); !errors.Is(err, os.ErrNotExist) {

@@ -5,7 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
+
 	"fmt"
 	"io"
 	"log"
@@ -82,6 +82,9 @@ func childArgs(o *mountOptions) []string {
 	if o.lazyRefcnt {
 		args = append(args, "--lazy-refcounts")
 	}
+	if o.noPassthru {
+		args = append(args, "--no-passthrough")
+	}
 	if o.debug {
 		args = append(args, "--debug")
 	}
@@ -136,8 +139,7 @@ func startDaemon(o *mountOptions) error {
 		return fmt.Errorf("mount daemon exited before reporting (%v)%s", waitErr, hint)
 	default:
 		// The child saw absolute paths; show the user's spelling.
-		msg = strings.Replace(strings.TrimSpace(msg), "open "+o.absImage+":", "open "+o.image+":", 1)
-		return errors.New(msg)
+		return decodeReport(strings.ReplaceAll(msg, o.absImage, o.image))
 	}
 }
 
@@ -231,22 +233,25 @@ func runDaemonChild(o *mountOptions, fd int) error {
 		return nil
 	}
 	if !reported {
-		_, _ = pipe.WriteString(err.Error())
+		_, _ = pipe.WriteString(encodeReport(err))
 		pipe.Close()
 	}
 	logger.Print(err)
-	return exitError{exitFailure}
+	return exitError{exitCode(err)}
 }
 
 // daemonState is what a serving process records so that `imgfuse unmount`
 // can find it and wait for it to flush and exit.
 type daemonState struct {
-	PID        int       `json:"pid"`
-	Image      string    `json:"image"`
-	Mountpoint string    `json:"mountpoint"`
-	Format     string    `json:"format"`
-	ReadOnly   bool      `json:"read-only"`
-	Started    time.Time `json:"started"`
+	PID        int    `json:"pid"`
+	Image      string `json:"image"`
+	Mountpoint string `json:"mountpoint"`
+	Format     string `json:"format"`
+	ReadOnly   bool   `json:"read-only"`
+	// Passthrough is "on" when the kernel serves the disk's reads itself
+	// (FUSE passthrough), else "off: " and why.
+	Passthrough string    `json:"passthrough,omitempty"`
+	Started     time.Time `json:"started"`
 	// CloseError is set by a server whose final flush or close failed,
 	// just before it exits; 'imgfuse unmount' reports it.
 	CloseError string `json:"close-error,omitempty"`

@@ -32,18 +32,19 @@ func TestDemoSampleValid(t *testing.T) {
 	if err != nil || f.Name() != "qcow2" {
 		t.Fatalf("overlay probes as %v, %v", f, err)
 	}
-	info, err := imageInfo(overlay, "auto")
+	links, err := imageChain(overlay, "auto", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Backing == nil || info.Backing.Format != "qcow2" {
-		t.Fatalf("overlay backing: %+v", info.Backing)
+	if len(links) != 2 || links[1].info.Format != "qcow2" {
+		t.Fatalf("overlay chain: %+v", links)
 	}
-	if _, err := os.Stat(info.Backing.Filename); err != nil {
+	backing := links[1].info.Filename
+	if _, err := os.Stat(backing); err != nil {
 		t.Errorf("backing file: %v", err)
 	}
-	if filepath.Dir(info.Backing.Filename) != dir && !filepath.IsAbs(info.Backing.Filename) {
-		t.Errorf("backing file %s not next to the overlay", info.Backing.Filename)
+	if filepath.Dir(backing) != dir && !filepath.IsAbs(backing) {
+		t.Errorf("backing file %s not next to the overlay", backing)
 	}
 
 	// The chain must read as an ext4 filesystem: superblock magic 0xEF53 at

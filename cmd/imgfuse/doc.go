@@ -4,11 +4,19 @@
 // formats lives in the drivers (imgfuse/drivers/...), everything about FUSE
 // in imgfuse/fusefs; this package never interprets image bytes.
 //
-// Commands: mount, unmount, info, demo (see `imgfuse help`).
+// Commands: mount, unmount, info, check, map, create, demo, version,
+// completion (see `imgfuse help`). info, check and map print qemu-img's
+// JSON (--output=json) and take qemu-img's flags (-f, -U); check exits as
+// qemu-img check does.
 //
-// Exit codes: 0 success; 1 runtime error (open, probe, mount, unmount,
-// flush); 2 usage error (unknown command or flag, wrong argument count,
-// invalid flag value). Errors are printed to stderr prefixed "imgfuse: ".
+// Exit codes (exit.go, defined once, mapped from the driver sentinels by
+// exitCode): 0 success; 1 runtime error not listed; 2 usage error; 3 the
+// image cannot be opened; 4 lock conflict; 5 unsupported feature; 6
+// corrupt image; 7 mount failure; 8 final flush failure. 3-8 refine 1. The
+// mount daemon sends its error to the parent as "E<code> <message>" so the
+// parent exits with the daemon's code. Errors are printed to stderr
+// prefixed "imgfuse: ", one line, naming the image once (open.go strips
+// the drivers' repeated path prefixes).
 //
 // Daemonizing (daemon.go). A Go process cannot fork, so `mount` re-execs
 // /proc/self/exe with IMGFUSE_DAEMON_READY_FD=3 and the write end of a pipe

@@ -18,48 +18,111 @@ import (
 )
 
 func newInfoCmd(stdout io.Writer) *cobra.Command {
-	var asJSON bool
-	var format string
+	var asJSON, chain, forceShare bool
+	var format, output string
 	cmd := &cobra.Command{
 		Use:   "info [flags] IMAGE",
 		Short: "Describe an image and its backing chain",
 		Long: `Describe IMAGE like 'qemu-img info --backing-chain': format, sizes, format
 details (qcow2: version, cluster size, feature bits, dirty/corrupt state,
-compression type), internal snapshots, and every backing file down the chain.
+compression type), internal snapshots, and every backing file down the chain
+that can be opened (a missing backing file is named, not an error).
 
-With --json the same data is printed as one JSON object whose keys are
-stable; the backing chain nests under "backing-image".`,
+--output=json (or --json) prints what 'qemu-img info --output=json' prints,
+key for key: filename, format, virtual-size, actual-size (allocated bytes),
+dirty-flag, cluster-size, backing-filename, full-backing-filename,
+backing-filename-format, format-specific {type, data}, snapshots. The image
+below nests under "backing-image"; imgfuse's own fields (feature names, the
+apparent file size) are under "imgfuse". With --backing-chain the output is
+a JSON array with one object per image, top first, as qemu-img prints it;
+then every backing file must open.
+
+info takes no image locks (it only reads the header and the snapshot table),
+so it works on a mounted image; -U is accepted for qemu-img habits.`,
 		Args: exactArgs("IMAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkFormatFlag(format); err != nil {
 				return err
 			}
-			info, err := imageInfo(args[0], format)
+			jsonOut, err := outputFlag(output, asJSON)
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return writeInfoJSON(stdout, info)
+			infos, err := imageChain(args[0], format, chain)
+			if err != nil {
+				return err
 			}
-			return writeInfoText(stdout, info)
+			if jsonOut {
+				return writeInfoJSON(stdout, infos, chain)
+			}
+			return writeInfoText(stdout, infos)
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	cmd.Flags().StringVar(&format, "format", "auto", "image format: "+strings.Join(formatChoices(), "|"))
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON (same as --output=json)")
+	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
+	cmd.Flags().BoolVar(&chain, "backing-chain", false, "describe every image of the chain (JSON: an array); fail if one cannot be opened")
+	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (info never takes any)")
+	addFormatFlag(cmd, &format)
 	return cmd
 }
 
-// imageInfo opens image read-only and describes it. It takes no image
-// locks (as qemu-img info -U), so it also works on a mounted image: it only
-// reads the header and the snapshot table.
-func imageInfo(image, format string) (drivers.ImageInfo, error) {
-	d, f, err := drivers.Open(image, format, drivers.OpenOptions{
-		ReadOnly:   true,
-		Formats:    imageFormats(),
-		ForceShare: true,
-	})
+// outputFlag validates --output and folds --json into it.
+func outputFlag(output string, asJSON bool) (jsonOut bool, err error) {
+	switch output {
+	case "json":
+		return true, nil
+	case "human":
+		return asJSON, nil
+	}
+	return false, usagef("invalid --output %q (want human or json)", output)
+}
+
+// chainLink is one image of a backing chain as info describes it; err is
+// set (and info only names the file) when the image could not be opened.
+type chainLink struct {
+	info drivers.ImageInfo
+	err  error
+}
+
+// imageChain opens image and then each backing file in turn, each without
+// its own backing file (as qemu-img info does), so that a missing or
+// broken backing file still lets the images above it be described. With
+// strict set, such a backing file is an error; otherwise it ends the chain
+// with a link that carries the error.
+func imageChain(image, format string, strict bool) ([]chainLink, error) {
+	info, err := describeImage(image, format)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("open %s: %w", image, err)
+		return nil, err
+	}
+	links := []chainLink{{info: info}}
+	for depth := 0; info.BackingFilename != ""; depth++ {
+		next := pathCombine(info.Filename, info.BackingFilename)
+		if depth >= 64 {
+			return nil, fmt.Errorf("%s: backing chain deeper than 64 images (a loop?)", image)
+		}
+		bfmt := info.BackingFormat
+		if bfmt == "" {
+			bfmt = "auto"
+		}
+		info, err = describeImage(next, bfmt)
+		if err != nil {
+			if strict {
+				return nil, fmt.Errorf("backing file of %s: %w", links[len(links)-1].info.Filename, err)
+			}
+			links = append(links, chainLink{info: drivers.ImageInfo{Filename: next, Format: info.BackingFormat}, err: err})
+			break
+		}
+		links = append(links, chainLink{info: info})
+	}
+	return links, nil
+}
+
+// describeImage opens image read-only without its backing file and
+// without image locks, and describes it.
+func describeImage(image, format string) (drivers.ImageInfo, error) {
+	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true, NoBacking: true})
+	if err != nil {
+		return drivers.ImageInfo{}, err
 	}
 	defer d.Close()
 	var info drivers.ImageInfo
@@ -67,23 +130,134 @@ func imageInfo(image, format string) (drivers.ImageInfo, error) {
 		info = in.Info()
 	} else {
 		info = drivers.ImageInfo{Filename: image, Format: f.Name(), VirtualSize: d.Size()}
-		if fi, err := os.Stat(image); err == nil {
-			info.FileSize = fi.Size()
-		}
+	}
+	if fi, err := os.Stat(image); err == nil {
+		info.FileSize = fi.Size()
 	}
 	if info.Snapshots == nil {
 		if s, ok := d.(drivers.Snapshotter); ok {
 			info.Snapshots = s.Snapshots()
 		}
 	}
-	if info.Filename == "" {
-		info.Filename = image
-	}
+	info.Filename = image
+	info.Backing = nil
 	return info, nil
 }
 
-func writeInfoJSON(w io.Writer, info drivers.ImageInfo) error {
-	b, err := json.MarshalIndent(info, "", "  ")
+// pathCombine resolves a file name stored in an image relative to the
+// image's own name, as QEMU's path_combine does: absolute names stay, and
+// a relative one replaces the last component of base.
+func pathCombine(base, name string) string {
+	if strings.HasPrefix(name, "/") {
+		return name
+	}
+	i := strings.LastIndexByte(base, '/')
+	return base[:i+1] + name
+}
+
+// qemuInfo is one image in the JSON shape of qemu-img info --output=json
+// (QEMU's ImageInfo). Optional fields are left out exactly when qemu-img
+// leaves them out.
+type qemuInfo struct {
+	Filename              string                  `json:"filename"`
+	Format                string                  `json:"format"`
+	DirtyFlag             bool                    `json:"dirty-flag"`
+	ActualSize            *int64                  `json:"actual-size,omitempty"`
+	VirtualSize           int64                   `json:"virtual-size"`
+	ClusterSize           int64                   `json:"cluster-size,omitempty"`
+	BackingFilename       string                  `json:"backing-filename,omitempty"`
+	FullBackingFilename   string                  `json:"full-backing-filename,omitempty"`
+	BackingFilenameFormat string                  `json:"backing-filename-format,omitempty"`
+	Snapshots             []qemuSnapshot          `json:"snapshots,omitempty"`
+	FormatSpecific        *drivers.FormatSpecific `json:"format-specific,omitempty"`
+	BackingImage          *qemuInfo               `json:"backing-image,omitempty"`
+	Imgfuse               *imgfuseExtra           `json:"imgfuse,omitempty"`
+}
+
+// qemuSnapshot is QEMU's SnapshotInfo.
+type qemuSnapshot struct {
+	ID          string `json:"id"`
+	Name        string `json:"name"`
+	VMStateSize int64  `json:"vm-state-size"`
+	DateSec     int64  `json:"date-sec"`
+	DateNsec    int64  `json:"date-nsec"`
+	VMClockSec  int64  `json:"vm-clock-sec"`
+	VMClockNsec int64  `json:"vm-clock-nsec"`
+	Icount      *int64 `json:"icount,omitempty"`
+}
+
+// imgfuseExtra is what imgfuse adds to QEMU's fields.
+type imgfuseExtra struct {
+	// FileSize is the image file's apparent size (actual-size is what it
+	// occupies on disk).
+	FileSize int64 `json:"file-size"`
+	// Details is the format's own description (qcow2: every header
+	// field qemu-img shows, plus feature bits by name).
+	Details any `json:"details,omitempty"`
+	// BackingError says why the backing file could not be opened.
+	BackingError string `json:"backing-error,omitempty"`
+}
+
+func toQemuInfo(info drivers.ImageInfo) qemuInfo {
+	q := qemuInfo{
+		Filename:              info.Filename,
+		Format:                info.Format,
+		DirtyFlag:             info.Dirty,
+		VirtualSize:           info.VirtualSize,
+		ClusterSize:           info.ClusterSize,
+		BackingFilename:       info.BackingFilename,
+		BackingFilenameFormat: info.BackingFormat,
+		FormatSpecific:        info.FormatSpecific,
+		Imgfuse:               &imgfuseExtra{FileSize: info.FileSize, Details: info.Extra},
+	}
+	if info.BackingFilename != "" {
+		q.FullBackingFilename = pathCombine(info.Filename, info.BackingFilename)
+	}
+	if du, ok := diskUsage(info.Filename); ok {
+		q.ActualSize = &du
+	}
+	for _, s := range info.Snapshots {
+		qs := qemuSnapshot{
+			ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
+			DateSec: s.Date.Unix(), DateNsec: int64(s.Date.Nanosecond()),
+			VMClockSec: s.VMClock / 1e9, VMClockNsec: s.VMClock % 1e9,
+		}
+		if s.Icount != -1 {
+			ic := s.Icount
+			qs.Icount = &ic
+		}
+		q.Snapshots = append(q.Snapshots, qs)
+	}
+	return q
+}
+
+// writeInfoJSON prints the chain as qemu-img info --output=json does: an
+// array of objects with --backing-chain, else the top image alone, the
+// images below nested under "backing-image".
+func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
+	var v any
+	if chain {
+		arr := make([]qemuInfo, len(links))
+		for i, l := range links {
+			arr[i] = toQemuInfo(l.info)
+		}
+		v = arr
+	} else {
+		var below *qemuInfo
+		for i := len(links) - 1; i >= 0; i-- {
+			if links[i].err != nil {
+				continue // named by the image above, under imgfuse.backing-error
+			}
+			q := toQemuInfo(links[i].info)
+			q.BackingImage = below
+			if i+1 < len(links) && links[i+1].err != nil {
+				q.Imgfuse.BackingError = links[i+1].err.Error()
+			}
+			below = &q
+		}
+		v = below
+	}
+	b, err := json.MarshalIndent(v, "", "    ")
 	if err != nil {
 		return err
 	}
@@ -91,15 +265,19 @@ func writeInfoJSON(w io.Writer, info drivers.ImageInfo) error {
 	return err
 }
 
-// writeInfoText prints info and each backing level as blocks separated by
-// a blank line, in the shape of `qemu-img info --backing-chain`.
-func writeInfoText(w io.Writer, info drivers.ImageInfo) error {
+// writeInfoText prints each image of the chain as a block, blocks separated
+// by a blank line, in the shape of `qemu-img info --backing-chain`.
+func writeInfoText(w io.Writer, links []chainLink) error {
 	var b strings.Builder
-	for level, cur := 0, &info; cur != nil; level, cur = level+1, cur.Backing {
-		if level > 0 {
+	for i, l := range links {
+		if i > 0 {
 			b.WriteString("\n")
 		}
-		writeInfoBlock(&b, cur)
+		if l.err != nil {
+			fmt.Fprintf(&b, "image: %s\ncannot open: %v\n", l.info.Filename, l.err)
+			continue
+		}
+		writeInfoBlock(&b, &l.info)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -113,11 +291,22 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 	if du, ok := diskUsage(info.Filename); ok {
 		fmt.Fprintf(b, "disk size: %s\n", humanSize(du))
 	}
-	if info.Backing != nil {
-		fmt.Fprintf(b, "backing file: %s (format %s)\n", info.Backing.Filename, info.Backing.Format)
+	if info.ClusterSize != 0 {
+		fmt.Fprintf(b, "cluster_size: %d\n", info.ClusterSize)
 	}
-	if info.FormatSpecific != nil {
-		raw, err := json.Marshal(info.FormatSpecific)
+	if info.BackingFilename != "" {
+		full := pathCombine(info.Filename, info.BackingFilename)
+		fmt.Fprintf(b, "backing file: %s", info.BackingFilename)
+		if full != info.BackingFilename {
+			fmt.Fprintf(b, " (actual path: %s)", full)
+		}
+		b.WriteString("\n")
+		if info.BackingFormat != "" {
+			fmt.Fprintf(b, "backing file format: %s\n", info.BackingFormat)
+		}
+	}
+	if info.Extra != nil {
+		raw, err := json.Marshal(info.Extra)
 		if err == nil {
 			b.WriteString("Format specific information:\n")
 			if err := writeJSONTree(b, raw, 1); err != nil {
@@ -128,14 +317,18 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 	if len(info.Snapshots) > 0 {
 		b.WriteString("Snapshot list:\n")
 		tw := tabwriter.NewWriter(b, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE\tVM CLOCK\tDISK SIZE")
+		fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE\tVM CLOCK\tICOUNT\tDISK SIZE")
 		for _, s := range info.Snapshots {
 			date := "-"
 			if !s.Date.IsZero() {
 				date = s.Date.Local().Format("2006-01-02 15:04:05")
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Name, humanSize(s.VMStateSize), date,
-				vmClock(s.VMClock), humanSize(s.DiskSize))
+			icount := ""
+			if s.Icount != -1 {
+				icount = strconv.FormatInt(s.Icount, 10)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Name, humanSize(s.VMStateSize), date,
+				vmClock(s.VMClock), icount, humanSize(s.DiskSize))
 		}
 		tw.Flush()
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -60,11 +61,11 @@ func TestInfoText(t *testing.T) {
 	}
 	want := [][]string{
 		{"image: " + top, "file format: qcow2", "virtual size: 64 MiB (67108864 bytes)",
-			"backing file: ", "mid.qcow2 (format qcow2)", "Format specific information:",
+			"backing file: mid.qcow2", "backing file format: qcow2", "Format specific information:",
 			"compat: 0.10", "cluster size: 4096"},
 		{"file format: qcow2", "cluster size: 65536", "compat: 1.1", "lazy refcounts: true",
 			"compatible features: 0x1", "compression type: zlib", "corrupt: false", "dirty: false",
-			"Snapshot list:", "snap1", "base.raw (format raw)"},
+			"Snapshot list:", "snap1", "backing file: base.raw", "backing file format: raw"},
 		{"file format: raw", "virtual size: 64 MiB (67108864 bytes)"},
 	}
 	for i, ws := range want {
@@ -108,6 +109,36 @@ func TestInfoJSON(t *testing.T) {
 	}
 }
 
+// TestInfoMissingBacking: info describes an image whose backing file is
+// missing, as qemu-img info does; --backing-chain then fails.
+func TestInfoMissingBacking(t *testing.T) {
+	requireQemuImg(t)
+	dir := t.TempDir()
+	qemuImg(t, dir, "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "top.qcow2", "32M")
+	top := filepath.Join(dir, "top.qcow2")
+	code, out, stderr := runCLI(t, "info", "--output=json", top)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var got map[string]any
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if got["backing-filename"] != "gone.qcow2" || got["full-backing-filename"] != filepath.Join(dir, "gone.qcow2") {
+		t.Errorf("backing names: %v, %v", got["backing-filename"], got["full-backing-filename"])
+	}
+	if extra, _ := got["imgfuse"].(map[string]any); extra == nil || !strings.Contains(fmt.Sprint(extra["backing-error"]), "gone.qcow2") {
+		t.Errorf("imgfuse.backing-error missing: %v", got["imgfuse"])
+	}
+	code, out, _ = runCLI(t, "info", top)
+	if code != exitOK || !strings.Contains(out, "cannot open") {
+		t.Errorf("human info: exit %d\n%s", code, out)
+	}
+	if code, _, _ := runCLI(t, "info", "--backing-chain", "--output=json", top); code != exitOpen {
+		t.Errorf("--backing-chain with a missing backing file: exit %d, want %d", code, exitOpen)
+	}
+}
+
 func TestInfoRawAndErrors(t *testing.T) {
 	img := tempPath(t, "disk.img")
 	writeFile(t, img, 3<<20)
@@ -116,7 +147,7 @@ func TestInfoRawAndErrors(t *testing.T) {
 		t.Errorf("raw info: exit %d\n%s%s", code, out, stderr)
 	}
 	code, _, stderr = runCLI(t, "info", img+".missing")
-	if code != exitFailure || !strings.Contains(stderr, "imgfuse: open "+img+".missing") {
+	if code != exitOpen || !strings.Contains(stderr, "imgfuse: open "+img+".missing") {
 		t.Errorf("missing image: exit %d, %q", code, stderr)
 	}
 }
@@ -130,5 +161,18 @@ func TestWriteJSONTreeKeepsOrder(t *testing.T) {
 	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
 	if b.String() != want {
 		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}
+
+// TestInfoJSONFlagsAgree: --json is --output=json.
+func TestInfoJSONFlagsAgree(t *testing.T) {
+	_, top := infoChain(t)
+	c1, a, _ := runCLI(t, "info", "--json", top)
+	c2, b, _ := runCLI(t, "info", "--output=json", top)
+	if c1 != exitOK || c2 != exitOK || a != b || a == "" {
+		t.Errorf("--json (exit %d) and --output=json (exit %d) differ:\n%s\n%s", c1, c2, a, b)
+	}
+	if code, _, stderr := runCLI(t, "info", "--output=yaml", top); code != exitUsage || !strings.Contains(stderr, "--output") {
+		t.Errorf("--output=yaml: exit %d, %s", code, stderr)
 	}
 }

@@ -10,13 +10,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// Exit codes. Scripts depend on them: keep them stable.
-const (
-	exitOK      = 0 // success
-	exitFailure = 1 // runtime error: open, mount, unmount, I/O
-	exitUsage   = 2 // bad command line: unknown flag or command, wrong argument count, bad flag value
-)
-
 // version is set at build time with -ldflags "-X main.version=v1.2.3".
 var version = "0.1.0-dev"
 
@@ -54,15 +47,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return ee.code
 	}
 	fmt.Fprintf(stderr, "imgfuse: %v\n", err)
-	var ue usageError
-	if errors.As(err, &ue) {
+	code := exitCode(err)
+	if code == exitUsage {
 		if cmd == nil {
 			cmd = root
 		}
 		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
-		return exitUsage
+		if cmd.Name() == "check" {
+			return checkExitFailed // qemu-img check: 1 for a bad command line
+		}
 	}
-	return exitFailure
+	return code
 }
 
 const rootLong = `imgfuse exposes a qcow2 or raw disk image as one regular file through FUSE,
@@ -72,12 +67,13 @@ so that loop mounts, fsck, dd and friends can use it without QEMU or NBD.
   mount -o loop /mnt/img/disk /mnt/root         # use the disk
   umount /mnt/root && imgfuse unmount /mnt/img  # returns once the image is closed
 
+For scripts, qemu-img's habits work: 'imgfuse info|check|map --output=json'
+print what qemu-img prints, -f FORMAT and -U are accepted, and
+'imgfuse create' makes qcow2 and raw images as 'qemu-img create' does.
+
 No image at hand? 'imgfuse demo' mounts a small sample.
 
-Exit codes:
-  0  success
-  1  runtime error (cannot open the image, mount, unmount, ...)
-  2  usage error (unknown command or flag, wrong number of arguments, bad flag value)`
+` + exitCodesHelp
 
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
@@ -105,9 +101,22 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetErr(stderr)
 	root.SetVersionTemplate("imgfuse {{.Version}}\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newDemoCmd(stdout))
+	root.CompletionOptions.HiddenDefaultCmd = false
+	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
+		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newVersionCmd(stdout))
 	return root
+}
+
+func newVersionCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  exactArgs(),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			_, err := fmt.Fprintf(stdout, "imgfuse %s\n", version)
+			return err
+		},
+	}
 }
 
 // exactArgs is cobra.ExactArgs with the error marked as a usage error and

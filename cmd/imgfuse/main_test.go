@@ -96,10 +96,10 @@ func TestFormatChoices(t *testing.T) {
 
 func TestChildArgs(t *testing.T) {
 	o := &mountOptions{format: "qcow2", readOnly: true, snapshot: "s 1", name: "d",
-		allowOther: true, noDirectIO: true, forceShare: true, growable: true, lazyRefcnt: true, debug: true,
+		allowOther: true, noDirectIO: true, forceShare: true, growable: true, lazyRefcnt: true, noPassthru: true, debug: true,
 		absImage: "/i/x.qcow2", absMountpoint: "/m"}
 	got := strings.Join(childArgs(o), "|")
-	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--force-share|--growable|--lazy-refcounts|--debug|--|/i/x.qcow2|/m"
+	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--force-share|--growable|--lazy-refcounts|--no-passthrough|--debug|--|/i/x.qcow2|/m"
 	if got != want {
 		t.Errorf("childArgs =\n%s\nwant\n%s", got, want)
 	}
@@ -111,7 +111,7 @@ func TestChildArgs(t *testing.T) {
 	if a := cmd.Flags().Args(); len(a) != 2 || a[0] != "/i/x.qcow2" || a[1] != "/m" {
 		t.Errorf("child parses args %q", a)
 	}
-	for _, name := range []string{"read-only", "force-share", "growable", "lazy-refcounts", "no-direct-io"} {
+	for _, name := range []string{"read-only", "force-share", "growable", "lazy-refcounts", "no-direct-io", "no-passthrough"} {
 		if v, err := cmd.Flags().GetBool(name); err != nil || !v {
 			t.Errorf("child's --%s = %v, %v", name, v, err)
 		}

@@ -35,7 +35,9 @@ type mountOptions struct {
 	noDirectIO bool
 	forceShare bool
 	growable   bool
+	noPassthru bool
 	lazyRefcnt bool
+	cacheSize  string
 	debug      bool
 	logFile    string
 }
@@ -59,14 +61,22 @@ mounts it. A write past the end of the disk fails with ENOSPC unless
 --growable is given; 'truncate -s' grows the disk either way, and
 shrinking it is refused.
 
+On Linux 6.9 or later, run as root, opens of a raw image's disk for
+reading only are served by the kernel straight from the image file (FUSE
+passthrough); opens for writing still go through imgfuse. The log says
+'passthrough: on' or 'passthrough: off: <why>'; --no-passthrough turns it
+off.
+
 The server unmounts on SIGINT, SIGTERM or SIGHUP (unless the disk is busy:
 then it logs and keeps serving), and after any unmount flushes and closes
 the image and exits; 'imgfuse unmount' waits for that and fails if the
 flush did.
 
 Exit status: 0 once the mount answers (with --foreground: after a clean
-unmount and flush); 1 if the image cannot be opened or mounted, or (with
---foreground) cannot be flushed at the end; 2 for usage errors.`
+unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4 if
+another process holds its lock, 5 if it uses an unsupported feature, 6 if it
+is corrupt, 7 if the mount itself fails, 8 (with --foreground) if the final
+flush fails; 1 for anything else.`
 
 func newMountCmd() *cobra.Command {
 	o := &mountOptions{}
@@ -86,6 +96,9 @@ func newMountCmd() *cobra.Command {
 			}
 			if err := o.checkWriteFlags(); err != nil {
 				return err
+			}
+			if o.name != "" && (strings.ContainsRune(o.name, '/') || o.name == "." || o.name == "..") {
+				return usagef("invalid --name %q: a file name, without '/'", o.name)
 			}
 			if fd, ok := daemonReadyFD(); ok {
 				o.absImage, o.absMountpoint = o.image, o.mountpoint
@@ -114,16 +127,18 @@ func newMountCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&o.readOnly, "read-only", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
+	f.BoolVarP(&o.readOnly, "read-only", "r", false, "expose the disk read-only (open(O_RDWR) fails with EROFS)")
 	f.BoolVar(&o.foreground, "foreground", false, "serve in the foreground until unmounted or interrupted")
-	f.StringVar(&o.format, "format", "auto", "image format: "+strings.Join(formatChoices(), "|"))
+	f.StringVarP(&o.format, "format", "f", "auto", "image format: "+strings.Join(formatChoices(), "|"))
 	f.StringVar(&o.snapshot, "snapshot", "", "expose internal snapshot `NAME|ID` (read-only) instead of the active disk")
 	f.StringVar(&o.name, "name", "", "file name of the disk in a directory MOUNTPOINT (default \"disk\")")
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users reach the mount (needs user_allow_other in /etc/fuse.conf)")
 	f.BoolVar(&o.noDirectIO, "no-direct-io", false, "open the image without O_DIRECT (for filesystems that refuse it, e.g. tmpfs)")
 	f.BoolVarP(&o.forceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
+	f.BoolVar(&o.noPassthru, "no-passthrough", false, "never let the kernel serve a raw image's reads itself (FUSE passthrough); every read then goes through imgfuse")
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
+	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
 	return cmd
@@ -175,23 +190,29 @@ func (o *mountOptions) validate() error {
 	head.Close()
 	f, err := os.Open(o.image)
 	if err != nil {
-		return err // "open IMAGE: no such file or directory"
+		return openError(err) // "open IMAGE: no such file or directory"
 	}
 	fi, err := f.Stat()
 	f.Close()
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	if fi.IsDir() {
-		return fmt.Errorf("open %s: is a directory, not a disk image", o.image)
+		return openError(fmt.Errorf("open %s: is a directory, not a disk image", o.image))
 	}
 	if o.absImage, err = filepath.Abs(o.image); err != nil {
 		return err
 	}
 
+	if err := checkExplicitFormat(o.image, o.format); err != nil {
+		return err
+	}
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return err
+		return openError(err)
+	}
+	if err := o.validateMountpoint(); err != nil {
+		return mountFailed(err)
 	}
 	if o.snapshot != "" && format == "raw" {
 		return fmt.Errorf("--snapshot: %s is a raw image, which has no snapshots", o.image)
@@ -199,7 +220,17 @@ func (o *mountOptions) validate() error {
 	if o.lazyRefcnt && format == "raw" {
 		return fmt.Errorf("--lazy-refcounts: %s is a raw image, which has no refcounts", o.image)
 	}
+	if o.cacheSize != "" {
+		if _, err := parseSize(o.cacheSize); err != nil {
+			return usagef("--cache-size: %v", err)
+		}
+	}
+	return nil
+}
 
+// validateMountpoint checks that the mountpoint exists, can take a mount
+// and is not the image.
+func (o *mountOptions) validateMountpoint() error {
 	mi, err := os.Stat(o.mountpoint)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN) || isDeadMount(o.mountpoint):
@@ -258,7 +289,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, err)
+		return openError(fmt.Errorf("open %s: %w", o.image, err))
 	}
 	ro := mountReadOnly(o.readOnly, o.snapshot, o.forceShare)
 	opts := drivers.OpenOptions{
@@ -274,9 +305,14 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		Probed: o.format == "" || o.format == "auto",
 		Logf:   logger.Printf,
 	}
+	if o.cacheSize != "" {
+		if opts.CacheSize, err = parseSize(o.cacheSize); err != nil {
+			return usagef("--cache-size: %v", err)
+		}
+	}
 	d, f, err := drivers.Open(o.image, format, opts)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", o.image, explainWritableOpen(o.image, format, opts, err))
+		return openError(describeOpenError(o.image, explainWritableOpen(o.image, format, opts, err)))
 	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
@@ -294,19 +330,25 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ModTime:    mtime,
 		FSName:     "imgfuse:" + absImage,
 		Debug:      o.debug,
+
+		NoPassthrough: o.noPassthru,
 	})
 	if err != nil {
 		d.Close()
-		return err
+		return mountFailed(err)
 	}
+	passthrough := passthroughState(srv, o.noPassthru)
+	logger.Printf("passthrough: %s", passthrough)
 
+	logger.Printf("serving requests: %s", srv.Mode)
 	mp := o.absMountpoint
 	if mp == "" {
 		mp, _ = canonicalPath(o.mountpoint)
 	}
 	state := daemonState{
 		PID: os.Getpid(), Image: absImage, Mountpoint: mp,
-		Format: f.Name(), ReadOnly: ro, Started: time.Now().UTC(),
+		Format: f.Name(), ReadOnly: ro, Passthrough: passthrough,
+		Started: time.Now().UTC(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
@@ -355,6 +397,19 @@ loop:
 	return nil
 }
 
+// passthroughState says whether the mount is in FUSE passthrough mode, for
+// the log and the state file: "on", or "off: " and why.
+func passthroughState(srv *fusefs.Server, noPassthru bool) string {
+	on, why := srv.Passthrough()
+	switch {
+	case on:
+		return "on"
+	case noPassthru:
+		return "off: --no-passthrough"
+	}
+	return "off: " + why
+}
+
 // closeImage flushes d and then closes it, even if the flush failed: the
 // descriptors and image locks must go whatever happened. A flush error is
 // logged at once (before the close, which may take time or fail too) and
@@ -363,14 +418,17 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 	var ferr error
 	coroutine.Run(func(co *coroutine.Co) { ferr = d.Flush(co) })
 	if ferr != nil {
-		ferr = fmt.Errorf("flush %s: %w", image, ferr)
+		ferr = fmt.Errorf("flush %s: %v%w", image, trimPathError(ferr, image), sentinelOf(ferr))
 		logger.Printf("%v; data written through the mount may not be in the image; closing it", ferr)
 	}
 	var cerr error
 	if err := d.Close(); err != nil {
-		cerr = fmt.Errorf("close %s: %w", image, err)
+		cerr = fmt.Errorf("close %s: %v%w", image, trimPathError(err, image), sentinelOf(err))
 	}
-	return errors.Join(ferr, cerr)
+	if err := errors.Join(ferr, cerr); err != nil {
+		return flushFailed(err)
+	}
+	return nil
 }
 
 // explainWritableOpen adds a hint to err, the failure to open an image for

@@ -55,21 +55,23 @@ func TestMountValidationErrors(t *testing.T) {
 		args       []string
 		mountpoint string
 		want       string
+		code       int
 	}{
-		{"missing image", []string{"mount", raw + ".nope", mnt}, mnt, "imgfuse: open " + raw + ".nope: no such file or directory"},
-		{"image is a directory", []string{"mount", dir, mnt}, mnt, "is a directory"},
-		{"missing mountpoint", []string{"mount", raw, mnt + "2"}, mnt + "2", "mountpoint " + mnt + "2 does not exist"},
-		{"fifo mountpoint", []string{"mount", raw, fifo}, fifo, "neither a directory nor a regular file"},
-		{"snapshot on raw", []string{"mount", "--snapshot", "s1", raw, mnt}, mnt, "is a raw image, which has no snapshots"},
-		{"snapshot on forced raw", []string{"mount", "--format", "raw", "--snapshot", "1", bad, mnt}, mnt, "raw image"},
+		{"missing image", []string{"mount", raw + ".nope", mnt}, mnt, "imgfuse: open " + raw + ".nope: no such file or directory", exitOpen},
+		{"image is a directory", []string{"mount", dir, mnt}, mnt, "is a directory", exitOpen},
+		{"missing mountpoint", []string{"mount", raw, mnt + "2"}, mnt + "2", "mountpoint " + mnt + "2 does not exist", exitMount},
+		{"fifo mountpoint", []string{"mount", raw, fifo}, fifo, "neither a directory nor a regular file", exitMount},
+		{"snapshot on raw", []string{"mount", "--snapshot", "s1", raw, mnt}, mnt, "is a raw image, which has no snapshots", exitFailure},
+		{"snapshot on forced raw", []string{"mount", "--format", "raw", "--snapshot", "1", bad, mnt}, mnt, "raw image", exitFailure},
+		{"qcow2 format on a raw file", []string{"mount", "-f", "qcow2", raw, mnt}, mnt, "imgfuse: open " + raw + ": not a qcow2 image", exitOpen},
 		// Passes validation: the daemon reports the open error.
-		{"corrupt image (daemon)", []string{"mount", "--format", "qcow2", bad, mnt}, mnt, "imgfuse: open " + bad + ": "},
+		{"corrupt image (daemon)", []string{"mount", "--format", "qcow2", bad, mnt}, mnt, "imgfuse: open " + bad + ": ", exitCorrupt},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			code, _, stderr := runCLI(t, tt.args...)
-			if code != exitFailure {
-				t.Errorf("exit %d, want %d", code, exitFailure)
+			if code != tt.code {
+				t.Errorf("exit %d, want %d", code, tt.code)
 			}
 			if !strings.Contains(stderr, tt.want) {
 				t.Errorf("stderr %q does not contain %q", stderr, tt.want)
@@ -95,7 +97,7 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = unix.Unmount(mnt, 0) })
 	code, _, stderr := runCLI(t, "mount", raw, mnt)
-	if code != exitFailure || !strings.Contains(stderr, "is already a mount (tmpfs, type tmpfs)") {
+	if code != exitMount || !strings.Contains(stderr, "is already a mount (tmpfs, type tmpfs)") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 	// unmount refuses a mount that is not ours.
@@ -184,7 +186,7 @@ func TestMountReadWriteUnmountRaw(t *testing.T) {
 		t.Fatalf("server %d not running", pid)
 	}
 	// Mount again on the same place: refused.
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitFailure || !strings.Contains(stderr, "already a mount") {
+	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitMount || !strings.Contains(stderr, "already a mount") {
 		t.Errorf("second mount: exit %d, %q", code, stderr)
 	}
 
@@ -262,7 +264,7 @@ func TestUnmountDeadMount(t *testing.T) {
 		t.Fatal("mount is not dead after kill -9 of its server")
 	}
 	// mount refuses a dead mountpoint with a pointer to unmount.
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitFailure || !strings.Contains(stderr, "dead mount") {
+	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitMount || !strings.Contains(stderr, "dead mount") {
 		t.Errorf("mount on a dead mount: exit %d, %q", code, stderr)
 	}
 	code, _, stderr := runCLI(t, "unmount", mnt)
@@ -448,7 +450,7 @@ func TestMountUnwritableImage(t *testing.T) {
 	t.Cleanup(func() { exec.Command("chattr", "-i", img).Run() })
 
 	code, _, stderr := runCLI(t, "mount", img, mnt)
-	if code != exitFailure || !strings.Contains(stderr, "imgfuse: open "+img+": ") ||
+	if code != exitOpen || !strings.Contains(stderr, "imgfuse: open "+img+": ") ||
 		!strings.Contains(stderr, "--read-only mounts it read-only") {
 		t.Errorf("writable mount of an immutable image: exit %d, %q", code, stderr)
 	}

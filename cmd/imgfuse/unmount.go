@@ -17,7 +17,7 @@ import (
 
 const unmountLong = `Unmount an imgfuse MOUNTPOINT and wait until its server has flushed and
 closed the image (up to --timeout). If the flush or close failed, say so
-and exit 1: data written through the mount may be missing from the image.
+and exit 8: data written through the mount may be missing from the image.
 
 A dead mount (its server was killed; every access fails with "Transport
 endpoint is not connected") is detached lazily, with a note.
@@ -111,7 +111,7 @@ func serverCloseError(dir, mp string, pid int, mountpoint string) error {
 		return nil
 	}
 	os.Remove(statePath(dir, mp))
-	return fmt.Errorf("unmounted %s, but its server failed to write the image back: %s", mountpoint, st.CloseError)
+	return flushFailed(fmt.Errorf("unmounted %s, but its server failed to write the image back: %s", mountpoint, st.CloseError))
 }
 
 // isDeadMount reports whether the FUSE mount at mp has lost its server.

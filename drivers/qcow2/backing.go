@@ -14,6 +14,47 @@ import (
 // fileID identifies a file independently of the path used to reach it.
 type fileID struct{ dev, ino uint64 }
 
+// maxChainMetadata bounds the metadata a whole chain keeps in memory (see
+// the package doc); a variable for tests.
+var maxChainMetadata int64 = 512 << 20
+
+// l2ChainMax bounds the L2 caches of a chain together: the top image gets
+// what it would alone (at most l2CacheMax), the layers below share the
+// rest, each at least 2 tables.
+const l2ChainMax = 2 * l2CacheMax
+
+// l2Share returns how many L2 tables of size cs the next layer's cache
+// gets, of the want it would have alone. limit is the cache size the user
+// asked for (OpenOptions.CacheSize, 0 for the default): the chain's caches
+// together then get twice that, if more than l2ChainMax.
+func (ch *chain) l2Share(want int, cs, limit int64) int {
+	left := (max(l2ChainMax, 2*limit) - ch.l2Bytes) / cs
+	return int(max(2, min(int64(want), left)))
+}
+
+// charge adds the metadata memory of img, just opened with an L2 cache of
+// l2Tables tables, to the chain, and refuses the open if the chain would
+// then pass maxChainMetadata. It counts what the image may hold at most:
+// its L1 table (or the cache of its pieces), its L2 cache, its snapshot
+// table and, if writable, its refcount table.
+func (ch *chain) charge(img *image, l2Tables int) error {
+	l2 := int64(l2Tables) * img.clusterSize
+	ch.l2Bytes += l2
+	n := int64(len(img.l1))*8 + l2 + img.snapTableBytes
+	if img.l1c != nil {
+		n += l1CacheChunks * l1Chunk
+	}
+	if img.writable {
+		n += int64(img.h.ReftableClusters) << img.clusterBits
+	}
+	ch.meta += n
+	if ch.meta > maxChainMetadata {
+		return fmt.Errorf("qcow2: %s: the backing chain would keep %d MiB of metadata in memory (limit %d MiB): %w",
+			img.path, ch.meta>>20, maxChainMetadata>>20, drivers.ErrUnsupported)
+	}
+	return nil
+}
+
 // enter records that path is the next layer of the chain. It refuses a
 // chain deeper than maxChainDepth and a file already in the chain: without
 // that a backing name pointing at the image itself (or at an image above
@@ -54,7 +95,7 @@ func (img *image) resolve(name string) string {
 // openBacking opens the backing file named in the header, read-only, with
 // the format from the backing-format extension or else probed.
 func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
-	if img.h.BackingFile == "" {
+	if img.h.BackingFile == "" || opts.NoBacking && !img.writable {
 		return nil
 	}
 	path := img.resolve(img.h.BackingFile)

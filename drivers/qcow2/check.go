@@ -400,6 +400,7 @@ func (r *refcounts) checkLocked(co *coroutine.Co, read func(off int64, p []byte)
 // checkCopiedLocked reports every active L1 or L2 entry whose COPIED flag
 // disagrees with (stored refcount == 1) (QEMU's check_oflag_copied).
 func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p []byte) error, res *checkResult) error {
+	r.mu.AssertHeld(co)
 	h := r.h
 	n := int64(h.L1Size)
 	if n*8 > maxL1Bytes || h.L1Offset&uint64(r.clusterSize-1) != 0 || n == 0 {

@@ -1,10 +1,10 @@
 package qcow2
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math/bits"
 
+	"imgfuse/cache"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 )
@@ -72,80 +72,48 @@ type hostRun struct {
 // the run before it, to be reported when (if) a read reaches it.
 func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 	img.mu.AssertHeld(co)
-	cs := img.clusterSize
-	inCluster := off & (cs - 1)
-	// A run stops at the end of the L2 table.
-	l1Index, l2Index, n := img.l2Slot(off, n)
-
-	l2Off, err := img.l2OffsetLocked(l1Index)
+	s, err := img.sliceLocked(co, off, n, sliceRead)
 	if err != nil {
 		return hostRun{}, err
 	}
-	if l2Off == 0 {
+	defer s.close()
+	n = s.end - off // a run stops at the end of the L2 table
+	if s.t == nil {
 		return hostRun{typ: ctUnallocated, n: n}, nil
 	}
-	t, err := img.l2.Get(co, int64(l2Off))
-	if err != nil {
-		return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
-	}
-	defer img.l2.Put(t)
-	tb := t.Bytes()
-
-	// Clusters the request touches: no need to look further.
-	nbClusters := (inCluster + n + cs - 1) >> img.clusterBits
-	scFirst := int(inCluster >> img.scBits)
+	cs := img.clusterSize
+	inCluster := off & (cs - 1)
 	var (
-		run        hostRun
-		count      int64 // subclusters in the run so far
-		wantOffset uint64
+		run   hostRun
+		count int64 // subclusters in the run so far
 	)
-	for i := int64(0); i < nbClusters; i++ {
-		idx := l2Index + i
-		e := binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes:])
-		var bitmap uint64
-		if img.scPerCluster > 1 {
-			bitmap = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes+8:])
-		}
+	for i := range s.n {
 		sc := 0
 		if i == 0 {
-			sc = scFirst
+			sc = int(inCluster >> img.scBits)
 		}
-		typ, same, err := img.entryRange(e, bitmap, sc)
-		hostCluster := e & l2eOffsetMask
-		guestCluster := off - inCluster + i*cs
-		if err == nil && typ.hasHostOffset() {
-			err = img.checkHostCluster(typ, hostCluster, guestCluster)
-		}
+		typ, same, host, err := s.typeAt(i, sc)
 		if err != nil {
 			if i == 0 {
-				return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-					img.path, l2Off, idx, guestCluster, err)
+				return hostRun{}, err
 			}
 			break // reported when a read gets there
 		}
 		if i == 0 {
 			run.typ = typ
 			if typ == ctCompressed {
+				e, _ := s.entry(0)
 				if coff, _ := img.compressedRange(e); coff >= img.fileSize {
-					return hostRun{}, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): compressed data at %#x is past the end of the file (%d bytes): %w",
-						img.path, l2Off, idx, guestCluster, coff, img.fileSize, drivers.ErrCorrupt)
+					return hostRun{}, s.errorf(0, fmt.Errorf("compressed data at %#x is past the end of the file (%d bytes): %w",
+						coff, img.fileSize, drivers.ErrCorrupt))
 				}
 				return hostRun{typ: ctCompressed, n: min(n, cs-inCluster), l2e: e}, nil
 			}
 			if typ.hasHostOffset() {
-				run.host = int64(hostCluster) + inCluster
+				run.host = int64(host) + inCluster
 			}
-			wantOffset = hostCluster
-		} else {
-			if typ != run.typ {
-				break
-			}
-			if typ.hasHostOffset() {
-				wantOffset += uint64(cs)
-				if hostCluster != wantOffset {
-					break
-				}
-			}
+		} else if typ != run.typ || (typ.hasHostOffset() && int64(host) != run.host-inCluster+i*cs) {
+			break
 		}
 		count += int64(same)
 		if sc+same < img.scPerCluster {
@@ -158,14 +126,137 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 	return run, nil
 }
 
+// l2Slice is a cursor over the L2 entries that one step of an operation
+// covers: the clusters touching [off, end), all in one L2 table (QEMU's
+// l2_slice with get_l2_entry, get_l2_bitmap and
+// qcow2_get_subcluster_range_type). It pins the table once; the caller
+// defers close. mapLocked, planWriteLocked, zeroStepLocked and linkLocked
+// all walk L2 through it, so entries are decoded, validated and reported
+// in one way.
+type l2Slice struct {
+	img *image
+	// t is the pinned table, nil when the L1 entry has none (every entry
+	// then reads as 0).
+	t     *cache.Table
+	l2Off int64
+	// first is the table index of the slice's cluster 0, whose guest
+	// offset is cstart.
+	first, cstart int64
+	// off and end are the guest bytes of the step, inside the table.
+	off, end int64
+	// n is the number of clusters touching [off, end).
+	n int64
+	// mode is how the slice was opened.
+	mode sliceMode
+}
+
+// sliceMode says what a walk over L2 is for.
+type sliceMode uint8
+
+const (
+	// sliceRead: a lookup for reading; a missing table reads as zeros
+	// and a host cluster past the end of the file is corrupt.
+	sliceRead sliceMode = iota
+	// slicePlan: a lookup that plans a write; host clusters past the
+	// end of the file are allowed (the write grows the file).
+	slicePlan
+	// sliceUpdate: the entries are about to change: the table is made
+	// writable first (allocated or copied, l2TableForWriteLocked).
+	sliceUpdate
+)
+
+// sliceLocked returns a cursor over the clusters touching [off, off+n),
+// n cut at the end of the L2 table. With sliceUpdate the table is first
+// made writable; otherwise a missing table gives a cursor whose entries
+// are all 0.
+func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l2Slice, error) {
+	img.mu.AssertHeld(co)
+	l1Index, l2Index, n := img.l2Slot(off, n)
+	inCluster := off & (img.clusterSize - 1)
+	s := l2Slice{img: img, first: l2Index, cstart: off - inCluster, off: off, end: off + n,
+		n: (inCluster + n + img.clusterSize - 1) >> img.clusterBits, mode: mode}
+	var l2Off uint64
+	var err error
+	if mode == sliceUpdate {
+		var o int64
+		o, err = img.l2TableForWriteLocked(co, l1Index)
+		l2Off = uint64(o)
+	} else {
+		l2Off, err = img.l2OffsetLocked(co, l1Index)
+	}
+	if err != nil || l2Off == 0 {
+		return s, err
+	}
+	s.l2Off = int64(l2Off)
+	if s.t, err = img.l2.Get(co, s.l2Off); err != nil {
+		return s, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
+	}
+	return s, nil
+}
+
+// close unpins the table.
+func (s *l2Slice) close() {
+	if s.t != nil {
+		s.img.l2.Put(s.t)
+		s.t = nil
+	}
+}
+
+// entry returns the L2 entry of cluster i of the slice and, with extended
+// L2, its subcluster bitmap.
+func (s *l2Slice) entry(i int64) (e, bitmap uint64) {
+	if s.t == nil {
+		return 0, 0
+	}
+	return s.img.l2Entry(s.t.Bytes(), s.first+i)
+}
+
+// set sets the entry (and bitmap) of cluster i and marks the table dirty.
+// The slice was opened for a write, so the table exists.
+func (s *l2Slice) set(i int64, e, bitmap uint64) {
+	s.img.setL2Entry(s.t.Bytes(), s.first+i, e, bitmap)
+	s.img.l2.MarkDirty(s.t)
+}
+
+// guest returns the guest offset of cluster i.
+func (s *l2Slice) guest(i int64) int64 { return s.cstart + i<<s.img.clusterBits }
+
+// touched returns the subclusters [scA, scB) of cluster i inside the step.
+func (s *l2Slice) touched(i int64) (int, int) { return s.img.touched(s.guest(i), s.off, s.end) }
+
+// typeAt classifies subcluster sc of cluster i (entryRange) and validates
+// its host offset: the type, how many subclusters from sc share it, and
+// the host cluster for the types with one.
+func (s *l2Slice) typeAt(i int64, sc int) (clusterType, int, uint64, error) {
+	e, bm := s.entry(i)
+	typ, span, err := s.img.entryRange(e, bm, sc)
+	host := e & l2eOffsetMask
+	if err == nil && typ.hasHostOffset() {
+		err = s.img.checkHostCluster(typ, host, s.guest(i), s.mode == sliceRead)
+	}
+	if err != nil {
+		return 0, 0, 0, s.errorf(i, err)
+	}
+	return typ, span, host, nil
+}
+
+// errorf names the entry of cluster i in err.
+func (s *l2Slice) errorf(i int64, err error) error {
+	return fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
+		s.img.path, s.l2Off, s.first+i, s.guest(i), err)
+}
+
 // l2OffsetLocked returns the L2 table offset of L1 entry l1Index, 0 if the
-// entry is unallocated or past the end of L1. The caller holds mu (it never
-// yields, so it takes no coroutine to assert that with; mapLocked does).
-func (img *image) l2OffsetLocked(l1Index int64) (uint64, error) {
-	if l1Index >= int64(len(img.l1)) {
+// entry is unallocated or past the end of L1.
+func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error) {
+	img.mu.AssertHeld(co)
+	if l1Index >= img.l1Entries() {
 		return 0, nil
 	}
-	e := img.l1[l1Index]
+	e, err := img.l1EntryLocked(co, l1Index)
+	if err != nil {
+		return 0, err
+	}
 	if e&l1eReservedMask != 0 {
 		return 0, fmt.Errorf("qcow2: %s: L1 entry %d (%#x) has reserved bits set: %w",
 			img.path, l1Index, e, drivers.ErrCorrupt)
@@ -187,8 +278,8 @@ func (img *image) l2OffsetLocked(l1Index int64) (uint64, error) {
 
 // checkHostCluster validates the host cluster offset of a type that has
 // one: aligned; equal to the guest offset in an external data file; and,
-// for data read from the image file itself, inside the file.
-func (img *image) checkHostCluster(typ clusterType, host uint64, guest int64) error {
+// with eof, for data read from the image file itself, inside the file.
+func (img *image) checkHostCluster(typ clusterType, host uint64, guest int64, eof bool) error {
 	if host&uint64(img.clusterSize-1) != 0 {
 		return fmt.Errorf("host cluster offset %#x is not cluster-aligned: %w", host, drivers.ErrCorrupt)
 	}
@@ -199,7 +290,7 @@ func (img *image) checkHostCluster(typ clusterType, host uint64, guest int64) er
 		}
 		return nil
 	}
-	if typ == ctNormal && host >= uint64(img.fileSize) {
+	if eof && typ == ctNormal && host >= uint64(img.fileSize) {
 		return fmt.Errorf("host cluster offset %#x is past the end of the file (%d bytes): %w",
 			host, img.fileSize, drivers.ErrCorrupt)
 	}

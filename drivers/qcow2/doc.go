@@ -11,8 +11,9 @@
 //     for a writable open: refusals, refcounts, dirty-image repair, autoclear
 //     bits), header updates (dirty and corrupt bits), Flush, Close, Info and
 //     Snapshots.
-//   - cluster.go: guest → host translation (mapLocked), cluster and
-//     subcluster types, L2 entry validation, the compressed descriptor.
+//   - cluster.go: the L2 cursor (l2Slice), guest → host translation
+//     (mapLocked), cluster and subcluster types, L2 entry validation, the
+//     compressed descriptor.
 //   - read.go: ReadAt and BlockStatus: map under the lock, then data I/O
 //     (image or data file, backing file, zeros, decompression) without it.
 //   - backing.go: opening the backing chain (loop and depth checks) and the
@@ -23,11 +24,19 @@
 //   - zero.go: Discard and WriteZeroes (zero flags, subcluster zero bits,
 //     freeing clusters, zeros written where the format has no other way).
 //   - resize.go: Truncate (grow only): L1 growth and the header size.
+//   - overlap.go: the metadata overlap check every write passes.
 //   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
 //     and table growth), the consistency check and the refcount rebuild.
 //   - compress.go: deflate and zstd decompression of one cluster.
 //   - snapshot.go: the internal snapshot table.
-//   - info.go: the format-specific part of Info.
+//   - info.go: the format-specific part of Info (QEMU's ImageInfoSpecific
+//     shape, and imgfuse's own details).
+//   - checkimage.go: the drivers.Checker capability around check.go: a
+//     check of a read-only image, block statistics, the repairs of
+//     qemu-img check -r leaks|all (refcounts, rebuild, COPIED flags).
+//   - mapinfo.go: the drivers.LayerMapper capability (qemu-img map), with
+//     QEMU's metadata-preallocation guess.
+//   - create.go: Create, a new image laid out as qemu-img create lays it out.
 //
 // # Concurrency
 //
@@ -42,9 +51,9 @@
 // Data I/O never happens under mu: a read locks, maps one run of clusters
 // with the same type and contiguous host offsets, unlocks, then reads the
 // run (from the image or data file, from the backing driver, zeros, or a
-// compressed cluster). Decompression runs in a worker goroutine
-// (coroutine.RunInWorker) so a 2 MiB zstd cluster neither holds the
-// metadata lock nor stalls the goroutine driving the coroutine.
+// compressed cluster). Decompression runs outside the lock through
+// coroutine.RunInWorker, so a 2 MiB zstd cluster neither holds the
+// metadata lock nor stalls another request.
 //
 // # Writing
 //
@@ -80,11 +89,32 @@
 //
 // Every entry written has COPIED iff its refcount is 1.
 //
-// Ordering (qcow2.md §1.13): rc.allocLocked makes the L2 cache depend on
-// the refcount cache, so refcount increases reach the disk before an L2
-// table pointing at the clusters; a link after COW sets DependOnFlush on
-// the L2 cache, so the copied data is synced before the table is written;
-// a refcount decrease makes the refcount cache depend on the L2 cache. New
+// # One walk over L2
+//
+// Every operation that reads or changes L2 entries — mapLocked (reads,
+// block status), writeRunLocked (planning a write step), zeroStepLocked
+// (discard, write zeroes) and linkLocked (publishing an allocation) —
+// walks them through one cursor, l2Slice (QEMU's l2_slice with
+// get_l2_entry, get_l2_bitmap and qcow2_get_subcluster_range_type):
+// sliceLocked locates the step's slice of one L2 table and pins the table
+// once (for an update, after making it writable), the caller defers close;
+// entry and set read and write an entry with its bitmap, touched gives the
+// subclusters a step covers, typeAt classifies and validates an entry
+// (type, span of subclusters with that type, host cluster), and errorf
+// names the table, entry and guest offset in every error. The callers keep
+// only their decisions: the run a read maps, the class of a write step
+// (in place, keep, new), the zeroed entry (zeroEntry), the linked entry.
+// References an update drops are collected (releases) and released by one
+// helper.
+//
+// Ordering (qcow2.md §1.13), one named helper per rule, called by the
+// update it protects: refcountsBeforeL2Locked (linkLocked, for fresh
+// clusters) makes the L2 cache depend on the refcount cache, so refcount
+// increases reach the disk before an L2 table pointing at the clusters;
+// dataBeforeL2 (a link after COW) sets DependOnFlush on the L2 cache, so
+// the copied data is synced before the table is written; releaseLocked
+// lowers refcounts after the entries changed, and every decrease makes the
+// refcount cache depend on the L2 cache (rc.updateLocked). New
 // L2 tables and L1 moves flush the refcount cache, write and sync the new
 // table, and only then write the L1 entry or header with a sync write; the
 // old table is freed last. With lazy refcounts the dirty bit is set with a
@@ -96,12 +126,55 @@
 // A metadata error that wraps drivers.ErrCorrupt during a write sets the
 // corrupt bit and makes every later write fail (signalCorruptionLocked).
 //
+// # Overlap checks
+//
+// A damaged image can make a write land on metadata: a refcount of 0 for
+// a table hands the table out as a free cluster, a refcount block placed
+// on a table turns refcount updates into table damage, an L2 entry
+// pointing into metadata sends guest data there. As QEMU does with its
+// default overlap-check=cached, every write to the image file is first
+// compared with the metadata whose location is in memory
+// (checkWriteLocked, overlap.go): the header cluster, the active L1
+// table, every L2 table the active L1 names, the refcount table, every
+// refcount block it names, the snapshot table and the snapshots' L1
+// tables (their L2 tables would need reads: not checked, as in QEMU's
+// cached mode). The write says which kind of metadata it is (ign), which
+// it may hit. The checks sit where writes start, not in each caller:
+//
+//   - data: the write planner checks the host clusters of every step, in
+//     place or allocated (not for an external data file);
+//   - new clusters: rc.allocLocked checks every cluster it found free
+//     before counting it, whatever it is for (data, L2 table, L1 table),
+//     and so do new refcount blocks and refcount areas;
+//   - cached tables: the L2 and refcount cache backends check every
+//     write-back (and refuse it once the image is corrupt);
+//   - direct writes: syncWriteLocked (L1 entries, new L1 tables, header
+//     fields) and rc.syncWriteLocked (reftable entries, new reftables).
+//
+// On a hit the error wraps drivers.ErrCorrupt ("preventing invalid write
+// ... (overlaps with the active L1 table at 0x30000)"), the corrupt bit is
+// set (the header write passes the same check), and no further write,
+// flush or write-back happens on this open image; reads go on, except one
+// that would have to evict a dirty L2 table, which fails with EIO rather
+// than write it.
+//
+// Cost: the L2 table and refcount block offsets are kept sorted
+// (image.l2Set, maintained by setL1Locked; rc.blocks, rebuilt when the
+// reftable changes), so a check is a few range comparisons, one per
+// snapshot, and two binary searches: BenchmarkOverlapCheck (16384 L2
+// tables, 256 refcount blocks) measures a few hundred ns, no allocation,
+// under the metadata lock the write holds anyway — against 100 µs and
+// more for the device write. QEMU's check walks the L1 table and the
+// reftable instead, O(tables) per write. Memory: 8 bytes per L2 table and
+// per refcount block, only for a writable image.
+//
 // # Lock order
 //
 //	image.mu (CoMutex, metadata; rc.mu points at it)
 //	├── allocation.wait (CoQueue: waited on with image.mu released by Wait)
 //	├── cache.Cache of L2 tables   (not locked themselves; used only under
-//	└── cache.Cache of refcounts    image.mu; dependencies between them)
+//	├── cache.Cache of refcounts    image.mu; dependencies between the two;
+//	└── cache.Cache of L1 pieces    the last only for a large read-only L1)
 //	image.zmu (sync.Mutex, the small decompressed-cluster cache; never held
 //	          across a yield, taken with or without image.mu)
 //	aio range lock (inside aio.File): metadata writes under image.mu may
@@ -117,6 +190,22 @@
 //     64 KiB-cluster image maps 512 MiB per L2 table, so 64 tables cover
 //     32 GiB with no misses; a 4 KiB random read then costs a cache hit and
 //     a pread.
+//   - Memory of a backing chain (issue 7: eight layers with 32 MiB L1
+//     tables took 397 MiB). Each table is in memory once: an L1 table is
+//     decoded through a 64 KiB buffer; a read-only layer's L1 table larger
+//     than 1 MiB (l1LoadMax) is not loaded at all but read in 4 KiB pieces
+//     through a 64-piece cache (256 KiB) as lookups reach them; cache
+//     memory is allocated as tables are read, not at open. The L2 caches
+//     of a chain share 64 MiB (l2ChainMax): the top image gets what it
+//     would alone, the layers below the rest, each at least 2 tables.
+//     What each layer may hold (L1, L2 cache, snapshot table, reftable)
+//     is charged to the chain, and an open that would pass 512 MiB
+//     (maxChainMetadata) is refused with ErrUnsupported rather than
+//     risking an OOM kill. Measured (TestChainMetadataMemory, 8 layers of
+//     4 MiB L1 tables, 512-byte clusters): 15 MiB of heap read-only, 19
+//     MiB with a writable top layer, against 288 MiB before; most of what
+//     is left is the bookkeeping of 65536 cache slots of 512-byte tables
+//     in the top two layers.
 //   - Backing chains deeper than 64 images are refused (QEMU has no limit
 //     but recursion this deep is a crafted image), as is any file appearing
 //     twice in a chain (compared by device and inode), so a loop is an

@@ -124,6 +124,7 @@ func FuzzParseHeader(f *testing.F) {
 		}
 		checkRoundTrip(t, h)
 		_ = h.formatInfo()
+		_ = h.qemuSpecific()
 	})
 }
 
@@ -193,6 +194,31 @@ func FuzzDecompressCluster(f *testing.F) {
 			if err := decompressCluster(typ, v, out); err != nil || !bytes.Equal(out, data) {
 				t.Fatalf("decoder broken after a fuzz input: %v", err)
 			}
+		}
+	})
+}
+
+// FuzzParseBitmapDirectory: any directory bytes and count give bitmaps or
+// an error wrapping ErrCorrupt, never a panic.
+func FuzzParseBitmapDirectory(f *testing.F) {
+	entry := make([]byte, 32)
+	be.PutUint32(entry[12:], 2)
+	entry[17] = 16
+	be.PutUint16(entry[18:], 2)
+	copy(entry[24:], "b0")
+	f.Add(entry, uint32(1))
+	f.Add(entry[:20], uint32(1))
+	f.Add([]byte{}, uint32(3))
+	f.Fuzz(func(t *testing.T, dir []byte, n uint32) {
+		bm, err := parseBitmapDirectory(dir, n%1024)
+		if err != nil {
+			if !errors.Is(err, drivers.ErrCorrupt) {
+				t.Fatalf("error wraps no sentinel: %v", err)
+			}
+			return
+		}
+		if len(bm) != int(n%1024) {
+			t.Fatalf("%d bitmaps for n=%d", len(bm), n%1024)
 		}
 	})
 }

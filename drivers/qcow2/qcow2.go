@@ -97,9 +97,16 @@ type image struct {
 	// and fileSize, and is held across metadata I/O (table reads and
 	// writes, header writes) but never across data I/O.
 	mu coroutine.CoMutex
-	// l1 is the L1 table in use (the active one, or the snapshot's).
+	// l1 is the L1 table in use (the active one, or the snapshot's),
+	// when read whole at open (see loadL1); nil when l1c is used.
 	// Protected by mu.
 	l1 []uint64
+	// l1c caches pieces of a large L1 table of a read-only image (a
+	// backing layer, a snapshot view), read as lookups reach them;
+	// l1Off and l1Size locate the table (immutable). Protected by mu.
+	l1c    *cache.Cache
+	l1Off  int64
+	l1Size int64
 	// rc is the refcount layer; nil unless writable. Protected by mu.
 	rc *refcounts
 	// allocs are the allocating writes in flight: host clusters chosen,
@@ -124,6 +131,12 @@ type image struct {
 	// fileSize is the image file's size; host offsets at or past it are
 	// corrupt. Protected by mu.
 	fileSize int64
+	// l2Set holds the offsets of the L2 tables the active L1 table
+	// names, sorted, for the overlap check (overlap.go); nil unless
+	// writable. Protected by mu.
+	l2Set []int64
+	// snapTableBytes is the size of the snapshot table. Immutable.
+	snapTableBytes int64
 
 	// srcPool holds *[]byte buffers for compressed streams.
 	srcPool sync.Pool
@@ -134,6 +147,10 @@ type image struct {
 	zmu sync.Mutex
 	// zcache holds recently decompressed clusters. Protected by zmu.
 	zcache zcache
+
+	// mapPrealloc caches LayerStatus's guess whether the image has
+	// metadata preallocation (mapinfo.go): 0 not made yet, 1 no, 2 yes.
+	mapPrealloc atomic.Int32
 }
 
 // chain carries what an open needs to know about the images above it in a
@@ -142,6 +159,9 @@ type chain struct {
 	depth int
 	// seen holds the device and inode of every file opened so far.
 	seen []fileID
+	// meta is the metadata memory charged so far (charge), l2Bytes the
+	// part of it in L2 caches.
+	meta, l2Bytes int64
 }
 
 // maxChainDepth bounds the backing chain (see the package doc).
@@ -198,6 +218,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 		if img.snaps, err = readSnapshotTable(read, h); err != nil {
 			return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 		}
+		img.snapTableBytes = snapshotTableBytes(img.snaps)
 	}
 	l1Off, l1Size := h.L1Offset, h.L1Size
 	if opts.Snapshot != "" {
@@ -214,10 +235,14 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 			img.size.Store(int64(s.DiskSize))
 		}
 	}
-	if img.l1, err = img.loadL1(l1Off, l1Size); err != nil {
+	if err := img.openL1(l1Off, l1Size); err != nil {
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 	}
-	img.l2 = cache.New(path+" L2", img.l2CacheTables(), int(img.clusterSize), l2Backend{img})
+	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
+	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
+	if err := ch.charge(img, l2Tables); err != nil {
+		return nil, err
+	}
 
 	if err := img.openDataFile(opts); err != nil {
 		return nil, err
@@ -233,41 +258,112 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	return img, nil
 }
 
-// loadL1 reads an L1 table. Its entries are validated when used (see
-// l2OffsetLocked), so a damaged entry costs the reads it covers, not the
-// whole image.
-func (img *image) loadL1(off uint64, entries uint32) ([]uint64, error) {
+// openL1 validates the location of the L1 table in use and reads it
+// whole (loadL1) or, for a read-only image with a table larger than
+// l1LoadMax, sets up l1c to read it in pieces on demand. Its entries are
+// validated when used (see l2OffsetLocked), so a damaged entry costs the
+// reads it covers, not the whole image.
+func (img *image) openL1(off uint64, entries uint32) error {
 	n := int64(entries) * 8
 	if n > maxL1Bytes {
-		return nil, fmt.Errorf("L1 table of %d entries is too large: %w", entries, drivers.ErrCorrupt)
+		return fmt.Errorf("L1 table of %d entries is too large: %w", entries, drivers.ErrCorrupt)
 	}
 	if off%uint64(img.clusterSize) != 0 {
-		return nil, fmt.Errorf("L1 table offset %#x is not cluster-aligned: %w", off, drivers.ErrCorrupt)
+		return fmt.Errorf("L1 table offset %#x is not cluster-aligned: %w", off, drivers.ErrCorrupt)
 	}
 	// QEMU always writes the whole table, so a table that runs past EOF
 	// means a truncated file: reading its tail as zeros would silently
 	// turn allocated clusters into holes.
 	if n > 0 && off+uint64(n) > uint64(img.fileSize) {
-		return nil, fmt.Errorf("L1 table at %#x (%d bytes) runs past the end of the file (%d bytes): truncated image: %w",
+		return fmt.Errorf("L1 table at %#x (%d bytes) runs past the end of the file (%d bytes): truncated image: %w",
 			off, n, img.fileSize, drivers.ErrCorrupt)
 	}
-	buf := make([]byte, n)
-	if err := img.file.Pread(buf, int64(off)); err != nil {
-		return nil, fmt.Errorf("reading the L1 table at %#x: %w", off, err)
+	img.l1Off, img.l1Size = int64(off), int64(entries)
+	if !img.writable && n > l1LoadMax {
+		img.l1c = cache.New(img.path+" L1", l1CacheChunks, l1Chunk, l1Backend{img})
+		return nil
 	}
-	l1 := make([]uint64, entries)
-	for i := range l1 {
-		l1[i] = binary.BigEndian.Uint64(buf[i*8:])
+	var err error
+	img.l1, err = img.loadL1()
+	return err
+}
+
+// loadL1 reads the whole L1 table, decoding it through a small buffer so
+// that the table is in memory once.
+func (img *image) loadL1() ([]uint64, error) {
+	l1 := make([]uint64, img.l1Size)
+	buf := make([]byte, min(img.l1Size*8, 64<<10))
+	for i := int64(0); i < img.l1Size; {
+		k := min(img.l1Size-i, int64(len(buf))/8)
+		if err := img.file.Pread(buf[:k*8], img.l1Off+i*8); err != nil {
+			return nil, fmt.Errorf("reading the L1 table at %#x: %w", img.l1Off, err)
+		}
+		for j := range k {
+			l1[i+j] = binary.BigEndian.Uint64(buf[j*8:])
+		}
+		i += k
 	}
 	return l1, nil
 }
 
+// L1 tables larger than l1LoadMax bytes (a 64 TiB disk with 64 KiB
+// clusters, 512 GiB with 512-byte ones) of read-only images are read in
+// l1Chunk pieces, at most l1CacheChunks of them kept (see the package doc).
+const (
+	l1LoadMax     = 1 << 20
+	l1Chunk       = 4096
+	l1CacheChunks = 64
+)
+
+// l1Backend reads pieces of a lazily read L1 table; bytes past its end
+// read as zeros (never used).
+type l1Backend struct{ img *image }
+
+func (b l1Backend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
+	n := min(int64(len(p)), b.img.l1Off+b.img.l1Size*8-off)
+	clear(p[n:])
+	return b.img.file.PreadCo(co, p[:n], off)
+}
+
+func (b l1Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
+	return fmt.Errorf("qcow2: %s: writing the L1 table at %#x: %w", b.img.path, off, drivers.ErrReadOnly)
+}
+
+func (b l1Backend) Sync(co *coroutine.Co) error { return nil }
+
+// l1EntryLocked returns L1 entry i (< l1Entries()).
+func (img *image) l1EntryLocked(co *coroutine.Co, i int64) (uint64, error) {
+	img.mu.AssertHeld(co)
+	if img.l1c == nil {
+		return img.l1[i], nil
+	}
+	chunk := (i * 8) &^ (l1Chunk - 1)
+	t, err := img.l1c.Get(co, img.l1Off+chunk)
+	if err != nil {
+		return 0, fmt.Errorf("qcow2: %s: L1 table at %#x: %w", img.path, img.l1Off, err)
+	}
+	e := binary.BigEndian.Uint64(t.Bytes()[i*8-chunk:])
+	img.l1c.Put(t)
+	return e, nil
+}
+
+// l1Entries returns the number of L1 entries.
+func (img *image) l1Entries() int64 {
+	if img.l1c == nil {
+		return int64(len(img.l1))
+	}
+	return img.l1Size
+}
+
 // l2CacheTables sizes the L2 cache: enough tables to map the whole disk,
-// at most l2CacheMax bytes, at least 2 tables.
-func (img *image) l2CacheTables() int {
+// at most limit bytes (l2CacheMax if limit is 0), at least 2 tables.
+func (img *image) l2CacheTables(limit int64) int {
+	if limit <= 0 {
+		limit = l2CacheMax
+	}
 	perTable := img.clusterSize << img.l2Bits // guest bytes one L2 table maps
 	need := (img.size.Load() + perTable - 1) / perTable
-	need = min(need, l2CacheMax/img.clusterSize)
+	need = min(need, limit/img.clusterSize)
 	return int(max(need, 2))
 }
 
@@ -283,8 +379,8 @@ func (b l2Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
 		return fmt.Errorf("qcow2: writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
 	}
 	// Called under mu (the cache is only used with it held).
-	if err := b.img.overlap(off, int64(len(p))); err != nil {
-		return fmt.Errorf("qcow2: %s: L2 table: %w", b.img.path, err)
+	if err := b.img.guardLocked(co, off, int64(len(p)), olActiveL2); err != nil {
+		return err
 	}
 	return b.img.file.PwriteCo(co, p, off)
 }
@@ -353,12 +449,19 @@ func (img *image) Snapshots() []drivers.Snapshot {
 
 // Info implements drivers.Informer.
 func (img *image) Info() drivers.ImageInfo {
+	fi := img.h.formatInfo()
 	info := drivers.ImageInfo{
-		Filename:       img.path,
-		Format:         "qcow2",
-		VirtualSize:    img.size.Load(),
-		FormatSpecific: img.h.formatInfo(),
-		Snapshots:      img.Snapshots(),
+		Filename:        img.path,
+		Format:          "qcow2",
+		VirtualSize:     img.size.Load(),
+		ClusterSize:     img.clusterSize,
+		Dirty:           fi.Dirty,
+		BackingFilename: img.h.BackingFile,
+		BackingFormat:   img.h.BackingFormat,
+		DataFile:        fi.DataFile,
+		FormatSpecific:  &drivers.FormatSpecific{Type: "qcow2", Data: img.qemuSpecific()},
+		Extra:           fi,
+		Snapshots:       img.Snapshots(),
 	}
 	if sz, err := img.file.Size(); err == nil {
 		info.FileSize = sz
@@ -376,8 +479,8 @@ func (img *image) Info() drivers.ImageInfo {
 // must not be called from a coroutine.
 func (img *image) openWritable(opts drivers.OpenOptions) error {
 	h := img.h
-	if h.Incompatible&incompatCorrupt != 0 {
-		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with qemu-img check -r all): %w",
+	if h.Incompatible&incompatCorrupt != 0 && !opts.Repair {
+		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): %w",
 			img.path, drivers.ErrCorrupt)
 	}
 	if h.HasBitmaps {
@@ -398,7 +501,8 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}
 	rc.mu = &img.mu
-	rc.lazy = img.lazy
+	rc.guard = img.guardLocked
+	img.l2Set = buildL2Set(img.l1)
 	img.rc = rc
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)
@@ -445,7 +549,7 @@ func (img *image) setIncompatibleLocked(co *coroutine.Co, v uint64) error {
 	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
-	if err := img.syncWriteLocked(co, b[:], 72); err != nil {
+	if err := img.syncWriteLocked(co, b[:], 72, olHeader); err != nil {
 		return fmt.Errorf("qcow2: %s: writing the incompatible feature bits: %w", img.path, err)
 	}
 	img.h.Incompatible = v
@@ -462,9 +566,13 @@ func (img *image) markDirtyLocked(co *coroutine.Co) error {
 	return img.setIncompatibleLocked(co, img.h.Incompatible|incompatDirty)
 }
 
-// syncWriteLocked writes p at off in the image file and fdatasyncs it.
-func (img *image) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error {
+// syncWriteLocked writes p at off in the image file and fdatasyncs it,
+// after the overlap check (ign: the kinds of metadata it writes).
+func (img *image) syncWriteLocked(co *coroutine.Co, p []byte, off int64, ign metaKind) error {
 	img.mu.AssertHeld(co)
+	if err := img.checkWriteLocked(co, off, int64(len(p)), ign); err != nil {
+		return err
+	}
 	if err := img.file.PwriteCo(co, p, off); err != nil {
 		return err
 	}
@@ -479,7 +587,7 @@ func (img *image) writeHeaderLocked(co *coroutine.Co) error {
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}
-	if err := img.syncWriteLocked(co, buf, 0); err != nil {
+	if err := img.syncWriteLocked(co, buf, 0, olHeader); err != nil {
 		return fmt.Errorf("qcow2: %s: writing the header: %w", img.path, err)
 	}
 	return nil

@@ -83,6 +83,15 @@ type refcounts struct {
 	// reftable is the refcount table in memory: entries as on disk.
 	// Protected by mu.
 	reftable []uint64
+	// blocks holds the refcount block offsets of reftable, sorted, for
+	// the overlap check; rebuilt by blockSet when blocksStale (set
+	// whenever reftable changes). Protected by mu.
+	blocks      []int64
+	blocksStale bool
+	// guard is the image's overlap check, run before every write of a
+	// refcount block, reftable entry, new reftable or header field (nil
+	// for tools that have no image). Set by the owner.
+	guard func(co *coroutine.Co, off, n int64, ign metaKind) error
 	// freeClusterIndex is where the first-fit search starts: moved past
 	// each allocation, lowered to any cluster freed. A free cluster below
 	// it is a hole a multi-cluster allocation skipped (QEMU's
@@ -92,9 +101,6 @@ type refcounts struct {
 	// cluster allocated here: the file's size once everything allocated
 	// is written. A partial last cluster counts as used. Protected by mu.
 	end int64
-	// lazy: refcounts need not reach the disk before the L2 entries that
-	// use them (the dirty bit is set). Set by the owner. Protected by mu.
-	lazy bool
 }
 
 // refcountTables returns the number of tables of the refcount cache.
@@ -107,7 +113,7 @@ func refcountTables(clusterSize int64) int {
 // cache. fileSize is the image file's size. l2 is the L2 cache, for the
 // write-ordering dependencies; it may be nil. The caller must set the
 // result's mu to the image's metadata lock before calling any Locked
-// method, and set lazy while the dirty bit is set.
+// method.
 //
 // Reftable entries are validated when used (reserved bits, alignment, past
 // the end of the file), as L1 entries are.
@@ -132,6 +138,7 @@ func openRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*re
 		return nil, fmt.Errorf("reading the refcount table at %#x: %w", h.ReftableOffset, err)
 	}
 	r.reftable = make([]uint64, n/8)
+	r.blocksStale = true
 	for i := range r.reftable {
 		r.reftable[i] = binary.BigEndian.Uint64(buf[i*8:])
 	}
@@ -156,22 +163,34 @@ func newRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*ref
 		mu:          new(coroutine.CoMutex),
 		end:         (fileSize + cs - 1) &^ (cs - 1),
 	}
-	r.cache = cache.New(f.Name()+" refcounts", refcountTables(cs), int(cs), refcountBackend{f})
+	r.cache = cache.New(f.Name()+" refcounts", refcountTables(cs), int(cs), refcountBackend{r})
 	return r, nil
 }
 
 // refcountBackend does the refcount cache's I/O on the image file.
-type refcountBackend struct{ f *aio.File }
+type refcountBackend struct{ r *refcounts }
 
 func (b refcountBackend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
-	return b.f.PreadCo(co, p, off)
+	return b.r.file.PreadCo(co, p, off)
 }
 
 func (b refcountBackend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
-	return b.f.PwriteCo(co, p, off)
+	if err := b.r.check(co, off, int64(len(p)), olRefcountBlock); err != nil {
+		return err
+	}
+	return b.r.file.PwriteCo(co, p, off)
 }
 
-func (b refcountBackend) Sync(co *coroutine.Co) error { return b.f.FdatasyncCo(co) }
+func (b refcountBackend) Sync(co *coroutine.Co) error { return b.r.file.FdatasyncCo(co) }
+
+// check runs the owner's overlap check on a write of [off, off+n) (ign:
+// the kinds of metadata it writes), if it has one.
+func (r *refcounts) check(co *coroutine.Co, off, n int64, ign metaKind) error {
+	if r.guard == nil {
+		return nil
+	}
+	return r.guard(co, off, n, ign)
+}
 
 // getRefcount returns entry i of a refcount block of the given order.
 // Orders 0-2 pack several entries per byte, entry 0 in the least
@@ -214,7 +233,8 @@ func setRefcount(b []byte, order uint32, i int64, v uint64) {
 
 // blockOffsetLocked returns the offset of refcount block ti, 0 if the
 // block does not exist (all its refcounts are 0).
-func (r *refcounts) blockOffsetLocked(ti int64) (int64, error) {
+func (r *refcounts) blockOffsetLocked(co *coroutine.Co, ti int64) (int64, error) {
+	r.mu.AssertHeld(co)
 	if ti >= int64(len(r.reftable)) {
 		return 0, nil
 	}
@@ -245,7 +265,7 @@ func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 	if cluster < 0 {
 		return 0, fmt.Errorf("qcow2: refcount of cluster %d: %w", cluster, drivers.ErrCorrupt)
 	}
-	off, err := r.blockOffsetLocked(cluster >> r.blockBits)
+	off, err := r.blockOffsetLocked(co, cluster>>r.blockBits)
 	if err != nil || off == 0 {
 		return 0, err
 	}
@@ -265,6 +285,7 @@ func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 // n is skipped until a free lowers the index again; rescanning it on every
 // multi-cluster allocation would make allocation cost grow with the file.
 func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
+	r.mu.AssertHeld(co)
 	limit := int64(maxHostClusterOffset>>r.clusterBits) + 1
 	start := max(r.freeClusterIndex, 1)
 	found := int64(0) // free clusters from start
@@ -275,7 +296,7 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 		c := start + found
 		ti := c >> r.blockBits
 		blockEnd := (ti + 1) << r.blockBits
-		off, err := r.blockOffsetLocked(ti)
+		off, err := r.blockOffsetLocked(co, ti)
 		if err != nil {
 			return 0, err
 		}
@@ -307,11 +328,12 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 // first. The clusters may lie past the end of the file, which grows when
 // they are written.
 //
-// Ordering: unless lazy is set, it makes the L2 cache depend on the
-// refcount cache, so the increase reaches the disk before any L2 table
-// that points at the clusters is written. An L1 entry (written directly,
-// not through a cache) must be written only after the L2 cache and the
-// refcount cache have been flushed.
+// The clusters pass the overlap check before they are counted.
+//
+// Ordering is the caller's: an L2 entry pointing at the clusters follows
+// refcountsBeforeL2Locked; an L1 entry or header field (written directly,
+// not through a cache) is written only after the refcount cache has been
+// flushed.
 func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 	r.mu.AssertHeld(co)
 	if n <= 0 || n > maxHostClusterOffset>>r.clusterBits {
@@ -320,6 +342,12 @@ func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 	for try := 0; ; try++ {
 		off, err := r.findFreeLocked(co, n)
 		if err != nil {
+			return 0, err
+		}
+		// Clusters with refcount 0 may still be metadata of a damaged
+		// image: never hand them out (whatever they are for, data or
+		// a new table, nothing may be written there).
+		if err := r.check(co, off, n<<r.clusterBits, 0); err != nil {
 			return 0, err
 		}
 		err = r.updateDepthLocked(co, off, n<<r.clusterBits, 1, 0)
@@ -335,11 +363,6 @@ func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 			return 0, fmt.Errorf("qcow2: allocation at offset 0: %w", drivers.ErrCorrupt)
 		}
 		r.end = max(r.end, off+n<<r.clusterBits)
-		if r.l2 != nil && !r.lazy {
-			if err := r.l2.SetDependency(co, r.cache); err != nil {
-				return 0, err
-			}
-		}
 		return off, nil
 	}
 }
@@ -372,6 +395,7 @@ func (r *refcounts) updateLocked(co *coroutine.Co, off, length int64, delta int6
 // down; it may fail with errRetry when it created a refcount block, having
 // undone its own changes.
 func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64, depth int) (err error) {
+	r.mu.AssertHeld(co)
 	if length == 0 || delta == 0 {
 		return nil
 	}
@@ -465,8 +489,9 @@ func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64
 // block (growing the reftable if needed) and fails with errRetry, the
 // block then being in place for the retry.
 func (r *refcounts) blockLocked(co *coroutine.Co, c int64, create bool, depth int) (*cache.Table, error) {
+	r.mu.AssertHeld(co)
 	ti := c >> r.blockBits
-	off, err := r.blockOffsetLocked(ti)
+	off, err := r.blockOffsetLocked(co, ti)
 	if err != nil {
 		return nil, err
 	}
@@ -503,6 +528,7 @@ func (r *refcounts) blockLocked(co *coroutine.Co, c int64, create bool, depth in
 // when it falls in its own range, else through the normal path), write
 // and flush the block, then point the reftable at it with a sync write.
 func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error {
+	r.mu.AssertHeld(co)
 	// The new block becomes live with the reftable write below; any
 	// pending L2 writes the refcount cache depends on go first.
 	if r.l2 != nil {
@@ -512,6 +538,10 @@ func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error 
 	}
 	bOff, err := r.findFreeLocked(co, 1)
 	if err != nil {
+		return err
+	}
+	// A cluster found free may be metadata of a damaged image.
+	if err := r.check(co, bOff, r.clusterSize, 0); err != nil {
 		return err
 	}
 	bCluster := bOff >> r.clusterBits
@@ -542,16 +572,22 @@ func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error 
 	}
 	var e [8]byte
 	binary.BigEndian.PutUint64(e[:], uint64(bOff))
-	if err := r.syncWriteLocked(co, e[:], int64(r.h.ReftableOffset)+ti*8); err != nil {
+	if err := r.syncWriteLocked(co, e[:], int64(r.h.ReftableOffset)+ti*8, olRefcountTable); err != nil {
 		r.cache.Discard(bOff)
 		return fmt.Errorf("qcow2: writing refcount table entry %d: %w", ti, err)
 	}
 	r.reftable[ti] = uint64(bOff)
+	r.blocksStale = true
 	return nil
 }
 
-// syncWriteLocked writes p at off and fdatasyncs the file.
-func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error {
+// syncWriteLocked writes p at off and fdatasyncs the file, after the
+// overlap check (ign: the kinds of metadata it writes).
+func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64, ign metaKind) error {
+	r.mu.AssertHeld(co)
+	if err := r.check(co, off, int64(len(p)), ign); err != nil {
+		return err
+	}
 	if err := r.file.PwriteCo(co, p, off); err != nil {
 		return err
 	}
@@ -567,6 +603,7 @@ func (r *refcounts) syncWriteLocked(co *coroutine.Co, p []byte, off int64) error
 // 48-59, one 12-byte sync write), and only then frees the old table, so a
 // crash leaves either structure whole.
 func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
+	r.mu.AssertHeld(co)
 	perBlock := int64(1) << r.blockBits
 	startCluster := ti << r.blockBits // first cluster of block ti
 	oldLen := int64(len(r.reftable))
@@ -577,6 +614,11 @@ func (r *refcounts) growLocked(co *coroutine.Co, ti int64) error {
 	}
 	newBlocks := total - ti
 	tableCluster := startCluster + newBlocks
+	// Every cluster from startCluster on has refcount 0: in a damaged
+	// image that may still be metadata.
+	if err := r.check(co, startCluster<<r.clusterBits, (endCluster-startCluster)<<r.clusterBits, 0); err != nil {
+		return err
+	}
 	newTable := make([]uint64, tableEntries)
 	copy(newTable, r.reftable)
 
@@ -660,17 +702,18 @@ func (r *refcounts) switchReftableLocked(co *coroutine.Co, table []uint64, table
 	for i, e := range table {
 		binary.BigEndian.PutUint64(buf[i*8:], e)
 	}
-	if err := r.syncWriteLocked(co, buf, tableOff); err != nil {
+	if err := r.syncWriteLocked(co, buf, tableOff, 0); err != nil {
 		return fmt.Errorf("qcow2: writing the new refcount table at %#x: %w", tableOff, err)
 	}
 	clusters := uint32(int64(len(buf)) >> r.clusterBits)
 	var hdr [12]byte
 	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
 	binary.BigEndian.PutUint32(hdr[8:], clusters)
-	if err := r.syncWriteLocked(co, hdr[:], 48); err != nil {
+	if err := r.syncWriteLocked(co, hdr[:], 48, olHeader); err != nil {
 		return fmt.Errorf("qcow2: switching the header to the new refcount table: %w", err)
 	}
 	r.reftable = table
+	r.blocksStale = true
 	r.h.ReftableOffset = uint64(tableOff)
 	r.h.ReftableClusters = clusters
 	return nil

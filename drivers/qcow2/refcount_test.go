@@ -566,6 +566,11 @@ func TestRefcountOrdering(t *testing.T) {
 			t.Fatal(err)
 		}
 		probe.cluster = off >> h.ClusterBits
+		// The image's rule for an L2 entry about to point at the
+		// cluster (refcountsBeforeL2Locked).
+		if err := l2.SetDependency(co, rc.cache); err != nil {
+			t.Fatal(err)
+		}
 		if got := diskRefcount(t, path, probe.cluster); got != 0 {
 			t.Fatalf("refcount on disk right after allocLocked is %d: the test needs it cached", got)
 		}

@@ -67,7 +67,7 @@ func (img *image) growLocked(co *coroutine.Co, size int64) error {
 	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], uint64(size))
-	if err := img.syncWriteLocked(co, b[:], 24); err != nil {
+	if err := img.syncWriteLocked(co, b[:], 24, olHeader); err != nil {
 		return fmt.Errorf("qcow2: %s: writing the new size: %w", img.path, err)
 	}
 	img.h.Size = uint64(size)
@@ -108,13 +108,13 @@ func (img *image) growL1Locked(co *coroutine.Co, need int64) error {
 			return fail(err)
 		}
 	}
-	if err := img.syncWriteLocked(co, buf, off); err != nil {
+	if err := img.syncWriteLocked(co, buf, off, 0); err != nil {
 		return fail(fmt.Errorf("qcow2: %s: writing the new L1 table at %#x: %w", img.path, off, err))
 	}
 	var hdr [12]byte
 	binary.BigEndian.PutUint32(hdr[0:], uint32(entries))
 	binary.BigEndian.PutUint64(hdr[4:], uint64(off))
-	if err := img.syncWriteLocked(co, hdr[:], 36); err != nil {
+	if err := img.syncWriteLocked(co, hdr[:], 36, olHeader); err != nil {
 		// The header may point at either table; both are whole, and
 		// the old one is not freed.
 		return fmt.Errorf("qcow2: %s: switching the header to the new L1 table: %w", img.path, err)

@@ -191,6 +191,7 @@ func (s *snapshotEntry) info() drivers.Snapshot {
 		VMStateSize: clampInt64(s.VMStateSize),
 		Date:        time.Unix(int64(s.DateSec), int64(s.DateNsec)).UTC(),
 		VMClock:     clampInt64(s.VMClockNsec),
+		Icount:      s.Icount,
 	}
 }
 

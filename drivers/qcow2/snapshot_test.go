@@ -290,7 +290,7 @@ func TestSnapshotInfo(t *testing.T) {
 	s.VMClockNsec = 1 << 63 // clamps instead of turning negative
 	i := s.info()
 	want := drivers.Snapshot{ID: "7", Name: "x", DiskSize: 64 << 20, VMStateSize: 1 << 33,
-		Date: time.Unix(1700000000, 5).UTC(), VMClock: 1<<63 - 1}
+		Date: time.Unix(1700000000, 5).UTC(), VMClock: 1<<63 - 1, Icount: s.Icount}
 	if !reflect.DeepEqual(i, want) {
 		t.Errorf("info() = %+v, want %+v", i, want)
 	}

@@ -7,7 +7,6 @@ import (
 	"slices"
 
 	"imgfuse/aio"
-	"imgfuse/cache"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 )
@@ -259,101 +258,44 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	cs := img.clusterSize
 	inCluster := off & (cs - 1)
 	cstart := off - inCluster
-	l1Index, l2Index, n := img.l2Slot(off, n)
+	l1Index, _, n := img.l2Slot(off, n)
 	n, waited := img.waitForAllocsLocked(co, off, n)
 	if waited {
 		return writePlan{}, true, nil
 	}
-	end := off + n
-	nbClusters := (inCluster + n + cs - 1) >> img.clusterBits
-
-	l2Off, err := img.l2OffsetLocked(l1Index)
+	r, err := img.writeRunLocked(co, off, n)
 	if err != nil {
 		return writePlan{}, false, err
 	}
-	// Read the entries of the run: the first decides the class, the
-	// run extends while the class (and, in place, host contiguity)
-	// holds.
-	var (
-		class         int
-		count         int64 // clusters in the run
-		first, last   uint64
-		firstBm       uint64
-		lastBm        uint64
-		hostFirst     int64
-		l2Table, err2 = img.pinL2Locked(co, l2Off)
-	)
-	if err2 != nil {
-		return writePlan{}, false, err2
-	}
-	for i := int64(0); i < nbClusters; i++ {
-		var e, bm uint64
-		if l2Table != nil {
-			e, bm = img.l2Entry(l2Table.Bytes(), l2Index+i)
-		}
-		c := cstart + i*cs
-		scA, scB := img.touched(c, off, end)
-		// Validate the entry as the reader does.
-		if _, _, verr := img.entryRange(e, bm, scA); verr != nil {
-			if i == 0 {
-				img.unpinL2(l2Table)
-				return writePlan{}, false, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-					img.path, l2Off, l2Index+i, c, verr)
-			}
-			break
-		}
-		h, hasHost := img.hostCluster(e)
-		if hasHost {
-			if verr := img.checkHostCluster(ctZeroAlloc, uint64(h), c); verr != nil {
-				if i == 0 {
-					img.unpinL2(l2Table)
-					return writePlan{}, false, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-						img.path, l2Off, l2Index+i, c, verr)
-				}
-				break
-			}
-		}
-		k := img.classify(e, bm, scA, scB)
-		if i == 0 {
-			class, first, firstBm, hostFirst = k, e, bm, h
-		} else if k != class || class == wKeep ||
-			(class == wInPlace && h != hostFirst+i*cs) {
-			break
-		}
-		last, lastBm = e, bm
-		count++
-	}
-	img.unpinL2(l2Table)
-	n = min(n, count*cs-inCluster)
-	end = off + n
+	n = min(n, r.count*cs-inCluster)
 
-	if class != wNew && !img.extData {
-		if err := img.checkOverlapLocked(co, hostFirst, count*cs); err != nil {
-			return writePlan{}, false, fmt.Errorf("qcow2: %s: guest %#x maps to host %#x: %w", img.path, cstart, hostFirst, err)
+	if r.class != wNew {
+		if err := img.checkDataLocked(co, r.host, r.count); err != nil {
+			return writePlan{}, false, err
 		}
 	}
-	if class == wInPlace {
-		return writePlan{n: n, host: hostFirst + inCluster}, false, nil
+	if r.class == wInPlace {
+		return writePlan{n: n, host: r.host + inCluster}, false, nil
 	}
 
 	// An allocating step: compute the COW range, make the L2 table
 	// writable, allocate, and register the allocation.
-	a := &allocation{start: cstart, end: cstart + count*cs, keep: class == wKeep}
-	a.lo, a.hi = img.cowRange(a, first, firstBm, last, lastBm, off, end)
+	a := &allocation{start: cstart, end: cstart + r.count*cs, keep: r.class == wKeep}
+	a.lo, a.hi = img.cowRange(a, r, off, off+n)
 	if _, err := img.l2TableForWriteLocked(co, l1Index); err != nil {
 		return writePlan{}, false, err
 	}
 	switch {
 	case a.keep:
-		a.host = hostFirst
+		a.host = r.host
 	case img.h.hasDataFile():
 		// Guest offset == host offset; data clusters are not
 		// refcounted.
 		a.host = cstart
 	default:
-		host, err := img.rc.allocLocked(co, count)
+		host, err := img.rc.allocLocked(co, r.count)
 		if err != nil {
-			return writePlan{}, false, fmt.Errorf("qcow2: %s: allocating %d clusters: %w", img.path, count, err)
+			return writePlan{}, false, fmt.Errorf("qcow2: %s: allocating %d clusters: %w", img.path, r.count, err)
 		}
 		img.fileSize = max(img.fileSize, img.rc.end)
 		a.host, a.fresh = host, true
@@ -362,22 +304,63 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	return writePlan{n: n, host: a.host + inCluster, a: a}, false, nil
 }
 
-// pinL2Locked returns the L2 table at off pinned, or nil if off is 0.
-func (img *image) pinL2Locked(co *coroutine.Co, off uint64) (*cache.Table, error) {
-	if off == 0 {
-		return nil, nil
+// checkDataLocked runs the overlap check on a data write into count host
+// clusters from host (nothing to check in an external data file).
+func (img *image) checkDataLocked(co *coroutine.Co, host, count int64) error {
+	img.mu.AssertHeld(co)
+	if img.extData {
+		return nil
 	}
-	t, err := img.l2.Get(co, int64(off))
-	if err != nil {
-		return nil, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, off, err)
-	}
-	return t, nil
+	return img.checkWriteLocked(co, host, count<<img.clusterBits, 0)
 }
 
-func (img *image) unpinL2(t *cache.Table) {
-	if t != nil {
-		img.l2.Put(t)
+// writeRun is the run of clusters one write step covers: clusters of one
+// class (and, in place, contiguous host clusters; an existing cluster
+// kept is a run of its own).
+type writeRun struct {
+	class int
+	count int64 // clusters
+	// host is the host cluster of the first cluster (classes wInPlace
+	// and wKeep).
+	host int64
+	// The entries and bitmaps of the first and last clusters, for the
+	// COW range.
+	first, firstBm, last, lastBm uint64
+}
+
+// writeRunLocked reads the L2 entries of a write of n bytes at off (inside
+// one L2 table): the first decides the class, the run extends while the
+// class (and, in place, host contiguity) holds. A damaged first entry is
+// an error; a damaged later one ends the run.
+func (img *image) writeRunLocked(co *coroutine.Co, off, n int64) (writeRun, error) {
+	img.mu.AssertHeld(co)
+	s, err := img.sliceLocked(co, off, n, slicePlan)
+	if err != nil {
+		return writeRun{}, err
 	}
+	defer s.close()
+	var r writeRun
+	for i := range s.n {
+		e, bm := s.entry(i)
+		scA, scB := s.touched(i)
+		if _, _, _, err := s.typeAt(i, scA); err != nil {
+			if i == 0 {
+				return writeRun{}, err
+			}
+			break
+		}
+		h, _ := img.hostCluster(e)
+		k := img.classify(e, bm, scA, scB)
+		if i == 0 {
+			r.class, r.first, r.firstBm, r.host = k, e, bm, h
+		} else if k != r.class || r.class == wKeep ||
+			(r.class == wInPlace && h != r.host+i*img.clusterSize) {
+			break
+		}
+		r.last, r.lastBm = e, bm
+		r.count++
+	}
+	return r, nil
 }
 
 // cowRange returns the guest range [lo, hi) an allocation writes for a
@@ -387,7 +370,8 @@ func (img *image) unpinL2(t *cache.Table) {
 // partially written subclusters are copied, except that a new cluster
 // replacing one with a host cluster copies every allocated subcluster of
 // it (they move with the cluster), and a compressed one is copied whole.
-func (img *image) cowRange(a *allocation, first, firstBm, last, lastBm uint64, off, end int64) (int64, int64) {
+func (img *image) cowRange(a *allocation, r writeRun, off, end int64) (int64, int64) {
+	first, firstBm, last, lastBm := r.first, r.firstBm, r.last, r.lastBm
 	cs := img.clusterSize
 	if img.scPerCluster == 1 {
 		return a.start, a.end
@@ -483,49 +467,34 @@ func (img *image) readForCOW(co *coroutine.Co, p []byte, off int64) error {
 // point at the host clusters with COPIED (refcount 1; with subclusters,
 // the written subclusters become allocated and stop reading as zeros),
 // then the clusters they replaced lose a reference (QEMU's
-// qcow2_alloc_cluster_link_l2).
-//
-// Ordering: the refcount increase reaches the disk before the L2 table
-// (rc.allocLocked made the L2 cache depend on the refcount cache; in lazy
-// mode the dirty bit is set first instead); if data was copied, an
-// fdatasync precedes the L2 write (DependOnFlush), so the table never
-// points at a cluster whose copied data could be lost; decreases come
-// after the entry changed, and updateLocked makes the refcount cache
-// depend on the L2 cache.
+// qcow2_alloc_cluster_link_l2). The ordering rules it follows are the
+// helpers refcountsBeforeL2Locked, dataBeforeL2 and releaseLocked.
 func (img *image) linkLocked(co *coroutine.Co, a *allocation, cow bool) error {
 	img.mu.AssertHeld(co)
-	if err := img.markDirtyLocked(co); err != nil {
-		img.abortLocked(co, a)
-		return err
+	err := img.markDirtyLocked(co)
+	if err == nil && a.fresh {
+		err = img.refcountsBeforeL2Locked(co)
 	}
-	cs := img.clusterSize
-	l1Index := a.start >> (img.clusterBits + img.l2Bits)
-	l2Off, err := img.l2TableForWriteLocked(co, l1Index)
 	if err != nil {
 		img.abortLocked(co, a)
 		return err
 	}
-	t, err := img.l2.Get(co, l2Off)
+	s, err := img.sliceLocked(co, a.start, a.end-a.start, sliceUpdate)
 	if err != nil {
 		img.abortLocked(co, a)
-		return fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
+		return err
 	}
+	defer s.close()
 	if cow {
-		img.l2.DependOnFlush()
+		img.dataBeforeL2()
 	}
-	tb := t.Bytes()
-	firstIdx := (a.start >> img.clusterBits) & (int64(1)<<img.l2Bits - 1)
-	var frees [][2]int64
-	compressedFreed := false
-	for i := int64(0); i < (a.end-a.start)/cs; i++ {
-		idx := firstIdx + i
-		old, oldBm := img.l2Entry(tb, idx)
-		host := a.host + i*cs
-		ne := uint64(host) | oflagCopied
+	var rel releases
+	for i := range s.n {
+		old, oldBm := s.entry(i)
+		host := a.host + i*img.clusterSize
 		var nb uint64
 		if img.scPerCluster > 1 {
-			c := a.start + i*cs
-			scA, scB := img.touched(c, a.lo, a.hi)
+			scA, scB := img.touched(s.guest(i), a.lo, a.hi)
 			m := scMask(scA, scB)
 			if old&oflagCompressed != 0 {
 				nb = uint64(m) // the whole cluster was copied
@@ -533,27 +502,64 @@ func (img *image) linkLocked(co *coroutine.Co, a *allocation, cow bool) error {
 				nb = uint64(uint32(oldBm)|m) | uint64(uint32(oldBm>>32)&^m)<<32
 			}
 		}
-		img.setL2Entry(tb, idx, ne, nb)
-		if a.keep || img.h.hasDataFile() {
-			continue
-		}
-		if old&oflagCompressed != 0 {
-			coff, csize := img.compressedRange(old)
-			frees = append(frees, [2]int64{coff, csize})
-			compressedFreed = true
-		} else if oh, ok := img.hostCluster(old); ok && oh != host {
-			frees = append(frees, [2]int64{oh, cs})
+		s.set(i, uint64(host)|oflagCopied, nb)
+		if !a.keep && !img.h.hasDataFile() {
+			rel.add(img, old, host)
 		}
 	}
-	img.l2.MarkDirty(t)
-	img.l2.Put(t)
-	if compressedFreed {
+	s.close()
+	return img.releaseLocked(co, &rel)
+}
+
+// releases collects the host clusters an L2 update stopped referencing.
+type releases struct {
+	ext        [][2]int64 // offset, length
+	compressed bool
+}
+
+// add records what entry e referenced, unless it is the host cluster
+// keep, which the new entry still references.
+func (r *releases) add(img *image, e uint64, keep int64) {
+	if e&oflagCompressed != 0 {
+		coff, csize := img.compressedRange(e)
+		r.ext = append(r.ext, [2]int64{coff, csize})
+		r.compressed = true
+	} else if h, ok := img.hostCluster(e); ok && h != keep {
+		r.ext = append(r.ext, [2]int64{h, img.clusterSize})
+	}
+}
+
+// Write ordering (qcow2.md §1.13), one helper per rule, called by the L2
+// updates they protect.
+
+// refcountsBeforeL2Locked: the refcount increase of clusters an L2 entry is
+// about to point at reaches the disk before the L2 table does (the L2
+// cache depends on the refcount cache). With lazy refcounts the dirty bit,
+// set first (markDirtyLocked), covers them instead.
+func (img *image) refcountsBeforeL2Locked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	if img.lazy {
+		return nil
+	}
+	return img.l2.SetDependency(co, img.rc.cache)
+}
+
+// dataBeforeL2: data copied into a new cluster (COW) is synced before the
+// L2 table that points at it is written, so the table never points at a
+// cluster whose copied data could be lost.
+func (img *image) dataBeforeL2() { img.l2.DependOnFlush() }
+
+// releaseLocked drops the references collected in r, after the L2 entries
+// changed: rc.updateLocked makes the refcount cache depend on the L2
+// cache, so the entries reach the disk before the lowered refcounts. A
+// failure merely leaks the clusters (nothing references them any more).
+func (img *image) releaseLocked(co *coroutine.Co, r *releases) error {
+	img.mu.AssertHeld(co)
+	if r.compressed {
 		img.zcacheDrop()
 	}
-	for _, f := range frees {
+	for _, f := range r.ext {
 		if err := img.rc.updateLocked(co, f[0], f[1], -1); err != nil {
-			// The entries no longer reference the cluster: at worst
-			// it leaks.
 			return fmt.Errorf("qcow2: %s: freeing host cluster %#x: %w", img.path, f[0], err)
 		}
 	}
@@ -584,7 +590,7 @@ func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64,
 		return 0, fmt.Errorf("qcow2: %s: L1 index %d past the %d-entry L1 table: %w",
 			img.path, l1Index, len(img.l1), drivers.ErrCorrupt)
 	}
-	old, err := img.l2OffsetLocked(l1Index)
+	old, err := img.l2OffsetLocked(co, l1Index)
 	if err != nil {
 		return 0, err
 	}
@@ -648,40 +654,10 @@ func (img *image) writeL1EntryLocked(co *coroutine.Co, i int64, e uint64) error 
 	img.mu.AssertHeld(co)
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], e)
-	if err := img.syncWriteLocked(co, b[:], int64(img.h.L1Offset)+i*8); err != nil {
+	if err := img.syncWriteLocked(co, b[:], int64(img.h.L1Offset)+i*8, olActiveL1); err != nil {
 		return fmt.Errorf("qcow2: %s: writing L1 entry %d: %w", img.path, i, err)
 	}
-	img.l1[i] = e
-	return nil
-}
-
-// checkOverlapLocked refuses a write of [off, off+n) in the image file that
-// would land on the metadata every write depends on: the header cluster,
-// the active L1 table and the refcount table (the constant-cost part of
-// QEMU's overlap checks). Host offsets taken from a damaged L2 table are
-// caught here before the data overwrites them; the error wraps
-// drivers.ErrCorrupt.
-func (img *image) checkOverlapLocked(co *coroutine.Co, off, n int64) error {
-	img.mu.AssertHeld(co)
-	return img.overlap(off, n)
-}
-
-// overlap is checkOverlapLocked for callers that hold mu but have no
-// coroutine to assert it with (cache backends).
-func (img *image) overlap(off, n int64) error {
-	h := img.h
-	for _, r := range [...]struct {
-		what     string
-		off, len int64
-	}{
-		{"the header", 0, img.clusterSize},
-		{"the L1 table", int64(h.L1Offset), int64(h.L1Size) * 8},
-		{"the refcount table", int64(h.ReftableOffset), int64(h.ReftableClusters) << img.clusterBits},
-	} {
-		if r.len > 0 && off < r.off+r.len && r.off < off+n {
-			return fmt.Errorf("write of [%#x, +%#x) would overwrite %s at %#x: %w", off, n, r.what, r.off, drivers.ErrCorrupt)
-		}
-	}
+	img.setL1Locked(co, i, e)
 	return nil
 }
 

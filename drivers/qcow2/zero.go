@@ -97,146 +97,126 @@ func (img *image) writeZeros(co *coroutine.Co, off, n int64) error {
 // zeroStep zeroes whole (sub)clusters from pos, at most n bytes, inside one
 // L2 table, and returns how many bytes it covered. pos is aligned to the
 // zeroing granularity; n is too, except at the end of the disk.
-func (img *image) zeroStep(co *coroutine.Co, pos, n int64, unmap bool) (done int64, err error) {
-	cs := img.clusterSize
-	inCluster := pos & (cs - 1)
-	l1Index, l2Index, n := img.l2Slot(pos, n)
-
+func (img *image) zeroStep(co *coroutine.Co, pos, n int64, unmap bool) (int64, error) {
 	img.mu.Lock(co)
-	defer func() {
-		err = img.signalCorruptionLocked(co, err)
-		img.mu.Unlock(co)
-	}()
-	if img.broken != nil {
-		return 0, img.broken
+	done, partial, err := img.zeroStepLocked(co, pos, n, unmap)
+	err = img.signalCorruptionLocked(co, err)
+	img.mu.Unlock(co)
+	if err != nil || partial == 0 {
+		return done, err
 	}
+	// Part of a compressed cluster, which has no subcluster bitmap: zeros
+	// through the write path, without the lock.
+	if err := img.writeZeros(co, pos+done, partial); err != nil {
+		return 0, err
+	}
+	return done + partial, nil
+}
+
+// zeroStepLocked is zeroStep's L2 update: it zeroes the entries from pos
+// and returns the bytes done. It stops at a compressed cluster only partly
+// covered, whose bytes from pos+done to partial it leaves for the caller
+// to write zeros over.
+func (img *image) zeroStepLocked(co *coroutine.Co, pos, n int64, unmap bool) (done, partial int64, err error) {
+	img.mu.AssertHeld(co)
+	if img.broken != nil {
+		return 0, 0, img.broken
+	}
+	cs := img.clusterSize
+	l1Index, _, n := img.l2Slot(pos, n)
 	for {
 		var waited bool
 		if n, waited = img.waitForAllocsLocked(co, pos, n); !waited {
 			break
 		}
 	}
-	end := pos + n
-	old, err := img.l2OffsetLocked(l1Index)
+	old, err := img.l2OffsetLocked(co, l1Index)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// Nothing below reads through an unallocated L2 table: it already
 	// reads as zeros.
-	if old == 0 && (img.backing == nil || pos-inCluster >= img.backingSize) {
-		return n, nil
+	if old == 0 && (img.backing == nil || pos&^(cs-1) >= img.backingSize) {
+		return n, 0, nil
 	}
-	l2Off, err := img.l2TableForWriteLocked(co, l1Index)
+	s, err := img.sliceLocked(co, pos, n, sliceUpdate)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	t, err := img.l2.Get(co, l2Off)
-	if err != nil {
-		return 0, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
-	}
-	tb := t.Bytes()
+	defer s.close()
 	var (
-		frees           [][2]int64
-		dirty           bool
-		compressedFreed bool
+		rel   releases
+		dirty bool
 	)
 	done = n
-	nbClusters := (inCluster + n + cs - 1) >> img.clusterBits
-	for i := int64(0); i < nbClusters; i++ {
-		idx := l2Index + i
-		c := pos - inCluster + i*cs
-		e, bm := img.l2Entry(tb, idx)
-		scA, scB := img.touched(c, pos, end)
-		if _, _, verr := img.entryRange(e, bm, scA); verr != nil {
-			img.l2.Put(t)
-			return 0, fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-				img.path, l2Off, idx, c, verr)
+	for i := range s.n {
+		e, bm := s.entry(i)
+		scA, scB := s.touched(i)
+		if _, _, _, err := s.typeAt(i, scA); err != nil {
+			return 0, 0, err
 		}
-		host, hasHost := img.hostCluster(e)
-		whole := scA == 0 && scB == img.scPerCluster
-		compressed := e&oflagCompressed != 0
-		drop := compressed || (unmap && hasHost && whole)
-		var ne, nb uint64
-		switch {
-		case !whole && compressed:
-			// A compressed cluster has no subcluster bitmap: write
-			// zeros into this part of it instead (after this table).
-			done = c - pos + int64(scA)<<img.scBits
-			i = nbClusters
-			continue
-		case img.h.Version < 3:
-			// No backing file here (see zeroRange): unallocated
-			// reads as zeros.
-			ne = 0
-		case img.scPerCluster > 1 && whole:
-			ne = e
-			if drop {
-				ne = 0
-			}
-			nb = uint64(0xffffffff) << 32 // every subcluster reads as zeros
-		case img.scPerCluster > 1:
-			m := scMask(scA, scB)
-			nb = uint64(uint32(bm)&^m) | (bm>>32|uint64(m))<<32
-			ne = e
-		default:
-			ne = e | oflagZero
-			if drop {
-				ne = oflagZero
-			}
-		}
-		if img.h.Version < 3 {
-			drop = compressed || hasHost
+		ne, nb, drop, ok := img.zeroEntry(e, bm, scA, scB, unmap)
+		if !ok {
+			done = s.guest(i) - pos + int64(scA)<<img.scBits
+			partial = min(n-done, cs-((pos+done)&(cs-1)))
+			break
 		}
 		if ne == e && nb == bm {
 			continue
 		}
 		if !dirty {
 			if err := img.markDirtyLocked(co); err != nil {
-				img.l2.Put(t)
-				return 0, err
+				return 0, 0, err
 			}
 			dirty = true
 		}
-		img.setL2Entry(tb, idx, ne, nb)
-		if !drop {
-			continue
-		}
-		if compressed {
-			coff, csize := img.compressedRange(e)
-			frees = append(frees, [2]int64{coff, csize})
-			compressedFreed = true
-		} else if hasHost {
-			frees = append(frees, [2]int64{host, cs})
+		s.set(i, ne, nb)
+		if drop {
+			rel.add(img, e, -1)
 		}
 	}
-	if dirty {
-		img.l2.MarkDirty(t)
-	}
-	img.l2.Put(t)
-	if compressedFreed {
-		img.zcacheDrop()
-	}
-	if len(frees) > 0 {
+	s.close()
+	if len(rel.ext) > 0 {
 		// An in-place write mapped before the L2 update above may still
 		// be writing into a cluster freed below.
 		img.drainInPlaceLocked(co)
 	}
-	for _, f := range frees {
-		if err := img.rc.updateLocked(co, f[0], f[1], -1); err != nil {
-			return 0, fmt.Errorf("qcow2: %s: freeing host cluster %#x: %w", img.path, f[0], err)
-		}
+	if err := img.releaseLocked(co, &rel); err != nil {
+		return 0, 0, err
 	}
-	if done < n {
-		// The partial compressed cluster: zeros through the write path,
-		// without the lock (deferred unlock runs first).
-		img.mu.Unlock(co)
-		k := min(n-done, cs-((pos+done)&(cs-1)))
-		err = img.writeZeros(co, pos+done, k)
-		img.mu.Lock(co)
-		if err != nil {
-			return 0, err
+	return done, partial, nil
+}
+
+// zeroEntry returns the entry and bitmap that make subclusters [scA, scB)
+// of the cluster with entry e and bitmap bm read as zeros, and whether the
+// host cluster (or compressed data) it referenced is dropped. ok is false
+// for part of a compressed cluster, which has no subcluster bitmap: zeros
+// must be written there instead.
+func (img *image) zeroEntry(e, bm uint64, scA, scB int, unmap bool) (ne, nb uint64, drop, ok bool) {
+	_, hasHost := img.hostCluster(e)
+	whole := scA == 0 && scB == img.scPerCluster
+	compressed := e&oflagCompressed != 0
+	drop = compressed || (unmap && hasHost && whole)
+	switch {
+	case !whole && compressed:
+		return 0, 0, false, false
+	case img.h.Version < 3:
+		// No backing file here (see zeroRange): unallocated reads as
+		// zeros, and nothing is kept.
+		return 0, 0, compressed || hasHost, true
+	case img.scPerCluster > 1 && whole:
+		ne = e
+		if drop {
+			ne = 0
 		}
-		done += k
+		return ne, uint64(0xffffffff) << 32, drop, true // every subcluster reads as zeros
+	case img.scPerCluster > 1:
+		m := scMask(scA, scB)
+		return e, uint64(uint32(bm)&^m) | (bm>>32|uint64(m))<<32, drop, true
+	default:
+		if drop {
+			return oflagZero, 0, true, true
+		}
+		return e | oflagZero, 0, false, true
 	}
-	return done, nil
 }

@@ -47,6 +47,12 @@
 //     disk: a hole costs nothing, zeros cost a write of the whole disk.
 //   - BlockStatus answers from the image file's holes (SEEK_DATA and
 //     SEEK_HOLE), as qemu-img map does.
+//   - LendBackingFd (drivers.FileBacked) lends aio's descriptor so that
+//     fusefs can register the image file for FUSE passthrough, where the
+//     kernel serves read-only opens of the disk from the file itself. The
+//     descriptor's O_DIRECT does not matter: the kernel opens the file anew
+//     with each reader's flags. A block device cannot back a FUSE file:
+//     refused with ErrUnsupported.
 //   - Truncate grows the file with ftruncate (the new range is a hole and
 //     reads as zeros); a growing write just writes past the end (aio keeps
 //     O_DIRECT's whole-block writes from leaving the file longer).

@@ -59,6 +59,7 @@ var (
 	_ drivers.Driver       = (*Driver)(nil)
 	_ drivers.DirectReader = (*Driver)(nil)
 	_ drivers.Informer     = (*Driver)(nil)
+	_ drivers.FileBacked   = (*Driver)(nil)
 )
 
 // Open opens the raw image at path. It must not be called from a coroutine.
@@ -326,6 +327,21 @@ func (d *Driver) Info() drivers.ImageInfo {
 		}
 	}
 	return info
+}
+
+// LendBackingFd lends the image's descriptor to fn (FUSE passthrough
+// registers it with the kernel). The descriptor's own flags do not matter
+// to the kernel, which opens the file anew for every passthrough open (see
+// fusefs's package doc), so the O_DIRECT descriptor aio already holds will
+// do; on a read-only image it is the read-only descriptor.
+func (d *Driver) LendBackingFd(fn func(fd int) error) error {
+	if d.f.BlockDevice() {
+		return fmt.Errorf("raw: %s is a block device, not a regular file: %w", d.path, drivers.ErrUnsupported)
+	}
+	if err := d.f.LendFd(fn); err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	return nil
 }
 
 // Close closes the image file after in-flight I/O. It does not flush.

@@ -1,0 +1,313 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"imgfuse/drivers"
+	"imgfuse/drivers/qcow2"
+	"imgfuse/drivers/raw"
+)
+
+func newCreateCmd(stdout io.Writer) *cobra.Command {
+	var format, backing, backingFmt string
+	var opts []string
+	var quiet, unsafe bool
+	cmd := &cobra.Command{
+		Use:   "create [flags] IMAGE [SIZE]",
+		Short: "Create a qcow2 or raw image, as qemu-img create does",
+		Long: `Create IMAGE, replacing any file of that name, as 'qemu-img create' does:
+qemu-img info describes the result as it describes the image qemu-img
+create makes with the same options (a qcow2 image is byte for byte the
+same file).
+
+SIZE takes the suffixes k, M, G, T, P, E (powers of 1024) and is rounded
+up to a multiple of 512, as qemu-img rounds it. With -b the new
+image is an overlay whose reads fall through to BACKING; BACKING is opened
+(relative to IMAGE's directory) to take SIZE from it when SIZE is not
+given and to probe its format when -F is not given; -u skips that (SIZE and
+-F are then needed).
+
+-o takes comma-separated qcow2 options:
+  cluster_size=SIZE          512 to 2M, a power of two (default 64k)
+  refcount_bits=N            1, 2, 4, 8, 16 (default), 32 or 64
+  compat=0.10|1.1            qcow2 version 2 or 3 (default 1.1)
+  lazy_refcounts=on|off      (compat=1.1)
+  extended_l2=on|off         subclusters (compat=1.1, cluster_size >= 16k)
+  compression_type=zlib|zstd (zstd: compat=1.1)
+  preallocation=off          the only mode imgfuse creates
+  data_file=NAME             guest data in the raw file NAME (created; relative
+                             to IMAGE's directory), compat=1.1
+  data_file_raw=on|off       NAME is a raw image of the disk (metadata preallocated)
+  size=SIZE, backing_file=BACKING, backing_fmt=FMT   as SIZE, -b and -F
+Raw images (-f raw) take no options and are sparse files.`,
+		Example: `  imgfuse create -f qcow2 disk.qcow2 10G
+  imgfuse create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2   # size from the base
+  imgfuse create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) > 2 {
+				return usagef("create needs IMAGE and optionally SIZE (got %d arguments)", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			image := args[0]
+			size := int64(-1)
+			if len(args) == 2 {
+				var err error
+				if size, err = parseSize(args[1]); err != nil {
+					return usagef("invalid SIZE %q: %v", args[1], err)
+				}
+				// qemu-img rounds sizes up to whole 512-byte sectors.
+				size = (size + 511) &^ 511
+			}
+			if format != "qcow2" && format != "raw" {
+				return usagef("invalid -f %q (want qcow2 or raw)", format)
+			}
+			co, err := parseCreateOptions(strings.Join(opts, ","))
+			if err != nil {
+				return err
+			}
+			// qemu-img also takes these as -o options.
+			if co.BackingFile != "" {
+				if backing != "" && backing != co.BackingFile {
+					return usagef("-b and -o backing_file disagree")
+				}
+				backing = co.BackingFile
+			}
+			if co.BackingFormat != "" {
+				if backingFmt != "" && backingFmt != co.BackingFormat {
+					return usagef("-F and -o backing_fmt disagree")
+				}
+				backingFmt = co.BackingFormat
+			}
+			if co.Size >= 0 {
+				if size >= 0 && size != co.Size {
+					return usagef("SIZE and -o size disagree")
+				}
+				size = co.Size
+			}
+			if format == "raw" {
+				qcowOnly := co
+				qcowOnly.Size, qcowOnly.BackingFile, qcowOnly.BackingFormat = -1, "", ""
+				if qcowOnly != (qcow2.CreateOptions{Size: -1}) || backing != "" {
+					return usagef("-b and the -o options other than size are for qcow2 images")
+				}
+				if size < 0 {
+					return usagef("create needs a SIZE for a raw image")
+				}
+				if err := raw.Create(image, size); err != nil {
+					return openError(err)
+				}
+				if !quiet {
+					fmt.Fprintf(stdout, "Formatting '%s', fmt=raw size=%d\n", image, size)
+				}
+				return nil
+			}
+			if backingFmt != "" && backing == "" {
+				return usagef("-F needs -b")
+			}
+			if backing != "" && !unsafe {
+				info, err := describeImage(pathCombine(image, backing), orAuto(backingFmt))
+				if err != nil {
+					return fmt.Errorf("backing file: %w", err)
+				}
+				if backingFmt == "" {
+					backingFmt = info.Format
+				}
+				if size < 0 {
+					size = info.VirtualSize
+				}
+			}
+			if size < 0 {
+				return usagef("create needs a SIZE (or -b BACKING to take it from)")
+			}
+			if unsafe && backing != "" && backingFmt == "" {
+				return usagef("-u needs -F: the backing file is not opened to probe its format")
+			}
+			co.Size, co.BackingFile, co.BackingFormat = size, backing, backingFmt
+			if err := qcow2.Create(image, co); err != nil {
+				return createError(err)
+			}
+			if co.DataFile != "" {
+				if err := raw.Create(pathCombine(image, co.DataFile), size); err != nil {
+					return createError(err)
+				}
+			}
+			if !quiet {
+				fmt.Fprintf(stdout, "Formatting '%s', fmt=qcow2 %s\n", image, describeCreate(co))
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&format, "format", "f", "qcow2", "image format: qcow2|raw")
+	f.StringVarP(&backing, "backing", "b", "", "backing file `BACKING` (qcow2), relative to IMAGE's directory unless absolute")
+	f.StringVarP(&backingFmt, "backing-format", "F", "", "format of the backing file (probed if not given)")
+	f.StringArrayVarP(&opts, "options", "o", nil, "qcow2 options `k=v,...` (see above)")
+	f.BoolVarP(&quiet, "quiet", "q", false, "print nothing on success")
+	f.BoolVarP(&unsafe, "unsafe", "u", false, "do not open the backing file (SIZE and -F needed)")
+	return cmd
+}
+
+func orAuto(format string) string {
+	if format == "" {
+		return "auto"
+	}
+	return format
+}
+
+// createError keeps an invalid option a usage error.
+func createError(err error) error {
+	if isUnsupported(err) {
+		return usagef("%v", strings.TrimSuffix(err.Error(), ": "+drivers.ErrUnsupported.Error()))
+	}
+	return openError(err)
+}
+
+func isUnsupported(err error) bool {
+	for e := err; e != nil; {
+		if e == drivers.ErrUnsupported {
+			return true
+		}
+		u, ok := e.(interface{ Unwrap() error })
+		if !ok {
+			return false
+		}
+		e = u.Unwrap()
+	}
+	return false
+}
+
+// parseCreateOptions parses -o's k=v list.
+func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
+	o := qcow2.CreateOptions{Size: -1} // -1: no size option
+	if s == "" {
+		return o, nil
+	}
+	onOff := func(k, v string) (bool, error) {
+		switch v {
+		case "on", "true", "yes":
+			return true, nil
+		case "off", "false", "no":
+			return false, nil
+		}
+		return false, usagef("-o %s=%q: want on or off", k, v)
+	}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return o, usagef("-o %q: want key=value", kv)
+		}
+		var err error
+		switch k {
+		case "cluster_size":
+			o.ClusterSize, err = parseSize(v)
+		case "refcount_bits":
+			o.RefcountBits, err = strconv.Atoi(v)
+		case "compat":
+			o.Compat = v
+		case "lazy_refcounts":
+			o.LazyRefcounts, err = onOff(k, v)
+		case "extended_l2":
+			o.ExtendedL2, err = onOff(k, v)
+		case "compression_type":
+			o.CompressionType = v
+		case "size":
+			if o.Size, err = parseSize(v); err == nil {
+				o.Size = (o.Size + 511) &^ 511
+			}
+		case "backing_file":
+			o.BackingFile = v
+		case "backing_fmt":
+			o.BackingFormat = v
+		case "data_file":
+			o.DataFile = v
+		case "data_file_raw":
+			o.DataFileRaw, err = onOff(k, v)
+		case "preallocation":
+			if v != "off" {
+				err = fmt.Errorf("only preallocation=off is supported")
+			}
+		default:
+			return o, usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off, size, backing_file, backing_fmt, data_file, data_file_raw)", k)
+		}
+		if err != nil {
+			if _, isUsage := err.(usageError); isUsage {
+				return o, err
+			}
+			return o, usagef("-o %s=%s: %v", k, v, err)
+		}
+	}
+	return o, nil
+}
+
+// parseSize parses a size as qemu-img does: a number with an optional
+// suffix k, M, G, T, P or E (powers of 1024; b or no suffix for bytes).
+func parseSize(s string) (int64, error) {
+	if s == "" {
+		return 0, fmt.Errorf("empty size")
+	}
+	mult := int64(1)
+	switch strings.ToLower(s[len(s)-1:]) {
+	case "b":
+		s = s[:len(s)-1]
+	case "k":
+		mult, s = 1<<10, s[:len(s)-1]
+	case "m":
+		mult, s = 1<<20, s[:len(s)-1]
+	case "g":
+		mult, s = 1<<30, s[:len(s)-1]
+	case "t":
+		mult, s = 1<<40, s[:len(s)-1]
+	case "p":
+		mult, s = 1<<50, s[:len(s)-1]
+	case "e":
+		mult, s = 1<<60, s[:len(s)-1]
+	}
+	if strings.ContainsAny(s, ".eE") {
+		f, err := strconv.ParseFloat(s, 64)
+		if err != nil || f < 0 || f*float64(mult) >= 1<<63 {
+			return 0, fmt.Errorf("not a size")
+		}
+		return int64(f * float64(mult)), nil
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<63-1)/mult {
+		return 0, fmt.Errorf("not a size")
+	}
+	return n * mult, nil
+}
+
+// describeCreate renders the options as qemu-img create's "Formatting"
+// line does.
+func describeCreate(o qcow2.CreateOptions) string {
+	cs := o.ClusterSize
+	if cs == 0 {
+		cs = 65536
+	}
+	rb := o.RefcountBits
+	if rb == 0 {
+		rb = 16
+	}
+	ct := o.CompressionType
+	if ct == "" {
+		ct = "zlib"
+	}
+	onoff := map[bool]string{true: "on", false: "off"}
+	s := fmt.Sprintf("cluster_size=%d extended_l2=%s compression_type=%s size=%d", cs, onoff[o.ExtendedL2], ct, o.Size)
+	if o.BackingFile != "" {
+		s += " backing_file=" + o.BackingFile
+		if o.BackingFormat != "" {
+			s += " backing_fmt=" + o.BackingFormat
+		}
+	}
+	if o.Compat == "0.10" || o.Compat == "v2" {
+		s += " compat=0.10"
+	}
+	return s + fmt.Sprintf(" lazy_refcounts=%s refcount_bits=%d", onoff[o.LazyRefcounts], rb)
+}

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+func newMapCmd(stdout io.Writer) *cobra.Command {
+	var format, output string
+	var forceShare bool
+	var start, maxLen int64
+	cmd := &cobra.Command{
+		Use:   "map [flags] IMAGE",
+		Short: "Print the allocation map of an image and its backing chain, as qemu-img map does",
+		Long: `Print which ranges of IMAGE's virtual disk hold data, read as zeros, or come
+from a backing file, and where they are stored.
+
+--output=json prints exactly what 'qemu-img map --output=json' prints: one
+object per run with start, length, depth (0: IMAGE itself, 1: its backing
+file, ...), present (allocated at that depth), zero, data and, where the run
+has a plain location in that layer's file, offset (compressed clusters have
+none). The human output lists the runs with data and an offset, with the
+file that holds them.
+
+map takes no image locks (-U is accepted for qemu-img habits).`,
+		Args: exactArgs("IMAGE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkFormatFlag(format); err != nil {
+				return err
+			}
+			jsonOut, err := outputFlag(output, false)
+			if err != nil {
+				return err
+			}
+			if start < 0 || maxLen < 0 {
+				return usagef("--start-offset and --max-length must not be negative")
+			}
+			return runMap(stdout, args[0], format, start, maxLen, jsonOut)
+		},
+	}
+	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
+	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (map never takes any)")
+	cmd.Flags().Int64Var(&start, "start-offset", 0, "first byte of the virtual disk to map")
+	cmd.Flags().Int64Var(&maxLen, "max-length", 0, "bytes to map from --start-offset (0: to the end)")
+	addFormatFlag(cmd, &format)
+	return cmd
+}
+
+func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bool) error {
+	d, _, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	end := d.Size()
+	if maxLen > 0 {
+		end = min(end, start+maxLen)
+	}
+	names := layerNames(d, image)
+	w := bufio.NewWriter(stdout)
+	if jsonOut {
+		w.WriteString("[")
+	} else {
+		fmt.Fprintf(w, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
+	}
+	var cur drivers.MapEntry
+	first := true
+	emit := func(e drivers.MapEntry) {
+		if jsonOut {
+			if !first {
+				w.WriteString(",\n")
+			}
+			fmt.Fprintf(w, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
+				e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data)
+			if e.Offset != nil {
+				fmt.Fprintf(w, `, "offset": %d`, *e.Offset)
+			}
+			w.WriteString("}")
+		} else if e.Data && e.Offset != nil {
+			fmt.Fprintf(w, "%-16s%-16s%-16s%s\n", cHex(e.Start), cHex(e.Length), cHex(*e.Offset), names[e.Depth])
+		}
+		first = false
+	}
+	var merr error
+	for off := start; off < end && merr == nil; {
+		var e drivers.MapEntry
+		coroutine.Run(func(co *coroutine.Co) { e, merr = drivers.MapAt(co, d, off) })
+		if merr != nil {
+			break
+		}
+		e.Length = min(e.Length, end-off)
+		off += e.Length
+		if mergeable(&cur, &e) {
+			cur.Length += e.Length
+			continue
+		}
+		if cur.Length != 0 {
+			emit(cur)
+		}
+		cur = e
+	}
+	if cur.Length != 0 {
+		emit(cur)
+	}
+	if jsonOut {
+		w.WriteString("]\n")
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	if merr != nil {
+		return fmt.Errorf("map %s: %v%w", image, trimPathError(merr, image), sentinelOf(merr))
+	}
+	return nil
+}
+
+// cHex formats n as C's printf("%#x") does: 0 without a prefix.
+func cHex(n int64) string {
+	if n == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%#x", n)
+}
+
+// mergeable is qemu-img map's entry_mergeable: next continues cur with the
+// same status, at the same depth, contiguously in the same file.
+func mergeable(cur, next *drivers.MapEntry) bool {
+	if cur.Length == 0 || cur.Zero != next.Zero || cur.Data != next.Data || cur.Depth != next.Depth ||
+		cur.Present != next.Present || (cur.Offset == nil) != (next.Offset == nil) {
+		return false
+	}
+	return cur.Offset == nil || *cur.Offset+cur.Length == *next.Offset
+}
+
+// layerNames names the file that holds each layer's data, top first: the
+// image file, or its external data file.
+func layerNames(d drivers.Driver, image string) []string {
+	var names []string
+	for d != nil {
+		name := image
+		if in, ok := d.(drivers.Informer); ok {
+			info := in.Info()
+			name = info.Filename
+			if info.DataFile != "" {
+				name = pathCombine(info.Filename, info.DataFile)
+			}
+		}
+		names = append(names, name)
+		lm, ok := d.(drivers.LayerMapper)
+		if !ok {
+			break
+		}
+		d = lm.BackingLayer()
+	}
+	for len(names) < 64 {
+		names = append(names, "")
+	}
+	return names
+}

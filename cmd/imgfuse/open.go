@@ -1,0 +1,114 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"imgfuse/drivers"
+)
+
+// addFormatFlag adds --format/-f, as qemu-img spells it.
+func addFormatFlag(cmd *cobra.Command, format *string) {
+	cmd.Flags().StringVarP(format, "format", "f", "auto", "image format: "+strings.Join(formatChoices(), "|"))
+}
+
+// openForInspect opens image read-only for info, check and map, with the
+// format given (or probed for "auto"). Errors name the image once and map
+// to the exit codes of exit.go.
+func openForInspect(image, format string, opts drivers.OpenOptions) (drivers.Driver, drivers.Format, error) {
+	if err := checkExplicitFormat(image, format); err != nil {
+		return nil, nil, err
+	}
+	opts.ReadOnly = true
+	opts.Formats = imageFormats()
+	d, f, err := drivers.Open(image, format, opts)
+	if err != nil {
+		return nil, nil, openError(describeOpenError(image, err))
+	}
+	return d, f, nil
+}
+
+// checkExplicitFormat refuses a --format that the file's contents
+// contradict: a raw file opened as qcow2 is "not a qcow2 image", not a
+// corrupt one. (Any file is a valid raw image, so "raw" is never refused.)
+func checkExplicitFormat(image, format string) error {
+	if format == "" || format == "auto" {
+		return nil
+	}
+	want, err := drivers.Lookup(imageFormats(), format)
+	if err != nil {
+		return err
+	}
+	got, err := drivers.ProbeFile(imageFormats(), image)
+	if err != nil {
+		return openError(fmt.Errorf("open %s: %w", image, trimPathError(err, image)))
+	}
+	if got.Name() != want.Name() && want.Name() != "raw" {
+		return openError(fmt.Errorf("open %s: not a %s image (its contents look like %s)", image, want.Name(), got.Name()))
+	}
+	return nil
+}
+
+// describeOpenError turns a driver's open error into one line that names
+// the image once: "open IMAGE: REASON". A missing snapshot lists the ones
+// that exist; a lock conflict suggests --force-share.
+func describeOpenError(image string, err error) error {
+	msg := trimPathError(err, image).Error()
+	if strings.Contains(msg, "no such snapshot") {
+		if names := snapshotNames(image); names != "" {
+			msg += " (the image has: " + names + ")"
+		} else {
+			msg += " (the image has no snapshots)"
+		}
+	}
+	if errors.Is(err, drivers.ErrLocked) {
+		msg += " (to read it while another process writes it, use --force-share / -U)"
+	}
+	return fmt.Errorf("open %s: %s%w", image, msg, sentinelOf(err))
+}
+
+// sentinelOf keeps err's sentinel matchable (for the exit code) after its
+// message was rewritten: it returns an error that prints as nothing and
+// wraps err.
+func sentinelOf(err error) error { return silentError{err} }
+
+type silentError struct{ err error }
+
+func (silentError) Error() string   { return "" }
+func (e silentError) Unwrap() error { return e.err }
+
+// trimPathError drops the driver prefixes that repeat the image path
+// ("qcow2: /abs/img.qcow2: qcow2: ...") so that the caller names it once.
+func trimPathError(err error, image string) error {
+	msg := err.Error()
+	for _, p := range []string{"open " + image + ": ", "qcow2: " + image + ": ", "raw: " + image + ": ", image + ": "} {
+		msg = strings.ReplaceAll(msg, p, "")
+	}
+	msg = strings.ReplaceAll(msg, "qcow2: qcow2: ", "qcow2: ")
+	msg = strings.TrimPrefix(msg, "qcow2: ")
+	return errors.New(msg)
+}
+
+// snapshotNames lists the image's snapshots as "ID NAME, ...", "" if none
+// (or if the image cannot be opened to find out).
+func snapshotNames(image string) string {
+	d, _, err := drivers.Open(image, "auto", drivers.OpenOptions{ReadOnly: true, ForceShare: true, NoBacking: true, Formats: imageFormats()})
+	if err != nil {
+		return ""
+	}
+	defer d.Close()
+	s, ok := d.(drivers.Snapshotter)
+	if !ok {
+		return ""
+	}
+	var out []string
+	for _, sn := range s.Snapshots() {
+		out = append(out, fmt.Sprintf("%s (id %s)", sn.Name, sn.ID))
+	}
+	sort.Strings(out)
+	return strings.Join(out, ", ")
+}

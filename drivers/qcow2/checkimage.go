@@ -1,0 +1,305 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+)
+
+// The drivers.Checker capability: `imgfuse check` (qemu-img check). The
+// counting is check.go's; this file adds what the command needs around
+// it: a check of an image opened read-only, progress, block statistics,
+// and the repairs of qemu-img check -r leaks|all.
+
+var _ drivers.Checker = (*image)(nil)
+
+// Check implements drivers.Checker. It must not be called from a
+// coroutine, nor with requests in flight.
+func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+	var res drivers.CheckResult
+	var err error
+	if img.snapshot != nil {
+		return res, fmt.Errorf("qcow2: %s: check: opened on a snapshot: %w", img.path, drivers.ErrUnsupported)
+	}
+	if mode != drivers.CheckOnly && !img.writable {
+		return res, img.readOnly("repair")
+	}
+	coroutine.Run(func(co *coroutine.Co) {
+		img.mu.Lock(co)
+		defer img.mu.Unlock(co)
+		res, err = img.checkLocked(co, mode, progress)
+	})
+	return res, err
+}
+
+func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+	img.mu.AssertHeld(co)
+	var res drivers.CheckResult
+	rc := img.rc
+	if rc == nil {
+		var err error
+		if rc, err = openRefcounts(img.file, img.h, img.fileSize, nil); err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		}
+		rc.mu = &img.mu
+	}
+	read := img.progressReader(co, progress)
+	r, err := rc.checkLocked(co, read, img.snaps)
+	if err != nil {
+		res.CheckErrors++
+		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+	}
+	res.Messages = r.Errors
+	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
+		note := func(m string) {
+			if len(res.Messages) < 2*maxCheckMessages {
+				res.Messages = append(res.Messages, m)
+			}
+		}
+		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read, note)
+		if err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: repair: %w", img.path, err)
+		}
+		if r, err = rc.checkLocked(co, read, img.snaps); err != nil {
+			res.CheckErrors++
+			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
+		}
+		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
+		res.Messages = append(res.Messages, r.Errors...)
+	}
+	res.Corruptions, res.Leaks = r.Corruptions, r.Leaks
+	// A repaired image without corruptions is consistent again (QEMU's
+	// qcow2_mark_consistent): the corrupt bit goes.
+	if mode != drivers.CheckOnly && r.Corruptions == 0 && img.h.Incompatible&incompatCorrupt != 0 {
+		if err := img.setIncompatibleLocked(co, img.h.Incompatible&^incompatCorrupt); err != nil {
+			res.CheckErrors++
+			return res, err
+		}
+	}
+	res.ImageEndOffset = r.ImageEnd
+	cs := img.clusterSize
+	res.TotalClusters = (img.size.Load() + cs - 1) / cs
+	if err := img.blockStats(read, &res); err != nil {
+		res.CheckErrors++
+		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+	}
+	return res, nil
+}
+
+// progressReader is a metadata reader for the checker that reports, per
+// table read, how many of the L2 table reads of a check were done: each
+// active table is read three times (references, COPIED flags, block
+// statistics), each snapshot's once (its L1 size is an upper bound).
+func (img *image) progressReader(co *coroutine.Co, progress func(done, total int64)) func(off int64, p []byte) error {
+	base := func(off int64, p []byte) error { return img.file.PreadCo(co, p, off) }
+	if progress == nil {
+		return base
+	}
+	var total int64 = 1
+	for _, e := range img.l1 {
+		if e&l1eOffsetMask != 0 {
+			total += 3
+		}
+	}
+	for i := range img.snaps {
+		total += int64(img.snaps[i].L1Size) // an upper bound: entries, not tables
+	}
+	var done int64
+	return func(off int64, p []byte) error {
+		if int64(len(p)) == img.clusterSize {
+			done++
+			progress(min(done, total), total)
+		}
+		return base(off, p)
+	}
+}
+
+// blockStats counts the active disk's allocated, fragmented and
+// compressed clusters as QEMU's check_refcounts_l2 does (CHECK_FRAG_INFO):
+// a cluster is fragmented when it does not follow the previous allocated
+// cluster of the same L2 table in the file; compressed clusters always
+// are.
+func (img *image) blockStats(read func(off int64, p []byte) error, res *drivers.CheckResult) error {
+	h := img.h
+	cs := img.clusterSize
+	tb := make([]byte, cs)
+	for _, l1e := range img.l1 {
+		l2Off := int64(l1e & l1eOffsetMask)
+		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
+			continue // counted as a corruption by the check
+		}
+		if err := read(l2Off, tb); err != nil {
+			return fmt.Errorf("reading L2 table at %#x: %w", l2Off, err)
+		}
+		var next int64
+		for j := int64(0); j < cs; j += img.l2EntryBytes {
+			e := binary.BigEndian.Uint64(tb[j:])
+			host := int64(e & l2eOffsetMask)
+			switch {
+			case e&oflagCompressed != 0:
+				res.AllocatedClusters++
+				res.CompressedClusters++
+				res.FragmentedClusters++
+			case e&oflagZero != 0 && !h.extendedL2() && host == 0:
+				// a plain zero cluster: nothing allocated
+			case host != 0 || h.hasDataFile() && e&oflagCopied != 0:
+				res.AllocatedClusters++
+				if next != 0 && host != next {
+					res.FragmentedClusters++
+				}
+				next = host + cs
+			}
+		}
+	}
+	return nil
+}
+
+// repairCheckedLocked repairs what a check found (QEMU's
+// qcow2_check_refcounts with BDRV_FIX_LEAKS, and BDRV_FIX_ERRORS for
+// RepairAll): refcounts above the references are lowered to them; with
+// RepairAll, a damaged refcount structure is rebuilt, refcounts below the
+// references are raised to them, and COPIED flags are made to agree with
+// the refcounts. It returns the leaks and corruptions fixed.
+func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, read func(off int64, p []byte) error, note func(string)) (leaks, corruptions int, err error) {
+	img.mu.AssertHeld(co)
+	rc := img.rc
+	if err := img.l2.Write(co); err != nil {
+		return 0, 0, err
+	}
+	fileSize, err := img.file.Size()
+	if err != nil {
+		return 0, 0, err
+	}
+	calc, err := computeRefcounts(read, img.h, fileSize, img.snaps)
+	if err != nil {
+		return 0, 0, err
+	}
+	// A cluster in use with refcount 0, or a damaged refcount structure,
+	// needs a rebuild (QEMU's compare_refcounts sets rebuild), which only
+	// -r all may do; -r leaks then fails the check, as qemu-img's does.
+	type fix struct {
+		cluster   int64
+		got, want uint64
+	}
+	var fixes []fix
+	rebuild := calc.rebuild
+	under, over := 0, 0
+	for i, want := range calc.counts {
+		got, err := rc.getLocked(co, int64(i))
+		if err != nil || got == want {
+			continue // an error is reported by the check
+		}
+		if got < want {
+			under++
+			rebuild = rebuild || got == 0
+		} else {
+			over++
+		}
+		fixes = append(fixes, fix{int64(i), got, want})
+	}
+	switch {
+	case rebuild && mode != drivers.RepairAll:
+		return 0, 0, fmt.Errorf("the refcount structure needs a rebuild, which only -r all does: %w", drivers.ErrCorrupt)
+	case rebuild:
+		note("Rebuilding refcount structure")
+		if err := rc.rebuildLocked(co, read, img.snaps); err != nil {
+			return 0, 0, err
+		}
+		leaks, corruptions = over, under
+	default:
+		for _, f := range fixes {
+			if f.got < f.want && mode != drivers.RepairAll {
+				continue
+			}
+			note(fmt.Sprintf("Repairing cluster %d refcount=%d reference=%d", f.cluster, f.got, f.want))
+			if err := rc.updateLocked(co, f.cluster<<img.clusterBits, img.clusterSize, int64(f.want)-int64(f.got)); err != nil {
+				return leaks, corruptions, fmt.Errorf("cluster %d: %w", f.cluster, err)
+			}
+			if f.got < f.want {
+				corruptions++
+			} else {
+				leaks++
+			}
+		}
+	}
+	if mode == drivers.RepairAll {
+		n, err := img.fixCopiedLocked(co, rc, read, note)
+		corruptions += n
+		if err != nil {
+			return leaks, corruptions, err
+		}
+	}
+	if err := rc.flushLocked(co); err != nil {
+		return leaks, corruptions, err
+	}
+	return leaks, corruptions, img.file.FdatasyncCo(co)
+}
+
+// fixCopiedLocked sets the COPIED flag of every active L1 and L2 entry
+// whose cluster has refcount 1 and clears it elsewhere (QEMU's
+// check_oflag_copied with BDRV_FIX_ERRORS). The L2 cache is written back
+// and emptied first, then the tables are patched on disk. It returns the
+// entries fixed.
+func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off int64, p []byte) error, note func(string)) (int, error) {
+	img.mu.AssertHeld(co)
+	if err := img.l2.Write(co); err != nil {
+		return 0, err
+	}
+	if err := img.l2.Invalidate(); err != nil {
+		return 0, err
+	}
+	cs := img.clusterSize
+	fixed := 0
+	l1Changed := false
+	tb := make([]byte, cs)
+	for i, l1e := range img.l1 {
+		l2Off := int64(l1e & l1eOffsetMask)
+		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
+			continue
+		}
+		if r, err := rc.getLocked(co, l2Off>>img.clusterBits); err == nil && (r == 1) != (l1e&oflagCopied != 0) {
+			note(fmt.Sprintf("Repairing OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, l1e, r))
+			img.l1[i] = l1e ^ oflagCopied
+			l1Changed = true
+			fixed++
+		}
+		if err := read(l2Off, tb); err != nil {
+			return fixed, err
+		}
+		changed := false
+		for j := int64(0); j < cs; j += img.l2EntryBytes {
+			e := binary.BigEndian.Uint64(tb[j:])
+			host := int64(e & l2eOffsetMask)
+			if e&oflagCompressed != 0 || img.extData || host == 0 || host&(cs-1) != 0 {
+				continue
+			}
+			r, err := rc.getLocked(co, host>>img.clusterBits)
+			if err != nil || (r == 1) == (e&oflagCopied != 0) {
+				continue
+			}
+			note(fmt.Sprintf("Repairing OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", e, r))
+			binary.BigEndian.PutUint64(tb[j:], e^oflagCopied)
+			changed = true
+			fixed++
+		}
+		if changed {
+			if err := img.file.PwriteCo(co, tb, l2Off); err != nil {
+				return fixed, err
+			}
+		}
+	}
+	if l1Changed {
+		buf := make([]byte, len(img.l1)*8)
+		for i, e := range img.l1 {
+			binary.BigEndian.PutUint64(buf[i*8:], e)
+		}
+		if err := img.file.PwriteCo(co, buf, int64(img.h.L1Offset)); err != nil {
+			return fixed, err
+		}
+	}
+	return fixed, nil
+}

@@ -1,0 +1,170 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// benchWorkloads are the rows bench/run must report, in order: the fio
+// workloads, then the ext4 tree copy and read-back.
+var benchWorkloads = []string{
+	"qcow2 seq read 1 MiB QD8",
+	"qcow2 rand read 4k QD1",
+	"qcow2 rand read 4k QD32",
+	"qcow2 rand write 4k QD32 (allocated)",
+	"fresh qcow2 seq write 1 MiB QD8",
+	"fresh qcow2 rand write 4k QD32",
+	"zstd qcow2 seq read 1 MiB QD8",
+	"raw rand read 4k QD1",
+	"raw rand read 4k QD32",
+	"raw seq read 1 MiB QD8",
+	"raw rand write 4k QD32",
+	"ext4: cp -a",
+	"ext4: read every file back",
+}
+
+// TestBenchSmoke runs `bench/run --smoke` so that the benchmark script
+// never rots: every workload must have a positive throughput for every
+// target, every daemon metric must be a number, the table must parse, and
+// nothing may stay mounted. It only proves the script works; the numbers
+// of a smoke run mean nothing. It is deliberately not parallel: the
+// script's fio runs would slow the other end-to-end tests down.
+func TestBenchSmoke(t *testing.T) {
+	requireE2E(t, "go", "fio", "jq", "qemu-storage-daemon", "fusermount3", "mkfs.ext4", "fsck.ext4", "losetup")
+	out := filepath.Join(t.TempDir(), "table.md")
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "../bench/run", "--smoke", "--out", out)
+	cmd.WaitDelay = 10 * time.Second
+	output, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("bench/run --smoke did not finish in 8 minutes:\n%s", output)
+	}
+	if err != nil {
+		t.Fatalf("bench/run --smoke: %v\n%s", err, output)
+	}
+	checkNoPanic(t, string(output))
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatalf("--out file: %v\n%s", err, output)
+	}
+	checkBenchTable(t, string(b))
+	if strings.Contains(string(b), "FAILURES") {
+		t.Errorf("the table lists failures:\n%s", b)
+	}
+	if left := benchLeftovers(t); len(left) > 0 {
+		t.Errorf("bench/run left mounts behind: %v", left)
+	}
+	if t.Failed() {
+		t.Logf("bench/run output:\n%s", output)
+	}
+}
+
+// checkBenchTable parses the markdown table of bench/run: a header naming
+// the targets between "metric" and the ratio columns; per workload a line
+// with its throughput (IOPS, MiB/s or seconds) for every target, positive,
+// then metric lines whose daemon cells are numbers and whose file cell is
+// empty ("—").
+func checkBenchTable(t *testing.T, table string) {
+	t.Helper()
+	var lines [][]string
+	s := bufio.NewScanner(strings.NewReader(table))
+	for s.Scan() {
+		l := strings.TrimSpace(s.Text())
+		if !strings.HasPrefix(l, "|") {
+			continue
+		}
+		cells := strings.Split(strings.Trim(l, "|"), "|")
+		for i := range cells {
+			cells[i] = strings.TrimSpace(cells[i])
+		}
+		lines = append(lines, cells)
+	}
+	if len(lines) < 3 {
+		t.Fatalf("no markdown table in the output:\n%s", table)
+	}
+	hdr := lines[0]
+	n := len(hdr)
+	if n < 6 || hdr[0] != "workload" || hdr[1] != "metric" || hdr[n-2] != "imgfuse/best QSD" || hdr[n-1] != "imgfuse/file" {
+		t.Fatalf("unexpected header %q", hdr)
+	}
+	targets := hdr[2 : n-2]
+	if targets[0] != "imgfuse" || targets[len(targets)-1] != "file" || !strings.HasPrefix(targets[1], "QSD ") {
+		t.Fatalf("targets %q: want imgfuse, QSD x.y..., file", targets)
+	}
+	number := func(cell string) (float64, bool) {
+		v, err := strconv.ParseFloat(cell, 64)
+		return v, err == nil
+	}
+	var workloads []string
+	for _, cells := range lines[2:] {
+		if len(cells) != n {
+			t.Errorf("row %q has %d cells, the header %d", cells, len(cells), n)
+			continue
+		}
+		if cells[0] != "" {
+			// A workload's throughput line.
+			workloads = append(workloads, cells[0])
+			if u := cells[1]; u != "IOPS" && u != "MiB/s" && u != "s" {
+				t.Errorf("%s: unit %q", cells[0], u)
+			}
+			for i, tg := range targets {
+				if v, ok := number(cells[2+i]); !ok || v <= 0 {
+					t.Errorf("%s on %s: %q, want a positive number", cells[0], tg, cells[2+i])
+				}
+			}
+			for _, r := range cells[n-2:] {
+				if v, ok := number(r); !ok || v <= 0 {
+					t.Errorf("%s: ratio %q, want a positive number", cells[0], r)
+				}
+			}
+			continue
+		}
+		// A daemon metric line: CPU, context switches, RSS.
+		for i, tg := range targets {
+			c := cells[2+i]
+			if tg == "file" {
+				if c != "—" {
+					t.Errorf("%s of the file target: %q, want —", cells[1], c)
+				}
+				continue
+			}
+			if v, ok := number(c); !ok || v < 0 {
+				t.Errorf("%s on %s: %q, want a number", cells[1], tg, c)
+			}
+		}
+	}
+	if len(workloads) != len(benchWorkloads) {
+		t.Fatalf("workloads %q, want %q", workloads, benchWorkloads)
+	}
+	for i, w := range workloads {
+		if !strings.HasPrefix(w, benchWorkloads[i]) {
+			t.Errorf("workload %d is %q, want %q", i, w, benchWorkloads[i])
+		}
+	}
+}
+
+// benchLeftovers lists mountpoints of bench/run's work directories.
+func benchLeftovers(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	prefix := filepath.Join(os.TempDir(), "imgfuse-bench.")
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && strings.HasPrefix(unescapeMount(f[4]), prefix) {
+			left = append(left, unescapeMount(f[4]))
+		}
+	}
+	return left
+}

@@ -1,0 +1,390 @@
+package tests
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"imgfuse/drivers/driverstest"
+)
+
+// The scripting interface: `imgfuse info|map|check --output=json` against
+// qemu-img's, on a matrix of images qemu-img and qemu-io build. What
+// qemu-img prints, imgfuse must print with the same values; imgfuse may add
+// keys of its own (under "imgfuse").
+
+// compatImage is one image of the matrix: build makes it in dir and returns
+// the path to give both tools.
+type compatImage struct {
+	name  string
+	chain bool // compare info --backing-chain
+	build func(t *testing.T, dir string) string
+}
+
+func qi(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	driverstest.Cmd(t, "qemu-img", args...)
+}
+
+func qio(t *testing.T, img string, cmds ...string) {
+	t.Helper()
+	var args []string
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	driverstest.Cmd(t, "qemu-io", append(args, img)...)
+}
+
+// qcowWithData creates a 32 MiB qcow2 image with opts and writes data,
+// zeros and (if the format allows) a compressed cluster into it.
+func qcowWithData(t *testing.T, dir, name, opts string) string {
+	img := filepath.Join(dir, name)
+	args := []string{"create", "-q", "-f", "qcow2"}
+	if opts != "" {
+		args = append(args, "-o", opts)
+	}
+	qi(t, dir, append(args, img, "32M")...)
+	qio(t, img, "write -P 0x11 0 192k", "write -z 1M 128k", "write -P 0x22 4M 4k")
+	return img
+}
+
+var compatMatrix = []compatImage{
+	{"plain", false, func(t *testing.T, dir string) string { return qcowWithData(t, dir, "plain.qcow2", "") }},
+	{"compressed-zlib", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "zlib.qcow2", "")
+		qio(t, img, "write -c -P 0x33 8M 64k")
+		return img
+	}},
+	{"zstd", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "zstd.qcow2", "compression_type=zstd")
+		qio(t, img, "write -c -P 0x33 8M 64k", "write -c -P 0x34 8256k 64k")
+		return img
+	}},
+	{"extended-l2", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "ext.qcow2", "extended_l2=on,cluster_size=64k")
+		qio(t, img, "write -P 0x44 10M 2k", "write -P 0x45 10280k 4k", "write -z 12M 8k")
+		return img
+	}},
+	{"extended-l2-over-backing", true, func(t *testing.T, dir string) string {
+		base := qcowWithData(t, dir, "xbase.qcow2", "")
+		top := filepath.Join(dir, "xtop.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", base, "-F", "qcow2", top)
+		qio(t, top, "write -P 0x46 64k 2k", "write -z 4M 2k")
+		return top
+	}},
+	{"compat-0.10", false, func(t *testing.T, dir string) string {
+		img := filepath.Join(dir, "v2.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", img, "32M")
+		qio(t, img, "write -P 0x11 0 128k", "write -z 1M 64k")
+		return img
+	}},
+	{"lazy-refcounts", false, func(t *testing.T, dir string) string {
+		return qcowWithData(t, dir, "lazy.qcow2", "lazy_refcounts=on,refcount_bits=8,cluster_size=4k")
+	}},
+	{"data-file", false, func(t *testing.T, dir string) string {
+		return qcowWithData(t, dir, "df.qcow2", "data_file="+filepath.Join(dir, "df.data")+",data_file_raw=on")
+	}},
+	{"snapshot", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "snap.qcow2", "")
+		qi(t, dir, "snapshot", "-c", "first", img)
+		qio(t, img, "write -P 0x55 0 64k")
+		qi(t, dir, "snapshot", "-c", "second", img)
+		return img
+	}},
+	{"bitmaps", false, func(t *testing.T, dir string) string {
+		img := qcowWithData(t, dir, "bitmaps.qcow2", "")
+		qi(t, dir, "bitmap", "--add", img, "b0")
+		qi(t, dir, "bitmap", "--add", "-g", "128k", "--disable", img, "second")
+		return img
+	}},
+	{"overlay-chain", true, func(t *testing.T, dir string) string {
+		base := filepath.Join(dir, "base.raw")
+		qi(t, dir, "create", "-q", "-f", "raw", base, "16M")
+		qio(t, base, "write -P 0x66 0 1M")
+		mid := filepath.Join(dir, "mid.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid, "32M")
+		qio(t, mid, "write -P 0x77 512k 128k", "write -z 2M 64k")
+		top := filepath.Join(dir, "top.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+		qio(t, top, "write -P 0x88 576k 4k")
+		return top
+	}},
+	{"missing-backing", false, func(t *testing.T, dir string) string {
+		img := filepath.Join(dir, "orphan.qcow2")
+		qi(t, dir, "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", img, "32M")
+		return img
+	}},
+	{"raw-with-holes", false, func(t *testing.T, dir string) string {
+		img := filepath.Join(dir, "holes.raw")
+		qi(t, dir, "create", "-q", "-f", "raw", img, "32M")
+		qio(t, img, "write -P 0x99 1M 64k", "write -P 0x9a 20M 1M")
+		return img
+	}},
+}
+
+// decodeJSON decodes out into a generic value, failing t if it is not JSON.
+func decodeJSON(t *testing.T, what string, out []byte) any {
+	t.Helper()
+	var v any
+	if err := json.Unmarshal(out, &v); err != nil {
+		t.Fatalf("%s: not JSON: %v\n%s", what, err, out)
+	}
+	return v
+}
+
+// sameShared fails t where ours lacks a key of qemu's, or has a different
+// value for it, recursively through objects and arrays (arrays must have
+// the same length). Keys only ours has are allowed.
+func sameShared(t *testing.T, path string, ours, qemu any) {
+	t.Helper()
+	switch q := qemu.(type) {
+	case map[string]any:
+		o, ok := ours.(map[string]any)
+		if !ok {
+			t.Errorf("%s: imgfuse has %v, qemu-img an object %v", path, ours, q)
+			return
+		}
+		for k, qv := range q {
+			ov, ok := o[k]
+			if !ok {
+				t.Errorf("%s.%s: missing from imgfuse's output (qemu-img: %v)", path, k, qv)
+				continue
+			}
+			sameShared(t, path+"."+k, ov, qv)
+		}
+	case []any:
+		o, ok := ours.([]any)
+		if !ok || len(o) != len(q) {
+			t.Errorf("%s: imgfuse has %v, qemu-img %v", path, ours, q)
+			return
+		}
+		for i := range q {
+			sameShared(t, path+"["+string(rune('0'+i%10))+"]", o[i], q[i])
+		}
+	default:
+		if !reflect.DeepEqual(ours, qemu) {
+			t.Errorf("%s: imgfuse %v, qemu-img %v", path, ours, qemu)
+		}
+	}
+}
+
+func TestQemuCompatInfoMapCheck(t *testing.T) {
+	requireE2E(t)
+	for _, c := range compatMatrix {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			img := c.build(t, dir)
+
+			infoArgs := []string{"info", "--output=json"}
+			if c.chain {
+				infoArgs = append(infoArgs, "--backing-chain")
+			}
+			want := driverstest.Cmd(t, "qemu-img", append(append(infoArgs, "-U"), img)...)
+			r := imgfuse(t, nil, append(infoArgs, img)...)
+			if r.code != 0 {
+				t.Fatalf("imgfuse info: %v", r)
+			}
+			sameShared(t, "info", decodeJSON(t, "imgfuse info", []byte(r.stdout)), decodeJSON(t, "qemu-img info", want))
+
+			if c.name != "missing-backing" { // qemu-img map needs the chain
+				want = driverstest.Cmd(t, "qemu-img", "map", "--output=json", "-U", img)
+				r = imgfuse(t, nil, "map", "--output=json", img)
+				if r.code != 0 || r.stdout != string(want) {
+					t.Errorf("map differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", r.code, r.stdout, r.stderr, want)
+				}
+				if c.chain {
+					// A window that starts and ends inside runs.
+					win := []string{"--start-offset=100000", "--max-length=3000000"}
+					want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
+					r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
+					if r.code != 0 || r.stdout != string(want) {
+						t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+					}
+				}
+			}
+
+			if filepath.Ext(img) == ".raw" {
+				code, _ := exitCode(t, "qemu-img", "check", img)
+				if r := imgfuse(t, nil, "check", img); r.code != code {
+					t.Errorf("check of a raw image: exit %d, qemu-img check: %d\n%v", r.code, code, r)
+				}
+				return
+			}
+			if c.name == "missing-backing" {
+				// qemu-img check cannot open it; imgfuse's needs no
+				// backing file.
+				if r := imgfuse(t, nil, "check", img); r.code != 0 {
+					t.Errorf("check: %v", r)
+				}
+				return
+			}
+			compareCheck(t, img, 0)
+		})
+	}
+}
+
+// compareCheck runs both checkers on img, expects exit code want from both
+// and the same JSON for the keys qemu-img prints (filename aside).
+func compareCheck(t *testing.T, img string, want int) {
+	t.Helper()
+	qcode, qout := exitCode(t, "qemu-img", "check", "--output=json", "-U", img)
+	r := imgfuse(t, nil, "check", "--output=json", img)
+	if qcode != want || r.code != want {
+		t.Fatalf("check exit codes: imgfuse %d, qemu-img %d, want %d\nimgfuse: %v\nqemu-img: %s", r.code, qcode, want, r, qout)
+	}
+	// qemu-img prints its JSON on stdout and messages on stderr; exitCode
+	// combined them, so take the JSON object alone.
+	qjson := qout[indexByte(qout, '{'):]
+	q := decodeJSON(t, "qemu-img check", []byte(qjson)).(map[string]any)
+	delete(q, "filename")
+	sameShared(t, "check", decodeJSON(t, "imgfuse check", []byte(r.stdout)), q)
+}
+
+func indexByte(s string, b byte) int {
+	for i := 0; i < len(s); i++ {
+		if s[i] == b {
+			return i
+		}
+	}
+	return 0
+}
+
+// setRefcount sets the 16-bit refcount of host cluster c of a qcow2 image
+// with one refcount block (the images here are small).
+func setRefcount(t *testing.T, img string, c int64, v uint16) {
+	t.Helper()
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var b [8]byte
+	if _, err := f.ReadAt(b[:], 48); err != nil {
+		t.Fatal(err)
+	}
+	reftable := int64(binary.BigEndian.Uint64(b[:]))
+	if _, err := f.ReadAt(b[:], reftable); err != nil {
+		t.Fatal(err)
+	}
+	block := int64(binary.BigEndian.Uint64(b[:]))
+	binary.BigEndian.PutUint16(b[:2], v)
+	if _, err := f.WriteAt(b[:2], block+2*c); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestQemuCompatCheckRepair damages copies of a qemu-img-made image the way
+// crashes and bugs do, compares the verdicts and counts with qemu-img
+// check's, repairs with imgfuse check -r, and has qemu-img check the
+// result.
+func TestQemuCompatCheckRepair(t *testing.T) {
+	requireE2E(t)
+	// 64 KiB clusters: header 0, reftable 1, refblock 2, L1 3, L2 4, data
+	// from 5 on.
+	cases := []struct {
+		name    string
+		cluster int64
+		value   uint16
+		code    int    // of both checkers before the repair
+		repair  string // -r value that makes the image clean
+	}{
+		{"leak", 0, 2, 3, "leaks"},
+		{"leaked-free-cluster", 40, 1, 3, "leaks"}, // past the end of the file's clusters in use
+		{"corruption", 6, 0, 2, "all"},
+		{"shared-data-cluster", 5, 2, 2, "all"}, // a leak, and COPIED set with refcount 2
+		{"l2-refcount-zero", 4, 0, 2, "all"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			img := filepath.Join(dir, "img.qcow2")
+			qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
+			qio(t, img, "write -P 0x11 0 256k")
+			if tc.cluster == 40 {
+				// Give the file room so the cluster is inside it.
+				if err := os.Truncate(img, 41<<16); err != nil {
+					t.Fatal(err)
+				}
+			}
+			setRefcount(t, img, tc.cluster, tc.value)
+			compareCheck(t, img, tc.code)
+
+			// Each repair on its own copies, by both tools: same exit
+			// code, same counts fixed.
+			for _, mode := range []string{"leaks", "all"} {
+				ours, theirs := filepath.Join(dir, "ours-"+mode), filepath.Join(dir, "theirs-"+mode)
+				driverstest.Cmd(t, "cp", img, ours)
+				driverstest.Cmd(t, "cp", img, theirs)
+				qcode, qout := exitCode(t, "qemu-img", "check", "--output=json", "-r", mode, theirs)
+				r := imgfuse(t, nil, "check", "--output=json", "-r", mode, ours)
+				if r.code != qcode {
+					t.Errorf("check -r %s: exit %d, qemu-img %d\nimgfuse: %v\nqemu-img: %s", mode, r.code, qcode, r, qout)
+					continue
+				}
+				if qcode == 1 {
+					// The check failed (a rebuild -r leaks may not do):
+					// no result to compare.
+					if r.stdout != "" {
+						t.Errorf("check -r %s failed but printed %q", mode, r.stdout)
+					}
+					continue
+				}
+				q := decodeJSON(t, "qemu-img check -r", []byte(qout[indexByte(qout, '{'):])).(map[string]any)
+				delete(q, "filename")
+				sameShared(t, "check -r "+mode, decodeJSON(t, "imgfuse check -r", []byte(r.stdout)), q)
+				if mode == tc.repair {
+					if r.code != 0 {
+						t.Errorf("check -r %s leaves the image unclean: %v", mode, r)
+					}
+					requireClean(t, ours)
+				}
+			}
+		})
+	}
+}
+
+// TestCheckProgressOnlyOnTerminal: check shows a progress bar for a large
+// image on a terminal (script(1) provides one) and none otherwise.
+func TestCheckProgressOnlyOnTerminal(t *testing.T) {
+	requireE2E(t, "script")
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "big.qcow2")
+	qi(t, "", "create", "-q", "-f", "qcow2", img, "8G")
+	qio(t, img, "write 0 1M", "write 7G 1M")
+	out := driverstest.Cmd(t, "script", "-qec", imgfuseBin+" check "+img, "/dev/null")
+	if !strings.Contains(string(out), "checking") || !strings.Contains(string(out), "No errors were found") {
+		t.Errorf("on a terminal: no progress bar or no verdict:\n%q", out)
+	}
+	r := imgfuse(t, nil, "check", img)
+	if r.code != 0 || strings.Contains(r.stdout+r.stderr, "checking") {
+		t.Errorf("without a terminal: %v", r)
+	}
+}
+
+// TestCheckRepairClearsCorruptBit: like qemu-img check -r, a repair that
+// leaves no corruption clears the corrupt bit of an image marked corrupt
+// (which otherwise mounts read-only only).
+func TestCheckRepairClearsCorruptBit(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "marked.qcow2")
+	qi(t, "", "create", "-q", "-f", "qcow2", img, "32M")
+	qio(t, img, "write -P 0x11 0 128k")
+	setByte(t, img, 72+7, 0x02) // incompatible bit 1: corrupt
+	compareCheck(t, img, 0)
+	if r := imgfuse(t, nil, "check", "-r", "leaks", img); r.code != 0 {
+		t.Fatalf("check -r leaks: %v", r)
+	}
+	info := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", img)).(map[string]any)
+	data := info["format-specific"].(map[string]any)["data"].(map[string]any)
+	if data["corrupt"] != false {
+		t.Errorf("corrupt bit still set after check -r: %v", data)
+	}
+	requireClean(t, img)
+}
