@@ -185,7 +185,7 @@ func (o *mountOptions) validate() error {
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.image)
 	if err != nil {
-		return err // "open IMAGE: no such file or directory"
+		return openError(err) // "IMAGE: is a FIFO, not a regular file or block device"
 	}
 	head.Close()
 	f, err := os.Open(o.image)
