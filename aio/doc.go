@@ -8,6 +8,17 @@
 // to a caller that hands it to the kernel without doing I/O on it (FUSE
 // passthrough registers the image file as a backing file).
 //
+// # What Open accepts
+//
+// Only regular files and block devices. Anything else named as an image or
+// backing file (a FIFO, a character device such as /dev/zero, a directory,
+// a socket, a symlink to one) is refused with a *NotImageError by kind. The
+// check must not block: a plain open of a FIFO waits for a writer for ever,
+// before any daemon exists. Files are opened with O_NONBLOCK, checked with
+// fstat on the descriptor (a stat of the path first could be raced), and
+// then switched back to blocking I/O (filetype.go). OpenHead does the same
+// for callers that read a file's head to probe its format.
+//
 // # Engines
 //
 // Open tries O_DIRECT first and keeps it when the file can really do direct

@@ -68,6 +68,10 @@ type File struct {
 // through the page cache (tmpfs, ramfs), a probe read that fails, or no AIO
 // context available. Engine reports which was chosen and why.
 //
+// Only regular files and block devices are opened: anything else (a FIFO,
+// a character device, a directory, a socket, or a symlink to one) is
+// refused with a *NotImageError, without blocking (see openImageFD).
+//
 // Unless opts.NoLock is set, Open then takes QEMU's image locks, so that a
 // QEMU process and imgfuse cannot both write the file; a conflict is a
 // *LockError.
@@ -93,7 +97,8 @@ func openFile(path string, opts Options) (*File, error) {
 	f := &File{name: path, readOnly: opts.ReadOnly, align: 1, memAlign: 1}
 	why := "Options.NoDirectIO"
 	if !opts.NoDirectIO {
-		fd, err := openRetry(path, acc|unix.O_CLOEXEC|unix.O_DIRECT)
+		fd, err := openImageFD(path, acc|unix.O_CLOEXEC|unix.O_DIRECT)
+		var pe *os.PathError
 		switch {
 		case err == nil:
 			reason, ok := f.setupDirect(fd)
@@ -107,15 +112,15 @@ func openFile(path string, opts Options) (*File, error) {
 			unix.Close(fd)
 			f.fd = 0
 			why = reason
-		case err == unix.EINVAL || err == unix.EOPNOTSUPP:
+		case errors.As(err, &pe) && pe.Op == "open" && (pe.Err == unix.EINVAL || pe.Err == unix.EOPNOTSUPP):
 			why = "O_DIRECT refused by the filesystem"
 		default:
-			return nil, &os.PathError{Op: "open", Path: path, Err: err}
+			return nil, err
 		}
 	}
-	fd, err := openRetry(path, acc|unix.O_CLOEXEC)
+	fd, err := openImageFD(path, acc|unix.O_CLOEXEC)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, err
 	}
 	f.fd = fd
 	f.engDesc = "pread/pwrite (" + why + ")"

@@ -82,6 +82,15 @@ type OpenOptions struct {
 	// Formats is the list of formats available for probing backing files.
 	// Assembled above the drivers (see cmd/imgfuse) to avoid import cycles.
 	Formats []Format
+	// Probed is set by Open when the format was probed rather than named.
+	// A writable raw image opened so refuses writes that would make its
+	// first ProbeSize bytes probe as another of Formats (a guest could
+	// otherwise turn the file into a qcow2 image whose backing file is
+	// any host file, read by the next probing open: CVE-2008-2004).
+	Probed bool
+	// Logf, if set, receives notices meant for the daemon's log (at most
+	// one per kind of event per open image).
+	Logf func(format string, args ...any)
 	// Snapshot selects an internal snapshot (by id or name) to expose
 	// read-only instead of the active disk. Empty means the active disk.
 	Snapshot string

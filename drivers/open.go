@@ -4,18 +4,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 
 	"imgfuse/aio"
 )
 
 // Open opens the image at path as format name, or probes its format when
-// name is "" or "auto". It must not be called from a coroutine.
+// name is "" or "auto" (and then sets opts.Probed for the format's Open).
+// It must not be called from a coroutine.
 func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	var f Format
 	var err error
 	if name == "" || name == "auto" {
 		f, err = ProbeFile(opts.Formats, path)
+		opts.Probed = true
 	} else {
 		f, err = Lookup(opts.Formats, name)
 	}
@@ -33,9 +34,11 @@ func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	return d, f, nil
 }
 
-// ProbeFile reads the first ProbeSize bytes of path and probes them.
+// ProbeFile reads the first ProbeSize bytes of path and probes them. A path
+// that is not a regular file or a block device is refused, without
+// blocking, by aio.OpenHead.
 func ProbeFile(formats []Format, path string) (Format, error) {
-	file, err := os.Open(path)
+	file, err := aio.OpenHead(path)
 	if err != nil {
 		return nil, err
 	}

@@ -37,7 +37,20 @@
 //     punch-hole over backing data; --read-only never writes a byte.
 //   - crash_test.go: kill -9 of the daemon mid-workload, many times: check
 //     never reports corruption (lazy refcounts: the next mount repairs),
-//     fsynced data survives.
+//     fsynced data survives. IMGFUSE_CRASH_ROUNDS sets the number of kills
+//     (make crash: 300, printing "N passed, N failed").
+//   - hostile_test.go: crafted images through `info` and a read-only mount:
+//     a one-line refusal, or EIO for the damaged range only; bounded daemon
+//     RSS; no file written. special_files_test.go: FIFOs, devices,
+//     directories, sockets as image or backing file fail at once.
+//     probe_guard_test.go: a probed raw image refuses a qcow2 header in its
+//     first sector (CVE-2008-2004); --format raw allows it.
+//   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
+//     (qemu-img check clean, fsynced data intact); EIO from the storage
+//     under the image confined to its range.
+//   - soak_test.go: fio and an ext4 file workload on -race daemons for
+//     IMGFUSE_SOAK_SECONDS (30): no race, no deadlock, no RSS or thread
+//     growth.
 //   - fs_rw_test.go: mkfs.ext4, loop read-write, copy, fstrim (space really
 //     freed), check clean, remount, every file's checksum.
 //   - grow_test.go: truncate grows, shrink refused, ENOSPC past the end,

@@ -45,7 +45,15 @@
 // an image (qcow2 with the corrupt bit) fails a writable open; the error
 // then says whether a read-only open works. --growable and
 // --lazy-refcounts go to drivers.OpenOptions (and --growable to
-// fusefs.Options); with a read-only mount they are usage errors.
+// fusefs.Options); with a read-only mount they are usage errors. Without
+// --format (or with auto) serve probes the format and sets
+// drivers.OpenOptions.Probed, so a raw image refuses writes that would
+// make it probe as qcow2 next time; the driver's one notice about it goes
+// to the daemon log through OpenOptions.Logf.
+//
+// The image path is checked with aio.OpenHead before anything else: a
+// FIFO, device, directory or socket fails at once with its kind instead of
+// blocking the open (a FIFO) or mounting an endless disk (/dev/zero).
 //
 // State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, one JSON
 // file per mount named by the SHA-256 of the canonical mountpoint, holding

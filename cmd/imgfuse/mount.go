@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/fusefs"
@@ -180,6 +181,13 @@ func (o *mountOptions) checkWriteFlags() error {
 // validate checks, in the calling process, what can be checked before
 // starting a daemon, so that common mistakes fail fast with a clear message.
 func (o *mountOptions) validate() error {
+	// OpenHead refuses, without blocking, what cannot be an image: a
+	// FIFO would block the plain open below for ever.
+	head, err := aio.OpenHead(o.image)
+	if err != nil {
+		return openError(err) // "IMAGE: is a FIFO, not a regular file or block device"
+	}
+	head.Close()
 	f, err := os.Open(o.image)
 	if err != nil {
 		return openError(err) // "open IMAGE: no such file or directory"
@@ -292,6 +300,10 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 		ForceShare:    o.forceShare,
 		Growable:      o.growable && !ro,
 		LazyRefcounts: o.lazyRefcnt && !ro,
+		// The format was probed just above: a probed raw image guards
+		// its first sector (drivers.OpenOptions.Probed).
+		Probed: o.format == "" || o.format == "auto",
+		Logf:   logger.Printf,
 	}
 	if o.cacheSize != "" {
 		if opts.CacheSize, err = parseSize(o.cacheSize); err != nil {

@@ -38,6 +38,9 @@ type Driver struct {
 	path     string
 	readOnly bool
 	growable bool
+	// guard refuses writes that would make the first sector of a probed
+	// image probe as another format (probeguard.go); nil if not needed.
+	guard *headGuard
 
 	// resizeMu serialises every change of the size (Truncate, and writes
 	// that reach past the end of a growable disk) so that two of them
@@ -74,7 +77,7 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		f.Close()
 		return nil, fmt.Errorf("raw: %w", err)
 	}
-	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable}
+	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable, guard: newHeadGuard(opts)}
 	d.size.Store(size)
 	return d, nil
 }
@@ -122,11 +125,25 @@ func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
 // WriteAt writes p at off. A write reaching past the end of the disk grows
 // the disk to its end if the image was opened Growable (the gap, if any,
 // reads as zeros); otherwise it fails with ErrNoSpace before anything is
-// written.
+// written. On an image opened with a probed format, a write that would make
+// the first sector probe as another format fails with EPERM (probeguard.go).
 func (d *Driver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
+	if d.guard.touchesHead(off, int64(len(p))) {
+		var n int
+		err := d.guardedHead(co, p, off, int64(len(p)), func() (err error) {
+			n, err = d.writeAt(co, p, off)
+			return err
+		})
+		return n, err
+	}
+	return d.writeAt(co, p, off)
+}
+
+// writeAt is WriteAt on a writable image, past the probe guard.
+func (d *Driver) writeAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	n := int64(len(p))
 	if size := d.Size(); !inRange(off, n, size) {
 		if !d.growable || off < 0 || off > math.MaxInt64-n {
@@ -201,6 +218,14 @@ func (d *Driver) zeroRange(co *coroutine.Co, off, n int64, mode uint32) error {
 	if n == 0 {
 		return nil
 	}
+	if d.guard.touchesHead(off, n) {
+		return d.guardedHead(co, nil, off, n, func() error { return d.zeroRangeAt(co, off, n, mode) })
+	}
+	return d.zeroRangeAt(co, off, n, mode)
+}
+
+// zeroRangeAt is zeroRange on a checked, non-empty range.
+func (d *Driver) zeroRangeAt(co *coroutine.Co, off, n int64, mode uint32) error {
 	err := d.f.FallocateCo(co, mode, off, n)
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		return d.writeZeroes(co, off, n)

@@ -1,0 +1,447 @@
+package qcow2
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+	"imgfuse/drivers/driverstest"
+	"imgfuse/drivers/raw"
+)
+
+// hostileBase is the image every hostile case starts from: 4 MiB, 64 KiB
+// clusters, data 0x11 in [0, 1M), a compressed cluster of 0x22 at 2M, a
+// zero cluster at 3M. Its layout, from qemu-img: header, reftable,
+// refblock, L1, L2, data.
+type hostileBase struct {
+	b        []byte
+	l1, rt   int64
+	l2       int64 // the one L2 table
+	cEntry   int64 // file offset of the compressed cluster's L2 entry
+	want     []byte
+	fileSize int64
+}
+
+const hostileCluster = 65536
+
+func buildHostileBase(t *testing.T) hostileBase {
+	t.Helper()
+	driverstest.RequireTools(t, "qemu-img", "qemu-io")
+	p := filepath.Join(t.TempDir(), "base.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "4M")
+	driverstest.QemuIO(t, p, "write -P 0x11 0 1M", "write -c -P 0x22 2M 64k", "write -z 3M 64k")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb := hostileBase{b: b, fileSize: int64(len(b))}
+	hb.l1 = int64(binary.BigEndian.Uint64(b[40:]))
+	hb.rt = int64(binary.BigEndian.Uint64(b[48:]))
+	hb.l2 = int64(binary.BigEndian.Uint64(b[hb.l1:]) & l2eOffsetMask)
+	hb.cEntry = hb.l2 + 32*8
+	if binary.BigEndian.Uint64(b[hb.cEntry:])&oflagCompressed == 0 {
+		t.Fatal("base image: cluster at 2M is not compressed")
+	}
+	hb.want = make([]byte, 4<<20)
+	copy(hb.want, bytes.Repeat([]byte{0x11}, 1<<20))
+	copy(hb.want[2<<20:], bytes.Repeat([]byte{0x22}, 64<<10))
+	return hb
+}
+
+// put64 and put32 write big-endian fields into a copy-on-write image.
+func put64(b []byte, off int64, v uint64) { binary.BigEndian.PutUint64(b[off:], v) }
+func put32(b []byte, off int64, v uint32) { binary.BigEndian.PutUint32(b[off:], v) }
+
+// compressedAt appends stream to b at a cluster boundary and points the
+// compressed cluster's L2 entry at it, claiming sectors 512-byte sectors.
+func compressedAt(b []byte, hb hostileBase, stream []byte, sectors uint64) []byte {
+	off := (int64(len(b)) + hostileCluster - 1) &^ (hostileCluster - 1)
+	b = append(b, make([]byte, off-int64(len(b)))...)
+	b = append(b, stream...)
+	x := uint64(62 - (16 - 8))
+	put64(b, hb.cEntry, oflagCompressed|(sectors-1)<<x|uint64(off))
+	return b
+}
+
+// bomb returns a deflate or zstd stream that decodes to 4 MiB of zeros
+// (64 clusters from at most one); the zstd frame declares the largest
+// window zstd allows. Made with klauspost/compress/zstd
+// (WithWindowSize(MaxWindowSize)) and compress/flate (BestCompression),
+// kept as files because making them under -race takes seconds.
+func bomb(t *testing.T, zstdFmt bool) []byte {
+	t.Helper()
+	name := "deflate-bomb.bin"
+	if zstdFmt {
+		name = "zstd-bomb.bin"
+	}
+	b, err := os.ReadFile(filepath.Join("testdata", "hostile", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// hostileCase is one hostile image: a mutation of the base image (or a
+// chain of files), and what a reader must do with it.
+type hostileCase struct {
+	name string
+	// mutate returns the image bytes; dir is where it lives (for backing
+	// files).
+	mutate func(t *testing.T, hb hostileBase, dir string) []byte
+	// openFails: the open must be refused with an error matching msg.
+	openFails bool
+	msg       string
+	// bad is the guest range [bad[0], bad[1]) whose reads may fail with
+	// ErrCorrupt (and must not return other bytes than the base image);
+	// outside it every read returns the base image's bytes.
+	bad [2]int64
+}
+
+func hostileCases() []hostileCase {
+	all := [2]int64{0, 4 << 20}
+	comp := [2]int64{2 << 20, 2<<20 + 64<<10}
+	return []hostileCase{
+		{name: "L1 past EOF", openFails: true, msg: "past the end",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put64(hb.b, 40, 1<<30); return hb.b }},
+		{name: "L1 at the header", bad: all,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put64(hb.b, 40, 0); return hb.b }},
+		{name: "L1 size absurd", openFails: true, msg: "too large",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put32(hb.b, 36, 0x7fffffff); return hb.b }},
+		{name: "L1 size past EOF", openFails: true, msg: "L1",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put32(hb.b, 36, 1<<20); return hb.b }},
+		{name: "L2 table past EOF", bad: all,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, hb.l1, oflagCopied|1<<40)
+				return hb.b
+			}},
+		{name: "L2 table at the header", bad: all,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put64(hb.b, hb.l1, oflagCopied); return hb.b }},
+		{name: "L2 table is the L1 table", bad: all,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, hb.l1, oflagCopied|uint64(hb.l1))
+				return hb.b
+			}},
+		{name: "data cluster past EOF", bad: [2]int64{0, 64 << 10},
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, hb.l2, oflagCopied|1<<40)
+				return hb.b
+			}},
+		{name: "refcount table overlaps L1", bad: all,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put64(hb.b, 48, uint64(hb.l1)); return hb.b }},
+		{name: "refcount table size absurd", openFails: true, msg: "too large|refcount",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put32(hb.b, 56, 0xffffffff); return hb.b }},
+		{name: "snapshot count absurd", openFails: true, msg: "snapshot",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put32(hb.b, 60, 0xffffffff)
+				put64(hb.b, 64, hostileCluster)
+				return hb.b
+			}},
+		// QEMU reads the table's bytes past EOF as zeros and lists
+		// empty snapshots; so does imgfuse. The active disk is intact.
+		{name: "snapshot table past EOF",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put32(hb.b, 60, 1000)
+				put64(hb.b, 64, 1<<40)
+				return hb.b
+			}},
+		{name: "extension length absurd", openFails: true, msg: "extension",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				hl := int64(binary.BigEndian.Uint32(hb.b[100:]))
+				put32(hb.b, hl+4, 0xfffffff0)
+				return hb.b
+			}},
+		{name: "backing name length absurd", openFails: true, msg: "backing",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, 8, 0x1000)
+				put32(hb.b, 16, 0xffffffff)
+				return hb.b
+			}},
+		{name: "backing name past EOF", openFails: true, msg: "backing",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, 8, 1<<40)
+				put32(hb.b, 16, 100)
+				return hb.b
+			}},
+		{name: "cluster_bits 8", openFails: true, msg: "cluster",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put32(hb.b, 20, 8); return hb.b }},
+		{name: "cluster_bits 63", openFails: true, msg: "cluster",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put32(hb.b, 20, 63); return hb.b }},
+		{name: "virtual size 2^63", openFails: true, msg: "size|L1",
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte { put64(hb.b, 24, 1<<63); return hb.b }},
+		{name: "compressed size two clusters", bad: comp,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				x := uint64(62 - (16 - 8))
+				e := binary.BigEndian.Uint64(hb.b[hb.cEntry:])
+				put64(hb.b, hb.cEntry, e|(1<<(16-8)-1)<<x)
+				return hb.b
+			}},
+		{name: "compressed stream past EOF", bad: comp,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				put64(hb.b, hb.cEntry, oflagCompressed|1<<40)
+				return hb.b
+			}},
+		{name: "compressed garbage", bad: comp,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				return compressedAt(hb.b, hb, bytes.Repeat([]byte{0xff, 0x13}, 4096), 16)
+			}},
+		{name: "deflate bomb", bad: comp,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				s := bomb(t, false)
+				s = s[:min(len(s), 2*hostileCluster)]
+				return compressedAt(hb.b, hb, s, uint64(len(s)+511)/512)
+			}},
+		{name: "zstd bomb", bad: comp,
+			mutate: func(t *testing.T, hb hostileBase, _ string) []byte {
+				b := hb.b
+				b[104] = compressionZstd
+				binary.BigEndian.PutUint64(b[72:], binary.BigEndian.Uint64(b[72:])|incompatCompression)
+				s := bomb(t, true)
+				s = s[:min(len(s), 2*hostileCluster)]
+				return compressedAt(b, hb, s, uint64(len(s)+511)/512)
+			}},
+		{name: "backing loop to itself", openFails: true, msg: "loop",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				return withBacking(t, hb, "img.qcow2", "qcow2")
+			}},
+		{name: "backing loop of two", openFails: true, msg: "loop",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				other := withBacking(t, hostileBase{b: bytes.Clone(hb.b)}, "img.qcow2", "qcow2")
+				if err := os.WriteFile(filepath.Join(dir, "other.qcow2"), other, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return withBacking(t, hb, "other.qcow2", "qcow2")
+			}},
+		{name: "backing chain too deep", openFails: true, msg: "deeper",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				// Empty layers: the chain's length is the point.
+				lp := filepath.Join(dir, "empty.qcow2")
+				driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", lp, "4M")
+				base, err := os.ReadFile(lp)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range maxChainDepth + 1 {
+					l := withBacking(t, hostileBase{b: bytes.Clone(base)}, layerName(i+1), "qcow2")
+					if err := os.WriteFile(filepath.Join(dir, layerName(i)), l, 0o644); err != nil {
+						t.Fatal(err)
+					}
+				}
+				return withBacking(t, hb, layerName(0), "qcow2")
+			}},
+		{name: "backing FIFO", openFails: true, msg: "FIFO",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				if err := unix.Mkfifo(filepath.Join(dir, "fifo"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return withBacking(t, hb, "fifo", "")
+			}},
+		{name: "backing /dev/zero", openFails: true, msg: "character device",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				return withBacking(t, hb, "/dev/zero", "raw")
+			}},
+		{name: "backing directory", openFails: true, msg: "directory",
+			mutate: func(t *testing.T, hb hostileBase, dir string) []byte {
+				return withBacking(t, hb, ".", "qcow2")
+			}},
+	}
+}
+
+func layerName(i int) string {
+	return "layer" + string(rune('a'+i/26)) + string(rune('a'+i%26)) + ".qcow2"
+}
+
+// withBacking sets the backing file name (and format, if not "") of the
+// base image: the name goes at 0x1000 (free space in cluster 0 after the
+// extensions), the format replaces the extensions.
+func withBacking(t *testing.T, hb hostileBase, name, format string) []byte {
+	t.Helper()
+	b := hb.b
+	hl := int64(binary.BigEndian.Uint32(b[100:]))
+	ext := b[hl:hl]
+	if format != "" {
+		ext = binary.BigEndian.AppendUint32(ext, extBackingFmt)
+		ext = binary.BigEndian.AppendUint32(ext, uint32(len(format)))
+		ext = append(ext, format...)
+		ext = append(ext, make([]byte, (8-len(format)%8)%8)...)
+	}
+	ext = append(ext, make([]byte, 8)...) // end of extensions
+	clear(b[hl+int64(len(ext)) : 0x1000])
+	copy(b[0x1000:], name)
+	put64(b, 8, 0x1000)
+	put32(b, 16, uint32(len(name)))
+	return b
+}
+
+// fileState is what a read-only open must leave untouched.
+type fileState struct {
+	sum   [32]byte
+	mtime time.Time
+}
+
+func snapshotFiles(t *testing.T, dir string) map[string]fileState {
+	t.Helper()
+	out := map[string]fileState{}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := os.Stat(p)
+		out[e.Name()] = fileState{sha256.Sum256(b), fi.ModTime()}
+	}
+	return out
+}
+
+// TestHostileImages opens each hostile image read-only, reads the whole
+// disk and walks its block status: the open fails with a one-line error
+// wrapping a sentinel and naming the problem, or reads outside the damaged
+// range return the base image's bytes and reads inside it return them or
+// fail with ErrCorrupt; nothing panics or hangs; the Go heap grows by less
+// than 64 MiB for any case; no file is written.
+//
+// Not parallel: the heap bound is measured with runtime.ReadMemStats.
+func TestHostileImages(t *testing.T) {
+	hb0 := buildHostileBase(t)
+	formats := []drivers.Format{Format{}, raw.Format{}}
+	for _, c := range hostileCases() {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			hb := hb0
+			hb.b = bytes.Clone(hb0.b)
+			img := filepath.Join(dir, "img.qcow2")
+			if err := os.WriteFile(img, c.mutate(t, hb, dir), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			before := snapshotFiles(t, dir)
+			time.Sleep(10 * time.Millisecond) // an mtime change would show
+
+			runtime.GC()
+			var m0, m1, mOpen runtime.MemStats
+			runtime.ReadMemStats(&m0)
+			done := make(chan struct{})
+			var openErr error
+			var readErrs, wrong []string
+			go func() {
+				defer close(done)
+				d, _, err := drivers.Open(img, "auto", drivers.OpenOptions{ReadOnly: true, Formats: formats})
+				if err != nil {
+					openErr = err
+					return
+				}
+				defer d.Close()
+				defer func() {
+					runtime.GC()
+					runtime.ReadMemStats(&mOpen)
+				}()
+				const chunk = 64 << 10
+				buf := make([]byte, chunk)
+				coroutine.Run(func(co *coroutine.Co) {
+					for off := int64(0); off < d.Size(); off += chunk {
+						inBad := off < c.bad[1] && off+chunk > c.bad[0]
+						if _, err := d.ReadAt(co, buf, off); err != nil {
+							if !inBad || !errors.Is(err, drivers.ErrCorrupt) {
+								readErrs = append(readErrs, err.Error())
+							}
+							continue
+						}
+						if !bytes.Equal(buf, hb.want[off:off+chunk]) && !inBad {
+							wrong = append(wrong, "wrong bytes at "+itoa(off))
+						}
+					}
+					for off, steps := int64(0), 0; off < d.Size() && steps < 1000; steps++ {
+						ext, err := d.BlockStatus(co, off)
+						if err != nil {
+							break
+						}
+						off += ext.Len
+					}
+				})
+			}()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				t.Fatal("open and read did not finish in 20 s")
+			}
+			runtime.ReadMemStats(&m1)
+			// The live heap with the image open, after its reads; a
+			// refused open is measured once it has returned, which
+			// also bounds what it held (the Go heap then shows the
+			// peak in TotalAlloc only: bounded too, loosely).
+			live := int64(mOpen.HeapAlloc) - int64(m0.HeapAlloc)
+			if openErr != nil {
+				live = int64(m1.HeapAlloc) - int64(m0.HeapAlloc)
+			}
+			if live > 64<<20 {
+				t.Errorf("the open image holds %d MiB of heap", live>>20)
+			}
+			if churn := m1.TotalAlloc - m0.TotalAlloc; churn > 256<<20 {
+				t.Errorf("open and read allocated %d MiB in all", churn>>20)
+			}
+			switch {
+			case c.openFails && openErr == nil:
+				t.Errorf("open succeeded; want an error matching %q", c.msg)
+			case openErr != nil && !c.openFails && c.bad == [2]int64{}:
+				t.Errorf("open failed: %v", openErr)
+			case openErr != nil:
+				msg := openErr.Error()
+				if !errors.Is(openErr, drivers.ErrCorrupt) && !errors.Is(openErr, drivers.ErrUnsupported) &&
+					!strings.Contains(msg, "not a regular file") {
+					t.Errorf("open error wraps no sentinel: %v", openErr)
+				}
+				if strings.Contains(msg, "\n") || (c.msg != "" && !matchAny(msg, c.msg)) {
+					t.Errorf("open error %q: want one line matching %q", msg, c.msg)
+				}
+			}
+			for _, e := range append(readErrs, wrong...) {
+				t.Error(e)
+			}
+			if after := snapshotFiles(t, dir); !equalStates(before, after) {
+				t.Error("a read-only open changed a file")
+			}
+			t.Logf("open: %v; live heap %d KiB, allocated %d KiB", openErr, live>>10, (m1.TotalAlloc-m0.TotalAlloc)>>10)
+		})
+	}
+}
+
+func matchAny(s, alts string) bool {
+	for _, a := range strings.Split(alts, "|") {
+		if strings.Contains(strings.ToLower(s), strings.ToLower(a)) {
+			return true
+		}
+	}
+	return false
+}
+
+func equalStates(a, b map[string]fileState) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w.sum != v.sum || !w.mtime.Equal(v.mtime) {
+			return false
+		}
+	}
+	return true
+}
+
+func itoa(v int64) string { return "0x" + strconv.FormatInt(v, 16) }
