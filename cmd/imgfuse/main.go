@@ -103,7 +103,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.CompletionOptions.HiddenDefaultCmd = false
 	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
-		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newVersionCmd(stdout))
+		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout))
 	return root
 }
 

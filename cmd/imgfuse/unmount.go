@@ -57,12 +57,20 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 	}
 	dir := stateDir()
 	st, stErr := readState(dir, mp)
+	staleCleared := false
 	if stErr == nil && !daemonRunning(st.PID) {
-		// Left by a server that was killed: it cannot clean up.
-		os.Remove(statePath(dir, mp))
-		stErr = os.ErrNotExist
+		// Left by a server that was killed: it cannot clean up, so
+		// its state file and temporary overlay go here.
+		if ov := removeStaleState(dir, mp, st); ov != "" {
+			fmt.Fprintf(notes, "imgfuse: note: removed the temporary overlay %s of the dead server (pid %d)\n", ov, st.PID)
+		}
+		stErr, staleCleared = os.ErrNotExist, true
 	}
 	if !mounted {
+		if staleCleared {
+			fmt.Fprintf(notes, "imgfuse: note: %s is not mounted; removed the state its dead server (pid %d) left\n", mountpoint, st.PID)
+			return nil
+		}
 		return fmt.Errorf("%s is not mounted", mountpoint)
 	}
 	if !isImgfuseMount(e) {
