@@ -71,6 +71,9 @@ For scripts, qemu-img's habits work: 'imgfuse info|check|map --output=json'
 print what qemu-img prints, -f FORMAT and -U are accepted, and
 'imgfuse create' makes qcow2 and raw images as 'qemu-img create' does.
 
+'imgfuse mount --overlay' sends writes to a temporary overlay, deleted on
+unmount, and leaves the image unchanged; 'imgfuse status' lists the mounts.
+
 No image at hand? 'imgfuse demo' mounts a small sample.
 
 ` + exitCodesHelp

@@ -20,7 +20,10 @@ closed the image (up to --timeout). If the flush or close failed, say so
 and exit 8: data written through the mount may be missing from the image.
 
 A dead mount (its server was killed; every access fails with "Transport
-endpoint is not connected") is detached lazily, with a note.
+endpoint is not connected") is detached lazily, with a note; the state
+its server left is removed, with its temporary --overlay file. If the
+mount is already gone but such state remains, unmount removes it and
+exits 0.
 
 The unmount fails while the disk is in use, typically by a loop device:
 umount the filesystem on it and 'losetup -d' the device first.`
