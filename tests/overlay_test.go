@@ -117,9 +117,15 @@ func TestOverlay(t *testing.T) {
 		// and a read-only imgfuse mount, read it; a writer is refused.
 		driverstest.Cmd(t, "qemu-img", "info", base)
 		qemuWriteFails(t, "qcow2", base)
+		baseRef := driverstest.ConvertRef(t, base, "", t.TempDir())
 		rmp, rdisk := mount(t, base, false, "--read-only")
-		compareFiles(t, rdisk, driverstest.ConvertRef(t, base, "", t.TempDir()))
+		compareFiles(t, rdisk, baseRef)
 		unmount(t, rmp)
+		// So does a second overlay, which sees the image, not the first
+		// overlay's writes.
+		omp, odisk := mount(t, base, false, "--overlay")
+		compareFiles(t, odisk, baseRef)
+		unmount(t, omp)
 
 		unmount(t, mp)
 		frozen.check(t)
@@ -208,6 +214,52 @@ func TestOverlay(t *testing.T) {
 			t.Errorf("overlay %s still there after unmounting the dead mount: %v", ov, err)
 		}
 		frozen.check(t)
+	})
+
+	t.Run("sigterm", func(t *testing.T) {
+		t.Parallel()
+		base, _ := overlayBase(t)
+		mp, disk := mount(t, base, false, "--overlay")
+		ov := overlayPath(t, mp)
+		model := driverstest.ConvertRef(t, base, "", t.TempDir())
+		writeThrough(t, disk, model, 4)
+		pid := daemonPID(t, mp)
+		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if !waitFor(20*time.Second, func() bool { return !alive(pid) && !mounted(t, mp) }) {
+			t.Fatalf("daemon %d still serving %s 20s after SIGTERM", pid, mp)
+		}
+		if _, err := os.Stat(ov); !os.IsNotExist(err) {
+			t.Errorf("overlay %s still there after SIGTERM: %v", ov, err)
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		t.Parallel()
+		// While QEMU writes the image, an overlay over it would read a
+		// moving base: the mount is refused for the lock (exit 4) and
+		// leaves no overlay behind.
+		base, _ := overlayBase(t)
+		tmp := t.TempDir()
+		cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 20000", base)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { cmd.Process.Kill(); cmd.Wait() }()
+		if !waitFor(5*time.Second, func() bool {
+			out, err := exec.Command("qemu-img", "info", base).CombinedOutput()
+			return err != nil && lockMsg.Match(out)
+		}) {
+			t.Fatal("qemu-io never took its locks")
+		}
+		r := imgfuse(t, []string{"TMPDIR=" + tmp}, "mount", "--overlay", base, newMountpoint(t, false))
+		if r.code != 4 || !strings.Contains(r.stderr, base) || strings.Contains(r.stderr, "force-share") {
+			t.Errorf("--overlay over an image QEMU writes: %v, want exit 4 naming the image, without suggesting --force-share", r)
+		}
+		if ents, _ := os.ReadDir(tmp); len(ents) != 0 {
+			t.Errorf("the refused mount left %v in $TMPDIR", ents)
+		}
 	})
 
 	t.Run("fio", func(t *testing.T) {

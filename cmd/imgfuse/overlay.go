@@ -100,7 +100,11 @@ func openOverlay(o *mountOptions, format string, opts drivers.OpenOptions) (driv
 	bopts.ReadOnly, bopts.Growable, bopts.LazyRefcounts = true, false, false
 	base, _, err := drivers.Open(o.image, format, bopts)
 	if err != nil {
-		return nil, "", openError(describeOpenError(o.image, err))
+		// --force-share cannot help: the overlay needs an image that
+		// nobody changes under it.
+		msg := strings.Replace(describeOpenError(o.image, err).Error(), forceShareHint,
+			" (--overlay needs an image no other process writes)", 1)
+		return nil, "", openError(fmt.Errorf("%s%w", msg, sentinelOf(err)))
 	}
 	defer base.Close()
 	absImage := o.absImage
