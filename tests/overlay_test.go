@@ -247,7 +247,8 @@ func TestOverlay(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() { cmd.Process.Kill(); cmd.Wait() }()
-		if !waitFor(5*time.Second, func() bool {
+		// Generous: on a loaded machine qemu-io takes a while to start.
+		if !waitFor(30*time.Second, func() bool {
 			out, err := exec.Command("qemu-img", "info", base).CombinedOutput()
 			return err != nil && lockMsg.Match(out)
 		}) {
