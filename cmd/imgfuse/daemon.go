@@ -88,6 +88,21 @@ func childArgs(o *mountOptions) []string {
 	if o.debug {
 		args = append(args, "--debug")
 	}
+	if o.cacheSize != "" {
+		args = append(args, "--cache-size", o.cacheSize)
+	}
+	if o.overlay {
+		args = append(args, "--overlay")
+	}
+	if o.overlayKeep != "" {
+		args = append(args, "--overlay-keep", o.overlayKeep)
+	}
+	if o.pidFile != "" {
+		args = append(args, "--pidfile", o.pidFile)
+	}
+	for _, p := range o.removeOnExit {
+		args = append(args, "--remove-on-exit", p)
+	}
 	return append(args, "--", o.absImage, o.absMountpoint)
 }
 
@@ -250,7 +265,16 @@ type daemonState struct {
 	ReadOnly   bool   `json:"read-only"`
 	// Passthrough is "on" when the kernel serves the disk's reads itself
 	// (FUSE passthrough), else "off: " and why.
-	Passthrough string    `json:"passthrough,omitempty"`
+	Passthrough string `json:"passthrough,omitempty"`
+	// Overlay is the qcow2 overlay that takes the writes (--overlay,
+	// --overlay-keep); OverlayTemporary says it is removed on exit, so a
+	// stale state file's overlay is removed with it.
+	Overlay          string `json:"overlay,omitempty"`
+	OverlayTemporary bool   `json:"overlay-temporary,omitempty"`
+	// ServingMode is how the FUSE server reads requests (fusefs
+	// Server.Mode); PIDFile the --pidfile.
+	ServingMode string    `json:"serving-mode,omitempty"`
+	PIDFile     string    `json:"pidfile,omitempty"`
 	Started     time.Time `json:"started"`
 	// CloseError is set by a server whose final flush or close failed,
 	// just before it exits; 'imgfuse unmount' reports it.

@@ -2,11 +2,15 @@ package main
 
 import (
 	"embed"
+	"errors"
 	"fmt"
 	"io"
 	"log"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -33,7 +37,11 @@ func newDemoCmd(stdout io.Writer) *cobra.Command {
 overlay.qcow2 on top of it with compressed and zero clusters) to DIR, mount
 the overlay read-only on DIR/mnt, and print what to try next.
 
-DIR defaults to a new directory under $XDG_RUNTIME_DIR, or /tmp.`,
+DIR defaults to a new directory under $XDG_RUNTIME_DIR, or /tmp. The demo
+never replaces a file: it refuses a DIR that already holds backing.qcow2,
+overlay.qcow2, or an mnt that is not an empty directory. Unmounting
+removes everything the demo created (the sample files, mnt and DIR itself
+if the demo made them).`,
 		Args: exactArgs(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runDemo(dir, foreground, stdout, cmd.ErrOrStderr())
@@ -45,6 +53,15 @@ DIR defaults to a new directory under $XDG_RUNTIME_DIR, or /tmp.`,
 }
 
 func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
+	// Everything the demo creates, removed in this order (files, then
+	// the directories that held them) when the server exits, or at once
+	// if the mount fails: nothing of the demo outlives its mount.
+	var created []string
+	cleanup := func() {
+		for _, p := range created {
+			os.Remove(p)
+		}
+	}
 	var err error
 	if dir == "" {
 		base := os.Getenv("XDG_RUNTIME_DIR")
@@ -54,31 +71,55 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 		if dir, err = os.MkdirTemp(base, "imgfuse-demo-"); err != nil {
 			return fmt.Errorf("demo: %w", err)
 		}
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("demo: %w", err)
-	}
-	mnt := filepath.Join(dir, "mnt")
-	// Never rewrite images under a live mount of a previous demo.
-	if mp, err := canonicalPath(mnt); err == nil {
-		if _, mounted, _ := findMount(mp); mounted {
-			return fmt.Errorf("demo: %s is already mounted; run 'imgfuse unmount %s' first", mnt, mnt)
+		created = append(created, dir)
+	} else {
+		if dir, err = filepath.Abs(dir); err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
+		if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return fmt.Errorf("demo: %w", err)
+			}
+			created = append(created, dir)
 		}
 	}
-	if err := writeSample(dir); err != nil {
+	mnt := filepath.Join(dir, "mnt")
+	// Never rewrite images under a live mount of a previous demo, nor a
+	// user's files.
+	if mp, err := canonicalPath(mnt); err == nil {
+		if _, mounted, _ := findMount(mp); mounted {
+			cleanup()
+			return fmt.Errorf("demo: %s is already mounted; run '%s unmount %s' first", mnt, demoCommand(), shellQuote(mnt))
+		}
+	}
+	if err := checkDemoDir(dir); err != nil {
+		cleanup()
 		return fmt.Errorf("demo: %w", err)
 	}
-	if err := os.MkdirAll(mnt, 0o755); err != nil {
+	if _, err := os.Stat(mnt); errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			cleanup()
+			return fmt.Errorf("demo: %w", err)
+		}
+		created = append([]string{mnt}, created...)
+	}
+	files, err := writeSample(dir)
+	created = append(files, created...)
+	if err != nil {
+		cleanup()
 		return fmt.Errorf("demo: %w", err)
 	}
 
 	o := &mountOptions{
-		image:      filepath.Join(dir, "overlay.qcow2"),
-		mountpoint: mnt,
-		format:     "auto",
-		readOnly:   true,
-		foreground: foreground,
+		image:        filepath.Join(dir, "overlay.qcow2"),
+		mountpoint:   mnt,
+		format:       "auto",
+		readOnly:     true,
+		foreground:   foreground,
+		removeOnExit: created,
 	}
 	if err := o.validate(); err != nil {
+		cleanup()
 		return err
 	}
 	if foreground {
@@ -88,38 +129,152 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 		})
 	}
 	if err := startDaemon(o); err != nil {
+		cleanup()
 		return err
 	}
 	printDemoNext(stdout, dir, false)
 	return nil
 }
 
-// writeSample writes the embedded images into dir.
-func writeSample(dir string) error {
+// checkDemoDir refuses a directory where the demo would overwrite a file
+// or mount over something: the sample files must not exist, and mnt must
+// be missing or an empty directory.
+func checkDemoDir(dir string) error {
 	for _, name := range sampleFiles {
-		b, err := sampleFS.ReadFile("sample/" + name)
-		if err != nil {
-			return err
+		p := filepath.Join(dir, name)
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("%s exists; refusing to overwrite it (choose another --dir, or remove it)", p)
 		}
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
-			return err
-		}
+	}
+	mnt := filepath.Join(dir, "mnt")
+	fi, err := os.Lstat(mnt)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		return fmt.Errorf("%s exists and is not a directory; refusing to mount over it", mnt)
+	}
+	ents, err := os.ReadDir(mnt)
+	if err != nil {
+		return err
+	}
+	if len(ents) > 0 {
+		return fmt.Errorf("%s is not empty; refusing to mount over it", mnt)
 	}
 	return nil
 }
 
+// writeSample writes the embedded images into dir, never replacing a file,
+// and returns the paths it wrote (last first, for removal).
+func writeSample(dir string) ([]string, error) {
+	var written []string
+	for _, name := range sampleFiles {
+		b, err := sampleFS.ReadFile("sample/" + name)
+		if err != nil {
+			return written, err
+		}
+		p := filepath.Join(dir, name)
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return written, err
+		}
+		written = append([]string{p}, written...)
+		_, err = f.Write(b)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return written, err
+		}
+	}
+	return written, nil
+}
+
 func printDemoNext(w io.Writer, dir string, foreground bool) {
 	mnt := filepath.Join(dir, "mnt")
+	self := demoCommand()
+	overlay := shellQuote(filepath.Join(dir, "overlay.qcow2"))
 	fmt.Fprintf(w, `Mounted %s (qcow2: compressed and zero clusters, backing file backing.qcow2)
 read-only on %s. The disk holds an ext4 filesystem. Next:
 
   mkdir -p /mnt/x && mount -o loop,ro %s /mnt/x    # as root
   cat /mnt/x/README.txt /mnt/x/layer.txt
-  imgfuse info %s
-  umount /mnt/x && imgfuse unmount %s
-`, filepath.Join(dir, "overlay.qcow2"), mnt, filepath.Join(mnt, "disk"),
-		filepath.Join(dir, "overlay.qcow2"), mnt)
+  %s info %s
+  umount /mnt/x && %s unmount %s
+`, overlay, shellQuote(mnt), shellQuote(filepath.Join(mnt, "disk")), self, overlay, self, shellQuote(mnt))
 	if foreground {
 		fmt.Fprintf(w, "\nServing in the foreground: Ctrl-C (after umount /mnt/x) stops it.\n")
+	} else {
+		fmt.Fprintf(w, "\nUnmounting removes the sample files (and %s, if the demo created it).\n", shellQuote(dir))
 	}
+}
+
+// demoCommand is how the user can run imgfuse again, for the commands the
+// demo prints: "imgfuse" when that is this binary on $PATH; under `go run`
+// (whose binary is deleted when it exits) "go run ./cmd/imgfuse" from the
+// module's directory; otherwise this binary's absolute path.
+func demoCommand() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "imgfuse"
+	}
+	wd, _ := os.Getwd()
+	onPath, _ := exec.LookPath("imgfuse")
+	return chooseDemoCommand(exe, wd, onPath, moduleRoot(wd))
+}
+
+// goRunBinary matches the binaries `go run` runs: a temporary one it
+// deletes on exit, or (Go 1.24 and later) one kept in the build cache,
+// which the cache may trim at any time.
+var goRunBinary = regexp.MustCompile(`/go-build[0-9]+/b[0-9]+/exe/[^/]+$|/[0-9a-f]{2}/[0-9a-f]{64}-d/[^/]+$`)
+
+// chooseDemoCommand is demoCommand's decision: exe is this binary, wd the
+// working directory, onPath what $PATH finds as "imgfuse" ("" for
+// nothing), root the imgfuse module directory around wd ("" if none).
+func chooseDemoCommand(exe, wd, onPath, root string) string {
+	if goRunBinary.MatchString(exe) {
+		switch {
+		case root == "":
+			return "imgfuse"
+		case root == wd:
+			return "go run ./cmd/imgfuse"
+		}
+		return "go run -C " + shellQuote(root) + " ./cmd/imgfuse"
+	}
+	if onPath != "" && sameFile(onPath, exe) {
+		return "imgfuse"
+	}
+	return shellQuote(exe)
+}
+
+func sameFile(a, b string) bool {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false
+	}
+	fb, err := os.Stat(b)
+	return err == nil && os.SameFile(fa, fb)
+}
+
+// moduleRoot returns the directory at or above dir whose go.mod declares
+// module imgfuse, or "".
+func moduleRoot(dir string) string {
+	for d := dir; d != "" && d != "/" && d != "."; d = filepath.Dir(d) {
+		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == "module" {
+				if f[1] == "imgfuse" {
+					return d
+				}
+				return ""
+			}
+		}
+		return ""
+	}
+	return ""
 }

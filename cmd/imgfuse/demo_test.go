@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"imgfuse/drivers"
@@ -24,7 +25,7 @@ func TestDemoSampleValid(t *testing.T) {
 		t.Errorf("embedded sample is %d bytes, over 1 MiB", total)
 	}
 	dir := t.TempDir()
-	if err := writeSample(dir); err != nil {
+	if _, err := writeSample(dir); err != nil {
 		t.Fatal(err)
 	}
 	overlay := filepath.Join(dir, "overlay.qcow2")
@@ -85,5 +86,76 @@ func TestDemoSampleValid(t *testing.T) {
 		if out, err := exec.Command("qemu-img", "check", overlay).CombinedOutput(); err != nil {
 			t.Errorf("qemu-img check: %v\n%s", err, out)
 		}
+	}
+}
+
+// TestDemoRefusesToOverwrite: demo --dir never replaces a user's file nor
+// mounts over a non-empty mnt; the refusal leaves the directory as it was.
+func TestDemoRefusesToOverwrite(t *testing.T) {
+	for _, tc := range []struct{ name, file, want string }{
+		{"overlay", "overlay.qcow2", "exists; refusing to overwrite"},
+		{"backing", "backing.qcow2", "exists; refusing to overwrite"},
+		{"mnt file", "mnt", "is not a directory"},
+		{"mnt not empty", "mnt/notes.txt", "is not empty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, tc.file)
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, []byte("mine"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			code, _, stderr := runCLI(t, "demo", "--dir", dir)
+			if code == exitOK || !strings.Contains(stderr, tc.want) {
+				t.Errorf("demo --dir over %s: exit %d, %q; want a refusal with %q", tc.file, code, stderr, tc.want)
+			}
+			if b, err := os.ReadFile(p); err != nil || string(b) != "mine" {
+				t.Errorf("%s after the refusal: %q, %v", tc.file, b, err)
+			}
+			var names []string
+			filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+				if p != dir {
+					names = append(names, strings.TrimPrefix(p, dir+"/"))
+				}
+				return nil
+			})
+			want := []string{tc.file}
+			if strings.Contains(tc.file, "/") {
+				want = []string{filepath.Dir(tc.file), tc.file}
+			}
+			if strings.Join(names, " ") != strings.Join(want, " ") {
+				t.Errorf("dir holds %v after the refusal, want %v", names, want)
+			}
+		})
+	}
+}
+
+func TestChooseDemoCommand(t *testing.T) {
+	const goRun = "/tmp/go-build123/b001/exe/imgfuse"
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ exe, wd, onPath, root, want string }{
+		{goRun, "/src/imgfuse", "", "/src/imgfuse", "go run ./cmd/imgfuse"},
+		{goRun, "/src/imgfuse/cmd", "", "/src/imgfuse", "go run -C /src/imgfuse ./cmd/imgfuse"},
+		{goRun, "/src/my dir/cmd", "", "/src/my dir", "go run -C '/src/my dir' ./cmd/imgfuse"},
+		{goRun, "/elsewhere", "", "", "imgfuse"},
+		{"/root/.cache/go-build/6f/6f55ddac18d6ee7d74907140cc209534ba6e72ab5a5a3c373e57992ba07785fd-d/imgfuse",
+			"/src/imgfuse", "", "/src/imgfuse", "go run ./cmd/imgfuse"},
+		{self, "/", self, "", "imgfuse"},
+		{self, "/", "", "", self},
+		{self, "/", "/bin/sh", "", self},
+		{"/opt/my tools/imgfuse", "/", "", "", "'/opt/my tools/imgfuse'"},
+	} {
+		if got := chooseDemoCommand(tc.exe, tc.wd, tc.onPath, tc.root); got != tc.want {
+			t.Errorf("chooseDemoCommand(%q, %q, %q, %q) = %q, want %q", tc.exe, tc.wd, tc.onPath, tc.root, got, tc.want)
+		}
+	}
+	wd, _ := os.Getwd()
+	if root := moduleRoot(wd); root == "" || filepath.Base(wd) != "imgfuse" || root != filepath.Dir(filepath.Dir(wd)) {
+		t.Errorf("moduleRoot(%s) = %q", wd, root)
 	}
 }

@@ -4,8 +4,8 @@
 // formats lives in the drivers (imgfuse/drivers/...), everything about FUSE
 // in imgfuse/fusefs; this package never interprets image bytes.
 //
-// Commands: mount, unmount, info, check, map, create, demo, version,
-// completion (see `imgfuse help`). info, check and map print qemu-img's
+// Commands: mount, unmount, status, info, check, map, create, demo,
+// version, completion (see `imgfuse help`). info, check and map print qemu-img's
 // JSON (--output=json) and take qemu-img's flags (-f, -U); check exits as
 // qemu-img check does.
 //
@@ -57,8 +57,23 @@
 //
 // State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, one JSON
 // file per mount named by the SHA-256 of the canonical mountpoint, holding
-// the server's pid. `unmount` uses it to wait until the image is closed,
-// checking /proc/PID/cmdline so that a recycled pid is not waited for.
+// the server's pid, image, format, access, passthrough state, serving mode,
+// overlay and pid file. `unmount` uses it to wait until the image is
+// closed, checking /proc/PID/cmdline so that a recycled pid is not waited
+// for; `status` lists them, checked against mountinfo and /proc/PID.
+//
+// Throw-away writes (overlay.go): --overlay opens the image read-only
+// (QEMU's read-only locks: consistent read held, write and resize refused
+// to others, the same as the backing chain of any qcow2 image and as a
+// read-only QEMU user, so other readers coexist), creates a qcow2 overlay
+// over it with qcow2.Create in $TMPDIR or /var/tmp (QEMU's choice for its
+// temporary overlays: disk-backed, writable by every user) and serves the
+// overlay writable. The server removes it on every way out; a SIGKILLed
+// server's overlay is named in its state file and removed by `unmount`
+// of the dead mount. --overlay-keep FILE keeps the overlay at FILE.
+//
+// --pidfile: written (temporary file + rename) after the mount answers and
+// before the parent is told so; removed on exit if it still holds our pid.
 //
 // Concurrency: the only goroutines are the FUSE server's (in fusefs) and,
 // in serve, one that turns srv.Wait into a channel; no state is shared

@@ -71,6 +71,9 @@ For scripts, qemu-img's habits work: 'imgfuse info|check|map --output=json'
 print what qemu-img prints, -f FORMAT and -U are accepted, and
 'imgfuse create' makes qcow2 and raw images as 'qemu-img create' does.
 
+'imgfuse mount --overlay' sends writes to a temporary overlay, deleted on
+unmount, and leaves the image unchanged; 'imgfuse status' lists the mounts.
+
 No image at hand? 'imgfuse demo' mounts a small sample.
 
 ` + exitCodesHelp
@@ -103,7 +106,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.CompletionOptions.HiddenDefaultCmd = false
 	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
-		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newVersionCmd(stdout))
+		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout))
 	return root
 }
 

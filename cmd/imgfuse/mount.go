@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -40,6 +41,19 @@ type mountOptions struct {
 	cacheSize  string
 	debug      bool
 	logFile    string
+
+	// overlay: serve a temporary qcow2 overlay over the image, removed
+	// on exit; overlayKeep: the overlay at this path, kept (absolute
+	// after validate).
+	overlay     bool
+	overlayKeep string
+	// pidFile receives the server's pid once the mount answers (absolute
+	// after validate).
+	pidFile string
+	// removeOnExit lists files and then (empty) directories the server
+	// removes once it has unmounted and closed the image: the demo's
+	// sample files. Not a user flag.
+	removeOnExit []string
 }
 
 const mountLong = `Mount IMAGE so that MOUNTPOINT exposes it as one regular file.
@@ -72,6 +86,16 @@ then it logs and keeps serving), and after any unmount flushes and closes
 the image and exits; 'imgfuse unmount' waits for that and fails if the
 flush did.
 
+--overlay sends every write to a temporary qcow2 overlay whose backing
+file is IMAGE (like qemu-nbd -s): IMAGE is opened read-only and stays
+byte-identical, other read-only users (qemu-img info, another
+imgfuse mount --read-only) can use it meanwhile, and the overlay (in
+$TMPDIR, else /var/tmp) is deleted when the server exits. --overlay-keep
+FILE creates the overlay at FILE (which must not exist) and keeps it.
+
+--pidfile FILE: the server writes its pid to FILE once the mount answers
+and removes FILE when it exits.
+
 Exit status: 0 once the mount answers (with --foreground: after a clean
 unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4 if
 another process holds its lock, 5 if it uses an unsupported feature, 6 if it
@@ -87,7 +111,8 @@ func newMountCmd() *cobra.Command {
 		Example: `  imgfuse mount disk.qcow2 /mnt/img
   sudo mount -o loop /mnt/img/disk /mnt/root
   imgfuse mount --read-only disk.qcow2 /mnt/img
-  imgfuse mount --snapshot before-upgrade disk.qcow2 /mnt/img`,
+  imgfuse mount --snapshot before-upgrade disk.qcow2 /mnt/img
+  imgfuse mount --overlay --pidfile /run/img.pid base.qcow2 /mnt/img   # writes thrown away`,
 		Args: exactArgs("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.image, o.mountpoint = args[0], args[1]
@@ -141,6 +166,11 @@ func newMountCmd() *cobra.Command {
 	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
+	f.BoolVar(&o.overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
+	f.StringVar(&o.overlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
+	f.StringVar(&o.pidFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
+	f.StringArrayVar(&o.removeOnExit, "remove-on-exit", nil, "internal: paths the server removes after unmounting")
+	_ = f.MarkHidden("remove-on-exit")
 	return cmd
 }
 
@@ -160,6 +190,20 @@ func mountReadOnly(readOnlyFlag bool, snapshot string, forceShare bool) bool {
 // checkWriteFlags refuses write-path flags on a mount that cannot write:
 // silently ignoring them would hide a mistake in a script.
 func (o *mountOptions) checkWriteFlags() error {
+	if o.overlay || o.overlayKeep != "" {
+		flag := "--overlay"
+		if !o.overlay {
+			flag = "--overlay-keep"
+		}
+		switch {
+		case o.readOnly:
+			return usagef("%s makes a writable mount; it cannot be combined with --read-only", flag)
+		case o.snapshot != "":
+			return usagef("%s cannot be combined with --snapshot", flag)
+		case o.forceShare:
+			return usagef("%s cannot be combined with --force-share", flag)
+		}
+	}
 	if !o.growable && !o.lazyRefcnt {
 		return nil
 	}
@@ -217,7 +261,7 @@ func (o *mountOptions) validate() error {
 	if o.snapshot != "" && format == "raw" {
 		return fmt.Errorf("--snapshot: %s is a raw image, which has no snapshots", o.image)
 	}
-	if o.lazyRefcnt && format == "raw" {
+	if o.lazyRefcnt && format == "raw" && !o.overlayed() {
 		return fmt.Errorf("--lazy-refcounts: %s is a raw image, which has no refcounts", o.image)
 	}
 	if o.cacheSize != "" {
@@ -225,8 +269,31 @@ func (o *mountOptions) validate() error {
 			return usagef("--cache-size: %v", err)
 		}
 	}
+	if o.overlayKeep != "" {
+		if o.overlayKeep, err = filepath.Abs(o.overlayKeep); err != nil {
+			return err
+		}
+		if _, err := os.Lstat(o.overlayKeep); err == nil {
+			return usagef("--overlay-keep %s: the file exists; refusing to overwrite it", o.overlayKeep)
+		}
+		if fi, err := os.Stat(filepath.Dir(o.overlayKeep)); err != nil || !fi.IsDir() {
+			return usagef("--overlay-keep %s: no such directory %s", o.overlayKeep, filepath.Dir(o.overlayKeep))
+		}
+	}
+	if o.pidFile != "" {
+		if o.pidFile, err = filepath.Abs(o.pidFile); err != nil {
+			return err
+		}
+		if fi, err := os.Stat(filepath.Dir(o.pidFile)); err != nil || !fi.IsDir() {
+			return usagef("--pidfile %s: no such directory %s", o.pidFile, filepath.Dir(o.pidFile))
+		}
+	}
 	return nil
 }
+
+// overlayed reports whether writes go to an overlay (--overlay or
+// --overlay-keep).
+func (o *mountOptions) overlayed() bool { return o.overlay || o.overlayKeep != "" }
 
 // validateMountpoint checks that the mountpoint exists, can take a mount
 // and is not the image.
@@ -278,7 +345,7 @@ func resolveFormat(image, name string) (string, error) {
 // an external umount). It then flushes and closes the image. Errors before
 // ready are returned for the caller to report; later ones are logged and
 // also returned.
-func serve(o *mountOptions, logger *log.Logger, ready func()) error {
+func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 	// Catch signals before mounting so that none can kill us with the
 	// mount up and the image dirty.
 	// SIGHUP too: a --foreground server whose terminal goes away stops
@@ -286,6 +353,8 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+	// Whatever happens, the demo's files go once the image is closed.
+	defer removePaths(o.removeOnExit, logger)
 
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
@@ -310,9 +379,27 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 			return usagef("--cache-size: %v", err)
 		}
 	}
-	d, f, err := drivers.Open(o.image, format, opts)
-	if err != nil {
-		return openError(describeOpenError(o.image, explainWritableOpen(o.image, format, opts, err)))
+	var d drivers.Driver
+	overlay := ""
+	if o.overlayed() {
+		if d, overlay, err = openOverlay(o, format, opts); err != nil {
+			return err
+		}
+		logger.Printf("writes go to the overlay %s", overlay)
+		if o.overlayKeep == "" {
+			// Removed on every way out, after the close below.
+			defer func() {
+				if rerr := os.Remove(overlay); rerr != nil {
+					logger.Printf("remove overlay: %v", rerr)
+				}
+			}()
+		}
+	} else {
+		var f drivers.Format
+		if d, f, err = drivers.Open(o.image, format, opts); err != nil {
+			return openError(describeOpenError(o.image, explainWritableOpen(o.image, format, opts, err)))
+		}
+		format = f.Name()
 	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
@@ -335,6 +422,9 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	})
 	if err != nil {
 		d.Close()
+		if o.overlayKeep != "" {
+			os.Remove(overlay) // we created it a moment ago; it holds nothing
+		}
 		return mountFailed(err)
 	}
 	passthrough := passthroughState(srv, o.noPassthru)
@@ -347,12 +437,31 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) error {
 	}
 	state := daemonState{
 		PID: os.Getpid(), Image: absImage, Mountpoint: mp,
-		Format: f.Name(), ReadOnly: ro, Passthrough: passthrough,
+		Format: format, ReadOnly: ro, Passthrough: passthrough,
+		Overlay: overlay, OverlayTemporary: overlay != "" && o.overlayKeep == "",
+		ServingMode: srv.Mode, PIDFile: o.pidFile,
 		Started: time.Now().UTC(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
 		logger.Printf("warning: %v ('imgfuse unmount' will not wait for this process)", serr)
+	}
+	if o.pidFile != "" {
+		if perr := writePIDFile(o.pidFile, state.PID); perr != nil {
+			// A script waiting for the pid file would wait for ever:
+			// fail the mount instead.
+			_ = srv.Unmount()
+			srv.Wait()
+			_ = closeImage(d, o.image, logger)
+			if serr == nil {
+				os.Remove(statePath)
+			}
+			if o.overlayKeep != "" {
+				os.Remove(overlay)
+			}
+			return mountFailed(fmt.Errorf("--pidfile: %w", perr))
+		}
+		defer removePIDFile(o.pidFile, state.PID)
 	}
 	ready()
 
@@ -377,7 +486,11 @@ loop:
 		}
 	}
 
-	err = closeImage(d, o.image, logger)
+	closeName := o.image
+	if overlay != "" {
+		closeName = overlay
+	}
+	err = closeImage(d, closeName, logger)
 	if serr == nil {
 		// Leave the error where 'imgfuse unmount', waiting for us to
 		// exit, finds it; a clean close removes the state file.
@@ -393,8 +506,50 @@ loop:
 	if err != nil {
 		return err
 	}
-	logger.Printf("%s unmounted; %s flushed and closed", mp, o.image)
+	logger.Printf("%s unmounted; %s flushed and closed", mp, closeName)
 	return nil
+}
+
+// writePIDFile writes pid to path atomically: a temporary file in the same
+// directory, renamed over path, so a reader never sees a partial pid.
+func writePIDFile(path string, pid int) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(tmp, "%d\n", pid)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(tmp.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+	}
+	return err
+}
+
+// removePIDFile removes path if it still holds pid (another server may
+// have been started with the same --pidfile since).
+func removePIDFile(path string, pid int) {
+	b, err := os.ReadFile(path)
+	if err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(pid) {
+		os.Remove(path)
+	}
+}
+
+// removePaths removes each path in turn (files, then the directories that
+// held them, which must be empty by then); errors are logged.
+func removePaths(paths []string, logger *log.Logger) {
+	for _, p := range paths {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			logger.Printf("remove %s: %v", p, err)
+		}
+	}
 }
 
 // passthroughState says whether the mount is in FUSE passthrough mode, for

@@ -349,8 +349,9 @@ func TestDemoMountsSample(t *testing.T) {
 	if code != exitOK {
 		t.Fatalf("demo: exit %d: %s", code, stderr)
 	}
+	self := demoCommand()
 	for _, want := range []string{"mount -o loop,ro " + filepath.Join(mnt, "disk"),
-		"imgfuse info " + filepath.Join(dir, "overlay.qcow2"), "imgfuse unmount " + mnt} {
+		self + " info " + filepath.Join(dir, "overlay.qcow2"), self + " unmount " + mnt} {
 		if !strings.Contains(out, want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out)
 		}
@@ -381,6 +382,10 @@ func TestDemoMountsSample(t *testing.T) {
 	}
 	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
 	assertNotMounted(t, mnt)
+	// The daemon removed what the demo wrote; dir, which existed, stays.
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Errorf("demo dir after unmount: %v, %v; want it empty", ents, err)
+	}
 }
 
 // TestMountGrowable: --growable reaches the daemon (through its re-exec)

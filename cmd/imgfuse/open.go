@@ -66,10 +66,13 @@ func describeOpenError(image string, err error) error {
 		}
 	}
 	if errors.Is(err, drivers.ErrLocked) {
-		msg += " (to read it while another process writes it, use --force-share / -U)"
+		msg += forceShareHint
 	}
 	return fmt.Errorf("open %s: %s%w", image, msg, sentinelOf(err))
 }
+
+// forceShareHint ends the message of a lock conflict.
+const forceShareHint = " (to read it while another process writes it, use --force-share / -U)"
 
 // sentinelOf keeps err's sentinel matchable (for the exit code) after its
 // message was rewritten: it returns an error that prints as nothing and

@@ -20,7 +20,10 @@ closed the image (up to --timeout). If the flush or close failed, say so
 and exit 8: data written through the mount may be missing from the image.
 
 A dead mount (its server was killed; every access fails with "Transport
-endpoint is not connected") is detached lazily, with a note.
+endpoint is not connected") is detached lazily, with a note; the state
+its server left is removed, with its temporary --overlay file. If the
+mount is already gone but such state remains, unmount removes it and
+exits 0.
 
 The unmount fails while the disk is in use, typically by a loop device:
 umount the filesystem on it and 'losetup -d' the device first.`
@@ -57,12 +60,20 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 	}
 	dir := stateDir()
 	st, stErr := readState(dir, mp)
+	staleCleared := false
 	if stErr == nil && !daemonRunning(st.PID) {
-		// Left by a server that was killed: it cannot clean up.
-		os.Remove(statePath(dir, mp))
-		stErr = os.ErrNotExist
+		// Left by a server that was killed: it cannot clean up, so
+		// its state file and temporary overlay go here.
+		if ov := removeStaleState(dir, mp, st); ov != "" {
+			fmt.Fprintf(notes, "imgfuse: note: removed the temporary overlay %s of the dead server (pid %d)\n", ov, st.PID)
+		}
+		stErr, staleCleared = os.ErrNotExist, true
 	}
 	if !mounted {
+		if staleCleared {
+			fmt.Fprintf(notes, "imgfuse: note: %s is not mounted; removed the state its dead server (pid %d) left\n", mountpoint, st.PID)
+			return nil
+		}
 		return fmt.Errorf("%s is not mounted", mountpoint)
 	}
 	if !isImgfuseMount(e) {
