@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -320,4 +321,67 @@ func TestPartitionsSeekDataHole(t *testing.T) {
 	if n, err := unix.Pread(fd, b, 2*m); err != nil || n != len(b) || !bytes.Equal(b, bytes.Repeat([]byte{0xab}, len(b))) {
 		t.Errorf("pread at the data: %d, %v", n, err)
 	}
+}
+
+// TestPartitionsInfo: imgfuse info lists the partition table (of the disk
+// through its backing chain) as sfdisk lists it, in both outputs.
+func TestPartitionsInfo(t *testing.T) {
+	requireE2E(t, "sfdisk")
+	t.Parallel()
+	for _, layout := range []string{mbrLayout, gptLayout} {
+		dir := t.TempDir()
+		base := filepath.Join(dir, "base.raw")
+		driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "raw", base, "64M")
+		sfdisk(t, base, layout)
+		top := filepath.Join(dir, "top.qcow2")
+		driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+		want := sfdiskList(t, base)
+		r := imgfuse(t, nil, "info", "--output=json", top)
+		if r.code != 0 {
+			t.Fatalf("info: %v", r)
+		}
+		var v struct {
+			Imgfuse struct {
+				PT struct {
+					Table      string
+					Partitions []struct {
+						Number      int
+						File        string
+						Start, Size int64
+						Type        string
+					}
+				} `json:"partition-table"`
+			}
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &v); err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, p := range v.Imgfuse.PT.Partitions {
+			w, ok := want[p.File]
+			if !ok || w.Start*512 != p.Start || w.Size*512 != p.Size || p.File != fmt.Sprintf("part%d", p.Number) ||
+				!sameType(p.Type, w.Type) {
+				t.Errorf("info lists %+v; sfdisk %+v", p, w)
+			}
+			n++
+		}
+		if ext := strings.Contains(layout, "type=5"); n != len(want)-map[bool]int{true: 1, false: 0}[ext] {
+			t.Errorf("info lists %d partitions, sfdisk %d (extended not counted)", n, len(want))
+		}
+		r = imgfuse(t, nil, "info", top)
+		if r.code != 0 || !strings.Contains(r.stdout, "Partition table: "+v.Imgfuse.PT.Table) || !strings.Contains(r.stdout, "part1 ") {
+			t.Errorf("human info: %v", r)
+		}
+	}
+}
+
+// sameType compares info's partition type ("0x83", a GUID) with sfdisk's
+// ("83", a GUID).
+func sameType(info, sfdisk string) bool {
+	if hex, ok := strings.CutPrefix(info, "0x"); ok {
+		a, err1 := strconv.ParseUint(hex, 16, 8)
+		b, err2 := strconv.ParseUint(sfdisk, 16, 8)
+		return err1 == nil && err2 == nil && a == b
+	}
+	return strings.EqualFold(info, sfdisk)
 }
