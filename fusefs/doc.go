@@ -15,7 +15,8 @@
 //     139k to 17k IOPS in measurements on this kind of machine.
 //
 // The tree is static: either a directory (inode 1) holding the disk
-// (inode 2, Options.Name), or the root inode is the disk. Entries and
+// (inode 2, Options.Name) and its partitions (inodes 3…, see Partitions),
+// or the root inode is the disk. Entries and
 // attributes are cached by the kernel for 24 h. The only attribute that
 // changes, the size, changes only through requests the kernel sends and so
 // knows about: SETATTR (truncate, O_TRUNC), whose reply carries the new
@@ -26,6 +27,31 @@
 // TestGrowable checks fstat, stat by path, an older descriptor and
 // SEEK_END after each kind, so no InodeNotify is needed. Times are
 // Options.ModTime (the image's mtime), never "now".
+//
+// # Partitions
+//
+// Mount reads the disk's MBR or GPT (package partition, through
+// drivers.ReaderAt) when the mountpoint is a directory, and serves each
+// partition as "partN" (N as the kernel numbers it), inode 3 + its index.
+// The list is fixed for the life of the mount, like the rest of the tree,
+// so the 24 h entry and attribute caching stays correct; a table rewritten
+// through the mount shows at the next mount (refreshing would need
+// InodeNotify/EntryNotify for every change and a mutable tree). A table
+// that cannot be read is logged (Options.Logger) and ignored.
+//
+// A partition file is a window: Read, Write, Fallocate and Lseek add the
+// partition's start and clamp at its end (or at the disk's end, should the
+// disk have been truncated below it); a write crossing the end writes what
+// fits, one at the end is ENOSPC, a size change is refused (EPERM/EROFS),
+// and it never grows, even on a growable disk. Fsync and Flush flush the
+// whole driver. Opens of a partition always get FOPEN_DIRECT_IO and never
+// FOPEN_PASSTHROUGH: a backing file maps file offset to offset, and a
+// partition starts elsewhere. The kernel's rule against mixing passthrough
+// and non-passthrough opens (fs/fuse/iomode.c) is kept per inode
+// (fuse_inode.iocachectr), so a partition's opens do not disturb the
+// disk's passed-through ones; TestPartitionFiles reads a partition through
+// the driver while the disk is open, and TestOpenFlagsPartition checks the
+// flags.
 //
 // # Serving
 //

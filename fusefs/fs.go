@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"fmt"
 	"math"
 	"os"
 	"syscall"
@@ -11,11 +12,16 @@ import (
 
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/partition"
 )
 
 // Inode numbers. The tree never changes: either the root directory
-// (FUSE_ROOT_ID) holding the disk (diskDirIno), or the root is the disk.
-const diskDirIno = 2
+// (FUSE_ROOT_ID) holding the disk (diskDirIno) and its partitions
+// (firstPartIno + index into diskFS.parts), or the root is the disk.
+const (
+	diskDirIno   = 2
+	firstPartIno = 3
+)
 
 // cacheTimeout is how long the kernel may trust entries and attributes. The
 // tree never changes and the size only changes through SETATTR, whose reply
@@ -51,11 +57,17 @@ type diskFS struct {
 	diskIno  uint64
 	modTime  time.Time
 	uid, gid uint32
+
+	// parts are the partitions exposed as files next to the disk (in a
+	// directory mount only), as read at mount time.
+	parts []partition.Partition
+	// byName maps the directory's file names to inodes.
+	byName map[string]uint64
 }
 
 var _ fuse.RawFileSystem = (*diskFS)(nil)
 
-func newDiskFS(d drivers.Driver, opts Options, dirMode bool) *diskFS {
+func newDiskFS(d drivers.Driver, opts Options, dirMode bool, parts []partition.Partition) *diskFS {
 	fs := &diskFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		d:             d,
@@ -70,6 +82,15 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool) *diskFS {
 	}
 	if dirMode {
 		fs.diskIno = diskDirIno
+		fs.byName = map[string]uint64{opts.Name: diskDirIno}
+		for _, p := range parts {
+			name := partName(p.Number)
+			if _, dup := fs.byName[name]; dup {
+				continue // --name part1 wins over partition 1
+			}
+			fs.byName[name] = firstPartIno + uint64(len(fs.parts))
+			fs.parts = append(fs.parts, p)
+		}
 	}
 	if dr, ok := d.(drivers.DirectReader); ok {
 		fs.direct = dr
@@ -79,6 +100,31 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool) *diskFS {
 
 func (fs *diskFS) String() string { return "imgfuse" }
 
+func partName(number int) string { return fmt.Sprintf("part%d", number) }
+
+// part returns the partition of inode ino, or nil.
+func (fs *diskFS) part(ino uint64) *partition.Partition {
+	if ino < firstPartIno || ino-firstPartIno >= uint64(len(fs.parts)) {
+		return nil
+	}
+	return &fs.parts[ino-firstPartIno]
+}
+
+// window is the byte range of the disk that inode ino shows: the whole
+// disk, or a partition clamped to the disk's current size (a disk
+// truncated while mounted may have cut it). grow says writes past end grow
+// the disk. ok is false for an inode that is not a file.
+func (fs *diskFS) window(ino uint64) (base, end int64, grow, ok bool) {
+	if ino == fs.diskIno {
+		return 0, fs.d.Size(), fs.growable, true
+	}
+	p := fs.part(ino)
+	if p == nil {
+		return 0, 0, false, false
+	}
+	return p.Start, max(p.Start, min(p.Start+p.Size, fs.d.Size())), false, true
+}
+
 // fillAttr describes inode ino; ok is false for an unknown inode.
 func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 	*a = fuse.Attr{Ino: ino, Owner: fuse.Owner{Uid: fs.uid, Gid: fs.gid}, Blksize: blockSize}
@@ -87,6 +133,15 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 	switch {
 	case ino == fs.diskIno:
 		size := fs.d.Size()
+		a.Mode = syscall.S_IFREG | 0o644
+		if fs.readOnly {
+			a.Mode = syscall.S_IFREG | 0o444
+		}
+		a.Nlink = 1
+		a.Size = uint64(size)
+		a.Blocks = (uint64(size) + 511) / 512
+	case fs.part(ino) != nil:
+		size := fs.part(ino).Size
 		a.Mode = syscall.S_IFREG | 0o644
 		if fs.readOnly {
 			a.Mode = syscall.S_IFREG | 0o444
@@ -108,25 +163,26 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 	return true
 }
 
-func (fs *diskFS) fillEntry(out *fuse.EntryOut) {
-	out.NodeId = fs.diskIno
+func (fs *diskFS) fillEntry(ino uint64, out *fuse.EntryOut) {
+	out.NodeId = ino
 	out.Generation = 1
 	out.SetEntryTimeout(cacheTimeout)
 	out.SetAttrTimeout(cacheTimeout)
-	fs.fillAttr(fs.diskIno, &out.Attr)
+	fs.fillAttr(ino, &out.Attr)
 }
 
 func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
 	if !fs.dirMode || h.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	if name != fs.name {
+	ino, ok := fs.byName[name]
+	if !ok {
 		// A negative entry the kernel may cache: NodeId 0 with a timeout.
 		*out = fuse.EntryOut{}
 		out.SetEntryTimeout(cacheTimeout)
 		return fuse.OK
 	}
-	fs.fillEntry(out)
+	fs.fillEntry(ino, out)
 	return fuse.OK
 }
 
@@ -142,6 +198,10 @@ func (fs *diskFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.
 }
 
 func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	// A partition's size is the table's: it neither grows nor shrinks.
+	if p := fs.part(in.NodeId); p != nil && in.Valid&fuse.FATTR_SIZE != 0 && int64(in.Size) != p.Size {
+		return fs.refuse()
+	}
 	if in.NodeId == fs.diskIno && in.Valid&fuse.FATTR_SIZE != 0 && int64(in.Size) != fs.d.Size() {
 		if fs.readOnly {
 			return fuse.EROFS
@@ -175,8 +235,14 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 // itself. An open for writing keeps FOPEN_DIRECT_IO, which overrides
 // passthrough for read and write, so writes still reach the driver and keep
 // the end-of-disk rules; only its mmap goes to the image file.
+//
+// A partition file is never passed through: its bytes sit at an offset in
+// the image file, and a backing file is mapped from offset 0. Its opens get
+// FOPEN_DIRECT_IO only. The kernel's rule against mixing passthrough and
+// other opens holds per inode, and each partition is an inode of its own.
 func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	if in.NodeId != fs.diskIno {
+	isPart := fs.part(in.NodeId) != nil
+	if in.NodeId != fs.diskIno && !isPart {
 		return fuse.EISDIR
 	}
 	out.Fh = 0
@@ -187,7 +253,7 @@ func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOu
 		out.Fh = fhWrite
 	}
 	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES
-	if fs.backingID != 0 {
+	if fs.backingID != 0 && !isPart {
 		out.BackingID = fs.backingID
 		out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
 		if out.Fh&fhWrite == 0 {
@@ -201,12 +267,15 @@ func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOu
 // buf, go-fuse's own output buffer, which is only referenced until this
 // handler returns (ReadResultData just hands it back to go-fuse).
 func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	size := fs.d.Size()
-	if in.Offset >= uint64(size) {
+	base, end, _, ok := fs.window(in.NodeId)
+	if !ok {
+		return nil, fuse.EISDIR
+	}
+	if in.Offset >= uint64(end-base) {
 		return fuse.ReadResultData(nil), fuse.OK
 	}
-	off := int64(in.Offset)
-	n := min(int64(in.Size), size-off)
+	off := base + int64(in.Offset)
+	n := min(int64(in.Size), end-off)
 	if int64(len(buf)) < n {
 		buf = make([]byte, n)
 	}
@@ -247,27 +316,31 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 	if fs.readOnly {
 		return 0, fuse.EROFS
 	}
+	base, end, grow, ok := fs.window(in.NodeId)
+	if !ok {
+		return 0, fuse.EISDIR
+	}
 	var total int64
 	for _, p := range data {
 		total += int64(len(p))
 	}
-	if in.Offset > math.MaxInt64 || total > math.MaxInt64-int64(in.Offset) {
+	if in.Offset > math.MaxInt64-uint64(base) || total > math.MaxInt64-base-int64(in.Offset) {
 		return 0, fuse.Status(syscall.EFBIG)
 	}
-	off := int64(in.Offset)
+	off := base + int64(in.Offset)
 	// room bounds the write. A growable disk takes all of it: the driver
 	// grows the disk, and the kernel, which sent a write past the size it
 	// knows, raises its cached size itself when we report it done.
 	// Otherwise a write that crosses the end of the disk writes what fits
 	// and reports it, as a block device does; the caller's retry of the
-	// rest then fails with ENOSPC.
+	// rest then fails with ENOSPC. A partition ends where the table says
+	// (or at the end of the disk) and never grows.
 	room := total
-	if !fs.growable {
-		size := fs.d.Size()
-		if off >= size {
+	if !grow {
+		if off >= end {
 			return 0, fuse.Status(syscall.ENOSPC)
 		}
-		room = min(total, size-off)
+		room = min(total, end-off)
 	}
 	var written int64
 	var err error
@@ -330,11 +403,14 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 	if fs.readOnly {
 		return fuse.EROFS
 	}
-	if in.Offset > math.MaxInt64 || in.Length > math.MaxInt64-in.Offset {
+	base, size, growable, ok := fs.window(in.NodeId)
+	if !ok {
+		return fuse.EISDIR
+	}
+	if in.Offset > math.MaxInt64-uint64(base) || in.Length > math.MaxInt64-uint64(base)-in.Offset {
 		return fuse.EINVAL
 	}
-	size := fs.d.Size()
-	off, n := int64(in.Offset), int64(in.Length)
+	off, n := base+int64(in.Offset), int64(in.Length)
 	var op func(co *coroutine.Co, off, n int64) error
 	grow := false
 	switch in.Mode {
@@ -342,7 +418,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 		op = fs.d.Discard
 	case zeroRange | keepSize, zeroRange:
 		if in.Mode&keepSize == 0 && off+n > size {
-			if !fs.growable {
+			if !growable {
 				return fuse.Status(syscall.ENOSPC)
 			}
 			grow = true
@@ -380,12 +456,15 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 	if in.Whence != unix.SEEK_DATA && in.Whence != unix.SEEK_HOLE {
 		return fuse.EINVAL
 	}
-	size := fs.d.Size()
-	if in.Offset >= uint64(size) {
+	base, size, _, ok := fs.window(in.NodeId)
+	if !ok {
+		return fuse.EISDIR
+	}
+	if in.Offset >= uint64(size-base) {
 		return fuse.Status(syscall.ENXIO)
 	}
 	wantData := in.Whence == unix.SEEK_DATA
-	off := int64(in.Offset)
+	off := base + int64(in.Offset)
 	var err error
 	found := false
 	coroutine.Run(func(co *coroutine.Co) {
@@ -411,11 +490,11 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 	}
 	switch {
 	case found:
-		out.Offset = uint64(off)
+		out.Offset = uint64(off - base)
 	case wantData:
 		return fuse.Status(syscall.ENXIO)
 	default:
-		out.Offset = uint64(size)
+		out.Offset = uint64(size - base)
 	}
 	return fuse.OK
 }
@@ -429,7 +508,7 @@ func (fs *diskFS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.Sta
 		NameLen: 255,
 	}
 	if fs.dirMode {
-		out.Files = 2
+		out.Files = 2 + uint64(len(fs.parts))
 	}
 	return fuse.OK
 }
@@ -443,14 +522,18 @@ func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Ope
 	return fuse.OK
 }
 
-// dirEntries is the directory listing: ".", "..", the disk. Offsets are
-// indexes into it plus one.
+// dirEntries is the directory listing: ".", "..", the disk, the
+// partitions. Offsets are indexes into it plus one.
 func (fs *diskFS) dirEntries() []fuse.DirEntry {
-	return []fuse.DirEntry{
+	ents := []fuse.DirEntry{
 		{Name: ".", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: "..", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: fs.name, Mode: syscall.S_IFREG, Ino: fs.diskIno},
 	}
+	for i, p := range fs.parts {
+		ents = append(ents, fuse.DirEntry{Name: partName(p.Number), Mode: syscall.S_IFREG, Ino: firstPartIno + uint64(i)})
+	}
+	return ents
 }
 
 func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
@@ -481,9 +564,9 @@ func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse
 			break
 		}
 		// The kernel ignores the entry attributes of "." and "..";
-		// the disk's are filled like a LOOKUP (and count as one).
-		if e.Ino == fs.diskIno {
-			fs.fillEntry(eo)
+		// the files' are filled like a LOOKUP (and count as one).
+		if e.Name != "." && e.Name != ".." {
+			fs.fillEntry(e.Ino, eo)
 		}
 	}
 	return fuse.OK

@@ -3,6 +3,7 @@ package fusefs
 import (
 	"errors"
 	"fmt"
+	"log"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -12,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"imgfuse/drivers"
+	"imgfuse/partition"
 )
 
 // Options are the caller's choices for one mount.
@@ -44,6 +46,9 @@ type Options struct {
 	// could use it (drivers.FileBacked): every read and write then reaches
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
+	// Logger receives the one line about an ignored partition table or a
+	// clamped or skipped partition; default log.Default().
+	Logger *log.Logger
 }
 
 // Server is a mounted disk.
@@ -58,6 +63,7 @@ type Server struct {
 	// why says why not. Immutable after Mount.
 	passthrough bool
 	why         string
+	parts       []partition.Partition
 }
 
 // mountReadyTimeout bounds how long Mount waits for the new mount to
@@ -97,7 +103,11 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: mountpoint %s is neither a directory nor a regular file", abs)
 	}
 
-	fsys := newDiskFS(d, opts, dirMode)
+	var parts []partition.Partition
+	if dirMode {
+		parts = readPartitions(d, opts.Logger)
+	}
+	fsys := newDiskFS(d, opts, dirMode, parts)
 	mopts := &fuse.MountOptions{
 		// DirectMount passes rootmode from stat(mountpoint), which is what
 		// makes a regular-file mountpoint possible; it falls back to
@@ -140,7 +150,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
-	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{})}
+	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), parts: fsys.parts}
 	// Decided before the first request is read, so every Open sees the
 	// final fsys.backingID.
 	switch {
@@ -174,6 +184,31 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	}
 	return s, nil
 }
+
+// readPartitions reads the disk's partition table for the partN files. A
+// table that cannot be read is ignored with one log line: the disk itself
+// is still served.
+func readPartitions(d drivers.Driver, logger *log.Logger) []partition.Partition {
+	if logger == nil {
+		logger = log.Default()
+	}
+	t, err := partition.Read(drivers.ReaderAt(d), d.Size())
+	if err != nil {
+		logger.Printf("ignoring the partition table, no partN files: %v", err)
+		return nil
+	}
+	if t == nil {
+		return nil
+	}
+	for _, w := range t.Warnings {
+		logger.Printf("partition table: %s", w)
+	}
+	return t.Parts
+}
+
+// Partitions returns the partitions served as partN files, as read at
+// mount time (none for a regular-file mountpoint).
+func (s *Server) Partitions() []partition.Partition { return s.parts }
 
 // Passthrough reports whether the kernel serves the disk's reads itself
 // (FUSE passthrough), and if not, why.

@@ -33,7 +33,8 @@ key for key: filename, format, virtual-size, actual-size (allocated bytes),
 dirty-flag, cluster-size, backing-filename, full-backing-filename,
 backing-filename-format, format-specific {type, data}, snapshots. The image
 below nests under "backing-image"; imgfuse's own fields (feature names, the
-apparent file size) are under "imgfuse". With --backing-chain the output is
+apparent file size, the partition table: number, partN file, start, size,
+type, GPT name and UUID) are under "imgfuse". With --backing-chain the output is
 a JSON array with one object per image, top first, as qemu-img prints it;
 then every backing file must open.
 
@@ -82,6 +83,8 @@ func outputFlag(output string, asJSON bool) (jsonOut bool, err error) {
 type chainLink struct {
 	info drivers.ImageInfo
 	err  error
+	// parts is the top image's partition table (nil below it).
+	parts *partitionList
 }
 
 // imageChain opens image and then each backing file in turn, each without
@@ -94,7 +97,7 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 	if err != nil {
 		return nil, err
 	}
-	links := []chainLink{{info: info}}
+	links := []chainLink{{info: info, parts: readPartitionList(image, format)}}
 	for depth := 0; info.BackingFilename != ""; depth++ {
 		next := pathCombine(info.Filename, info.BackingFilename)
 		if depth >= 64 {
@@ -196,6 +199,8 @@ type imgfuseExtra struct {
 	Details any `json:"details,omitempty"`
 	// BackingError says why the backing file could not be opened.
 	BackingError string `json:"backing-error,omitempty"`
+	// Partitions is the disk's partition table, top image only.
+	Partitions *partitionList `json:"partition-table,omitempty"`
 }
 
 func toQemuInfo(info drivers.ImageInfo) qemuInfo {
@@ -240,6 +245,7 @@ func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 		arr := make([]qemuInfo, len(links))
 		for i, l := range links {
 			arr[i] = toQemuInfo(l.info)
+			arr[i].Imgfuse.Partitions = l.parts
 		}
 		v = arr
 	} else {
@@ -249,6 +255,7 @@ func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 				continue // named by the image above, under imgfuse.backing-error
 			}
 			q := toQemuInfo(links[i].info)
+			q.Imgfuse.Partitions = links[i].parts
 			q.BackingImage = below
 			if i+1 < len(links) && links[i+1].err != nil {
 				q.Imgfuse.BackingError = links[i+1].err.Error()
@@ -278,6 +285,7 @@ func writeInfoText(w io.Writer, links []chainLink) error {
 			continue
 		}
 		writeInfoBlock(&b, &l.info)
+		writePartitionsText(&b, l.parts)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
