@@ -417,6 +417,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		ModTime:    mtime,
 		FSName:     "imgfuse:" + absImage,
 		Debug:      o.debug,
+		Logger:     logger,
 
 		NoPassthrough: o.noPassthru,
 	})
