@@ -190,34 +190,26 @@ func mountReadOnly(readOnlyFlag bool, snapshot string, forceShare bool) bool {
 // checkWriteFlags refuses write-path flags on a mount that cannot write:
 // silently ignoring them would hide a mistake in a script.
 func (o *mountOptions) checkWriteFlags() error {
-	if o.overlay || o.overlayKeep != "" {
-		flag := "--overlay"
-		if !o.overlay {
-			flag = "--overlay-keep"
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"--overlay", o.overlay},
+		{"--overlay-keep", o.overlayKeep != ""},
+		{"--growable", o.growable},
+		{"--lazy-refcounts", o.lazyRefcnt},
+	} {
+		if !f.set {
+			continue
 		}
 		switch {
 		case o.readOnly:
-			return usagef("%s makes a writable mount; it cannot be combined with --read-only", flag)
+			return usagef("%s needs a writable mount, not --read-only", f.name)
 		case o.snapshot != "":
-			return usagef("%s cannot be combined with --snapshot", flag)
+			return usagef("%s needs a writable mount; --snapshot is read-only", f.name)
 		case o.forceShare:
-			return usagef("%s cannot be combined with --force-share", flag)
+			return usagef("%s needs a writable mount; --force-share is read-only", f.name)
 		}
-	}
-	if !o.growable && !o.lazyRefcnt {
-		return nil
-	}
-	flag := "--growable"
-	if !o.growable {
-		flag = "--lazy-refcounts"
-	}
-	switch {
-	case o.readOnly:
-		return usagef("%s needs a writable mount, not --read-only", flag)
-	case o.snapshot != "":
-		return usagef("%s needs a writable mount; --snapshot is read-only", flag)
-	case o.forceShare:
-		return usagef("%s needs a writable mount; --force-share is read-only", flag)
 	}
 	return nil
 }
