@@ -61,7 +61,7 @@
 //   - bench_smoke_test.go: `bench/run --smoke` (imgfuse against
 //     qemu-storage-daemon and the file) finishes, reports a positive number
 //     for every workload and target in a table that parses, and leaves
-//     nothing mounted. Not parallel: it would distort the other tests.
+//     nothing mounted; in parallel with the rest (its numbers mean nothing).
 //   - qemucompat_test.go: `imgfuse info|map|check --output=json` against
 //     qemu-img's on a matrix of images (decoded and compared key by key;
 //     map byte for byte); check and check -r verdicts and counts on leaked
