@@ -3,7 +3,6 @@ package tests
 import (
 	"bytes"
 	"compress/flate"
-	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"os"
@@ -36,29 +35,6 @@ func hostileImage(t *testing.T, dir string, mutate func(b []byte, l1, cEntry int
 		t.Fatal(err)
 	}
 	return img
-}
-
-// dirState is the sha256 and mtime of every regular file in a directory.
-func dirState(t *testing.T, dir string) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		if !e.Type().IsRegular() {
-			continue
-		}
-		p := filepath.Join(dir, e.Name())
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fi, _ := os.Stat(p)
-		out[e.Name()] = fmt.Sprintf("sha256 %x, mtime %v", sha256.Sum256(b), fi.ModTime())
-	}
-	return out
 }
 
 // daemonPeakRSS returns the daemon's peak resident memory (VmHWM) in KiB.
@@ -149,7 +125,7 @@ func TestHostileMounts(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			img := hostileImage(t, dir, c.mutate)
-			before := dirState(t, dir)
+			before := driverstest.DirState(t, dir)
 			time.Sleep(20 * time.Millisecond) // so that a write would change the mtime
 
 			r := imgfuse(t, nil, "info", img)
@@ -206,7 +182,7 @@ func TestHostileMounts(t *testing.T) {
 				}
 				unmount(t, mp)
 			}
-			after := dirState(t, dir)
+			after := driverstest.DirState(t, dir)
 			for name, s := range before {
 				if after[name] != s {
 					t.Errorf("%s changed (content or mtime) through a read-only use", name)

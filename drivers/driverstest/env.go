@@ -2,8 +2,11 @@ package driverstest
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -69,4 +72,31 @@ func QemuIO(t testing.TB, img string, cmds ...string) {
 			t.Fatalf("qemu-io %v: %s", cmds, out)
 		}
 	}
+}
+
+// DirState returns the sha256 and mtime of every regular file in dir, by
+// name: what a read-only use of the images there must leave unchanged.
+func DirState(t testing.TB, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = fmt.Sprintf("sha256 %x, mtime %v", sha256.Sum256(b), fi.ModTime())
+	}
+	return out
 }

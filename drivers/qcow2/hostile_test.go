@@ -2,9 +2,9 @@ package qcow2
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -284,34 +284,6 @@ func withBacking(t *testing.T, hb hostileBase, name, format string) []byte {
 	return b
 }
 
-// fileState is what a read-only open must leave untouched.
-type fileState struct {
-	sum   [32]byte
-	mtime time.Time
-}
-
-func snapshotFiles(t *testing.T, dir string) map[string]fileState {
-	t.Helper()
-	out := map[string]fileState{}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		if !e.Type().IsRegular() {
-			continue
-		}
-		p := filepath.Join(dir, e.Name())
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fi, _ := os.Stat(p)
-		out[e.Name()] = fileState{sha256.Sum256(b), fi.ModTime()}
-	}
-	return out
-}
-
 // TestHostileImages opens each hostile image read-only, reads the whole
 // disk and walks its block status: the open fails with a one-line error
 // wrapping a sentinel and naming the problem, or reads outside the damaged
@@ -332,7 +304,7 @@ func TestHostileImages(t *testing.T) {
 			if err := os.WriteFile(img, c.mutate(t, hb, dir), 0o644); err != nil {
 				t.Fatal(err)
 			}
-			before := snapshotFiles(t, dir)
+			before := driverstest.DirState(t, dir)
 			time.Sleep(10 * time.Millisecond) // an mtime change would show
 
 			runtime.GC()
@@ -415,7 +387,7 @@ func TestHostileImages(t *testing.T) {
 			for _, e := range append(readErrs, wrong...) {
 				t.Error(e)
 			}
-			if after := snapshotFiles(t, dir); !equalStates(before, after) {
+			if after := driverstest.DirState(t, dir); !maps.Equal(before, after) {
 				t.Error("a read-only open changed a file")
 			}
 			t.Logf("open: %v; live heap %d KiB, allocated %d KiB", openErr, live>>10, (m1.TotalAlloc-m0.TotalAlloc)>>10)
@@ -430,18 +402,6 @@ func matchAny(s, alts string) bool {
 		}
 	}
 	return false
-}
-
-func equalStates(a, b map[string]fileState) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w.sum != v.sum || !w.mtime.Equal(v.mtime) {
-			return false
-		}
-	}
-	return true
 }
 
 func itoa(v int64) string { return "0x" + strconv.FormatInt(v, 16) }
