@@ -284,17 +284,28 @@ func fuseDescriptors() map[int]bool {
 }
 
 // mountMu serialises fuse.NewServer with the descriptor scan around it, so
-// that the one new /dev/fuse descriptor is the new server's.
+// that the one new /dev/fuse descriptor is the new server's, and with the
+// capture of stderr around it.
 var mountMu sync.Mutex
 
 // newServer mounts fsys with go-fuse (which also answers INIT) and returns
 // the server and the descriptor of its connection, or -1 if it cannot be
-// told apart.
+// told apart. When fusermount3 refuses the mount, the error is a
+// *FusermountError with its message.
 func newServer(fsys fuse.RawFileSystem, mountpoint string, mopts *fuse.MountOptions) (*fuse.Server, int, error) {
 	mountMu.Lock()
 	defer mountMu.Unlock()
 	before := fuseDescriptors()
+	// fusermount3's reason for refusing a mount (fusermount.go).
+	capture, cerr := captureStderr()
 	srv, err := fuse.NewServer(fsys, mountpoint, mopts)
+	if cerr == nil {
+		out := capture.stop()
+		if err != nil {
+			err, out = fusermountError(err, out)
+		}
+		forwardStderr(out)
+	}
 	if err != nil {
 		return nil, -1, err
 	}

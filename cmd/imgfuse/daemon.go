@@ -153,9 +153,20 @@ func startDaemon(o *mountOptions) error {
 	case msg == "":
 		return fmt.Errorf("mount daemon exited before reporting (%v)%s", waitErr, hint)
 	default:
-		// The child saw absolute paths; show the user's spelling.
-		return decodeReport(strings.ReplaceAll(msg, o.absImage, o.image))
+		return decodeReport(userSpelling(msg, o))
 	}
+}
+
+// userSpelling rewrites the child's report, which names the absolute
+// paths the child was given, with the paths as the user spelled them:
+// the image wherever it appears, the mountpoint where the report names
+// the failed mount ("mount MNT: fusermount3: ...").
+func userSpelling(msg string, o *mountOptions) string {
+	msg = strings.ReplaceAll(msg, o.absImage, o.image)
+	if o.absMountpoint != "" {
+		msg = strings.Replace(msg, " mount "+o.absMountpoint+": ", " mount "+o.mountpoint+": ", 1)
+	}
+	return msg
 }
 
 // readReport reads the child's report until it closes the pipe.
@@ -293,6 +304,27 @@ func stateDir() string {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("imgfuse-%d", os.Geteuid()))
 }
 
+// checkStateDir refuses a state directory that is not ours alone. The
+// per-user directory under /tmp may have been made by anyone, and a state
+// file is trusted: 'imgfuse unmount' waits for the pid it names and
+// removes its temporary overlay.
+func checkStateDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err // os.IsNotExist: no state yet
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("state dir %s is not a directory", dir)
+	case ok && int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("state dir %s belongs to uid %d, not to uid %d", dir, st.Uid, os.Geteuid())
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("state dir %s is writable by other users (mode %#o)", dir, fi.Mode().Perm())
+	}
+	return nil
+}
+
 // statePath names the state file of a canonical mountpoint: a hash, so any
 // path (spaces, slashes, length) maps to one flat file name.
 func statePath(dir, mountpoint string) string {
@@ -304,6 +336,9 @@ func statePath(dir, mountpoint string) string {
 func writeState(dir string, st daemonState) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("state dir: %w", err)
+	}
+	if err := checkStateDir(dir); err != nil {
+		return "", err
 	}
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
@@ -331,6 +366,9 @@ func writeState(dir string, st daemonState) (string, error) {
 // readState loads the state file of a canonical mountpoint.
 func readState(dir, mountpoint string) (daemonState, error) {
 	var st daemonState
+	if err := checkStateDir(dir); err != nil {
+		return st, err
+	}
 	b, err := os.ReadFile(statePath(dir, mountpoint))
 	if err != nil {
 		return st, err

@@ -131,3 +131,71 @@ func TestCanonicalPath(t *testing.T) {
 		}
 	}
 }
+
+// TestStateDirNotOurs: a state directory another user made or may write
+// (the per-user one under /tmp can be made by anyone) is refused for
+// writing, reading and listing; a missing one lists no mounts.
+func TestStateDirNotOurs(t *testing.T) {
+	st := daemonState{PID: 4242, Image: "/img.qcow2", Mountpoint: "/mnt/x", Format: "qcow2"}
+	base := t.TempDir()
+
+	open := filepath.Join(base, "open")
+	if err := os.Mkdir(open, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(base, "link")
+	own := filepath.Join(base, "own")
+	if err := os.Mkdir(own, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(own, link); err != nil {
+		t.Fatal(err)
+	}
+	bad := map[string]string{open: "writable by other users", link: "not a directory"}
+	if os.Geteuid() == 0 {
+		foreign := filepath.Join(base, "foreign")
+		if err := os.Mkdir(foreign, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(foreign, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		bad[foreign] = "belongs to uid 65534"
+	}
+	for dir, want := range bad {
+		if _, err := writeState(dir, st); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("writeState(%s): %v, want %q", dir, err, want)
+		}
+		if _, err := readState(dir, st.Mountpoint); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("readState(%s): %v, want %q", dir, err, want)
+		}
+		if _, err := listStatus(dir); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("listStatus(%s): %v, want %q", dir, err, want)
+		}
+	}
+	if _, err := writeState(own, st); err != nil {
+		t.Errorf("writeState in our own directory: %v", err)
+	}
+	if e, err := listStatus(filepath.Join(base, "missing")); err != nil || len(e) != 0 {
+		t.Errorf("listStatus of a missing directory: %v, %v", e, err)
+	}
+}
+
+// TestUserSpelling: the parent names the image and the failed mount's
+// mountpoint as the user spelled them, not as the child saw them.
+func TestUserSpelling(t *testing.T) {
+	o := &mountOptions{image: "a.qcow2", absImage: "/home/u/a.qcow2", mountpoint: "mnt", absMountpoint: "/home/u/mnt"}
+	for _, tc := range []struct{ in, want string }{
+		{"E7 mount /home/u/mnt: fusermount3: user has no write access to mountpoint /home/u/mnt",
+			"E7 mount mnt: fusermount3: user has no write access to mountpoint /home/u/mnt"},
+		{"E3 open /home/u/a.qcow2: permission denied", "E3 open a.qcow2: permission denied"},
+		{"E7 fusefs: mount /home/u/mntx: other", "E7 fusefs: mount /home/u/mntx: other"},
+	} {
+		if got := userSpelling(tc.in, o); got != tc.want {
+			t.Errorf("userSpelling(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

@@ -418,6 +418,11 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		if o.overlayKeep != "" {
 			os.Remove(overlay) // we created it a moment ago; it holds nothing
 		}
+		var fe *fusefs.FusermountError
+		if errors.As(err, &fe) {
+			// fusermount3's own words: the reason, on one line.
+			err = fmt.Errorf("mount %s: %w", o.mountpoint, fe)
+		}
 		return mountFailed(err)
 	}
 	passthrough := passthroughState(srv, o.noPassthru)

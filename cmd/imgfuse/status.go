@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -82,6 +83,11 @@ func newStatusCmd(stdout io.Writer) *cobra.Command {
 // listStatus reads every state file in dir, sorted by mountpoint. A
 // directory that does not exist yet holds no mounts.
 func listStatus(dir string) ([]statusEntry, error) {
+	if err := checkStateDir(dir); errors.Is(err, os.ErrNotExist) {
+		return []statusEntry{}, nil
+	} else if err != nil {
+		return nil, err
+	}
 	names, err := filepath.Glob(filepath.Join(dir, "*.json"))
 	if err != nil {
 		return nil, err
