@@ -261,6 +261,14 @@
 //     logs an error for every 1 MiB read, which does not fit a pipe).
 //   - DirectMount (mount(2) ourselves; go-fuse falls back to fusermount3
 //     when that is refused), so a regular-file mountpoint works as root.
+//     fusermount3 takes a regular file too, when the user may write it.
+//     go-fuse runs fusermount3 with the process's stderr and reports only
+//     its exit code; newServer points descriptor 2 at a pipe while go-fuse
+//     mounts (fusermount.go, serialised by mountMu), turns fusermount3's
+//     lines into a *FusermountError ("fusermount3: user has no write
+//     access to mountpoint /mnt") and passes anything else written
+//     meanwhile on to the real stderr. A daemon's stderr is a log file or
+//     /dev/null, so without this the reason was lost.
 //     default_permissions: the kernel enforces the file mode, which matters
 //     with AllowOther.
 //   - Open for writing on a read-only mount fails with EROFS even for root,

@@ -4,7 +4,8 @@
 // disk holds, byte for byte.
 //
 // Prerequisites are root, /dev/fuse, qemu-img and qemu-io (and for some
-// tests mkfs.ext4 and loop devices). Without them the tests skip, unless
+// tests mkfs.ext4 and loop devices; for the rootless ones fuse2fs and a
+// /dev/fuse the unprivileged user can open). Without them the tests skip, unless
 // IMGFUSE_REQUIRE_E2E=1 or CI=true, where they fail.
 //
 // Every mount gets its own mountpoint under t.TempDir() and a cleanup that
@@ -70,6 +71,15 @@
 //   - create_test.go: `imgfuse create` byte for byte against qemu-img create
 //     for each option (and data files), mounted and written; overlays.
 //   - exitcodes_test.go: every documented exit code provoked once.
+//   - rootless_test.go: imgfuse as an unprivileged user (IMGFUSE_TEST_USER,
+//     default nobody; /dev/fuse must be open to users, as .ci/run makes
+//     it): a qcow2 mount written and read, status, unmount, judged by
+//     qemu-img check and compare; the README's no-root recipe on a GPT
+//     disk (sfdisk, mkfs.ext4 on MNT/part1, fuse2fs -o fakeroot,
+//     fusermount3 -u, imgfuse unmount) judged by e2fsck and debugfs; a
+//     SIGKILLed server's dead mount cleared by the user; fusermount3's
+//     refusals (a root-owned mountpoint, /dev/fuse 0600 in a private
+//     mount namespace) printed in its own words with exit code 7.
 //
 // Images are kept at 32 MiB virtual (the 1 TiB sparse image aside) so the
 // package runs in well under five minutes on two cores.

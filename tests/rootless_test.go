@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"imgfuse/drivers/driverstest"
 )
 
@@ -460,13 +462,14 @@ func TestRootlessDeadMount(t *testing.T) {
 	}
 }
 
-// TestRootlessMountRefused: when fusermount3 refuses a user's mount (here a
-// mountpoint the user may not write to), imgfuse prints fusermount3's own
-// reason on one line and exits 7, in daemon mode and in the foreground,
-// leaving no server behind.
+// TestRootlessMountRefused: when fusermount3 refuses a user's mount (a
+// mountpoint the user may not write to; /dev/fuse closed to users, as some
+// containers have it), imgfuse prints fusermount3's own reason on one line
+// and exits 7, in daemon mode and in the foreground, leaving no server
+// behind.
 func TestRootlessMountRefused(t *testing.T) {
 	t.Parallel()
-	e := requireRootless(t)
+	e := requireRootless(t, "unshare", "setpriv")
 	e.must(t, nil, "truncate", "-s", "32M", "disk.raw")
 	mp := e.path("rootmp") // root's, 0755
 	if err := os.Mkdir(mp, 0o755); err != nil {
@@ -484,6 +487,31 @@ func TestRootlessMountRefused(t *testing.T) {
 			t.Fatalf("imgfuse %s failed but left a mount", strings.Join(args, " "))
 		}
 	}
+
+	// /dev/fuse root's alone (crw-------), in a mount namespace of the
+	// user's command only: a 0600 node of the device bound over it.
+	fake := e.path("fuse-0600")
+	if err := unix.Mknod(fake, unix.S_IFCHR|0o600, int(unix.Mkdev(10, 229))); err != nil {
+		t.Fatal(err)
+	}
+	e.mkdir(t, "mnt")
+	registerMountpoint(t, e.path("mnt"))
+	script := `mount --bind "$1" /dev/fuse && exec setpriv --reuid="$2" --regid="$3" --clear-groups "$4" mount disk.raw mnt`
+	var stderr bytes.Buffer
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+		fake, strconv.Itoa(int(e.uid)), strconv.Itoa(int(e.gid)), e.bin)
+	cmd.Dir, cmd.Env, cmd.Stderr = e.dir, e.env, &stderr
+	cmd.WaitDelay = 3 * time.Second
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if want := "imgfuse: mount mnt: fusermount3: failed to open /dev/fuse: Permission denied\n"; !errors.As(err, &ee) ||
+		ee.ExitCode() != 7 || stderr.String() != want {
+		t.Errorf("imgfuse mount as %s with /dev/fuse 0600: %v\nstderr: %s\nwant exit 7 and stderr %q", e.name, err, stderr.String(), want)
+	}
+	if mounted(t, e.path("mnt")) {
+		t.Fatal("the refused mount left a mount")
+	}
+
 	if st := e.must(t, nil, "imgfuse", "status"); !strings.Contains(st.stdout, "no imgfuse mounts") {
 		t.Errorf("imgfuse status after the refused mounts: %v", st)
 	}

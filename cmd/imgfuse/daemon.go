@@ -292,23 +292,40 @@ type daemonState struct {
 	CloseError string `json:"close-error,omitempty"`
 }
 
-// stateDir is where state files live: /run/imgfuse for root, else
-// $XDG_RUNTIME_DIR/imgfuse, else a per-user directory under /tmp.
+// stateDir is where state files live: /run/imgfuse for root; for a user
+// $XDG_RUNTIME_DIR/imgfuse, else imgfuse in the user's runtime directory
+// /run/user/UID if it exists (what XDG_RUNTIME_DIR is in their login
+// sessions, so that a command run outside one, from cron or sudo -u,
+// finds the same mounts), else /tmp/imgfuse-UID: /tmp, not $TMPDIR, so
+// that the user's commands agree whatever their TMPDIR.
 func stateDir() string {
-	if os.Geteuid() == 0 {
+	return stateDirFor(os.Geteuid(), os.Getenv("XDG_RUNTIME_DIR"), "/run/user")
+}
+
+// stateDirFor is stateDir for user uid, with XDG_RUNTIME_DIR xdg and the
+// runtime directories under runUser.
+func stateDirFor(uid int, xdg, runUser string) string {
+	if uid == 0 {
 		return "/run/imgfuse"
 	}
-	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+	if xdg != "" {
+		return filepath.Join(xdg, "imgfuse")
+	}
+	if d := filepath.Join(runUser, strconv.Itoa(uid)); checkDirOwner(d, uid) == nil {
 		return filepath.Join(d, "imgfuse")
 	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("imgfuse-%d", os.Geteuid()))
+	return fmt.Sprintf("/tmp/imgfuse-%d", uid)
 }
 
 // checkStateDir refuses a state directory that is not ours alone. The
 // per-user directory under /tmp may have been made by anyone, and a state
 // file is trusted: 'imgfuse unmount' waits for the pid it names and
 // removes its temporary overlay.
-func checkStateDir(dir string) error {
+func checkStateDir(dir string) error { return checkDirOwner(dir, os.Geteuid()) }
+
+// checkDirOwner checks that dir is a directory (not a symlink) of user
+// uid that no other user may write.
+func checkDirOwner(dir string, uid int) error {
 	fi, err := os.Lstat(dir)
 	if err != nil {
 		return err // os.IsNotExist: no state yet
@@ -317,8 +334,8 @@ func checkStateDir(dir string) error {
 	switch {
 	case !fi.IsDir():
 		return fmt.Errorf("state dir %s is not a directory", dir)
-	case ok && int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("state dir %s belongs to uid %d, not to uid %d", dir, st.Uid, os.Geteuid())
+	case ok && int(st.Uid) != uid:
+		return fmt.Errorf("state dir %s belongs to uid %d, not to uid %d", dir, st.Uid, uid)
 	case fi.Mode().Perm()&0o022 != 0:
 		return fmt.Errorf("state dir %s is writable by other users (mode %#o)", dir, fi.Mode().Perm())
 	}

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -197,5 +199,47 @@ func TestUserSpelling(t *testing.T) {
 		if got := userSpelling(tc.in, o); got != tc.want {
 			t.Errorf("userSpelling(%q) = %q, want %q", tc.in, got, tc.want)
 		}
+	}
+}
+
+// TestStateDirFor: root's state is in /run/imgfuse; a user's in
+// $XDG_RUNTIME_DIR, else in their own /run/user/UID, else in
+// /tmp/imgfuse-UID whatever $TMPDIR says.
+func TestStateDirFor(t *testing.T) {
+	runUser := t.TempDir()
+	uid := os.Geteuid()
+	if uid == 0 {
+		uid = 65534
+	}
+	mine := filepath.Join(runUser, strconv.Itoa(uid))
+	if err := os.Mkdir(mine, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() == 0 {
+		if err := os.Chown(mine, uid, uid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("TMPDIR", t.TempDir())
+	for _, tc := range []struct {
+		uid       int
+		xdg, want string
+	}{
+		{0, "/run/user/0", "/run/imgfuse"},
+		{uid, "/xdg", "/xdg/imgfuse"},
+		{uid, "", filepath.Join(mine, "imgfuse")},
+		{uid + 1, "", fmt.Sprintf("/tmp/imgfuse-%d", uid+1)}, // no /run/user/UID
+	} {
+		if got := stateDirFor(tc.uid, tc.xdg, runUser); got != tc.want {
+			t.Errorf("stateDirFor(%d, %q) = %s, want %s", tc.uid, tc.xdg, got, tc.want)
+		}
+	}
+	// Someone else's directory under /run/user is not used.
+	other := filepath.Join(runUser, strconv.Itoa(uid+2))
+	if err := os.Mkdir(other, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := stateDirFor(uid+2, "", runUser), fmt.Sprintf("/tmp/imgfuse-%d", uid+2); got != want {
+		t.Errorf("stateDirFor with a foreign /run/user dir = %s, want %s", got, want)
 	}
 }

@@ -29,6 +29,16 @@
 // server inherits it: a FUSE server behind a loop device must not block in
 // memory reclaim that waits for its own I/O.
 //
+// Without root. Every command works as a normal user: the mount goes
+// through fusermount3 (fusefs), `unmount` uses fusermount3 -u (and -u -z
+// for a dead mount) instead of umount2, PR_SET_IO_FLUSHER and the abort of
+// a dead connection are skipped (they need privileges), passthrough is
+// off with the kernel's reason. When fusermount3 refuses the mount, the
+// error is its own message (fusefs.FusermountError), reported as "mount
+// MNT: fusermount3: ..." with exit code 7; in daemon mode the child sends
+// it through the readiness pipe like any other error, and the parent puts
+// back the user's spelling of MNT (userSpelling).
+//
 // Serving (mount.go). SIGINT/SIGTERM unmount; if the mount is busy (a loop
 // device holds the disk) the server logs it and keeps serving, because
 // dropping it would fail the loop device's I/O. When the FUSE server stops
@@ -55,8 +65,12 @@
 // FIFO, device, directory or socket fails at once with its kind instead of
 // blocking the open (a FIFO) or mounting an endless disk (/dev/zero).
 //
-// State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, one JSON
-// file per mount named by the SHA-256 of the canonical mountpoint, holding
+// State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, else
+// /run/user/UID/imgfuse if that runtime directory exists, else
+// /tmp/imgfuse-UID (never $TMPDIR: every command of a user must find the
+// same directory); a directory another user owns or may write is refused
+// (checkStateDir), since unmount trusts the pids and overlay names in it.
+// One JSON file per mount named by the SHA-256 of the canonical mountpoint, holding
 // the server's pid, image, format, access, passthrough state, serving mode,
 // overlay and pid file. `unmount` uses it to wait until the image is
 // closed, checking /proc/PID/cmdline so that a recycled pid is not waited

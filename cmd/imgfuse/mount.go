@@ -81,6 +81,12 @@ passthrough); opens for writing still go through imgfuse. The log says
 'passthrough: on' or 'passthrough: off: <why>'; --no-passthrough turns it
 off.
 
+Without root the mount goes through fusermount3 (/dev/fuse must be open
+to users, as distributions make it). Only the mounting user reaches the
+disk, not even root, unless --allow-other (which needs user_allow_other in
+/etc/fuse.conf). If fusermount3 refuses the mount, its reason is printed:
+'imgfuse: mount MOUNTPOINT: fusermount3: ...'.
+
 The server unmounts on SIGINT, SIGTERM or SIGHUP (unless the disk is busy:
 then it logs and keeps serving), and after any unmount flushes and closes
 the image and exits; 'imgfuse unmount' waits for that and fails if the
