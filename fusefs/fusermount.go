@@ -62,7 +62,8 @@ const captureLimit = 64 << 10
 
 // stderrCapture redirects the process's descriptor 2 to a pipe until stop.
 // Everything written to it meanwhile, by this process or by a child that
-// inherits it, is collected. Callers must serialise captures (mountMu).
+// inherits it, is collected (and lost if the process dies before stop: the
+// window is one mount long). Callers must serialise captures (mountMu).
 type stderrCapture struct {
 	saved int // the original descriptor 2
 	r     int // the pipe's read end
