@@ -79,7 +79,8 @@
 //     fusermount3 -u, imgfuse unmount) judged by e2fsck and debugfs; a
 //     SIGKILLed server's dead mount cleared by the user; fusermount3's
 //     refusals (a root-owned mountpoint, /dev/fuse 0600 in a private
-//     mount namespace) printed in its own words with exit code 7.
+//     mount namespace) printed in its own words with exit code 7; the
+//     demo's commands for a user (fuse2fs) run as printed.
 //
 // Images are kept at 32 MiB virtual (the 1 TiB sparse image aside) so the
 // package runs in well under five minutes on two cores.

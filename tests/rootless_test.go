@@ -535,3 +535,44 @@ func running(bin string) []int {
 	}
 	return pids
 }
+
+// TestRootlessDemo: `imgfuse demo` run by a user prints commands that work
+// without root (fuse2fs instead of a loop device), as printed, and
+// unmounting leaves nothing of the demo behind.
+func TestRootlessDemo(t *testing.T) {
+	t.Parallel()
+	e := requireRootless(t, "fuse2fs")
+	out := e.must(t, nil, "imgfuse", "demo").stdout
+	dirs, _ := filepath.Glob(e.path("run/imgfuse-demo-*"))
+	if len(dirs) != 1 {
+		t.Fatalf("the demo made %v, want one directory in $XDG_RUNTIME_DIR\n%s", dirs, out)
+	}
+	for _, mp := range []string{"mnt", "fs"} {
+		registerMountpoint(t, filepath.Join(dirs[0], mp))
+	}
+	t.Cleanup(func() {
+		if mnt := filepath.Join(dirs[0], "mnt"); mounted(t, mnt) {
+			e.run(t, nil, "fusermount3", "-u", filepath.Join(dirs[0], "fs"))
+			e.run(t, nil, "imgfuse", "unmount", mnt)
+		}
+	})
+	var cmds []string
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "  ") {
+			cmds = append(cmds, strings.TrimSpace(line))
+		}
+	}
+	if len(cmds) != 4 || !strings.HasPrefix(cmds[0], "fuse2fs -o ro ") || !strings.HasPrefix(cmds[3], "fusermount3 -u ") {
+		t.Fatalf("the demo printed for a user:\n%s\nwant fuse2fs, cat, info and fusermount3 -u && unmount", out)
+	}
+	for _, c := range cmds {
+		r := e.must(t, nil, "sh", "-c", c)
+		if strings.HasPrefix(c, "cat ") && !strings.Contains(r.stdout, "Hello from inside a qcow2 image!") {
+			t.Errorf("%s printed %q", c, r.stdout)
+		}
+	}
+	if _, err := os.Stat(dirs[0]); !errors.Is(err, os.ErrNotExist) {
+		ents, _ := os.ReadDir(dirs[0])
+		t.Errorf("after the printed unmount the demo left %s (%v, %v)", dirs[0], ents, err)
+	}
+}

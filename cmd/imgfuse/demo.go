@@ -35,7 +35,8 @@ func newDemoCmd(stdout io.Writer) *cobra.Command {
 		Short: "Mount a small sample qcow2 image to try imgfuse",
 		Long: `Write a sample qcow2 chain (an ext4 filesystem in backing.qcow2, and
 overlay.qcow2 on top of it with compressed and zero clusters) to DIR, mount
-the overlay read-only on DIR/mnt, and print what to try next.
+the overlay read-only on DIR/mnt, and print what to try next: a loop mount
+as root; for other users fuse2fs on DIR/fs, which needs no root.
 
 DIR defaults to a new directory under $XDG_RUNTIME_DIR, or /tmp. The demo
 never replaces a file: it refuses a DIR that already holds backing.qcow2,
@@ -103,6 +104,19 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 		}
 		created = append([]string{mnt}, created...)
 	}
+	// Without root there is no loop device: the printed commands read
+	// the filesystem with fuse2fs, on a mountpoint made here and removed
+	// with the rest.
+	rootless := os.Geteuid() != 0
+	if fs := filepath.Join(dir, "fs"); rootless {
+		if _, err := os.Lstat(fs); errors.Is(err, os.ErrNotExist) {
+			if err := os.Mkdir(fs, 0o755); err != nil {
+				cleanup()
+				return fmt.Errorf("demo: %w", err)
+			}
+			created = append([]string{fs}, created...)
+		}
+	}
 	files, err := writeSample(dir)
 	created = append(files, created...)
 	if err != nil {
@@ -125,14 +139,14 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 	if foreground {
 		logger := log.New(stderr, "imgfuse: ", 0)
 		return serve(o, logger, func() {
-			printDemoNext(stdout, dir, true)
+			printDemoNext(stdout, dir, true, rootless)
 		})
 	}
 	if err := startDaemon(o); err != nil {
 		cleanup()
 		return err
 	}
-	printDemoNext(stdout, dir, false)
+	printDemoNext(stdout, dir, false, rootless)
 	return nil
 }
 
@@ -192,20 +206,31 @@ func writeSample(dir string) ([]string, error) {
 	return written, nil
 }
 
-func printDemoNext(w io.Writer, dir string, foreground bool) {
+// printDemoNext prints what to try on the demo's mount; rootless: with
+// fuse2fs instead of a loop device, which needs root.
+func printDemoNext(w io.Writer, dir string, foreground, rootless bool) {
 	mnt := filepath.Join(dir, "mnt")
 	self := demoCommand()
 	overlay := shellQuote(filepath.Join(dir, "overlay.qcow2"))
+	disk := shellQuote(filepath.Join(mnt, "disk"))
 	fmt.Fprintf(w, `Mounted %s (qcow2: compressed and zero clusters, backing file backing.qcow2)
 read-only on %s. The disk holds an ext4 filesystem. Next:
 
-  mkdir -p /mnt/x && mount -o loop,ro %s /mnt/x    # as root
-  cat /mnt/x/README.txt /mnt/x/layer.txt
+`, overlay, shellQuote(mnt))
+	fsmnt, umount := "/mnt/x", "umount /mnt/x"
+	if rootless {
+		fsmnt = shellQuote(filepath.Join(dir, "fs"))
+		umount = "fusermount3 -u " + fsmnt
+		fmt.Fprintf(w, "  fuse2fs -o ro %s %s    # no root needed (package fuse2fs)\n", disk, fsmnt)
+	} else {
+		fmt.Fprintf(w, "  mkdir -p /mnt/x && mount -o loop,ro %s /mnt/x    # as root\n", disk)
+	}
+	fmt.Fprintf(w, `  cat %s/README.txt %s/layer.txt
   %s info %s
-  umount /mnt/x && %s unmount %s
-`, overlay, shellQuote(mnt), shellQuote(filepath.Join(mnt, "disk")), self, overlay, self, shellQuote(mnt))
+  %s && %s unmount %s
+`, fsmnt, fsmnt, self, overlay, umount, self, shellQuote(mnt))
 	if foreground {
-		fmt.Fprintf(w, "\nServing in the foreground: Ctrl-C (after umount /mnt/x) stops it.\n")
+		fmt.Fprintf(w, "\nServing in the foreground: Ctrl-C (after %s) stops it.\n", umount)
 	} else {
 		fmt.Fprintf(w, "\nUnmounting removes the sample files (and %s, if the demo created it).\n", shellQuote(dir))
 	}
