@@ -70,11 +70,12 @@
 // /tmp/imgfuse-UID (never $TMPDIR: every command of a user must find the
 // same directory); a directory another user owns or may write is refused
 // (checkStateDir), since unmount trusts the pids and overlay names in it.
-// One JSON file per mount named by the SHA-256 of the canonical mountpoint, holding
-// the server's pid, image, format, access, passthrough state, serving mode,
-// overlay and pid file. `unmount` uses it to wait until the image is
-// closed, checking /proc/PID/cmdline so that a recycled pid is not waited
-// for; `status` lists them, checked against mountinfo and /proc/PID.
+// One JSON file per mount named by the SHA-256 of the canonical
+// mountpoint, holding the server's pid, image, format, access,
+// passthrough state, serving mode, overlay and pid file. `unmount` uses
+// it to wait until the image is closed, checking /proc/PID/cmdline so that
+// a recycled pid is not waited for; `status` lists them, checked against
+// mountinfo and /proc/PID.
 //
 // Throw-away writes (overlay.go): --overlay opens the image read-only
 // (QEMU's read-only locks: consistent read held, write and resize refused
