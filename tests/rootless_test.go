@@ -422,7 +422,8 @@ func extract(t *testing.T, src, dst string, off, n int64) {
 // mount that `imgfuse unmount` as the user detaches (fusermount3 -u -z),
 // exiting 0 with a note; the mountpoint then takes a new mount. On the
 // way: a raw image's passthrough is off for a user (it needs
-// CAP_SYS_ADMIN), and status says so.
+// CAP_SYS_ADMIN), and status says so; a regular file is a mountpoint for
+// a user too.
 func TestRootlessDeadMount(t *testing.T) {
 	t.Parallel()
 	e := requireRootless(t)
@@ -460,6 +461,19 @@ func TestRootlessDeadMount(t *testing.T) {
 	if _, err := f.ReadAt(b, 0); err != nil || string(b) != "again\n" {
 		t.Errorf("the image after the second mount starts with %q (%v), want the write", b, err)
 	}
+
+	// A regular file the user owns is a mountpoint too: the disk itself.
+	if err := os.WriteFile(e.path("file"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(e.path("file"), int(e.uid), int(e.gid)); err != nil {
+		t.Fatal(err)
+	}
+	e.mount(t, "disk.raw", "file")
+	if r := e.must(t, nil, "head", "-c", "6", "file"); r.stdout != "again\n" {
+		t.Errorf("the file mountpoint starts with %q, want the disk's bytes", r.stdout)
+	}
+	e.must(t, nil, "imgfuse", "unmount", "file")
 }
 
 // TestRootlessMountRefused: when fusermount3 refuses a user's mount (a
