@@ -1,9 +1,11 @@
 package fusefs
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -77,4 +79,29 @@ func TestCaptureStderr(t *testing.T) {
 	if before.Dev != after.Dev || before.Ino != after.Ino {
 		t.Errorf("descriptor 2 is not the original file after the capture")
 	}
+}
+
+// FuzzFusermountError: whatever was written to stderr during a mount, the
+// error is one line, and nothing written is lost: every line is either in
+// the message or handed back.
+func FuzzFusermountError(f *testing.F) {
+	f.Add([]byte("/usr/bin/fusermount3: user has no write access to mountpoint /m\n"))
+	f.Add([]byte("x\nfusermount: a\r\nfusermount3:\n: b\n/fusermount3: c"))
+	goFuse := errors.New("fusermount exited with code 256\n")
+	f.Fuzz(func(t *testing.T, out []byte) {
+		err, rest := fusermountError(goFuse, out)
+		var fe *FusermountError
+		if !errors.As(err, &fe) {
+			if err != goFuse || !bytes.Equal(rest, out) {
+				t.Fatalf("no fusermount lines, yet got %v and rest %q", err, rest)
+			}
+			return
+		}
+		if strings.ContainsAny(fe.Msg, "\n") || fe.Msg == "" {
+			t.Fatalf("message %q is not one line", fe.Msg)
+		}
+		if len(rest) >= len(out) {
+			t.Fatalf("rest %q keeps everything of %q", rest, out)
+		}
+	})
 }
