@@ -84,6 +84,11 @@ func requireRootless(t *testing.T, tools ...string) *userEnv {
 	}
 	t.Cleanup(func() { checkRaceLogs(t, dir) })
 
+	reach := exec.Command("test", "-w", dir)
+	reach.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: e.uid, Gid: e.gid, Groups: []uint32{}}}
+	if err := reach.Run(); err != nil {
+		t.Fatalf("%s cannot reach %s (%v): the temporary directory ($TMPDIR) must be one every user can traverse", name, dir, err)
+	}
 	r := e.run(t, nil, "sh", "-c", "exec 3<>/dev/fuse")
 	driverstest.SkipUnless(t, r.code == 0, "/dev/fuse cannot be opened by %s (distributions make it 0666; so does .ci/run): %s",
 		name, strings.TrimSpace(r.stderr))
