@@ -76,6 +76,10 @@ type stderrCapture struct {
 
 // captureStderr starts a capture. On error nothing has changed.
 func captureStderr() (*stderrCapture, error) {
+	// With descriptor 2 closed the pipe could take its number.
+	if _, err := unix.FcntlInt(2, unix.F_GETFD, 0); err != nil {
+		return nil, err
+	}
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		return nil, err
