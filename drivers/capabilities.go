@@ -123,8 +123,8 @@ type FileBacked interface {
 
 // Allocator is implemented by drivers that can tell, cheaply, how much of
 // the disk is backed by stored data: what st_blocks of the exposed file
-// reports, so that du, cp --sparse=auto and rsync -S see a sparse disk as
-// sparse.
+// reports, so that du, cp --sparse=auto and tar --sparse see a sparse
+// disk as sparse.
 type Allocator interface {
 	// Allocated estimates the bytes of the disk that some layer of the
 	// chain stores data for, in [0, Size()]: an empty disk reports about
