@@ -62,7 +62,8 @@
 // empty 1 TiB image says 1 TiB, and cp skips its SEEK_DATA path and reads
 // a terabyte of zeros. So st_blocks is the driver's drivers.Allocator
 // estimate (drivers.AllocatedOf: the size for a driver without one), in
-// 512-byte units rounded up, never more than the size's. What the estimate counts is each driver's to say:
+// 512-byte units rounded up, never more than the size's. What the estimate
+// counts is each driver's to say:
 //
 //   - raw: the image file's st_blocks (one fstat), clamped to the size;
 //     a block device counts as full;
