@@ -16,9 +16,10 @@ var _ drivers.Allocator = (*image)(nil)
 //     data only;
 //   - otherwise the image file's, less the header cluster, the L1 table,
 //     the refcount table, the snapshot table and the snapshots' L1 tables
-//     (their sizes at open, in 4 KiB blocks: metaFixed), one cluster per L2 table the
-//     L1 table in use names (l2Tables), and the refcount blocks needed to
-//     cover that many bytes of file (estimated, not read).
+//     (their sizes at open, in 4 KiB blocks: metaFixed), one cluster per
+//     L2 table the L1 table in use names (l2Tables), and the refcount
+//     blocks needed to cover that many bytes of file (estimated, not
+//     read).
 //
 // What it approximates:
 //
