@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
+
 	"imgfuse/drivers/driverstest"
 )
 
@@ -168,22 +170,18 @@ func waitLoopDetached(t *testing.T, file string) {
 
 // mountOptions returns the per-mount options of mountpoint mp.
 func mountOptions(t *testing.T, mp string) map[string]bool {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	m, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(mp))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 5 && unescapeMount(f[4]) == mp {
-			opts := map[string]bool{}
-			for _, o := range strings.Split(f[5], ",") {
-				opts[o] = true
-			}
-			return opts
-		}
+	if len(m) == 0 {
+		t.Fatalf("%s not mounted", mp)
 	}
-	t.Fatalf("%s not mounted", mp)
-	return nil
+	opts := map[string]bool{}
+	for _, o := range strings.Split(m[0].Options, ",") {
+		opts[o] = true
+	}
+	return opts
 }
 
 // TestExt4Writable is the everyday use: loop-mount an ext4 filesystem from

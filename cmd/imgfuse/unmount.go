@@ -150,7 +150,7 @@ func waitExit(pid int, timeout time.Duration, mountpoint string) error {
 
 // isImgfuseMount tells our mounts from others, so `imgfuse unmount` never
 // unmounts, say, a tmpfs by mistake.
-func isImgfuseMount(e mountEntry) bool {
+func isImgfuseMount(e *mountEntry) bool {
 	return e.FSType == "fuse.imgfuse" || strings.HasPrefix(e.Source, "imgfuse")
 }
 
