@@ -507,8 +507,13 @@ loop:
 			if err := srv.Unmount(); err != nil {
 				// Typically EBUSY: a loop device still holds the disk.
 				// Dropping the mount would fail the loop device's I/O,
-				// so keep serving.
-				logger.Printf("%v; still serving (detach loop devices using the disk, then retry)", err)
+				// so keep serving. busyReason reads only /proc and
+				// /sys, never the mount we serve.
+				why := "free the disk, then retry"
+				if e, ok, _ := findMount(mp); ok && (errors.Is(err, syscall.EBUSY) || strings.Contains(err.Error(), "busy")) {
+					why = busyReason(e, mp)
+				}
+				logger.Printf("%v; still serving: %s", err, why)
 			}
 		case <-served:
 			break loop

@@ -107,7 +107,7 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 	}
 	// unmount refuses a mount that is not ours.
 	code, _, stderr = runCLI(t, "unmount", mnt)
-	if code != exitFailure || !strings.Contains(stderr, "is not an imgfuse mount") {
+	if code != exitFailure || !strings.Contains(stderr, "busy mnt is a tmpfs mount (tmpfs), not imgfuse's; use umount(8)") {
 		t.Errorf("unmount tmpfs: exit %d, stderr %q", code, stderr)
 	}
 	if _, ok, _ := findMount(mnt); !ok {
