@@ -18,6 +18,7 @@ import (
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/luks"
 	"imgfuse/fusefs"
 )
 
@@ -256,6 +257,9 @@ func (o *mountOptions) validate() error {
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
 		return openError(err)
+	}
+	if isLUKS(format) {
+		return openError(describeOpenError(o.image, luks.ErrEncrypted))
 	}
 	if err := o.validateMountpoint(); err != nil {
 		return mountFailed(err)
