@@ -232,12 +232,12 @@ func (o *mountOptions) validate() error {
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.image)
 	if err != nil {
-		return openError(err) // "IMAGE: is a FIFO, not a regular file or block device"
+		return openError(describeOpenError(o.image, err)) // "open IMAGE: is a FIFO, not a regular file or block device"
 	}
 	head.Close()
 	f, err := os.Open(o.image)
 	if err != nil {
-		return openError(err) // "open IMAGE: no such file or directory"
+		return openError(describeOpenError(o.image, err)) // "open IMAGE: no such file or directory"
 	}
 	fi, err := f.Stat()
 	f.Close()
