@@ -246,6 +246,10 @@ func TestExt4Writable(t *testing.T) {
 	out := driverstest.Cmd(t, "fstrim", "-v", loopMP)
 	t.Logf("fstrim: %s", strings.TrimSpace(string(out)))
 	want := treeSummary(t, loopMP)
+	// While the loop mount holds the disk, unmount names it and the way out.
+	if r := imgfuse(t, nil, "unmount", mp); r.code != 1 || !strings.Contains(r.stderr, " is attached to "+disk+" (mounted on "+loopMP+"): umount "+loopMP) {
+		t.Errorf("unmount of the busy mount: want the loop device named\n%v", r)
+	}
 	if out, err := exec.Command("umount", loopMP).CombinedOutput(); err != nil {
 		t.Fatalf("umount %s: %v\n%s", loopMP, err, out)
 	}

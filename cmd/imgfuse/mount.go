@@ -101,6 +101,10 @@ FILE creates the overlay at FILE (which must not exist) and keeps it.
 --pidfile FILE: the server writes its pid to FILE once the mount answers
 and removes FILE when it exits.
 
+Encrypted images are refused (exit 5). A LUKS container, though, is
+exposed as its raw encrypted bytes with --format raw, for cryptsetup to
+open the disk.
+
 Exit status: 0 once the mount answers (with --foreground: after a clean
 unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4
 if another process holds its lock, 5 if it uses an unsupported feature
