@@ -4,8 +4,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 
+	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/drivers/raw"
 )
@@ -46,6 +48,31 @@ func TestOpenRefused(t *testing.T) {
 		t.Fatalf("open as raw: %v", err)
 	}
 	d.Close()
+}
+
+// TestRawHeadGuard: with luks among the formats, a probed writable raw
+// image refuses a guest write that would make it probe as LUKS (EPERM),
+// as it does for qcow2; the same write to a named raw image goes through.
+func TestRawHeadGuard(t *testing.T) {
+	formats := []drivers.Format{raw.Format{}, Format{}}
+	for _, tt := range []struct {
+		format string
+		want   error
+	}{{"auto", syscall.EPERM}, {"raw", nil}} {
+		path := filepath.Join(t.TempDir(), "disk.raw")
+		if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d, _, err := drivers.Open(path, tt.format, drivers.OpenOptions{NoDirectIO: true, Formats: formats, Logf: t.Logf})
+		if err != nil {
+			t.Fatal(err)
+		}
+		coroutine.Run(func(co *coroutine.Co) { _, err = d.WriteAt(co, []byte("LUKS\xba\xbe\x00\x01"), 0) })
+		d.Close()
+		if !errors.Is(err, tt.want) && err != tt.want {
+			t.Errorf("--format %s: write of the LUKS magic: %v, want %v", tt.format, err, tt.want)
+		}
+	}
 }
 
 func FuzzProbe(f *testing.F) {
