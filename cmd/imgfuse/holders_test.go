@@ -141,6 +141,10 @@ func TestUnmountNamesHolders(t *testing.T) {
 	if want := "imgfuse: " + disk + " is the disk of the imgfuse mount at " + mnt + "; run: imgfuse unmount " + mnt + "\n"; code != exitFailure || stderr != want {
 		t.Errorf("unmount of the disk: exit %d, %q; want %q", code, stderr, want)
 	}
+	code, _, stderr = runCLI(t, "unmount", filepath.Join(mnt, "part2"))
+	if !strings.Contains(stderr, "part2 is a partition of the disk of the imgfuse mount at "+mnt+"; run: imgfuse unmount "+mnt) {
+		t.Errorf("unmount of a partition: exit %d, %q", code, stderr)
+	}
 	elsewhere := t.TempDir()
 	code, _, stderr = runCLI(t, "unmount", elsewhere)
 	if mp, _ := canonicalPath(mnt); code != exitFailure || !strings.Contains(stderr, elsewhere+" is not mounted; the imgfuse mounts are: ") || !strings.Contains(stderr, mp) {

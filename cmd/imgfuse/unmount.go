@@ -146,7 +146,11 @@ func notMounted(mountpoint, mp string) error {
 		if parent == "." {
 			parent = e.Mountpoint
 		}
-		return fmt.Errorf("%s is the disk of the imgfuse mount at %s; run: imgfuse unmount %s", mountpoint, parent, shellQuote(parent))
+		what := "the disk"
+		if n, ok := strings.CutPrefix(filepath.Base(mp), "part"); ok && n != "" && strings.Trim(n, "0123456789") == "" {
+			what = "a partition of the disk" // fusefs names them partN
+		}
+		return fmt.Errorf("%s is %s of the imgfuse mount at %s; run: imgfuse unmount %s", mountpoint, what, parent, shellQuote(parent))
 	}
 	ours, err := readMounts(func(m *mountEntry) (skip, stop bool) { return !isImgfuseMount(m), false })
 	switch {
