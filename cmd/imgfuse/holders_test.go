@@ -131,7 +131,8 @@ func TestUnmountNamesHolders(t *testing.T) {
 	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitMount || !strings.Contains(stderr, "is not empty (it holds hidden)") {
 		t.Fatalf("mount on a non-empty directory: exit %d: %s", code, stderr)
 	}
-	if code, _, stderr := runCLI(t, "mount", "--nonempty", img, mnt); code != exitOK {
+	logFile := filepath.Join(t.TempDir(), "log")
+	if code, _, stderr := runCLI(t, "mount", "--nonempty", "--log", logFile, img, mnt); code != exitOK {
 		t.Fatalf("mount --nonempty: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
@@ -181,6 +182,24 @@ func TestUnmountNamesHolders(t *testing.T) {
 	}
 	if strings.Count(stderr, "\n") != 1 {
 		t.Errorf("busy unmount: %d lines", strings.Count(stderr, "\n"))
+	}
+	// A server asked to stop while busy keeps serving and logs why, on
+	// one line.
+	if err := unix.Kill(pid, unix.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	var logged string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(logFile)
+		if i := strings.Index(string(b), "still serving"); i >= 0 {
+			logged = string(b[strings.LastIndexByte(string(b[:i]), '\n')+1:])
+			logged = logged[:strings.IndexByte(logged, '\n')+1]
+			break
+		}
+	}
+	if !strings.Contains(logged, "busy") || !strings.Contains(logged, "still serving: "+loop+" is attached to ") ||
+		!strings.Contains(logged, fmt.Sprintf("pid %d (sleep) has", sleep.Process.Pid)) {
+		t.Errorf("server log on a busy SIGTERM: %q", logged)
 	}
 	if out, err := exec.Command("losetup", "-d", loop).CombinedOutput(); err != nil {
 		t.Fatalf("losetup -d: %v %s", err, out)

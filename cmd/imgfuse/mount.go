@@ -521,7 +521,8 @@ loop:
 				if e, ok, _ := findMount(mp); ok && (errors.Is(err, syscall.EBUSY) || strings.Contains(err.Error(), "busy")) {
 					why = busyReason(e, mp)
 				}
-				logger.Printf("%v; still serving: %s", err, why)
+				// go-fuse's fusermount error ends in a newline: one line.
+				logger.Printf("%s; still serving: %s", strings.Join(strings.Fields(err.Error()), " "), why)
 			}
 		case <-served:
 			break loop
