@@ -39,7 +39,7 @@ type holderScan struct {
 // maxHolders bounds how many holders a message names.
 const maxHolders = 6
 
-// busyHolders returns the holders of the mount e, a mount in the table m.
+// busyHolders returns the holders of the mount e, one of s.mounts.
 // show turns a path under the mount into the user's spelling.
 func (s holderScan) busyHolders(e *mountEntry, show func(string) string) []holder {
 	mp := e.Mountpoint
