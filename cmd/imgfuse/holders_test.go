@@ -123,7 +123,7 @@ func FuzzParseMaps(f *testing.F) {
 func TestUnmountNamesHolders(t *testing.T) {
 	requireFUSE(t)
 	if os.Geteuid() != 0 {
-		t.Skip("needs root for a loop device")
+		skipE2E(t, "needs root for a loop device")
 	}
 	img, mnt, _ := mountRaw(t)
 	file := filepath.Join(mnt, "hidden")
@@ -165,10 +165,17 @@ func TestUnmountNamesHolders(t *testing.T) {
 	t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
 	out, err := exec.Command("losetup", "-f", "--show", "-r", disk).Output()
 	if err != nil {
-		t.Skipf("losetup: %v", err)
+		skipE2E(t, fmt.Sprintf("losetup: %v", err))
 	}
 	loop := strings.TrimSpace(string(out))
-	t.Cleanup(func() { _ = exec.Command("losetup", "-d", loop).Run() })
+	// Detached once only: after the test's own losetup -d the name may
+	// already belong to another test's loop device.
+	detached := false
+	t.Cleanup(func() {
+		if !detached {
+			_ = exec.Command("losetup", "-d", loop).Run()
+		}
+	})
 
 	code, _, stderr = runCLI(t, "unmount", mnt)
 	for _, want := range []string{
@@ -204,6 +211,7 @@ func TestUnmountNamesHolders(t *testing.T) {
 	if out, err := exec.Command("losetup", "-d", loop).CombinedOutput(); err != nil {
 		t.Fatalf("losetup -d: %v %s", err, out)
 	}
+	detached = true
 	_ = sleep.Process.Kill()
 	_ = sleep.Wait()
 	// The loop device may take a moment to let go.

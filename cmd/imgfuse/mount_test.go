@@ -88,7 +88,7 @@ func TestMountValidationErrors(t *testing.T) {
 
 func TestMountpointAlreadyMounted(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
+		skipE2E(t, "needs root to mount a tmpfs")
 	}
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "disk.raw")
@@ -98,7 +98,7 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"); err != nil {
-		t.Skipf("mount tmpfs: %v", err)
+		skipE2E(t, fmt.Sprintf("mount tmpfs: %v", err))
 	}
 	t.Cleanup(func() { _ = unix.Unmount(mnt, 0) })
 	code, _, stderr := runCLI(t, "mount", raw, mnt)
@@ -131,16 +131,23 @@ func TestUnmountNotMounted(t *testing.T) {
 func requireFUSE(t *testing.T) {
 	t.Helper()
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
-			t.Fatal("/dev/fuse missing and IMGFUSE_REQUIRE_E2E is set")
-		}
-		t.Skip("no /dev/fuse")
+		skipE2E(t, "no /dev/fuse")
 	}
 	if os.Geteuid() != 0 {
 		if _, err := exec.LookPath("fusermount3"); err != nil {
-			t.Skip("not root and no fusermount3")
+			skipE2E(t, "not root and no fusermount3")
 		}
 	}
+}
+
+// skipE2E skips a test that needs what this machine lacks, or fails it
+// when IMGFUSE_REQUIRE_E2E is set (CI), so nothing is skipped silently.
+func skipE2E(t *testing.T, why string) {
+	t.Helper()
+	if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
+		t.Fatalf("%s, and IMGFUSE_REQUIRE_E2E is set", why)
+	}
+	t.Skip(why)
 }
 
 // mountRaw makes a raw image with a pattern and a mountpoint directory.
