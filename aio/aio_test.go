@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -150,6 +151,11 @@ func TestOpenEngines(t *testing.T) {
 			st, _ := os.Stat(p)
 			if mt, err := f.ModTime(); err != nil || !mt.Equal(st.ModTime()) {
 				t.Errorf("ModTime = %v, %v; want %v", mt, err, st.ModTime())
+			}
+			if want := st.Sys().(*syscall.Stat_t).Blocks * 512; want == 0 {
+				t.Errorf("a file of 1000 written bytes occupies no block")
+			} else if a, err := f.Allocated(); err != nil || a != want {
+				t.Errorf("Allocated = %d, %v; want %d (st_blocks × 512)", a, err, want)
 			}
 			if f.Name() != p {
 				t.Errorf("Name = %q", f.Name())
@@ -649,6 +655,9 @@ func TestCloseWithInflight(t *testing.T) {
 			}
 			if err := f.Pread(make([]byte, 1), 0); !errors.Is(err, ErrClosed) {
 				t.Errorf("Pread after Close = %v, want ErrClosed", err)
+			}
+			if _, err := f.Allocated(); !errors.Is(err, ErrClosed) {
+				t.Errorf("Allocated after Close = %v, want ErrClosed", err)
 			}
 			if err := f.Close(); !errors.Is(err, ErrClosed) {
 				t.Errorf("second Close = %v, want ErrClosed", err)

@@ -301,6 +301,22 @@ func (f *File) Size() (int64, error) {
 	return st.Size, nil
 }
 
+// Allocated returns the storage the file occupies on its filesystem:
+// st_blocks × 512, what du counts. It is less than the size where the file
+// has holes and may be more where the filesystem preallocated; a block
+// device reports 0 (the caller decides what that means). One fstat(2).
+func (f *File) Allocated() (int64, error) {
+	if err := f.begin(); err != nil {
+		return 0, err
+	}
+	defer f.end()
+	var st unix.Stat_t
+	if err := unix.Fstat(f.fd, &st); err != nil {
+		return 0, &os.PathError{Op: "fstat", Path: f.name, Err: err}
+	}
+	return st.Blocks * 512, nil
+}
+
 // ModTime returns the file's modification time.
 func (f *File) ModTime() (time.Time, error) {
 	var st unix.Stat_t

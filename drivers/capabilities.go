@@ -120,3 +120,30 @@ type FileBacked interface {
 	// not a regular file (a block device cannot back a FUSE file).
 	LendBackingFd(fn func(fd int) error) error
 }
+
+// Allocator is implemented by drivers that can tell, cheaply, how much of
+// the disk is backed by stored data: what st_blocks of the exposed file
+// reports, so that du, cp --sparse=auto and tar --sparse see a sparse
+// disk as sparse.
+type Allocator interface {
+	// Allocated estimates the bytes of the disk that some layer of the
+	// chain stores data for, in [0, Size()]: an empty disk reports about
+	// 0, a fully written one about Size(). It is called on every GETATTR,
+	// so it must stay cheap: a few fstat(2) calls, no table reads, no
+	// lock a request may hold for long. It never yields and may be called
+	// from any goroutine, in a coroutine or not. Each driver's doc says
+	// what its estimate counts.
+	Allocated() int64
+}
+
+// AllocatedOf is d's Allocated, or Size() when d is not an Allocator (a
+// disk nothing is known about counts as fully allocated, as a file without
+// holes would), clamped to [0, Size()].
+func AllocatedOf(d Driver) int64 {
+	size := d.Size()
+	a, ok := d.(Allocator)
+	if !ok {
+		return size
+	}
+	return min(max(a.Allocated(), 0), size)
+}

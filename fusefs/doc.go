@@ -26,7 +26,8 @@
 // driver's size; a ZERO_RANGE fallocate without KEEP_SIZE, likewise.
 // TestGrowable checks fstat, stat by path, an older descriptor and
 // SEEK_END after each kind, so no InodeNotify is needed. Times are
-// Options.ModTime (the image's mtime), never "now".
+// Options.ModTime (the image's mtime), never "now". st_blocks changes too,
+// with every write (see Allocation).
 //
 // # Partitions
 //
@@ -52,6 +53,71 @@
 // disk's passed-through ones; TestPartitionFiles reads a partition through
 // the driver while the disk is open, and TestOpenFlagsPartition checks the
 // flags.
+//
+// # Allocation: st_blocks
+//
+// st_blocks tells du how much of the file is stored, and cp --sparse=auto
+// and tar --sparse whether to look for holes (SEEK_DATA) at all. The
+// simple answer, size/512, makes every disk look fully allocated: du of an
+// empty 1 TiB image says 1 TiB, and cp skips its SEEK_DATA path and reads
+// a terabyte of zeros. So st_blocks is the driver's drivers.Allocator
+// estimate (drivers.AllocatedOf: the size for a driver without one), in
+// 512-byte units rounded up, never more than the size's. What the estimate
+// counts is each driver's to say:
+//
+//   - raw: the image file's st_blocks (one fstat), clamped to the size;
+//     a block device counts as full;
+//   - qcow2: each layer's file allocation (one fstat per layer) less the
+//     metadata it is known to hold (header, L1, refcount and snapshot
+//     tables, one cluster per L2 table, the refcount blocks for that much
+//     file), with an external data file that file's allocation; the
+//     layers of a chain summed; the total clamped to the size. It counts
+//     clusters freed by a discard until they are reused (nothing punches
+//     them out of the file), snapshot-only clusters and ranges stored in
+//     several layers too much, compressed clusters at their compressed
+//     size.
+//
+// An empty 1 TiB qcow2 image (qemu-img create: 208 KiB of metadata)
+// reports 0 blocks, a fully written disk its size, and writing N MiB
+// through the mount adds N MiB (tests/blocks_test.go checks du, cp
+// --sparse=always against qemu-img convert, a raw sparse file and an
+// overlay over a full base). QEMU's FUSE export reports the image file's
+// own allocation, metadata and all, and nothing of the backing chain
+// (QSD 7.2: 208 KiB for the empty 1 TiB image, 196 KiB for an empty
+// overlay over a full 32 MiB base, which imgfuse shows as 32 MiB).
+//
+// The options weighed: an exact count of data clusters needs every L2
+// table of every layer (2048 tables, 128 MiB of reads, for a full 1 TiB
+// qcow2 with 64 KiB clusters) at open or in the background, then a count
+// kept by every allocation and free under the metadata lock, and for a
+// chain the union of the layers, i.e. a walk of all of them; the refcount
+// blocks give the file's used clusters without the chain (32 MiB of reads
+// for the same image). The file's own allocation needs neither, and is
+// right wherever the file is: a preallocated image, a sparse raw file, a
+// qcow2 file whose holes stayed holes.
+//
+// Cost, the handler alone (BenchmarkGetAttr, fillAttr, 2 vCPUs):
+// 40 ns for a driver without Allocated, 0.8–1.5 µs for a raw or qcow2
+// image (one fstat), 3–3.8 µs for a chain of three layers; a stat that
+// reaches the daemon (statx with AT_STATX_FORCE_SYNC) takes 22–45 µs
+// either way, the FUSE round trip. GETATTR is rare anyway: attributes are
+// cached and only a write makes the kernel ask again.
+//
+// Freshness: the kernel marks st_blocks stale after each write, fallocate
+// and truncate it sends (fuse_write_update_attr, FUSE_STATX_MODIFY), so
+// the next stat of the written file asks GETATTR. Writes through one file
+// change the others' st_blocks, which the kernel cannot know: in a
+// directory mount with partitions, the disk and the partition files get a
+// 1 s attribute timeout instead of 24 h (the directory keeps 24 h).
+//
+// Partitions: a partN file reports its share of the disk's allocation,
+// allocated × partition size / disk size: exact for an empty and a full
+// disk, never more than the partition, but an even spread otherwise (a
+// full partition of a half-empty disk shows half full). The exact
+// intersection would walk the partition's extents (BlockStatus) on every
+// GETATTR – thousands of L2 lookups on a large disk – which is what
+// st_blocks must not cost. An underestimate only sends cp to SEEK_DATA,
+// which answers exactly.
 //
 // # Serving
 //

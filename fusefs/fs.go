@@ -3,6 +3,7 @@ package fusefs
 import (
 	"fmt"
 	"math"
+	"math/bits"
 	"os"
 	"syscall"
 	"time"
@@ -27,6 +28,12 @@ const (
 // tree never changes and the size only changes through SETATTR, whose reply
 // updates the kernel's copy, so a long timeout only saves round trips.
 const cacheTimeout = 24 * time.Hour
+
+// siblingTimeout is the attribute timeout of the disk and partition files
+// of a directory mount with partitions: a write through one of them
+// changes the others' st_blocks (package doc, "Allocation"), which the
+// kernel cannot know, so their attributes are asked again after this long.
+const siblingTimeout = time.Second
 
 // Handle flags kept in OpenOut.Fh.
 const fhWrite = 1 // the handle was opened for writing
@@ -139,7 +146,7 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 		}
 		a.Nlink = 1
 		a.Size = uint64(size)
-		a.Blocks = (uint64(size) + 511) / 512
+		a.Blocks = blocks(drivers.AllocatedOf(fs.d))
 	case fs.part(ino) != nil:
 		size := fs.part(ino).Size
 		a.Mode = syscall.S_IFREG | 0o644
@@ -148,7 +155,7 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 		}
 		a.Nlink = 1
 		a.Size = uint64(size)
-		a.Blocks = (uint64(size) + 511) / 512
+		a.Blocks = blocks(share(drivers.AllocatedOf(fs.d), fs.d.Size(), size))
 	case fs.dirMode && ino == fuse.FUSE_ROOT_ID:
 		a.Mode = syscall.S_IFDIR | 0o755
 		if fs.readOnly {
@@ -163,11 +170,40 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 	return true
 }
 
+// blocks is st_blocks for n allocated bytes: 512-byte units, rounded up.
+func blocks(n int64) uint64 { return (uint64(max(n, 0)) + 511) / 512 }
+
+// share is a partition's part of the disk's allocation: allocated bytes of
+// a disk of diskSize spread evenly, the part falling in partSize bytes
+// (see the package doc), never more than partSize.
+func share(allocated, diskSize, partSize int64) int64 {
+	if diskSize <= 0 || partSize <= 0 || allocated <= 0 {
+		return 0
+	}
+	allocated = min(allocated, diskSize)
+	// allocated*partSize/diskSize without overflow: the quotient is at
+	// most partSize, so the high word is below diskSize.
+	hi, lo := bits.Mul64(uint64(allocated), uint64(partSize))
+	if hi >= uint64(diskSize) {
+		return partSize
+	}
+	q, _ := bits.Div64(hi, lo, uint64(diskSize))
+	return min(int64(q), partSize)
+}
+
+// attrTimeout is how long the kernel may trust inode ino's attributes.
+func (fs *diskFS) attrTimeout(ino uint64) time.Duration {
+	if len(fs.parts) > 0 && ino != fuse.FUSE_ROOT_ID {
+		return siblingTimeout
+	}
+	return cacheTimeout
+}
+
 func (fs *diskFS) fillEntry(ino uint64, out *fuse.EntryOut) {
 	out.NodeId = ino
 	out.Generation = 1
 	out.SetEntryTimeout(cacheTimeout)
-	out.SetAttrTimeout(cacheTimeout)
+	out.SetAttrTimeout(fs.attrTimeout(ino))
 	fs.fillAttr(ino, &out.Attr)
 }
 
@@ -193,7 +229,7 @@ func (fs *diskFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.
 	if !fs.fillAttr(in.NodeId, &out.Attr) {
 		return fuse.ENOENT
 	}
-	out.SetTimeout(cacheTimeout)
+	out.SetTimeout(fs.attrTimeout(in.NodeId))
 	return fuse.OK
 }
 
@@ -220,7 +256,7 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 	if !fs.fillAttr(in.NodeId, &out.Attr) {
 		return fuse.ENOENT
 	}
-	out.SetTimeout(cacheTimeout)
+	out.SetTimeout(fs.attrTimeout(in.NodeId))
 	return fuse.OK
 }
 

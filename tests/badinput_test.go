@@ -1,7 +1,10 @@
 package tests
 
 import (
+	"bytes"
+	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -108,4 +111,27 @@ func TestDoubleMount(t *testing.T) {
 		t.Errorf("a second mount failed without a message")
 	}
 	compareFiles(t, disk, ref)
+}
+
+// TestLUKSAsRaw: a LUKS container is refused unless --format raw is
+// named; then its bytes are the disk, as asked.
+func TestLUKSAsRaw(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "disk.luks")
+	data := append([]byte("LUKS\xba\xbe\x00\x02"), bytes.Repeat([]byte{0x5c}, 1<<20-8)...)
+	if err := os.WriteFile(img, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := imgfuse(t, nil, "map", img); r.code != 5 || !strings.Contains(r.stderr, "is a LUKS-encrypted image: not supported") {
+		t.Errorf("map of a LUKS container: want exit 5\n%v", r)
+	}
+	_, disk := mount(t, img, false, "--format", "raw", "--read-only")
+	got, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Error("the disk of a LUKS container mounted --format raw differs from the file")
+	}
 }

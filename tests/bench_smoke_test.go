@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // benchWorkloads are the rows bench/run must report, in order: the fio
@@ -157,17 +159,16 @@ func checkBenchTable(t *testing.T, table string) {
 // benchLeftovers lists mountpoints of bench/run's work directories.
 func benchLeftovers(t *testing.T) []string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	prefix := filepath.Join(os.TempDir(), "imgfuse-bench.")
+	mounts, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !strings.HasPrefix(m.Mountpoint, prefix), false
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var left []string
-	prefix := filepath.Join(os.TempDir(), "imgfuse-bench.")
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 4 && strings.HasPrefix(unescapeMount(f[4]), prefix) {
-			left = append(left, unescapeMount(f[4]))
-		}
+	for _, m := range mounts {
+		left = append(left, m.Mountpoint)
 	}
 	return left
 }

@@ -10,8 +10,8 @@ import (
 	"imgfuse/drivers/driverstest"
 )
 
-// TestExitCodes provokes every exit code README.md documents, once each,
-// with the one-line message that goes with it.
+// TestExitCodes provokes every exit code README.md documents, at least
+// once each, with the one-line message that goes with it.
 func TestExitCodes(t *testing.T) {
 	requireE2E(t, "chattr")
 	dir := t.TempDir()
@@ -28,6 +28,14 @@ func TestExitCodes(t *testing.T) {
 	if err := os.WriteFile(corrupt, append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 4088)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	luks := filepath.Join(dir, "disk.luks")
+	if err := os.WriteFile(luks, append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	full := filepath.Join(dir, "full")
+	if err := os.MkdirAll(filepath.Join(full, "lost+found"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	mp := newMountpoint(t, false)
 
 	cases := []struct {
@@ -40,12 +48,15 @@ func TestExitCodes(t *testing.T) {
 		{"runtime error", []string{"unmount", mp}, 1, "is not mounted"},
 		{"usage: unknown flag", []string{"info", "--bogus", img}, 2, "unknown flag"},
 		{"usage: --name with a slash", []string{"mount", "--name", "a/b", img, mp}, 2, "--name"},
+		{"usage: --debug of a detached server without --log", []string{"mount", "--debug", img, mp}, 2, "--debug needs --log"},
 		{"cannot open: missing", []string{"info", img + ".nope"}, 3, "no such file"},
 		{"cannot open: wrong format", []string{"info", "-f", "qcow2", rawImg}, 3, "not a qcow2 image"},
 		{"cannot open: no such snapshot", []string{"mount", "--snapshot", "nope", img, mp}, 3, "first (id 1)"},
 		{"unsupported feature", []string{"info", unsupported}, 5, "unknown incompatible feature"},
+		{"unsupported: LUKS", []string{"mount", luks, mp}, 5, "is a LUKS-encrypted image: not supported"},
 		{"corrupt", []string{"info", corrupt}, 6, "corrupt"},
 		{"mount failure", []string{"mount", img, filepath.Join(dir, "no-such-dir")}, 7, "does not exist"},
+		{"mount failure: not empty", []string{"mount", img, full}, 7, "is not empty (it holds lost+found)"},
 	}
 	for _, c := range cases {
 		r := imgfuse(t, nil, c.args...)

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
+
 	"imgfuse/drivers/driverstest"
 )
 
@@ -168,22 +170,18 @@ func waitLoopDetached(t *testing.T, file string) {
 
 // mountOptions returns the per-mount options of mountpoint mp.
 func mountOptions(t *testing.T, mp string) map[string]bool {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	m, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(mp))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 5 && unescapeMount(f[4]) == mp {
-			opts := map[string]bool{}
-			for _, o := range strings.Split(f[5], ",") {
-				opts[o] = true
-			}
-			return opts
-		}
+	if len(m) == 0 {
+		t.Fatalf("%s not mounted", mp)
 	}
-	t.Fatalf("%s not mounted", mp)
-	return nil
+	opts := map[string]bool{}
+	for _, o := range strings.Split(m[0].Options, ",") {
+		opts[o] = true
+	}
+	return opts
 }
 
 // TestExt4Writable is the everyday use: loop-mount an ext4 filesystem from
@@ -248,6 +246,10 @@ func TestExt4Writable(t *testing.T) {
 	out := driverstest.Cmd(t, "fstrim", "-v", loopMP)
 	t.Logf("fstrim: %s", strings.TrimSpace(string(out)))
 	want := treeSummary(t, loopMP)
+	// While the loop mount holds the disk, unmount names it and the way out.
+	if r := imgfuse(t, nil, "unmount", mp); r.code != 1 || !strings.Contains(r.stderr, " is attached to "+disk+" (mounted on "+loopMP+"): umount "+loopMP) {
+		t.Errorf("unmount of the busy mount: want the loop device named\n%v", r)
+	}
 	if out, err := exec.Command("umount", loopMP).CombinedOutput(); err != nil {
 		t.Fatalf("umount %s: %v\n%s", loopMP, err, out)
 	}

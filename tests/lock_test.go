@@ -2,9 +2,13 @@ package tests
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -94,6 +98,112 @@ func TestLocking(t *testing.T) {
 		if _, err := os.OpenFile(disk, os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
 			t.Errorf("open O_RDWR on a --force-share mount: %v, want EROFS", err)
 		}
+		unmount(t, mp)
+	})
+}
+
+// qsdExport starts qemu-storage-daemon exporting the qcow2 image img
+// through FUSE on a fresh file, writable or read-only (then the blockdevs
+// are read-only too), and returns the exported file, or "" and the
+// daemon's output if it refused to start. With --daemonize the daemon
+// returns once the export serves, or fails with its error. Cleanup stops
+// it (by its pid) and unmounts the export, which QEMU 7.2 leaves mounted
+// when it exits.
+func qsdExport(t *testing.T, img string, writable bool) (file, out string) {
+	t.Helper()
+	mp := newMountpoint(t, true)
+	pidFile := filepath.Join(t.TempDir(), "qsd.pid")
+	ro, w := ",read-only=on", "off"
+	if writable {
+		ro, w = "", "on"
+	}
+	cmd := exec.Command("qemu-storage-daemon", "--daemonize", "--pidfile", pidFile,
+		"--blockdev", "driver=file,filename="+img+",node-name=f"+ro,
+		"--blockdev", "driver=qcow2,file=f,node-name=q"+ro,
+		"--export", "type=fuse,id=e,node-name=q,mountpoint="+mp+",writable="+w)
+	b, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Sprintf("%v: %s", err, b)
+	}
+	t.Cleanup(func() {
+		pb, err := os.ReadFile(pidFile)
+		pid, perr := strconv.Atoi(strings.TrimSpace(string(pb)))
+		if err != nil || perr != nil || pid <= 0 {
+			t.Errorf("qemu-storage-daemon's pid file %s: %q, %v", pidFile, pb, err)
+			return
+		}
+		syscall.Kill(pid, syscall.SIGTERM)
+		if !waitFor(10*time.Second, func() bool { return !alive(pid) }) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		forceUnmount(t, mp)
+	})
+	if !mounted(t, mp) {
+		t.Fatalf("qemu-storage-daemon started, but %s is not mounted", mp)
+	}
+	return mp, ""
+}
+
+// TestLockQSD: imgfuse and a running qemu-storage-daemon exclude each
+// other through QEMU's image locks, in both directions, and share what
+// QEMU's rules let them share.
+func TestLockQSD(t *testing.T) {
+	requireE2E(t, "qemu-storage-daemon", "fusermount3")
+	t.Parallel()
+
+	// QSD writes the image: imgfuse may neither write it nor read it
+	// with locks (exit 4, a lock message); -U reads what QSD shows.
+	t.Run("qsd-writes", func(t *testing.T) {
+		t.Parallel()
+		img, ref := smallQcow2(t)
+		exported, out := qsdExport(t, img, true)
+		if exported == "" {
+			t.Fatalf("qemu-storage-daemon did not start: %s", out)
+		}
+		for _, flags := range [][]string{nil, {"--read-only"}} {
+			args := append(append([]string{"mount"}, flags...), img, newMountpoint(t, false))
+			r := imgfuse(t, nil, args...)
+			if r.code != 4 || !lockMsg.MatchString(r.stderr) {
+				t.Errorf("imgfuse %s while QSD writes the image: %v, want exit 4 and a lock message", strings.Join(args, " "), r)
+			}
+		}
+		mp, disk := mount(t, img, false, "-U")
+		compareFiles(t, disk, exported)
+		compareFiles(t, disk, ref)
+		unmount(t, mp)
+	})
+
+	// imgfuse writes the image: QSD may not open it, writable or not.
+	t.Run("imgfuse-writes", func(t *testing.T) {
+		t.Parallel()
+		img, _ := smallQcow2(t)
+		mp, _ := mount(t, img, false)
+		for _, writable := range []bool{true, false} {
+			if exported, out := qsdExport(t, img, writable); exported != "" {
+				t.Errorf("qemu-storage-daemon (writable=%v) started on an image imgfuse writes", writable)
+			} else if !lockMsg.MatchString(out) {
+				t.Errorf("qemu-storage-daemon (writable=%v) failed, but not for a lock: %s", writable, out)
+			}
+		}
+		unmount(t, mp)
+	})
+
+	// imgfuse reads the image: a read-only QSD may read it too (the same
+	// bytes), a writable one may not.
+	t.Run("imgfuse-reads", func(t *testing.T) {
+		t.Parallel()
+		img, _ := smallQcow2(t)
+		mp, disk := mount(t, img, false, "--read-only")
+		if exported, out := qsdExport(t, img, true); exported != "" {
+			t.Errorf("a writable qemu-storage-daemon started on an image imgfuse reads")
+		} else if !lockMsg.MatchString(out) {
+			t.Errorf("a writable qemu-storage-daemon failed, but not for a lock: %s", out)
+		}
+		exported, out := qsdExport(t, img, false)
+		if exported == "" {
+			t.Fatalf("a read-only qemu-storage-daemon did not start beside a read-only mount: %s", out)
+		}
+		compareFiles(t, exported, disk)
 		unmount(t, mp)
 	})
 }

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 
 	"imgfuse/drivers/driverstest"
 )
@@ -153,42 +154,14 @@ func checkNoPanic(t *testing.T, out string) {
 	}
 }
 
-// mounted reports whether path is a mountpoint in /proc/self/mountinfo.
+// mounted reports whether path is a mountpoint in the mount table.
 func mounted(t *testing.T, path string) bool {
 	t.Helper()
-	f, err := os.Open("/proc/self/mountinfo")
+	m, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(path))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64<<10), 1<<20)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 4 && unescapeMount(fields[4]) == path {
-			return true
-		}
-	}
-	return false
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return len(m) > 0
 }
 
 // forceUnmount is the last resort: a lazy unmount so a failed test never
@@ -325,15 +298,13 @@ func newMountpoint(t *testing.T, file bool) string {
 // leftMounted returns the registered mountpoints that are still mounted,
 // after unmounting them lazily.
 func leftMounted() []string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		return nil
 	}
 	live := map[string]bool{}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 {
-			live[unescapeMount(f[4])] = true
-		}
+	for _, m := range mounts {
+		live[m.Mountpoint] = true
 	}
 	var left []string
 	mountpoints.Lock()

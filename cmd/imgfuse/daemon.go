@@ -439,13 +439,9 @@ func isImgfuseMountCmdline(cmdline []byte) bool {
 // abortConnection aborts the FUSE connection behind e (root only), failing
 // every pending and future request with ENOTCONN. It frees processes stuck
 // waiting on a server that will never answer.
-func abortConnection(e mountEntry) {
-	major, minor, ok := strings.Cut(e.Dev, ":")
-	if !ok || major != "0" {
+func abortConnection(e *mountEntry) {
+	if e.Major != 0 {
 		return
 	}
-	if _, err := strconv.Atoi(minor); err != nil {
-		return
-	}
-	_ = os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+	_ = os.WriteFile("/sys/fs/fuse/connections/"+strconv.Itoa(e.Minor)+"/abort", []byte("1"), 0)
 }

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 func TestStateRoundTrip(t *testing.T) {
@@ -82,34 +84,40 @@ func TestImgfuseMountCmdline(t *testing.T) {
 	}
 }
 
-func TestReadMountInfo(t *testing.T) {
-	path := tempPath(t, "mountinfo")
+// TestMountTableEscapes: the mount table as findMount and status read it
+// (moby/sys/mountinfo): paths unescaped, our mounts told from others.
+func TestMountTableEscapes(t *testing.T) {
 	content := "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n" +
 		"43 27 0:40 / /tmp/d\\040x/mnt rw,nosuid shared:7 master:2 - fuse.imgfuse imgfuse:/tmp/a\\040b.qcow2 rw,user_id=0\n" +
-		"garbage line\n" +
 		"44 27 0:41 / /back\\134slash rw - tmpfs tmpfs rw\n"
-	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	got, err := readMountInfo(path)
+	got, err := mountinfo.GetMountsFromReader(strings.NewReader(content), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []mountEntry{
-		{"8:1", "/", "ext4", "/dev/sda1"},
-		{"0:40", "/tmp/d x/mnt", "fuse.imgfuse", "imgfuse:/tmp/a b.qcow2"},
-		{"0:41", `/back\slash`, "tmpfs", "tmpfs"},
+	type entry struct {
+		major, minor       int
+		mp, fstype, source string
+	}
+	want := []entry{
+		{8, 1, "/", "ext4", "/dev/sda1"},
+		{0, 40, "/tmp/d x/mnt", "fuse.imgfuse", "imgfuse:/tmp/a b.qcow2"},
+		{0, 41, `/back\slash`, "tmpfs", "tmpfs"},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("got %+v", got)
 	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Errorf("entry %d: %+v, want %+v", i, got[i], want[i])
+	for i, w := range want {
+		g := entry{got[i].Major, got[i].Minor, got[i].Mountpoint, got[i].FSType, got[i].Source}
+		if g != w {
+			t.Errorf("entry %d: %+v, want %+v", i, g, w)
 		}
 	}
-	if !isImgfuseMount(got[1]) || isImgfuseMount(got[2]) {
+	if !isImgfuseMount(got[1]) || isImgfuseMount(got[2]) || isImgfuseMount(got[0]) {
 		t.Error("isImgfuseMount misclassifies")
+	}
+	// The live table has at least the root mount, found by findMount.
+	if e, ok, err := findMount("/"); err != nil || !ok || e.Mountpoint != "/" {
+		t.Errorf("findMount(/) = %+v, %v, %v", e, ok, err)
 	}
 }
 

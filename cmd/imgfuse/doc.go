@@ -16,7 +16,11 @@
 // mount daemon sends its error to the parent as "E<code> <message>" so the
 // parent exits with the daemon's code. Errors are printed to stderr
 // prefixed "imgfuse: ", one line, naming the image once (open.go strips
-// the drivers' repeated path prefixes).
+// the drivers' repeated path prefixes; open_test.go provokes every open
+// error with mount, info, check and map and holds each message to that).
+// Mountpoint problems (missing, not empty without --nonempty, already a
+// mount) are 7, like a refused FUSE mount: the command line was well
+// formed, the place to mount is not.
 //
 // Daemonizing (daemon.go). A Go process cannot fork, so `mount` re-execs
 // /proc/self/exe with IMGFUSE_DAEMON_READY_FD=3 and the write end of a pipe
@@ -40,8 +44,8 @@
 // back the user's spelling of MNT (userSpelling).
 //
 // Serving (mount.go). SIGINT/SIGTERM unmount; if the mount is busy (a loop
-// device holds the disk) the server logs it and keeps serving, because
-// dropping it would fail the loop device's I/O. When the FUSE server stops
+// device holds the disk) the server logs who holds it (holders.go) and
+// keeps serving, because dropping it would fail the loop device's I/O. When the FUSE server stops
 // for any reason (our unmount, an external umount/fusermount3 -u), the
 // driver is flushed and then closed — closed even if the flush failed, so
 // the descriptors and image locks go — the state file removed, and the
@@ -64,6 +68,26 @@
 // The image path is checked with aio.OpenHead before anything else: a
 // FIFO, device, directory or socket fails at once with its kind instead of
 // blocking the open (a FIFO) or mounting an endless disk (/dev/zero).
+//
+// Busy mounts (holders.go). When umount says EBUSY, `unmount` (and the
+// server, logging) names each holder and its fix: loop devices whose
+// /sys/block/loop*/loop/backing_file is under the mount, with the mounts
+// made from them; processes whose /proc/PID/fd, cwd or root links point
+// under it or whose maps show its device number; mounts on the disk. It
+// reads only /proc, /sys and the mount table: a stat or open inside a busy
+// FUSE mount from the process that serves it would wait for itself.
+// unmount resolves MOUNTPOINT without looking inside an imgfuse mount, so
+// that 'unmount MNT/disk' can point at MNT instead.
+//
+// The mount table is read with github.com/moby/sys/mountinfo
+// (mountinfo.go): its parser handles the octal escapes and optional fields
+// the hand-written one did, and the end-to-end tests use the same.
+//
+// Formats (formats.go): qcow2, raw, and luks, which opens nothing; it is
+// in the probe list so that a LUKS container is refused by name rather
+// than exposed as raw ciphertext, and --format lists only the other two.
+// --debug without --log is refused for a detached server, whose stderr is
+// /dev/null.
 //
 // State files: /run/imgfuse (root) or $XDG_RUNTIME_DIR/imgfuse, else
 // /run/user/UID/imgfuse if that runtime directory exists, else

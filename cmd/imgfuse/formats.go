@@ -4,22 +4,31 @@ import (
 	"strings"
 
 	"imgfuse/drivers"
+	"imgfuse/drivers/luks"
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
 )
 
 // imageFormats is every format imgfuse knows, handed to drivers.Open for
 // probing the image and its backing files. Order does not matter for
-// probing (the highest score wins); it is the order shown in help.
+// probing (the highest score wins); it is the order shown in help. luks
+// opens nothing: it is there so that a LUKS container is refused by name
+// instead of probing as raw (drivers/luks).
 func imageFormats() []drivers.Format {
-	return []drivers.Format{qcow2.Format{}, raw.Format{}}
+	return []drivers.Format{qcow2.Format{}, raw.Format{}, luks.Format{}}
 }
 
-// formatChoices is the valid values of --format: "auto" and each format.
+// isLUKS reports whether format is the LUKS format, known only to refuse.
+func isLUKS(format string) bool { return format == (luks.Format{}).Name() }
+
+// formatChoices is the valid values of --format: "auto" and each format
+// that can be opened.
 func formatChoices() []string {
 	names := []string{"auto"}
 	for _, f := range imageFormats() {
-		names = append(names, f.Name())
+		if !isLUKS(f.Name()) {
+			names = append(names, f.Name())
+		}
 	}
 	return names
 }

@@ -98,16 +98,36 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 		return nil, err
 	}
 	links := []chainLink{{info: info, parts: readPartitionList(image, format)}}
+	seen := map[[2]uint64]bool{}
+	fileID := func(path string) ([2]uint64, bool) {
+		var st syscall.Stat_t
+		if syscall.Stat(path, &st) != nil {
+			return [2]uint64{}, false
+		}
+		return [2]uint64{st.Dev, st.Ino}, true
+	}
+	if id, ok := fileID(image); ok {
+		seen[id] = true
+	}
 	for depth := 0; info.BackingFilename != ""; depth++ {
 		next := pathCombine(info.Filename, info.BackingFilename)
 		if depth >= 64 {
-			return nil, fmt.Errorf("%s: backing chain deeper than 64 images (a loop?)", image)
+			return nil, fmt.Errorf("%s: backing chain deeper than 64 images%w", image, sentinelOf(drivers.ErrCorrupt))
 		}
 		bfmt := info.BackingFormat
 		if bfmt == "" {
 			bfmt = "auto"
 		}
-		info, err = describeImage(next, bfmt)
+		id, ok := fileID(next)
+		if ok && seen[id] {
+			// QEMU: "Backing file '...' creates an infinite loop".
+			err = fmt.Errorf("open %s: backing chain loop: the file appears twice in the chain%w", next, sentinelOf(drivers.ErrCorrupt))
+		} else {
+			if ok {
+				seen[id] = true
+			}
+			info, err = describeImage(next, bfmt)
+		}
 		if err != nil {
 			if strict {
 				return nil, fmt.Errorf("backing file of %s: %w", links[len(links)-1].info.Filename, err)

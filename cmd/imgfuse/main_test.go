@@ -52,6 +52,7 @@ func TestUsageErrors(t *testing.T) {
 		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, exitUsage, "--growable needs a writable mount, not --read-only"},
 		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, exitUsage, "--snapshot is read-only"},
 		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, exitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
+		{"debug detached without log", []string{"mount", "--debug", "a", "b"}, exitUsage, "--debug needs --log FILE (or --foreground"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

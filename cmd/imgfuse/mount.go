@@ -18,6 +18,7 @@ import (
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/luks"
 	"imgfuse/fusefs"
 )
 
@@ -41,6 +42,8 @@ type mountOptions struct {
 	cacheSize  string
 	debug      bool
 	logFile    string
+	// nonEmpty: mount over a directory that holds files (hiding them).
+	nonEmpty bool
 
 	// overlay: serve a temporary qcow2 overlay over the image, removed
 	// on exit; overlayKeep: the overlay at this path, kept (absolute
@@ -60,6 +63,8 @@ const mountLong = `Mount IMAGE so that MOUNTPOINT exposes it as one regular file
 
 MOUNTPOINT must exist. If it is a directory, the disk appears as
 MOUNTPOINT/disk (see --name); if it is a regular file, it becomes the disk.
+A directory that is not empty is refused (exit 7), since the mount would
+hide its files, unless --nonempty is given.
 
 By default imgfuse detaches and returns once the mount answers; errors from
 opening the image are printed here and the exit code is non-zero. Stop it
@@ -102,11 +107,17 @@ FILE creates the overlay at FILE (which must not exist) and keeps it.
 --pidfile FILE: the server writes its pid to FILE once the mount answers
 and removes FILE when it exits.
 
+Encrypted images are refused (exit 5). A LUKS container, though, is
+exposed as its raw encrypted bytes with --format raw, for cryptsetup to
+open the disk.
+
 Exit status: 0 once the mount answers (with --foreground: after a clean
-unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4 if
-another process holds its lock, 5 if it uses an unsupported feature, 6 if it
-is corrupt, 7 if the mount itself fails, 8 (with --foreground) if the final
-flush fails; 1 for anything else.`
+unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4
+if another process holds its lock, 5 if it uses an unsupported feature
+(an encrypted image, for one), 6 if it is corrupt, 7 if the mount itself
+fails (the mountpoint is missing, not empty, already a mount, or the FUSE
+mount is refused), 8 (with --foreground) if the final flush fails; 1 for
+anything else.`
 
 func newMountCmd() *cobra.Command {
 	o := &mountOptions{}
@@ -127,6 +138,9 @@ func newMountCmd() *cobra.Command {
 			}
 			if err := o.checkWriteFlags(); err != nil {
 				return err
+			}
+			if o.debug && o.logFile == "" && !o.foreground {
+				return usagef("--debug needs --log FILE (or --foreground, to log to stderr): a detached server's messages are discarded")
 			}
 			if o.name != "" && (strings.ContainsRune(o.name, '/') || o.name == "." || o.name == "..") {
 				return usagef("invalid --name %q: a file name, without '/'", o.name)
@@ -170,10 +184,11 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.noPassthru, "no-passthrough", false, "never let the kernel serve a raw image's reads itself (FUSE passthrough); every read then goes through imgfuse")
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
-	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (use with --foreground or --log)")
+	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (needs --log FILE, or --foreground to log to stderr)")
 	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
 	f.BoolVar(&o.overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
 	f.StringVar(&o.overlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
+	f.BoolVar(&o.nonEmpty, "nonempty", false, "mount on a directory MOUNTPOINT that is not empty, hiding its files while mounted")
 	f.StringVar(&o.pidFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	f.StringArrayVar(&o.removeOnExit, "remove-on-exit", nil, "internal: paths the server removes after unmounting")
 	_ = f.MarkHidden("remove-on-exit")
@@ -227,12 +242,12 @@ func (o *mountOptions) validate() error {
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.image)
 	if err != nil {
-		return openError(err) // "IMAGE: is a FIFO, not a regular file or block device"
+		return openError(describeOpenError(o.image, err)) // "open IMAGE: is a FIFO, not a regular file or block device"
 	}
 	head.Close()
 	f, err := os.Open(o.image)
 	if err != nil {
-		return openError(err) // "open IMAGE: no such file or directory"
+		return openError(describeOpenError(o.image, err)) // "open IMAGE: no such file or directory"
 	}
 	fi, err := f.Stat()
 	f.Close()
@@ -252,6 +267,9 @@ func (o *mountOptions) validate() error {
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
 		return openError(err)
+	}
+	if isLUKS(format) {
+		return openError(describeOpenError(o.image, luks.ErrEncrypted))
 	}
 	if err := o.validateMountpoint(); err != nil {
 		return mountFailed(err)
@@ -322,7 +340,33 @@ func (o *mountOptions) validateMountpoint() error {
 		return fmt.Errorf("mountpoint %s is already a mount (%s, type %s); unmount it first or choose another",
 			o.mountpoint, e.Source, e.FSType)
 	}
+	if mi.IsDir() && !o.nonEmpty {
+		if name, err := firstEntry(o.mountpoint); err != nil {
+			return fmt.Errorf("mountpoint: %w", err)
+		} else if name != "" {
+			return fmt.Errorf("mountpoint %s is not empty (it holds %s); the mount would hide its files: "+
+				"choose an empty directory, or give --nonempty", o.mountpoint, name)
+		}
+	}
 	return nil
+}
+
+// firstEntry returns the name of one entry of directory dir, "" if it is
+// empty.
+func firstEntry(dir string) (string, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(1)
+	if errors.Is(err, io.EOF) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return names[0], nil
 }
 
 // resolveFormat returns the format name to open image with: name itself,
@@ -482,8 +526,14 @@ loop:
 			if err := srv.Unmount(); err != nil {
 				// Typically EBUSY: a loop device still holds the disk.
 				// Dropping the mount would fail the loop device's I/O,
-				// so keep serving.
-				logger.Printf("%v; still serving (detach loop devices using the disk, then retry)", err)
+				// so keep serving. busyReason reads only /proc and
+				// /sys, never the mount we serve.
+				why := "free the disk, then retry"
+				if e, ok, _ := findMount(mp); ok && (errors.Is(err, syscall.EBUSY) || strings.Contains(err.Error(), "busy")) {
+					why = busyReason(e, mp)
+				}
+				// go-fuse's fusermount error ends in a newline: one line.
+				logger.Printf("%s; still serving: %s", strings.Join(strings.Fields(err.Error()), " "), why)
 			}
 		case <-served:
 			break loop

@@ -44,6 +44,10 @@ func TestMountValidationErrors(t *testing.T) {
 	if err := unix.Mkfifo(fifo, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	full := filepath.Join(dir, "full")
+	if err := os.MkdirAll(filepath.Join(full, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	bad := filepath.Join(dir, "bad.qcow2")
 	// qcow2 magic, version 3, nonsense cluster bits.
 	if err := os.WriteFile(bad, append([]byte("QFI\xfb\x00\x00\x00\x03"), bytes.Repeat([]byte{0xee}, 4088)...), 0o644); err != nil {
@@ -61,6 +65,7 @@ func TestMountValidationErrors(t *testing.T) {
 		{"image is a directory", []string{"mount", dir, mnt}, mnt, "is a directory", exitOpen},
 		{"missing mountpoint", []string{"mount", raw, mnt + "2"}, mnt + "2", "mountpoint " + mnt + "2 does not exist", exitMount},
 		{"fifo mountpoint", []string{"mount", raw, fifo}, fifo, "neither a directory nor a regular file", exitMount},
+		{"non-empty mountpoint", []string{"mount", raw, full}, full, "mountpoint " + full + " is not empty (it holds etc); the mount would hide its files: choose an empty directory, or give --nonempty", exitMount},
 		{"snapshot on raw", []string{"mount", "--snapshot", "s1", raw, mnt}, mnt, "is a raw image, which has no snapshots", exitFailure},
 		{"snapshot on forced raw", []string{"mount", "--format", "raw", "--snapshot", "1", bad, mnt}, mnt, "raw image", exitFailure},
 		{"qcow2 format on a raw file", []string{"mount", "-f", "qcow2", raw, mnt}, mnt, "imgfuse: open " + raw + ": not a qcow2 image", exitOpen},
@@ -83,7 +88,7 @@ func TestMountValidationErrors(t *testing.T) {
 
 func TestMountpointAlreadyMounted(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
+		skipE2E(t, "needs root to mount a tmpfs")
 	}
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "disk.raw")
@@ -93,7 +98,7 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"); err != nil {
-		t.Skipf("mount tmpfs: %v", err)
+		skipE2E(t, fmt.Sprintf("mount tmpfs: %v", err))
 	}
 	t.Cleanup(func() { _ = unix.Unmount(mnt, 0) })
 	code, _, stderr := runCLI(t, "mount", raw, mnt)
@@ -102,7 +107,7 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 	}
 	// unmount refuses a mount that is not ours.
 	code, _, stderr = runCLI(t, "unmount", mnt)
-	if code != exitFailure || !strings.Contains(stderr, "is not an imgfuse mount") {
+	if code != exitFailure || !strings.Contains(stderr, "busy mnt is a tmpfs mount (tmpfs), not imgfuse's; use umount(8)") {
 		t.Errorf("unmount tmpfs: exit %d, stderr %q", code, stderr)
 	}
 	if _, ok, _ := findMount(mnt); !ok {
@@ -126,16 +131,23 @@ func TestUnmountNotMounted(t *testing.T) {
 func requireFUSE(t *testing.T) {
 	t.Helper()
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
-			t.Fatal("/dev/fuse missing and IMGFUSE_REQUIRE_E2E is set")
-		}
-		t.Skip("no /dev/fuse")
+		skipE2E(t, "no /dev/fuse")
 	}
 	if os.Geteuid() != 0 {
 		if _, err := exec.LookPath("fusermount3"); err != nil {
-			t.Skip("not root and no fusermount3")
+			skipE2E(t, "not root and no fusermount3")
 		}
 	}
+}
+
+// skipE2E skips a test that needs what this machine lacks, or fails it
+// when IMGFUSE_REQUIRE_E2E is set (CI), so nothing is skipped silently.
+func skipE2E(t *testing.T, why string) {
+	t.Helper()
+	if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
+		t.Fatalf("%s, and IMGFUSE_REQUIRE_E2E is set", why)
+	}
+	t.Skip(why)
 }
 
 // mountRaw makes a raw image with a pattern and a mountpoint directory.

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"imgfuse/drivers"
+	"imgfuse/drivers/luks"
 )
 
 // addFormatFlag adds --format/-f, as qemu-img spells it.
@@ -47,7 +48,11 @@ func checkExplicitFormat(image, format string) error {
 	if err != nil {
 		return openError(fmt.Errorf("open %s: %w", image, trimPathError(err, image)))
 	}
-	if got.Name() != want.Name() && want.Name() != "raw" {
+	switch {
+	case got.Name() == want.Name() || want.Name() == "raw":
+	case isLUKS(got.Name()):
+		return openError(fmt.Errorf("open %s: not a %s image (it is a LUKS-encrypted image)", image, want.Name()))
+	default:
 		return openError(fmt.Errorf("open %s: not a %s image (its contents look like %s)", image, want.Name(), got.Name()))
 	}
 	return nil
@@ -67,6 +72,11 @@ func describeOpenError(image string, err error) error {
 	}
 	if errors.Is(err, drivers.ErrLocked) {
 		msg += forceShareHint
+	}
+	if msg == luks.ErrEncrypted.Error() {
+		// The image itself, not a backing file: its ciphertext is there
+		// for whoever asks for it (cryptsetup can open the mounted disk).
+		msg += " (--format raw exposes its encrypted bytes)"
 	}
 	return fmt.Errorf("open %s: %s%w", image, msg, sentinelOf(err))
 }

@@ -92,13 +92,13 @@ func listStatus(dir string) ([]statusEntry, error) {
 	if err != nil {
 		return nil, err
 	}
-	mounts, err := readMountInfo("/proc/self/mountinfo")
+	mounts, err := readMounts(nil)
 	if err != nil {
 		return nil, err
 	}
-	live := map[string]mountEntry{}
+	live := map[string]*mountEntry{}
 	for _, m := range mounts {
-		live[m.MountPoint] = m
+		live[m.Mountpoint] = m
 	}
 	entries := []statusEntry{}
 	for _, name := range names {
@@ -118,7 +118,7 @@ func listStatus(dir string) ([]statusEntry, error) {
 
 // describeState turns a state file into a status entry, deciding its
 // state from the process and the mount table.
-func describeState(st daemonState, live map[string]mountEntry) statusEntry {
+func describeState(st daemonState, live map[string]*mountEntry) statusEntry {
 	e := statusEntry{
 		Mountpoint: st.Mountpoint, Image: st.Image, Format: st.Format, PID: st.PID,
 		ReadOnly: st.ReadOnly, Passthrough: st.Passthrough == "on", PassthroughDetail: st.Passthrough,

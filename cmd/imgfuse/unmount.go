@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -25,8 +26,15 @@ its server left is removed, with its temporary --overlay file. If the
 mount is already gone but such state remains, unmount removes it and
 exits 0.
 
-The unmount fails while the disk is in use, typically by a loop device:
-umount the filesystem on it and 'losetup -d' the device first.`
+The unmount fails while the disk is in use: the error names each holder
+(a loop device attached to the disk and where it is mounted, a process
+with the disk open, mapped or as its working directory, a mount on the
+disk) and what frees it, e.g. 'umount /mnt/root' for a loop mount.
+
+MOUNTPOINT is the directory (or file) given to 'imgfuse mount'. Given the
+disk inside it, or a path where nothing is mounted, unmount says so and
+names the imgfuse mounts there are; given another kind of mount, it
+refuses to touch it.`
 
 func newUnmountCmd() *cobra.Command {
 	var timeout time.Duration
@@ -50,7 +58,7 @@ func newUnmountCmd() *cobra.Command {
 // unmount implements `imgfuse unmount`; notes receives informational
 // messages that are not errors.
 func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
-	mp, err := canonicalPath(mountpoint)
+	mp, err := resolveMountpoint(mountpoint)
 	if err != nil {
 		return fmt.Errorf("unmount %s: %w", mountpoint, err)
 	}
@@ -74,10 +82,10 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 			fmt.Fprintf(notes, "imgfuse: note: %s is not mounted; removed the state its dead server (pid %d) left\n", mountpoint, st.PID)
 			return nil
 		}
-		return fmt.Errorf("%s is not mounted", mountpoint)
+		return notMounted(mountpoint, mp)
 	}
 	if !isImgfuseMount(e) {
-		return fmt.Errorf("%s is not an imgfuse mount (it is %s, type %s); use umount(8)", mountpoint, e.Source, e.FSType)
+		return fmt.Errorf("%s is a %s mount (%s), not imgfuse's; use umount(8)", mountpoint, e.FSType, e.Source)
 	}
 
 	if isDeadMount(mp) {
@@ -99,8 +107,7 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 	}
 	if err != nil {
 		if errors.Is(err, syscall.EBUSY) {
-			return fmt.Errorf("unmount %s: target is busy: the disk is still in use, probably by a loop device; "+
-				"'umount' the filesystem mounted from it and 'losetup -d' the loop device first", mountpoint)
+			return fmt.Errorf("unmount %s: target is busy: %s", mountpoint, busyReason(e, mountpoint))
 		}
 		return fmt.Errorf("unmount %s: %w", mountpoint, err)
 	}
@@ -112,6 +119,66 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return err
 	}
 	return serverCloseError(dir, mp, st.PID, mountpoint)
+}
+
+// resolveMountpoint is canonicalPath without touching a file of an imgfuse
+// mount: when the parent directory of p is one (p is its disk, or a
+// partition), p is not resolved further.
+func resolveMountpoint(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	if dir, err := filepath.EvalSymlinks(filepath.Dir(abs)); err == nil {
+		if e, ok, _ := findMount(dir); ok && isImgfuseMount(e) {
+			return filepath.Join(dir, filepath.Base(abs)), nil
+		}
+	}
+	return canonicalPath(abs)
+}
+
+// notMounted explains why mountpoint (resolved: mp) cannot be unmounted:
+// it is the disk of an imgfuse mount, or nothing is mounted there; the
+// imgfuse mounts that exist are listed.
+func notMounted(mountpoint, mp string) error {
+	if e, ok, _ := findMount(filepath.Dir(mp)); ok && isImgfuseMount(e) {
+		parent := filepath.Dir(mountpoint)
+		if parent == "." {
+			parent = e.Mountpoint
+		}
+		what := "the disk"
+		if n, ok := strings.CutPrefix(filepath.Base(mp), "part"); ok && n != "" && strings.Trim(n, "0123456789") == "" {
+			what = "a partition of the disk" // fusefs names them partN
+		}
+		return fmt.Errorf("%s is %s of the imgfuse mount at %s; run: imgfuse unmount %s", mountpoint, what, parent, shellQuote(parent))
+	}
+	ours, err := readMounts(func(m *mountEntry) (skip, stop bool) { return !isImgfuseMount(m), false })
+	switch {
+	case err != nil:
+		return fmt.Errorf("%s is not mounted", mountpoint)
+	case len(ours) == 0:
+		return fmt.Errorf("%s is not mounted; there are no imgfuse mounts", mountpoint)
+	}
+	var names []string
+	for _, m := range ours {
+		names = append(names, m.Mountpoint)
+	}
+	return fmt.Errorf("%s is not mounted; the imgfuse mounts are: %s", mountpoint, strings.Join(names, ", "))
+}
+
+// busyReason names what keeps the mount e busy and how to free it, with
+// paths under the mount spelled from mountpoint.
+func busyReason(e *mountEntry, mountpoint string) string {
+	mounts, _ := readMounts(nil)
+	s := holderScan{proc: "/proc", sys: "/sys", self: os.Getpid(), mounts: mounts}
+	hs := s.busyHolders(e, func(p string) string {
+		return filepath.Join(mountpoint, strings.TrimPrefix(p, e.Mountpoint))
+	})
+	if len(hs) == 0 {
+		return "the disk is still in use, but by no process or loop device visible here " +
+			"(another mount namespace?); 'fuser -vm " + shellQuote(mountpoint) + "' may tell"
+	}
+	return describeHolders(hs)
 }
 
 // serverCloseError returns the flush or close error that the server pid
@@ -150,7 +217,7 @@ func waitExit(pid int, timeout time.Duration, mountpoint string) error {
 
 // isImgfuseMount tells our mounts from others, so `imgfuse unmount` never
 // unmounts, say, a tmpfs by mistake.
-func isImgfuseMount(e mountEntry) bool {
+func isImgfuseMount(e *mountEntry) bool {
 	return e.FSType == "fuse.imgfuse" || strings.HasPrefix(e.Source, "imgfuse")
 }
 

@@ -346,6 +346,19 @@ func checkBlockStatus(t *testing.T, d drivers.Driver, ref []byte) {
 		t.Errorf("BlockStatus reports no data, but the disk holds non-zero bytes")
 	}
 	t.Logf("%d extents, %d bytes of data", len(exts), data)
+	checkAllocated(t, d)
+}
+
+// checkAllocated checks a drivers.Allocator's bounds: an estimate, but
+// never negative nor more than the disk.
+func checkAllocated(t *testing.T, d drivers.Driver) {
+	a, ok := d.(drivers.Allocator)
+	if !ok {
+		return
+	}
+	if n := a.Allocated(); n < 0 || n > d.Size() {
+		t.Errorf("Allocated() = %d, outside [0, %d]", n, d.Size())
+	}
 }
 
 func checkReaderAt(t *testing.T, d drivers.Driver, ref []byte) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"imgfuse/aio"
@@ -100,7 +101,7 @@ func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
 	}
 	path := img.resolve(img.h.BackingFile)
 	wrap := func(err error) error {
-		return fmt.Errorf("qcow2: %s: backing file %q: %w", img.path, img.h.BackingFile, err)
+		return fmt.Errorf("qcow2: %s: backing file %q: %w", img.path, img.h.BackingFile, backingCause(err, path))
 	}
 	formats := withSelf(opts.Formats)
 	var f drivers.Format
@@ -137,6 +138,37 @@ func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
 	img.backingSize = d.Size()
 	return nil
 }
+
+// backingCause is err, the failure to open the backing file at path,
+// worded to follow `backing file "NAME": `: the prefixes by which a driver
+// or package os names the file again ("qcow2: PATH: ", "stat PATH: ") are
+// dropped, so that a chain's message names each file once:
+//
+//	qcow2: /a/top: backing file "mid": backing file "top": backing chain loop: ...
+//
+// The errors err wraps stay matchable.
+func backingCause(err error, path string) error {
+	msg := err.Error()
+	prefixes := []string{"qcow2: ", "raw: ", path + ": ", "open " + path + ": ", "stat " + path + ": "}
+	for trimmed := true; trimmed; {
+		trimmed = false
+		for _, p := range prefixes {
+			if rest, ok := strings.CutPrefix(msg, p); ok {
+				msg, trimmed = rest, true
+			}
+		}
+	}
+	return rewordedError{msg, err}
+}
+
+// rewordedError is err with another message.
+type rewordedError struct {
+	msg string
+	err error
+}
+
+func (e rewordedError) Error() string { return e.msg }
+func (e rewordedError) Unwrap() error { return e.err }
 
 // withSelf returns formats with qcow2 added if it is not there, so that a
 // qcow2 backing file opens even when the caller listed no formats.

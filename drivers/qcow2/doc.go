@@ -36,6 +36,9 @@
 //     qemu-img check -r leaks|all (refcounts, rebuild, COPIED flags).
 //   - mapinfo.go: the drivers.LayerMapper capability (qemu-img map), with
 //     QEMU's metadata-preallocation guess.
+//   - allocated.go: the drivers.Allocator capability (st_blocks of the
+//     exposed file): the files' allocation less the metadata known to be
+//     in them, summed over the chain, without reading a table.
 //   - create.go: Create, a new image laid out as qemu-img create lays it out.
 //
 // # Concurrency

@@ -34,6 +34,8 @@ const (
 	featCompat    = 1
 	featAutoclear = 2
 
+	// crypt_method values (header offset 32).
+	cryptAES  = 1
 	cryptLUKS = 2
 )
 
@@ -253,7 +255,13 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 		h.BackingFile = cstring(c0[h.BackingOffset : h.BackingOffset+uint64(h.BackingSize)])
 	}
 
-	if h.CryptMethod != 0 {
+	switch h.CryptMethod {
+	case 0:
+	case cryptAES:
+		return nil, unsupportedf("AES-encrypted qcow2 images are not supported")
+	case cryptLUKS:
+		return nil, unsupportedf("LUKS-encrypted qcow2 images are not supported")
+	default:
 		return nil, unsupportedf("encrypted qcow2 images are not supported (crypt_method %d)", h.CryptMethod)
 	}
 	return h, nil

@@ -360,12 +360,13 @@ func TestParseHeaderErrors(t *testing.T) {
 			copy(c[88:], be64(1<<40))
 		}, want: nil},
 		{name: "dirty and corrupt accepted", mut: put(72, be64(incompatDirty|incompatCorrupt)), want: nil},
-		{name: "AES encryption", mut: put(32, be32(1)), want: drivers.ErrUnsupported, substr: "encrypted qcow2 images are not supported"},
+		{name: "AES encryption", mut: put(32, be32(1)), want: drivers.ErrUnsupported, substr: "AES-encrypted qcow2 images are not supported"},
+		{name: "unknown encryption", mut: put(32, be32(3)), want: drivers.ErrUnsupported, substr: "encrypted qcow2 images are not supported (crypt_method 3)"},
 		{name: "LUKS encryption", mut: func(c []byte) {
 			copy(c[32:], be32(2))
 			appendExt(extCrypto, append(be64(1<<16), be64(4096)...))(c)
 			copy(c[8:], be64(uint64(backingOff+24)))
-		}, want: drivers.ErrUnsupported, substr: "encrypted qcow2 images are not supported"},
+		}, want: drivers.ErrUnsupported, substr: "LUKS-encrypted qcow2 images are not supported"},
 		{name: "crypto extension without LUKS", mut: func(c []byte) {
 			appendExt(extCrypto, append(be64(1<<16), be64(4096)...))(c)
 			copy(c[8:], be64(uint64(backingOff+24)))

@@ -153,6 +153,7 @@ func (img *image) setL1Locked(co *coroutine.Co, i int64, e uint64) {
 		img.l2Set = slices.Insert(img.l2Set, j, off)
 	}
 	img.l1[i] = e
+	img.l2Tables.Store(int64(len(img.l2Set)))
 }
 
 // snapshotTableBytes is the size of the snapshot table that snaps were

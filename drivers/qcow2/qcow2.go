@@ -137,6 +137,17 @@ type image struct {
 	l2Set []int64
 	// snapTableBytes is the size of the snapshot table. Immutable.
 	snapTableBytes int64
+	// metaFixed is the size of the tables Allocated counts as metadata
+	// whatever the image holds (header cluster, L1 table, refcount table,
+	// snapshot table, snapshot L1 tables, as read at open), and
+	// refBlockCover the bytes of file one refcount block covers
+	// (allocated.go). Immutable.
+	metaFixed, refBlockCover int64
+	// l2Tables counts the L2 tables the L1 table in use names: counted at
+	// open when the table is read whole, kept up to date by setL1Locked;
+	// 0 (unknown) when it is read in pieces. Written under mu, read
+	// without it by Allocated.
+	l2Tables atomic.Int64
 
 	// srcPool holds *[]byte buffers for compressed streams.
 	srcPool sync.Pool
@@ -238,6 +249,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if err := img.openL1(l1Off, l1Size); err != nil {
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 	}
+	img.initAllocated()
 	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
 	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
 	if err := ch.charge(img, l2Tables); err != nil {

@@ -47,6 +47,9 @@
 //     disk: a hole costs nothing, zeros cost a write of the whole disk.
 //   - BlockStatus answers from the image file's holes (SEEK_DATA and
 //     SEEK_HOLE), as qemu-img map does.
+//   - Allocated (drivers.Allocator, st_blocks of the exposed file) is the
+//     image file's st_blocks, clamped to the disk size; a block device
+//     counts as fully allocated.
 //   - LendBackingFd (drivers.FileBacked) lends aio's descriptor so that
 //     fusefs can register the image file for FUSE passthrough, where the
 //     kernel serves read-only opens of the disk from the file itself. The

@@ -60,6 +60,7 @@ var (
 	_ drivers.DirectReader = (*Driver)(nil)
 	_ drivers.Informer     = (*Driver)(nil)
 	_ drivers.FileBacked   = (*Driver)(nil)
+	_ drivers.Allocator    = (*Driver)(nil)
 )
 
 // Open opens the raw image at path. It must not be called from a coroutine.
@@ -327,6 +328,26 @@ func (d *Driver) Info() drivers.ImageInfo {
 		}
 	}
 	return info
+}
+
+// Allocated implements drivers.Allocator: the image file's own allocation
+// (st_blocks × 512, one fstat), clamped to the disk size. On a filesystem
+// that keeps holes that is exactly the part of the disk stored, give or
+// take the filesystem's block granularity and any preallocation past the
+// end (cut by the clamp); on one that does not (or compresses), what it
+// reports. A block device has no such count, and an fstat that fails
+// tells nothing: both count as fully allocated, the safe answer for
+// copying tools.
+func (d *Driver) Allocated() int64 {
+	size := d.Size()
+	if d.f.BlockDevice() {
+		return size
+	}
+	a, err := d.f.Allocated()
+	if err != nil {
+		return size
+	}
+	return min(max(a, 0), size)
 }
 
 // LendBackingFd lends the image's descriptor to fn (FUSE passthrough

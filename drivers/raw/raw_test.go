@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
@@ -552,5 +554,62 @@ func TestInfo(t *testing.T) {
 	if info.Filename != path || info.Format != "raw" || info.VirtualSize != imageSize ||
 		info.FileSize <= 0 || info.Backing != nil {
 		t.Errorf("Info = %+v", info)
+	}
+}
+
+// TestAllocated: Allocated is the image file's own allocation, clamped to
+// the disk size: 0 for a sparse file, what was written, what a discard
+// left, and the size when the filesystem holds more than the file's
+// length (space preallocated past the end).
+func TestAllocated(t *testing.T) {
+	const size = 16 << 20
+	for _, m := range ioModes {
+		t.Run(m.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "disk.raw")
+			if err := os.WriteFile(path, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(path, size); err != nil {
+				t.Fatal(err)
+			}
+			d := openT(t, path, m.opts)
+			var _ drivers.Allocator = d
+			if a := d.Allocated(); a != 0 {
+				t.Errorf("sparse file: Allocated %d, want 0", a)
+			}
+			if _, err := writeAt(d, pattern(4<<20, 1), 8<<20); err != nil {
+				t.Fatal(err)
+			}
+			// The filesystem may round to its block size.
+			if a := d.Allocated(); a < 4<<20 || a > 4<<20+64<<10 {
+				t.Errorf("4 MiB written: Allocated %d", a)
+			}
+			if err := run(func(co *coroutine.Co) error { return d.Discard(co, 8<<20, 2<<20) }); err != nil {
+				t.Fatal(err)
+			}
+			if a := d.Allocated(); a < 2<<20 || a > 2<<20+64<<10 {
+				t.Errorf("2 of the 4 MiB discarded: Allocated %d", a)
+			}
+			// Space allocated past the end of the file counts in
+			// st_blocks but not in the disk.
+			if err := run(func(co *coroutine.Co) error { return d.WriteZeroes(co, 0, size, false) }); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.OpenFile(path, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, size, 4<<20); err != nil {
+				t.Skipf("fallocate past the end: %v", err)
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(path, &st); err != nil || st.Blocks*512 <= size {
+				t.Fatalf("the file holds %d bytes, want more than %d: %v", st.Blocks*512, size, err)
+			}
+			if a := d.Allocated(); a != size {
+				t.Errorf("fully allocated, with more past the end: Allocated %d, want %d", a, size)
+			}
+		})
 	}
 }
