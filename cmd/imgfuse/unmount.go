@@ -26,7 +26,9 @@ its server left is removed, with its temporary --overlay file. If the
 mount is already gone but such state remains, unmount removes it and
 exits 0.
 
-The unmount fails while the disk is in use: the error names each holder
+The unmount fails while the disk is still in use after 5 seconds of
+retries (a holder that is closing, such as fuse2fs writing back after
+'fusermount3 -u', gets that long): the error names each holder
 (a loop device attached to the disk and where it is mounted, a process
 with the disk open, mapped or as its working directory, a mount on the
 disk) and what frees it, e.g. 'umount /mnt/root' for a loop mount.
@@ -35,6 +37,10 @@ MOUNTPOINT is the directory (or file) given to 'imgfuse mount'. Given the
 disk inside it, or a path where nothing is mounted, unmount says so and
 names the imgfuse mounts there are; given another kind of mount, it
 refuses to touch it.`
+
+// busyWait is how long unmount retries a busy mount before it names the
+// holders and fails.
+const busyWait = 5 * time.Second
 
 func newUnmountCmd() *cobra.Command {
 	var timeout time.Duration
@@ -97,11 +103,14 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return nil
 	}
 
-	// A file of the mount can stay open a moment after its user closed
-	// it: a process that forked meanwhile holds a copy until it execs. So
-	// a busy mount gets a few short retries before we call it in use.
+	// A file of the mount can stay open a while after its user is done
+	// with it: a process that forked meanwhile holds a copy until it
+	// execs, a loop device lets go of an autoclear'd file a moment after
+	// the umount, and fuse2fs goes on writing its filesystem back after
+	// 'fusermount3 -u' has returned. So a busy mount gets retries for
+	// busyWait before we call it in use.
 	err = unmountFS(mp)
-	for try := 0; try < 10 && errors.Is(err, syscall.EBUSY); try++ {
+	for deadline := time.Now().Add(busyWait); errors.Is(err, syscall.EBUSY) && time.Now().Before(deadline); {
 		time.Sleep(100 * time.Millisecond)
 		err = unmountFS(mp)
 	}
