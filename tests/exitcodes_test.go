@@ -23,7 +23,7 @@ func TestExitCodes(t *testing.T) {
 
 	unsupported := filepath.Join(dir, "unsupported.qcow2")
 	driverstest.Cmd(t, "cp", img, unsupported)
-	setByte(t, unsupported, 72+5, 0x10) // incompatible feature bit 20
+	driverstest.OrByte(t, unsupported, 72+5, 0x10) // incompatible feature bit 20
 	corrupt := filepath.Join(dir, "corrupt.qcow2")
 	if err := os.WriteFile(corrupt, append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 4088)...), 0o644); err != nil {
 		t.Fatal(err)
@@ -110,21 +110,4 @@ func TestExitCodes(t *testing.T) {
 		t.Errorf("check -r all after the failed flush: %v", r)
 	}
 	requireClean(t, lazy)
-}
-
-func setByte(t *testing.T, path string, off int64, or byte) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] |= or
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
 }

@@ -376,7 +376,7 @@ func TestCheckRepairClearsCorruptBit(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "marked.qcow2")
 	qi(t, "", "create", "-q", "-f", "qcow2", img, "32M")
 	qio(t, img, "write -P 0x11 0 128k")
-	setByte(t, img, 72+7, 0x02) // incompatible bit 1: corrupt
+	driverstest.OrByte(t, img, 72+7, 0x02) // incompatible bit 1: corrupt
 	compareCheck(t, img, 0)
 	if r := imgfuse(t, nil, "check", "-r", "leaks", img); r.code != 0 {
 		t.Fatalf("check -r leaks: %v", r)

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"imgfuse/drivers/driverstest"
 )
 
 // TestOpenErrorMessages provokes every way an image can fail to open with
@@ -29,12 +31,12 @@ func TestOpenErrorMessages(t *testing.T) {
 	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
 		"-o", "encrypt.format=aes,encrypt.key-secret=s0", "aes.qcow2", "1M")
 	copyFile(t, path("ok.qcow2"), path("unsupported.qcow2"))
-	patchByte(t, path("unsupported.qcow2"), 72+5, 0x10) // incompatible feature bit 20
+	driverstest.OrByte(t, path("unsupported.qcow2"), 72+5, 0x10) // incompatible feature bit 20
 	// LUKS containers by hand: qemu-img needs seconds of key stretching
 	// for one, and only the header matters here. crypt_method 2 is what
 	// qemu-img writes for encrypt.format=luks.
 	copyFile(t, path("ok.qcow2"), path("luks.qcow2"))
-	patchByte(t, path("luks.qcow2"), 32+3, 2)
+	driverstest.OrByte(t, path("luks.qcow2"), 32+3, 2)
 	if err := os.WriteFile(path("disk.luks"), append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -214,24 +216,6 @@ func copyFile(t *testing.T, from, to string) {
 		t.Fatal(err)
 	}
 	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// patchByte ORs or into the byte at off of the file at path.
-func patchByte(t *testing.T, path string, off int64, or byte) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] |= or
-	if _, err := f.WriteAt(b, off); err != nil {
 		t.Fatal(err)
 	}
 }

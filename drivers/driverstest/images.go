@@ -303,3 +303,23 @@ func ConvertRef(t testing.TB, img, snapshot, dir string) string {
 	qemuImg(t, append(args, "-O", "raw", img, ref)...)
 	return ref
 }
+
+// OrByte ORs or into the byte at off of the file at path: the one-bit
+// damage (a feature bit, a corrupt flag, a refcount) tests make to
+// images that qemu-img wrote.
+func OrByte(t testing.TB, path string, off int64, or byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] |= or
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+}
