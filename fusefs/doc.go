@@ -267,15 +267,16 @@
 // the reply: no hand-off to another reader, no coroutine, no Wake. A
 // prototype for raw images (WRITE decoded in serveLoop before go-fuse, a
 // non-blocking range-lock acquire, the reply written from the callback),
-// passing fio --verify=crc32c, against this code, alternated, 4 rounds
-// (proto/this IOPS, daemon CPU µs and context switches per write):
+// passing fio --verify=crc32c, against this code, alternated (either
+// first), 10 rounds, raw image; proto/this per round, median:
 //
-//	QD32  IOPS 0.67 0.88 1.46 1.41   CPU 34→33 41→31 46→25 39→27   cs 0.80–1.18 → 0.40–0.82
-//	QD1   IOPS 1.09 1.13 1.10 0.97   CPU 116→97 121→96 105→90 120→98   cs 4.6–4.9 → 3.0–4.0
+//	QD32  IOPS 1.03 (0.67–1.46)   daemon CPU/write 0.69 (0.55–0.96)   ctx switches/write 0.53
+//	QD1   IOPS 1.02 (0.74–1.24)   daemon CPU/write 0.85 (0.71–0.94)   ctx switches/write 0.82
 //
-// Daemon CPU per write fell by 24–45% in three QD32 rounds (3% in the
-// fourth) and by 14–21% at QD1, but no IOPS gain stands out of the noise
-// of this machine, so it was not kept. Done properly it needs:
+// A third of the daemon's CPU per write saved at QD32 is not a
+// single IOPS more here: the daemon is not what limits a 4 KiB write on
+// this machine, the device and the kernel's side of FUSE (shared by every
+// daemon) are. So it was not kept. Done properly it needs:
 // INTERRUPT for such a request answered by us (go-fuse answers EAGAIN for
 // a request it does not know, and the kernel requeues the interrupt until
 // the write completes), callbacks kept out of engine.mu (drainLocked wakes
