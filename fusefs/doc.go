@@ -248,11 +248,12 @@
 //	qcow2 QD32    8.1k (6.8–14.7k) 67 2.58   7.9k (4.3–8.8k)  66 2.94   0.99 1.66 1.03 1.59 1.14
 //	qcow2 QD1     4.5k (2.4–5.0k) 104 4.67   4.1k (2.3–5.5k) 109 4.02   0.91 1.18 1.09 0.86 1.16
 //
-// The shared disk sets the ceiling and most of the noise: fio on the
-// image file itself, between these rounds, did 3.3–3.8k writes/s at QD1
-// (220–260 µs each) and 10.7–12.1k at QD32. At QD1 the device write is
-// most of every target's time, so a 1.5× lead there would need QSD to
-// add half a device write of its own.
+// The shared disk sets most of the noise: fio on the image file itself
+// did 3.3–3.8k writes/s at QD1 (220–260 µs each) and 10.7–12.1k at QD32
+// between these rounds, and 12.2–30.2k at QD32 in 4 later rounds
+// alternated with imgfuse (7.7–10.8k) and QSD (5.1–8.3k). At QD1 the
+// device write is most of every target's time, so a 1.5× lead there would
+// need QSD to add half a device write of its own.
 //
 // Tried and rejected: GOMAXPROCS=1, which spares waking idle threads
 // (imgfuse with and without it, alternated, 3 rounds): daemon CPU per
@@ -279,9 +280,11 @@
 //	QD1   IOPS 1.02 (0.74–1.24)   daemon CPU/write 0.85 (0.71–0.94)   ctx switches/write 0.82
 //
 // A third of the daemon's CPU per write saved at QD32 is not a
-// single IOPS more here: the daemon is not what limits a 4 KiB write on
-// this machine, the device and the kernel's side of FUSE (shared by every
-// daemon) are. So it was not kept. Done properly it needs:
+// single IOPS more here: the daemon's CPU is not what limits a 4 KiB
+// write on this machine (nor the device, which does 2–3× as many), but
+// the rest of the round trip on two vCPUs shared with other work: fio's
+// side of FUSE in the kernel and the wake-ups between fio, the daemon and
+// the device's interrupts, which every daemon pays. So it was not kept. Done properly it needs:
 // INTERRUPT for such a request answered by us (go-fuse answers EAGAIN for
 // a request it does not know, and the kernel requeues the interrupt until
 // the write completes), callbacks kept out of engine.mu (drainLocked wakes
