@@ -281,7 +281,7 @@
 //
 // A third of the daemon's CPU per write saved at QD32 is not a
 // single IOPS more here: the daemon's CPU is not what limits a 4 KiB
-// write on this machine (nor the device, which does 2–3× as many), but
+// write on this machine (nor the device: 1.3–2.9× as many), but
 // the rest of the round trip on two vCPUs shared with other work: fio's
 // side of FUSE in the kernel and the wake-ups between fio, the daemon and
 // the device's interrupts, which every daemon pays. So it was not kept. Done properly it needs:
