@@ -176,6 +176,18 @@ func TestCreateOverlay(t *testing.T) {
 		t.Error("create over a mounted image changed it")
 	}
 
+	// A raw base whose size is not whole sectors: QEMU rounds its size up.
+	odd := filepath.Join(dir, "odd.raw")
+	if err := os.WriteFile(odd, bytes.Repeat([]byte{7}, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	theirs, ours = filepath.Join(dir, "qemu-odd.qcow2"), filepath.Join(dir, "imgfuse-odd.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", theirs)
+	if r := imgfuse(t, nil, "create", "-q", "-b", "odd.raw", "-F", "raw", ours); r.code != 0 {
+		t.Fatalf("imgfuse create -b odd.raw: %v", r)
+	}
+	compareFiles(t, ours, theirs)
+
 	// A missing backing file: refused unless -u, which needs SIZE and -F.
 	if r := imgfuse(t, nil, "create", "-q", "-b", "nope.qcow2", filepath.Join(dir, "x.qcow2")); r.code != 3 {
 		t.Errorf("create over a missing backing file: %v", r)

@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"os"
@@ -122,6 +123,14 @@ var compatMatrix = []compatImage{
 		img := filepath.Join(dir, "holes.raw")
 		qi(t, dir, "create", "-q", "-f", "raw", img, "32M")
 		qio(t, img, "write -P 0x99 1M 64k", "write -P 0x9a 20M 1M")
+		return img
+	}},
+	{"raw-odd-size", false, func(t *testing.T, dir string) string {
+		// QEMU counts whole sectors: 1000 bytes are a 1024-byte disk.
+		img := filepath.Join(dir, "odd.raw")
+		if err := os.WriteFile(img, bytes.Repeat([]byte{0x9b}, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
 		return img
 	}},
 }

@@ -165,7 +165,19 @@ func describeImage(image, format string) (drivers.ImageInfo, error) {
 	}
 	info.Filename = image
 	info.Backing = nil
+	info.VirtualSize = qemuVirtualSize(info.Format, info.VirtualSize)
 	return info, nil
+}
+
+// qemuVirtualSize is the virtual size QEMU gives an image of format and
+// size: a raw file's is rounded up to whole 512-byte sectors (QEMU's block
+// layer counts sectors), which info, map and create -b report as qemu-img
+// does. The mount exposes the file's own size.
+func qemuVirtualSize(format string, size int64) int64 {
+	if format == "raw" {
+		return (size + 511) &^ 511
+	}
+	return size
 }
 
 // pathCombine resolves a file name stored in an image relative to the

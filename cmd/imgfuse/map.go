@@ -53,12 +53,15 @@ map takes no image locks (-U is accepted for qemu-img habits).`,
 }
 
 func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bool) error {
-	d, _, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
+	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
-	end := d.Size()
+	// QEMU sees a raw file as whole sectors: the tail after its last
+	// byte maps as zeros at depth 0 (see qemuVirtualSize).
+	size := d.Size()
+	end := qemuVirtualSize(f.Name(), size)
 	if maxLen > 0 {
 		end = min(end, start+maxLen)
 	}
@@ -90,9 +93,14 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	var merr error
 	for off := start; off < end && merr == nil; {
 		var e drivers.MapEntry
-		coroutine.Run(func(co *coroutine.Co) { e, merr = drivers.MapAt(co, d, off) })
-		if merr != nil {
-			break
+		if off < size {
+			coroutine.Run(func(co *coroutine.Co) { e, merr = drivers.MapAt(co, d, off) })
+			if merr != nil {
+				break
+			}
+		} else {
+			tail := off
+			e = drivers.MapEntry{Start: off, Length: end - off, Present: true, Zero: true, Offset: &tail}
 		}
 		e.Length = min(e.Length, end-off)
 		off += e.Length
