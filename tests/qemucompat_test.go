@@ -133,6 +133,15 @@ var compatMatrix = []compatImage{
 		}
 		return img
 	}},
+	{"overlay-on-odd-raw", false, func(t *testing.T, dir string) string {
+		// The base's tail [1000, 1024) is the base's (depth 1) for QEMU.
+		if err := os.WriteFile(filepath.Join(dir, "odd.raw"), bytes.Repeat([]byte{0x9c}, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		img := filepath.Join(dir, "over-odd.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", img, "64k")
+		return img
+	}},
 }
 
 // decodeJSON decodes out into a generic value, failing t if it is not JSON.
