@@ -645,7 +645,8 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 // corrupt image, and a user may lack write permission, yet either can be
 // read with --read-only. The read-only open is closed at once.
 func explainWritableOpen(image, format string, opts drivers.OpenOptions, err error) error {
-	if opts.ReadOnly || errors.Is(err, drivers.ErrLocked) || errors.Is(err, os.ErrNotExist) {
+	if opts.ReadOnly || errors.Is(err, drivers.ErrLocked) || errors.Is(err, os.ErrNotExist) ||
+		strings.Contains(err.Error(), "read-only") { // the driver said so already
 		return err
 	}
 	opts.ReadOnly, opts.Growable, opts.LazyRefcounts = true, false, false
