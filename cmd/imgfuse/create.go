@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -101,7 +102,7 @@ Raw images (-f raw) take no options and are sparse files.`,
 					return usagef("create needs a SIZE for a raw image")
 				}
 				if err := raw.Create(image, size); err != nil {
-					return openError(err)
+					return createError(image, err)
 				}
 				if !quiet {
 					fmt.Fprintf(stdout, "Formatting '%s', fmt=raw size=%d\n", image, size)
@@ -131,11 +132,12 @@ Raw images (-f raw) take no options and are sparse files.`,
 			}
 			co.Size, co.BackingFile, co.BackingFormat = size, backing, backingFmt
 			if err := qcow2.Create(image, co); err != nil {
-				return createError(err)
+				return createError(image, err)
 			}
 			if co.DataFile != "" {
-				if err := raw.Create(pathCombine(image, co.DataFile), size); err != nil {
-					return createError(err)
+				dataFile := pathCombine(image, co.DataFile)
+				if err := raw.Create(dataFile, size); err != nil {
+					return createError(dataFile, err)
 				}
 			}
 			if !quiet {
@@ -161,12 +163,20 @@ func orAuto(format string) string {
 	return format
 }
 
-// createError keeps an invalid option a usage error.
-func createError(err error) error {
-	if isUnsupported(err) {
-		return usagef("%v", strings.TrimSuffix(err.Error(), ": "+drivers.ErrUnsupported.Error()))
+// createError words the failure to create image as "create IMAGE:
+// reason", naming it once and without the driver's prefix, and keeps an
+// invalid option a usage error.
+func createError(image string, err error) error {
+	msg := err.Error()
+	for _, p := range []string{"qcow2: create " + image + ": ", "raw: create " + image + ": ", "qcow2: create: ", "raw: create: "} {
+		msg = strings.TrimPrefix(msg, p)
 	}
-	return openError(err)
+	msg = strings.TrimSuffix(msg, " ("+drivers.ErrLocked.Error()+")")
+	msg = trimPathError(errors.New(msg), image).Error()
+	if isUnsupported(err) {
+		return usagef("create %s: %s", image, strings.TrimSuffix(msg, ": "+drivers.ErrUnsupported.Error()))
+	}
+	return openError(fmt.Errorf("create %s: %s%w", image, msg, sentinelOf(err)))
 }
 
 func isUnsupported(err error) bool {
