@@ -56,6 +56,7 @@ func TestUsageErrors(t *testing.T) {
 		{"completion unknown shell", []string{"completion", "tcsh"}, exitUsage, `imgfuse: unknown shell "tcsh"`},
 		{"completion extra arg", []string{"completion", "bash", "x"}, exitUsage, "bash takes no arguments"},
 		{"help unknown topic", []string{"help", "frobnicate"}, exitUsage, `imgfuse: unknown help topic "frobnicate"`},
+		{"log in a missing directory", []string{"mount", "--log", "/nonexistent-imgfuse-dir/x.log", "a", "b"}, exitUsage, "imgfuse: --log /nonexistent-imgfuse-dir/x.log: no such directory /nonexistent-imgfuse-dir"},
 		{"debug detached without log", []string{"mount", "--debug", "a", "b"}, exitUsage, "--debug needs --log FILE (or --foreground"},
 	}
 	for _, tt := range tests {
