@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -269,6 +270,17 @@ func compareCheck(t *testing.T, img string, want int) {
 	delete(q, "filename")
 	delete(o, "filename")
 	sameShared(t, "check", o, q)
+
+	// The human output too: messages on stderr, one per leaked or
+	// damaged cluster, and the summary on stdout.
+	var qstdout, qstderr bytes.Buffer
+	qc := exec.Command("qemu-img", "check", "-U", img)
+	qc.Stdout, qc.Stderr = &qstdout, &qstderr
+	_ = qc.Run()
+	if h := imgfuse(t, nil, "check", img); h.stdout != qstdout.String() || h.stderr != qstderr.String() {
+		t.Errorf("check differs from qemu-img check:\nimgfuse stdout:\n%s\nqemu-img stdout:\n%s\nimgfuse stderr (%d bytes), qemu-img stderr (%d bytes)",
+			h.stdout, qstdout.String(), len(h.stderr), qstderr.Len())
+	}
 }
 
 func indexByte(s string, b byte) int {
@@ -318,12 +330,14 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 		value   uint16
 		code    int    // of both checkers before the repair
 		repair  string // -r value that makes the image clean
+		n       int64  // clusters from cluster on given value (0: 1)
 	}{
-		{"leak", 0, 2, 3, "leaks"},
-		{"leaked-free-cluster", 40, 1, 3, "leaks"}, // past the end of the file's clusters in use
-		{"corruption", 6, 0, 2, "all"},
-		{"shared-data-cluster", 5, 2, 2, "all"}, // a leak, and COPIED set with refcount 2
-		{"l2-refcount-zero", 4, 0, 2, "all"},
+		{"leak", 0, 2, 3, "leaks", 0},
+		{"leaked-free-cluster", 40, 1, 3, "leaks", 0}, // past the end of the file's clusters in use
+		{"corruption", 6, 0, 2, "all", 0},
+		{"shared-data-cluster", 5, 2, 2, "all", 0}, // a leak, and COPIED set with refcount 2
+		{"l2-refcount-zero", 4, 0, 2, "all", 0},
+		{"many-leaks", 16, 1, 3, "leaks", 300}, // qemu-img names every one
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -332,13 +346,15 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 			img := filepath.Join(dir, "img.qcow2")
 			qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
 			qio(t, img, "write -P 0x11 0 256k")
-			if tc.cluster == 40 {
-				// Give the file room so the cluster is inside it.
-				if err := os.Truncate(img, 41<<16); err != nil {
+			if tc.cluster >= 16 {
+				// Give the file room so the clusters are inside it.
+				if err := os.Truncate(img, (tc.cluster+max(tc.n, 1))<<16); err != nil {
 					t.Fatal(err)
 				}
 			}
-			setRefcount(t, img, tc.cluster, tc.value)
+			for c := tc.cluster; c < tc.cluster+max(tc.n, 1); c++ {
+				setRefcount(t, img, c, tc.value)
+			}
 			compareCheck(t, img, tc.code)
 
 			// Each repair on its own copies, by both tools: same exit
