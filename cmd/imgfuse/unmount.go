@@ -94,6 +94,10 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return fmt.Errorf("%s is a %s mount (%s), not imgfuse's; use umount(8)", mountpoint, e.FSType, e.Source)
 	}
 
+	if uid, ok := mountOwner(e); ok && os.Geteuid() != 0 && uid != os.Geteuid() {
+		// fusermount3 would say the entry is not in /etc/mtab.
+		return fmt.Errorf("unmount %s: it was mounted by another user (uid %d); only that user or root can unmount it", mountpoint, uid)
+	}
 	if isDeadMount(mp) {
 		if err := lazyUnmount(mp); err != nil {
 			return fmt.Errorf("detach dead mount %s: %w", mountpoint, err)
