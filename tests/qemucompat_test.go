@@ -223,12 +223,19 @@ func TestQemuCompatInfoMapCheck(t *testing.T) {
 					t.Errorf("map differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", r.code, r.stdout, r.stderr, want)
 				}
 				if c.chain {
-					// A window that starts and ends inside runs.
-					win := []string{"--start-offset=100000", "--max-length=3000000"}
-					want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
-					r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
-					if r.code != 0 || r.stdout != string(want) {
-						t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+					// Windows that start and end inside runs, in qemu-img's
+					// size syntax, empty, and past the end.
+					for _, win := range [][]string{
+						{"--start-offset=100000", "--max-length=3000000"},
+						{"--start-offset=1k", "--max-length=0x1000"},
+						{"--start-offset=1M", "--max-length=0"},
+						{"--start-offset=1G"},
+					} {
+						want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
+						r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
+						if r.code != 0 || r.stdout != string(want) {
+							t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+						}
 					}
 				}
 			}

@@ -14,7 +14,7 @@ import (
 func newMapCmd(stdout io.Writer) *cobra.Command {
 	var format, output string
 	var forceShare bool
-	var start, maxLen int64
+	var startArg, maxLenArg string
 	cmd := &cobra.Command{
 		Use:   "map [flags] IMAGE",
 		Short: "Print the allocation map of an image and its backing chain, as qemu-img map does",
@@ -38,16 +38,26 @@ map takes no image locks (-U is accepted for qemu-img habits).`,
 			if err != nil {
 				return err
 			}
-			if start < 0 || maxLen < 0 {
-				return usagef("--start-offset and --max-length must not be negative")
+			// Sizes as qemu-img takes them (1M, 0x1000); a
+			// --max-length of 0 maps nothing, as qemu-img's does.
+			start, maxLen := int64(0), int64(-1)
+			if startArg != "" {
+				if start, err = parseSize(startArg); err != nil {
+					return usagef("invalid --start-offset %q: %v", startArg, err)
+				}
+			}
+			if maxLenArg != "" {
+				if maxLen, err = parseSize(maxLenArg); err != nil {
+					return usagef("invalid --max-length %q: %v", maxLenArg, err)
+				}
 			}
 			return runMap(stdout, args[0], format, start, maxLen, jsonOut)
 		},
 	}
 	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
 	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (map never takes any)")
-	cmd.Flags().Int64Var(&start, "start-offset", 0, "first byte of the virtual disk to map")
-	cmd.Flags().Int64Var(&maxLen, "max-length", 0, "bytes to map from --start-offset (0: to the end)")
+	cmd.Flags().StringVar(&startArg, "start-offset", "", "first byte of the virtual disk to map (a size: 0, 1M, 0x1000)")
+	cmd.Flags().StringVar(&maxLenArg, "max-length", "", "bytes to map from --start-offset (default: to the end)")
 	addFormatFlag(cmd, &format)
 	return cmd
 }
@@ -62,7 +72,7 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	// byte maps as zeros at depth 0 (see qemuVirtualSize).
 	size := d.Size()
 	end := qemuVirtualSize(f.Name(), size)
-	if maxLen > 0 {
+	if maxLen >= 0 {
 		end = min(end, start+maxLen)
 	}
 	names := layerNames(d, image)
@@ -115,6 +125,10 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	}
 	if cur.Length != 0 {
 		emit(cur)
+	} else if merr == nil {
+		// Nothing to map (an empty disk or range): qemu-img prints
+		// its empty entry.
+		emit(drivers.MapEntry{Start: start})
 	}
 	if jsonOut {
 		w.WriteString("]\n")
