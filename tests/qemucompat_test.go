@@ -338,21 +338,32 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 		code    int    // of both checkers before the repair
 		repair  string // -r value that makes the image clean
 		n       int64  // clusters from cluster on given value (0: 1)
+		dirty   bool   // a lazy-refcounts image left dirty by a crash
 	}{
-		{"leak", 0, 2, 3, "leaks", 0},
-		{"leaked-free-cluster", 40, 1, 3, "leaks", 0}, // past the end of the file's clusters in use
-		{"corruption", 6, 0, 2, "all", 0},
-		{"shared-data-cluster", 5, 2, 2, "all", 0}, // a leak, and COPIED set with refcount 2
-		{"l2-refcount-zero", 4, 0, 2, "all", 0},
-		{"many-leaks", 16, 1, 3, "leaks", 300}, // qemu-img names every one
+		{"leak", 0, 2, 3, "leaks", 0, false},
+		{"leaked-free-cluster", 40, 1, 3, "leaks", 0, false}, // past the end of the file's clusters in use
+		{"corruption", 6, 0, 2, "all", 0, false},
+		{"shared-data-cluster", 5, 2, 2, "all", 0, false}, // a leak, and COPIED set with refcount 2
+		{"l2-refcount-zero", 4, 0, 2, "all", 0, false},
+		{"many-leaks", 16, 1, 3, "leaks", 300, false}, // qemu-img names every one
+		// The repair reports the leaks a crash left (not rebuilt
+		// silently at open) and clears the dirty bit.
+		{"dirty-lazy-leak", 0, 2, 3, "leaks", 0, true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			img := filepath.Join(dir, "img.qcow2")
-			qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
+			if tc.dirty {
+				qi(t, dir, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "32M")
+			} else {
+				qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
+			}
 			qio(t, img, "write -P 0x11 0 256k")
+			if tc.dirty {
+				setByte(t, img, 72+7, 1) // incompatible feature bit 0: dirty
+			}
 			if tc.cluster >= 16 {
 				// Give the file room so the clusters are inside it.
 				if err := os.Truncate(img, (tc.cluster+max(tc.n, 1))<<16); err != nil {
@@ -410,6 +421,10 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 						t.Errorf("check -r %s leaves the image unclean: %v", mode, r)
 					}
 					requireClean(t, ours)
+					info := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", ours)).(map[string]any)
+					if info["dirty-flag"] != false {
+						t.Errorf("check -r %s leaves the dirty bit: %v", mode, info["dirty-flag"])
+					}
 				}
 			}
 		})

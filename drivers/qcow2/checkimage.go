@@ -83,11 +83,16 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	}
 	res.Corruptions, res.Leaks = r.Corruptions, r.Leaks
 	// A repaired image without corruptions is consistent again (QEMU's
-	// qcow2_mark_consistent): the corrupt bit goes.
-	if mode != drivers.CheckOnly && r.Corruptions == 0 && img.h.Incompatible&incompatCorrupt != 0 {
-		if err := img.setIncompatibleLocked(co, img.h.Incompatible&^incompatCorrupt); err != nil {
-			res.CheckErrors++
-			return res, err
+	// qcow2_mark_clean and qcow2_mark_consistent): the dirty bit of a
+	// crashed lazy-refcounts image (its refcounts now checked) and the
+	// corrupt bit go.
+	if mode != drivers.CheckOnly && r.Corruptions == 0 {
+		img.staleRefcounts = false
+		if bits := img.h.Incompatible &^ (incompatCorrupt | incompatDirty); bits != img.h.Incompatible {
+			if err := img.setIncompatibleLocked(co, bits); err != nil {
+				res.CheckErrors++
+				return res, err
+			}
 		}
 	}
 	res.ImageEndOffset = r.ImageEnd
