@@ -111,3 +111,11 @@ func TestCompletionAndVersion(t *testing.T) {
 		t.Errorf("--help lacks the exit codes: exit %d\n%s", code, out)
 	}
 }
+
+func TestArticle(t *testing.T) {
+	for fstype, want := range map[string]string{"ext4": "an", "xfs": "an", "overlay": "an", "tmpfs": "a", "btrfs": "a", "": "a"} {
+		if got := article(fstype); got != want {
+			t.Errorf("article(%q) = %q, want %q", fstype, got, want)
+		}
+	}
+}
