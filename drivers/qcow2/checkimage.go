@@ -218,6 +218,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 	}
 	switch {
 	case rebuild && mode != drivers.RepairAll:
+		note("ERROR need to rebuild refcount structures") // qemu-img's words
 		return 0, 0, fmt.Errorf("the refcount structure needs a rebuild, which only -r all does: %w", drivers.ErrCorrupt)
 	case rebuild:
 		note("Rebuilding refcount structure")
