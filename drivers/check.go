@@ -30,7 +30,8 @@ type CheckResult struct {
 	// those allocated (data, compressed, preallocated zero), those not
 	// following the previous one in the file, and the compressed ones.
 	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
-	// Messages describes each problem (at most a hundred).
+	// Messages describes each problem (a bounded number: qcow2 keeps
+	// 65536).
 	Messages []string
 }
 

@@ -77,6 +77,15 @@ func MapAt(co *coroutine.Co, d Driver, off int64) (MapEntry, error) {
 		if e.Present {
 			return e, nil
 		}
+		if below != nil && off >= below.Size() {
+			// QEMU counts a raw layer in whole 512-byte sectors: the
+			// tail past its file's last byte is that layer's, as zeros.
+			if end := qemuSize(below); off < end {
+				o := off
+				return MapEntry{Start: off, Length: min(e.Length, end-off), Depth: e.Depth + 1,
+					Present: true, Zero: true, Offset: &o, Layer: below}, nil
+			}
+		}
 		if below == nil || off >= below.Size() {
 			e.Zero = true
 			return e, nil
@@ -84,6 +93,15 @@ func MapAt(co *coroutine.Co, d Driver, off int64) (MapEntry, error) {
 		layer = below
 		e.Depth++
 	}
+}
+
+// qemuSize is d's size as QEMU's block layer sees it: a raw layer's is
+// rounded up to whole 512-byte sectors.
+func qemuSize(d Driver) int64 {
+	if in, ok := d.(Informer); ok && in.Info().Format == "raw" {
+		return (d.Size() + 511) &^ 511
+	}
+	return d.Size()
 }
 
 func layerStatus(co *coroutine.Co, d Driver, off int64) (LayerStatus, Driver, error) {

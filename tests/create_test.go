@@ -34,6 +34,8 @@ func TestCreateLikeQemuImg(t *testing.T) {
 		{"compat-1.1-preallocation-off", []string{"-o", "compat=1.1", "-o", "preallocation=off"}, "64M", false},
 		{"raw", []string{"-f", "raw"}, "64M", true},
 		{"odd-size", nil, "12345678", false},
+		{"fraction-size", nil, "1.3k", false}, // 1331 bytes, a 1536-byte disk
+		{"hex-size-raw", []string{"-f", "raw"}, "0x201", false},
 		{"data-file", []string{"-o", "data_file=img.data"}, "64M", true},
 		{"data-file-raw", []string{"-o", "data_file=img.data,data_file_raw=on,extended_l2=on"}, "64M", false},
 	}
@@ -50,17 +52,24 @@ func TestCreateLikeQemuImg(t *testing.T) {
 				}
 			}
 			theirs, ours := filepath.Join(qdir, "img"), filepath.Join(odir, "img")
-			qargs := append([]string{"create", "-q"}, c.args...)
+			qargs := append([]string{"create"}, c.args...)
 			if len(c.args) == 0 || c.args[0] != "-f" {
 				qargs = append(qargs, "-f", "qcow2")
 			}
 			qemu := exec.Command("qemu-img", append(qargs, "img", c.size)...)
 			qemu.Dir = qdir // qemu-img creates a data file relative to its cwd
-			if out, err := qemu.CombinedOutput(); err != nil {
+			out, err := qemu.CombinedOutput()
+			if err != nil {
 				t.Fatalf("qemu-img create: %v\n%s", err, out)
 			}
-			if r := imgfuse(t, nil, append(append([]string{"create", "-q"}, c.args...), ours, c.size)...); r.code != 0 {
+			r := imgfuse(t, nil, append(append([]string{"create"}, c.args...), ours, c.size)...)
+			if r.code != 0 {
 				t.Fatalf("imgfuse create: %v", r)
+			}
+			// The same "Formatting 'img', fmt=... size=..." line (the
+			// size as given, not rounded).
+			if got := strings.ReplaceAll(r.stdout, ours, "img"); got != string(out) {
+				t.Errorf("imgfuse create prints %q, qemu-img create %q", got, out)
 			}
 			compareFiles(t, ours, theirs)
 			// QEMU opens a relative data file name from its working
@@ -68,7 +77,7 @@ func TestCreateLikeQemuImg(t *testing.T) {
 			dataFile := strings.Contains(strings.Join(c.args, " "), "data_file")
 			clean := func() {
 				t.Helper()
-				if c.name == "raw" {
+				if len(c.args) > 1 && c.args[0] == "-f" && c.args[1] == "raw" {
 					return
 				}
 				qc := exec.Command("qemu-img", "check", "img")
@@ -169,12 +178,26 @@ func TestCreateOverlay(t *testing.T) {
 	}
 	// create over an image in use is refused before anything is written.
 	sum := fileSum(t, ours)
-	if r := imgfuse(t, nil, "create", "-q", ours, "1M"); r.code != 4 {
-		t.Errorf("create over a mounted image: %v", r)
+	if r := imgfuse(t, nil, "create", "-q", ours, "1M"); r.code != 4 ||
+		!strings.HasPrefix(r.stderr, "imgfuse: create "+ours+": failed to get") || strings.Count(r.stderr, ours) != 1 ||
+		strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("create over a mounted image: want exit 4 and one line naming the image once: %v", r)
 	}
 	if fileSum(t, ours) != sum {
 		t.Error("create over a mounted image changed it")
 	}
+
+	// A raw base whose size is not whole sectors: QEMU rounds its size up.
+	odd := filepath.Join(dir, "odd.raw")
+	if err := os.WriteFile(odd, bytes.Repeat([]byte{7}, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	theirs, ours = filepath.Join(dir, "qemu-odd.qcow2"), filepath.Join(dir, "imgfuse-odd.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", theirs)
+	if r := imgfuse(t, nil, "create", "-q", "-b", "odd.raw", "-F", "raw", ours); r.code != 0 {
+		t.Fatalf("imgfuse create -b odd.raw: %v", r)
+	}
+	compareFiles(t, ours, theirs)
 
 	// A missing backing file: refused unless -u, which needs SIZE and -F.
 	if r := imgfuse(t, nil, "create", "-q", "-b", "nope.qcow2", filepath.Join(dir, "x.qcow2")); r.code != 3 {

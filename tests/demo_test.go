@@ -12,7 +12,8 @@ import (
 // TestDemoGoRun follows the README's first command as a new user would:
 // `go run ./cmd/imgfuse demo` from the checkout, then the commands the demo
 // prints, exactly as printed (go run's binary is gone by then). Unmounting
-// must leave nothing behind in the temporary directory.
+// must leave nothing behind in the temporary directory (the loop mount's
+// directory included).
 func TestDemoGoRun(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
@@ -41,24 +42,35 @@ func TestDemoGoRun(t *testing.T) {
 		t.Fatalf("demo printed\n%s\nbut %s is not mounted", out, mnt)
 	}
 
-	// The printed commands, run as printed from the same directory.
-	info := regexp.MustCompile(`(?m)^  (\S.* info .*)$`).FindStringSubmatch(string(out))
-	unmountCmd := regexp.MustCompile(`(?m)^  umount /mnt/x && (.* unmount .*)$`).FindStringSubmatch(string(out))
-	if info == nil || unmountCmd == nil {
-		t.Fatalf("demo output lacks the info and unmount commands:\n%s", out)
+	// The printed commands, run as printed from the same directory, in
+	// one shell: loop-mount the filesystem, read it, info, unmount both.
+	lines := regexp.MustCompile(`(?m)^  (\S.*?)(?:    # .*)?$`).FindAllStringSubmatch(string(out), -1)
+	var script []string
+	for _, l := range lines {
+		script = append(script, l[1])
 	}
-	for _, line := range []string{info[1], unmountCmd[1]} {
-		if !strings.HasPrefix(line, "go run ./cmd/imgfuse ") {
+	if len(script) != 4 || !strings.HasPrefix(script[0], "mount -o loop,ro ") ||
+		!strings.Contains(script[2], " info ") || !strings.Contains(script[3], " unmount ") {
+		t.Fatalf("demo output lacks the mount, cat, info and unmount commands:\n%s", out)
+	}
+	for _, line := range script[2:] {
+		if !strings.Contains(line, "go run ./cmd/imgfuse ") {
 			t.Errorf("after go run, the demo prints %q", line)
 		}
-		sh := exec.Command("sh", "-c", line)
-		sh.Dir, sh.Env = root, env
-		if b, err := sh.CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", line, err, b)
+	}
+	fs := filepath.Join(filepath.Dir(mnt), "fs")
+	t.Cleanup(func() {
+		if mounted(t, fs) {
+			_ = exec.Command("umount", fs).Run()
 		}
+	})
+	sh := exec.Command("sh", "-ec", strings.Join(script, "\n"))
+	sh.Dir, sh.Env = root, env
+	if b, err := sh.CombinedOutput(); err != nil || !strings.Contains(string(b), "Hello from inside a qcow2 image!") {
+		t.Fatalf("%s: %v\n%s", strings.Join(script, "\n"), err, b)
 	}
 	if mounted(t, mnt) {
-		t.Fatalf("%s still mounted after %s", mnt, unmountCmd[1])
+		t.Fatalf("%s still mounted after %s", mnt, script[3])
 	}
 	if ents, err := os.ReadDir(runtime); err != nil || len(ents) != 0 {
 		t.Errorf("the demo left %v in %s after unmounting (%v)", ents, runtime, err)

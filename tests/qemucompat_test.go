@@ -1,9 +1,11 @@
 package tests
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -124,6 +126,23 @@ var compatMatrix = []compatImage{
 		qio(t, img, "write -P 0x99 1M 64k", "write -P 0x9a 20M 1M")
 		return img
 	}},
+	{"raw-odd-size", false, func(t *testing.T, dir string) string {
+		// QEMU counts whole sectors: 1000 bytes are a 1024-byte disk.
+		img := filepath.Join(dir, "odd.raw")
+		if err := os.WriteFile(img, bytes.Repeat([]byte{0x9b}, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}},
+	{"overlay-on-odd-raw", false, func(t *testing.T, dir string) string {
+		// The base's tail [1000, 1024) is the base's (depth 1) for QEMU.
+		if err := os.WriteFile(filepath.Join(dir, "odd.raw"), bytes.Repeat([]byte{0x9c}, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		img := filepath.Join(dir, "over-odd.qcow2")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", img, "64k")
+		return img
+	}},
 }
 
 // decodeJSON decodes out into a generic value, failing t if it is not JSON.
@@ -138,7 +157,8 @@ func decodeJSON(t *testing.T, what string, out []byte) any {
 
 // sameShared fails t where ours lacks a key of qemu's, or has a different
 // value for it, recursively through objects and arrays (arrays must have
-// the same length). Keys only ours has are allowed.
+// the same length), or has a key qemu-img does not print other than
+// "imgfuse", where its own fields go.
 func sameShared(t *testing.T, path string, ours, qemu any) {
 	t.Helper()
 	switch q := qemu.(type) {
@@ -147,6 +167,11 @@ func sameShared(t *testing.T, path string, ours, qemu any) {
 		if !ok {
 			t.Errorf("%s: imgfuse has %v, qemu-img an object %v", path, ours, q)
 			return
+		}
+		for k, ov := range o {
+			if _, ok := q[k]; !ok && k != "imgfuse" {
+				t.Errorf("%s.%s: imgfuse prints it, qemu-img does not (imgfuse's own fields go under \"imgfuse\"): %v", path, k, ov)
+			}
 		}
 		for k, qv := range q {
 			ov, ok := o[k]
@@ -198,12 +223,19 @@ func TestQemuCompatInfoMapCheck(t *testing.T) {
 					t.Errorf("map differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", r.code, r.stdout, r.stderr, want)
 				}
 				if c.chain {
-					// A window that starts and ends inside runs.
-					win := []string{"--start-offset=100000", "--max-length=3000000"}
-					want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
-					r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
-					if r.code != 0 || r.stdout != string(want) {
-						t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+					// Windows that start and end inside runs, in qemu-img's
+					// size syntax, empty, and past the end.
+					for _, win := range [][]string{
+						{"--start-offset=100000", "--max-length=3000000"},
+						{"--start-offset=1k", "--max-length=0x1000"},
+						{"--start-offset=1M", "--max-length=0"},
+						{"--start-offset=1G"},
+					} {
+						want = driverstest.Cmd(t, "qemu-img", append(append([]string{"map", "--output=json", "-U"}, win...), img)...)
+						r = imgfuse(t, nil, append(append([]string{"map", "--output=json"}, win...), img)...)
+						if r.code != 0 || r.stdout != string(want) {
+							t.Errorf("map %v differs from qemu-img map:\nimgfuse (exit %d):\n%s%s\nqemu-img:\n%s", win, r.code, r.stdout, r.stderr, want)
+						}
 					}
 				}
 			}
@@ -241,8 +273,21 @@ func compareCheck(t *testing.T, img string, want int) {
 	// combined them, so take the JSON object alone.
 	qjson := qout[indexByte(qout, '{'):]
 	q := decodeJSON(t, "qemu-img check", []byte(qjson)).(map[string]any)
+	o := decodeJSON(t, "imgfuse check", []byte(r.stdout)).(map[string]any)
 	delete(q, "filename")
-	sameShared(t, "check", decodeJSON(t, "imgfuse check", []byte(r.stdout)), q)
+	delete(o, "filename")
+	sameShared(t, "check", o, q)
+
+	// The human output too: messages on stderr, one per leaked or
+	// damaged cluster, and the summary on stdout.
+	var qstdout, qstderr bytes.Buffer
+	qc := exec.Command("qemu-img", "check", "-U", img)
+	qc.Stdout, qc.Stderr = &qstdout, &qstderr
+	_ = qc.Run()
+	if h := imgfuse(t, nil, "check", img); h.stdout != qstdout.String() || h.stderr != qstderr.String() {
+		t.Errorf("check differs from qemu-img check:\nimgfuse stdout:\n%s\nqemu-img stdout:\n%s\nimgfuse stderr (%d bytes), qemu-img stderr (%d bytes)",
+			h.stdout, qstdout.String(), len(h.stderr), qstderr.Len())
+	}
 }
 
 func indexByte(s string, b byte) int {
@@ -292,33 +337,69 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 		value   uint16
 		code    int    // of both checkers before the repair
 		repair  string // -r value that makes the image clean
+		n       int64  // clusters from cluster on given value (0: 1)
+		dirty   bool   // a lazy-refcounts image left dirty by a crash
 	}{
-		{"leak", 0, 2, 3, "leaks"},
-		{"leaked-free-cluster", 40, 1, 3, "leaks"}, // past the end of the file's clusters in use
-		{"corruption", 6, 0, 2, "all"},
-		{"shared-data-cluster", 5, 2, 2, "all"}, // a leak, and COPIED set with refcount 2
-		{"l2-refcount-zero", 4, 0, 2, "all"},
+		{"leak", 0, 2, 3, "leaks", 0, false},
+		{"leaked-free-cluster", 40, 1, 3, "leaks", 0, false}, // past the end of the file's clusters in use
+		{"corruption", 6, 0, 2, "all", 0, false},
+		{"shared-data-cluster", 5, 2, 2, "all", 0, false}, // a leak, and COPIED set with refcount 2
+		{"l2-refcount-zero", 4, 0, 2, "all", 0, false},
+		{"many-leaks", 16, 1, 3, "leaks", 300, false}, // qemu-img names every one
+		// The repair reports the leaks a crash left (not rebuilt
+		// silently at open) and clears the dirty bit.
+		{"dirty-lazy-leak", 0, 2, 3, "leaks", 0, true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			img := filepath.Join(dir, "img.qcow2")
-			qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
+			if tc.dirty {
+				qi(t, dir, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "32M")
+			} else {
+				qi(t, dir, "create", "-q", "-f", "qcow2", img, "32M")
+			}
 			qio(t, img, "write -P 0x11 0 256k")
-			if tc.cluster == 40 {
-				// Give the file room so the cluster is inside it.
-				if err := os.Truncate(img, 41<<16); err != nil {
+			if tc.dirty {
+				driverstest.OrByte(t, img, 72+7, 1) // incompatible feature bit 0: dirty
+			}
+			if tc.cluster >= 16 {
+				// Give the file room so the clusters are inside it.
+				if err := os.Truncate(img, (tc.cluster+max(tc.n, 1))<<16); err != nil {
 					t.Fatal(err)
 				}
 			}
-			setRefcount(t, img, tc.cluster, tc.value)
+			for c := tc.cluster; c < tc.cluster+max(tc.n, 1); c++ {
+				setRefcount(t, img, c, tc.value)
+			}
 			compareCheck(t, img, tc.code)
 
 			// Each repair on its own copies, by both tools: same exit
 			// code, same counts fixed.
 			for _, mode := range []string{"leaks", "all"} {
-				ours, theirs := filepath.Join(dir, "ours-"+mode), filepath.Join(dir, "theirs-"+mode)
+				// The human output of the repair: the same messages
+				// (which clusters were repaired, the COPIED flags after
+				// the refcount fixes, the old refcount structure freed
+				// by a rebuild) and summary.
+				ours, theirs := filepath.Join(dir, "ours-h-"+mode), filepath.Join(dir, "theirs-h-"+mode)
+				driverstest.Cmd(t, "cp", img, ours)
+				driverstest.Cmd(t, "cp", img, theirs)
+				var qstdout, qstderr bytes.Buffer
+				qc := exec.Command("qemu-img", "check", "-r", mode, theirs)
+				qc.Stdout, qc.Stderr = &qstdout, &qstderr
+				qerr := qc.Run()
+				h := imgfuse(t, nil, "check", "-r", mode, ours)
+				// A failed repair ends with each tool's own error line.
+				qmsgs, omsgs := qstderr.String(), h.stderr
+				if qerr != nil {
+					qmsgs, omsgs = withoutLastLine(qmsgs), withoutLastLine(omsgs)
+				}
+				if h.stdout != qstdout.String() || omsgs != qmsgs {
+					t.Errorf("check -r %s differs from qemu-img's:\nimgfuse:\n%s%s\nqemu-img:\n%s%s", mode, h.stderr, h.stdout, qstderr.String(), qstdout.String())
+				}
+
+				ours, theirs = filepath.Join(dir, "ours-"+mode), filepath.Join(dir, "theirs-"+mode)
 				driverstest.Cmd(t, "cp", img, ours)
 				driverstest.Cmd(t, "cp", img, theirs)
 				qcode, qout := exitCode(t, "qemu-img", "check", "--output=json", "-r", mode, theirs)
@@ -336,13 +417,19 @@ func TestQemuCompatCheckRepair(t *testing.T) {
 					continue
 				}
 				q := decodeJSON(t, "qemu-img check -r", []byte(qout[indexByte(qout, '{'):])).(map[string]any)
+				o := decodeJSON(t, "imgfuse check -r", []byte(r.stdout)).(map[string]any)
 				delete(q, "filename")
-				sameShared(t, "check -r "+mode, decodeJSON(t, "imgfuse check -r", []byte(r.stdout)), q)
+				delete(o, "filename") // the copies' names differ
+				sameShared(t, "check -r "+mode, o, q)
 				if mode == tc.repair {
 					if r.code != 0 {
 						t.Errorf("check -r %s leaves the image unclean: %v", mode, r)
 					}
 					requireClean(t, ours)
+					info := decodeJSON(t, "qemu-img info", driverstest.Cmd(t, "qemu-img", "info", "--output=json", ours)).(map[string]any)
+					if info["dirty-flag"] != false {
+						t.Errorf("check -r %s leaves the dirty bit: %v", mode, info["dirty-flag"])
+					}
 				}
 			}
 		})
@@ -387,4 +474,13 @@ func TestCheckRepairClearsCorruptBit(t *testing.T) {
 		t.Errorf("corrupt bit still set after check -r: %v", data)
 	}
 	requireClean(t, img)
+}
+
+// withoutLastLine drops the last line of s.
+func withoutLastLine(s string) string {
+	s = strings.TrimSuffix(s, "\n")
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[:i+1]
+	}
+	return ""
 }

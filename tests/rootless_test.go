@@ -507,6 +507,22 @@ func TestRootlessMountRefused(t *testing.T) {
 		}
 	}
 
+	// root's mount: the user may not unmount it, and is told whose it is
+	// (not fusermount3's "not found in /etc/mtab").
+	if r := imgfuse(t, nil, "mount", "--read-only", e.path("disk.raw"), mp); r.code != 0 {
+		t.Fatalf("mount as root: %v", r)
+	}
+	r := e.run(t, nil, "imgfuse", "unmount", "rootmp")
+	if want := "imgfuse: unmount rootmp: it was mounted by another user (uid 0); only that user or root can unmount it\n"; r.code != 1 || r.stderr != want {
+		t.Errorf("imgfuse unmount of root's mount as %s: %v\nwant exit 1 and stderr %q", e.name, r, want)
+	}
+	if !mounted(t, mp) {
+		t.Error("the user's refused unmount unmounted root's mount")
+	}
+	if r := imgfuse(t, nil, "unmount", mp); r.code != 0 {
+		t.Errorf("unmount as root: %v", r)
+	}
+
 	// /dev/fuse root's alone (crw-------), in a mount namespace of the
 	// user's command only: a 0600 node of the device bound over it.
 	fake := e.path("fuse-0600")

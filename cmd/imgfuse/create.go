@@ -1,8 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -25,8 +27,10 @@ qemu-img info describes the result as it describes the image qemu-img
 create makes with the same options (a qcow2 image is byte for byte the
 same file).
 
-SIZE takes the suffixes k, M, G, T, P, E (powers of 1024) and is rounded
-up to a multiple of 512, as qemu-img rounds it. With -b the new
+SIZE takes the suffixes k, M, G, T, P, E (powers of 1024; fractions such
+as 1.5G, and hexadecimal bytes such as 0x1000, as qemu-img takes them) and
+is rounded up to a multiple of 512, as qemu-img rounds it (the Formatting
+line says the size as given, as qemu-img's does). With -b the new
 image is an overlay whose reads fall through to BACKING; BACKING is opened
 (relative to IMAGE's directory) to take SIZE from it when SIZE is not
 given and to probe its format when -F is not given; -u skips that (SIZE and
@@ -62,8 +66,6 @@ Raw images (-f raw) take no options and are sparse files.`,
 				if size, err = parseSize(args[1]); err != nil {
 					return usagef("invalid SIZE %q: %v", args[1], err)
 				}
-				// qemu-img rounds sizes up to whole 512-byte sectors.
-				size = (size + 511) &^ 511
 			}
 			if format != "qcow2" && format != "raw" {
 				return usagef("invalid -f %q (want qcow2 or raw)", format)
@@ -100,8 +102,10 @@ Raw images (-f raw) take no options and are sparse files.`,
 				if size < 0 {
 					return usagef("create needs a SIZE for a raw image")
 				}
-				if err := raw.Create(image, size); err != nil {
-					return openError(err)
+				// qemu-img makes whole 512-byte sectors, and says the
+				// size as given.
+				if err := raw.Create(image, roundSector(size)); err != nil {
+					return createError(image, err)
 				}
 				if !quiet {
 					fmt.Fprintf(stdout, "Formatting '%s', fmt=raw size=%d\n", image, size)
@@ -129,17 +133,20 @@ Raw images (-f raw) take no options and are sparse files.`,
 			if unsafe && backing != "" && backingFmt == "" {
 				return usagef("-u needs -F: the backing file is not opened to probe its format")
 			}
-			co.Size, co.BackingFile, co.BackingFormat = size, backing, backingFmt
+			co.Size, co.BackingFile, co.BackingFormat = roundSector(size), backing, backingFmt
 			if err := qcow2.Create(image, co); err != nil {
-				return createError(err)
+				return createError(image, err)
 			}
 			if co.DataFile != "" {
-				if err := raw.Create(pathCombine(image, co.DataFile), size); err != nil {
-					return createError(err)
+				dataFile := pathCombine(image, co.DataFile)
+				if err := raw.Create(dataFile, co.Size); err != nil {
+					return createError(dataFile, err)
 				}
 			}
 			if !quiet {
-				fmt.Fprintf(stdout, "Formatting '%s', fmt=qcow2 %s\n", image, describeCreate(co))
+				shown := co
+				shown.Size = size
+				fmt.Fprintf(stdout, "Formatting '%s', fmt=qcow2 %s\n", image, describeCreate(shown, givenOptions(opts)))
 			}
 			return nil
 		},
@@ -154,6 +161,10 @@ Raw images (-f raw) take no options and are sparse files.`,
 	return cmd
 }
 
+// roundSector rounds size up to whole 512-byte sectors, as qemu-img
+// create does.
+func roundSector(size int64) int64 { return (size + 511) &^ 511 }
+
 func orAuto(format string) string {
 	if format == "" {
 		return "auto"
@@ -161,12 +172,20 @@ func orAuto(format string) string {
 	return format
 }
 
-// createError keeps an invalid option a usage error.
-func createError(err error) error {
-	if isUnsupported(err) {
-		return usagef("%v", strings.TrimSuffix(err.Error(), ": "+drivers.ErrUnsupported.Error()))
+// createError words the failure to create image as "create IMAGE:
+// reason", naming it once and without the driver's prefix, and keeps an
+// invalid option a usage error.
+func createError(image string, err error) error {
+	msg := err.Error()
+	for _, p := range []string{"qcow2: create " + image + ": ", "raw: create " + image + ": ", "qcow2: create: ", "raw: create: "} {
+		msg = strings.TrimPrefix(msg, p)
 	}
-	return openError(err)
+	msg = strings.TrimSuffix(msg, " ("+drivers.ErrLocked.Error()+")")
+	msg = trimPathError(errors.New(msg), image).Error()
+	if isUnsupported(err) {
+		return usagef("create %s: %s", image, strings.TrimSuffix(msg, ": "+drivers.ErrUnsupported.Error()))
+	}
+	return openError(fmt.Errorf("create %s: %s%w", image, msg, sentinelOf(err)))
 }
 
 func isUnsupported(err error) bool {
@@ -218,9 +237,7 @@ func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
 		case "compression_type":
 			o.CompressionType = v
 		case "size":
-			if o.Size, err = parseSize(v); err == nil {
-				o.Size = (o.Size + 511) &^ 511
-			}
+			o.Size, err = parseSize(v)
 		case "backing_file":
 			o.BackingFile = v
 		case "backing_fmt":
@@ -247,45 +264,48 @@ func parseCreateOptions(s string) (qcow2.CreateOptions, error) {
 }
 
 // parseSize parses a size as qemu-img does: a number with an optional
-// suffix k, M, G, T, P or E (powers of 1024; b or no suffix for bytes).
+// suffix k, M, G, T, P or E (powers of 1024; b or no suffix for bytes), a
+// fraction only with a unit above bytes, or 0xHEX bytes.
 func parseSize(s string) (int64, error) {
-	if s == "" {
-		return 0, fmt.Errorf("empty size")
+	m := sizePattern.FindStringSubmatch(s)
+	if m == nil {
+		return 0, fmt.Errorf("not a size")
 	}
-	mult := int64(1)
-	switch strings.ToLower(s[len(s)-1:]) {
-	case "b":
-		s = s[:len(s)-1]
-	case "k":
-		mult, s = 1<<10, s[:len(s)-1]
-	case "m":
-		mult, s = 1<<20, s[:len(s)-1]
-	case "g":
-		mult, s = 1<<30, s[:len(s)-1]
-	case "t":
-		mult, s = 1<<40, s[:len(s)-1]
-	case "p":
-		mult, s = 1<<50, s[:len(s)-1]
-	case "e":
-		mult, s = 1<<60, s[:len(s)-1]
-	}
-	if strings.ContainsAny(s, ".eE") {
-		f, err := strconv.ParseFloat(s, 64)
-		if err != nil || f < 0 || f*float64(mult) >= 1<<63 {
+	if m[1] != "" {
+		// Hexadecimal: no fraction, no suffix (QEMU's rule).
+		n, err := strconv.ParseInt(m[1], 16, 64)
+		if err != nil {
 			return 0, fmt.Errorf("not a size")
 		}
-		return int64(f * float64(mult)), nil
+		return n, nil
 	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 || n > (1<<63-1)/mult {
+	mult := int64(1)
+	if m[4] != "" {
+		mult = int64(1) << (10 * strings.IndexByte("bkmgtpe", strings.ToLower(m[4])[0]))
+	}
+	if m[3] != "" {
+		// A fraction needs a unit above bytes: 1.5 is not a size
+		// (1.0 is).
+		f, err := strconv.ParseFloat(m[2]+m[3], 64)
+		if err != nil || (mult == 1 && f != float64(int64(f))) || f*float64(mult) >= 1<<63 {
+			return 0, fmt.Errorf("not a size")
+		}
+		return int64(f*float64(mult) + 0.5), nil // rounded, as QEMU does
+	}
+	n, err := strconv.ParseInt(m[2], 10, 64)
+	if err != nil || n > (1<<63-1)/mult {
 		return 0, fmt.Errorf("not a size")
 	}
 	return n * mult, nil
 }
 
+// sizePattern is what QEMU's qemu_strtosz takes: 0xHEX, or decimal
+// digits with an optional fraction and an optional unit suffix.
+var sizePattern = regexp.MustCompile(`^(?:0[xX]([0-9a-fA-F]+)|([0-9]+)(\.[0-9]*)?([bBkKmMgGtTpPeE])?)$`)
+
 // describeCreate renders the options as qemu-img create's "Formatting"
 // line does.
-func describeCreate(o qcow2.CreateOptions) string {
+func describeCreate(o qcow2.CreateOptions, given map[string]string) string {
 	cs := o.ClusterSize
 	if cs == 0 {
 		cs = 65536
@@ -299,15 +319,40 @@ func describeCreate(o qcow2.CreateOptions) string {
 		ct = "zlib"
 	}
 	onoff := map[bool]string{true: "on", false: "off"}
-	s := fmt.Sprintf("cluster_size=%d extended_l2=%s compression_type=%s size=%d", cs, onoff[o.ExtendedL2], ct, o.Size)
+	// qemu-img's order; preallocation, data_file_raw and compat only
+	// when given, as given.
+	s := fmt.Sprintf("cluster_size=%d extended_l2=%s", cs, onoff[o.ExtendedL2])
+	if v, ok := given["preallocation"]; ok {
+		s += " preallocation=" + v
+	}
+	s += fmt.Sprintf(" compression_type=%s size=%d", ct, o.Size)
 	if o.BackingFile != "" {
 		s += " backing_file=" + o.BackingFile
 		if o.BackingFormat != "" {
 			s += " backing_fmt=" + o.BackingFormat
 		}
 	}
-	if o.Compat == "0.10" || o.Compat == "v2" {
-		s += " compat=0.10"
+	if o.DataFile != "" {
+		s += " data_file=" + o.DataFile
+	}
+	if v, ok := given["data_file_raw"]; ok {
+		s += " data_file_raw=" + v
+	}
+	if v, ok := given["compat"]; ok {
+		s += " compat=" + v
 	}
 	return s + fmt.Sprintf(" lazy_refcounts=%s refcount_bits=%d", onoff[o.LazyRefcounts], rb)
+}
+
+// givenOptions maps each -o key to its last value.
+func givenOptions(opts []string) map[string]string {
+	m := map[string]string{}
+	for _, o := range opts {
+		for _, kv := range strings.Split(o, ",") {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				m[k] = v
+			}
+		}
+	}
+	return m
 }

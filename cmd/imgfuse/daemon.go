@@ -124,7 +124,7 @@ func startDaemon(o *mountOptions) error {
 		lf, err := os.OpenFile(o.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
 			w.Close()
-			return fmt.Errorf("log file: %w", err)
+			return usagef("--log: %v", err)
 		}
 		defer lf.Close()
 		cmd.Stdout, cmd.Stderr = lf, lf

@@ -36,13 +36,13 @@ func newDemoCmd(stdout io.Writer) *cobra.Command {
 		Long: `Write a sample qcow2 chain (an ext4 filesystem in backing.qcow2, and
 overlay.qcow2 on top of it with compressed and zero clusters) to DIR, mount
 the overlay read-only on DIR/mnt, and print what to try next: a loop mount
-as root; for other users fuse2fs on DIR/fs, which needs no root.
+on DIR/fs as root; for other users fuse2fs on DIR/fs, which needs no root.
 
 DIR defaults to a new directory under $XDG_RUNTIME_DIR, or /tmp. The demo
 never replaces a file: it refuses a DIR that already holds backing.qcow2,
 overlay.qcow2, or an mnt that is not an empty directory. Unmounting
-removes everything the demo created (the sample files, mnt and DIR itself
-if the demo made them).`,
+removes everything the demo created (the sample files, mnt, fs and DIR
+itself if the demo made them).`,
 		Args: exactArgs(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runDemo(dir, foreground, stdout, cmd.ErrOrStderr())
@@ -104,18 +104,18 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 		}
 		created = append([]string{mnt}, created...)
 	}
-	// Without root there is no loop device: the printed commands read
-	// the filesystem with fuse2fs, on a mountpoint made here and removed
-	// with the rest.
+	// The printed commands mount the filesystem on DIR/fs (a loop mount,
+	// or without root, where there is no loop device, fuse2fs), made
+	// here and removed with the rest: the demo leaves nothing behind,
+	// not even a directory elsewhere.
 	rootless := os.Geteuid() != 0
-	if fs := filepath.Join(dir, "fs"); rootless {
-		if _, err := os.Lstat(fs); errors.Is(err, os.ErrNotExist) {
-			if err := os.Mkdir(fs, 0o755); err != nil {
-				cleanup()
-				return fmt.Errorf("demo: %w", err)
-			}
-			created = append([]string{fs}, created...)
+	if _, err := os.Lstat(filepath.Join(dir, "fs")); errors.Is(err, os.ErrNotExist) {
+		fs := filepath.Join(dir, "fs")
+		if err := os.Mkdir(fs, 0o755); err != nil {
+			cleanup()
+			return fmt.Errorf("demo: %w", err)
 		}
+		created = append([]string{fs}, created...)
 	}
 	files, err := writeSample(dir)
 	created = append(files, created...)
@@ -217,13 +217,13 @@ func printDemoNext(w io.Writer, dir string, foreground, rootless bool) {
 read-only on %s. The disk holds an ext4 filesystem. Next:
 
 `, overlay, shellQuote(mnt))
-	fsmnt, umount := "/mnt/x", "umount /mnt/x"
+	fsmnt := shellQuote(filepath.Join(dir, "fs"))
+	umount := "umount " + fsmnt
 	if rootless {
-		fsmnt = shellQuote(filepath.Join(dir, "fs"))
 		umount = "fusermount3 -u " + fsmnt
 		fmt.Fprintf(w, "  fuse2fs -o ro %s %s    # no root needed (package fuse2fs)\n", disk, fsmnt)
 	} else {
-		fmt.Fprintf(w, "  mkdir -p /mnt/x && mount -o loop,ro %s /mnt/x    # as root\n", disk)
+		fmt.Fprintf(w, "  mount -o loop,ro %s %s    # as root\n", disk, fsmnt)
 	}
 	fmt.Fprintf(w, `  cat %s/README.txt %s/layer.txt
   %s info %s

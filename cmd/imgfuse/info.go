@@ -31,10 +31,11 @@ that can be opened (a missing backing file is named, not an error).
 --output=json (or --json) prints what 'qemu-img info --output=json' prints,
 key for key: filename, format, virtual-size, actual-size (allocated bytes),
 dirty-flag, cluster-size, backing-filename, full-backing-filename,
-backing-filename-format, format-specific {type, data}, snapshots. The image
-below nests under "backing-image"; imgfuse's own fields (feature names, the
-apparent file size, the partition table: number, partN file, start, size,
-type, GPT name and UUID) are under "imgfuse". With --backing-chain the output is
+backing-filename-format, format-specific {type, data}, snapshots, and no
+other key. imgfuse's own fields (feature names, the apparent file size, the
+partition table: number, partN file, start, size, type, GPT name and UUID,
+and the image below, described the same way, as "backing-image") are under
+"imgfuse". With --backing-chain the output is
 a JSON array with one object per image, top first, as qemu-img prints it;
 then every backing file must open.
 
@@ -164,7 +165,19 @@ func describeImage(image, format string) (drivers.ImageInfo, error) {
 	}
 	info.Filename = image
 	info.Backing = nil
+	info.VirtualSize = qemuVirtualSize(info.Format, info.VirtualSize)
 	return info, nil
+}
+
+// qemuVirtualSize is the virtual size QEMU gives an image of format and
+// size: a raw file's is rounded up to whole 512-byte sectors (QEMU's block
+// layer counts sectors), which info, map and create -b report as qemu-img
+// does. The mount exposes the file's own size.
+func qemuVirtualSize(format string, size int64) int64 {
+	if format == "raw" {
+		return (size + 511) &^ 511
+	}
+	return size
 }
 
 // pathCombine resolves a file name stored in an image relative to the
@@ -193,7 +206,6 @@ type qemuInfo struct {
 	BackingFilenameFormat string                  `json:"backing-filename-format,omitempty"`
 	Snapshots             []qemuSnapshot          `json:"snapshots,omitempty"`
 	FormatSpecific        *drivers.FormatSpecific `json:"format-specific,omitempty"`
-	BackingImage          *qemuInfo               `json:"backing-image,omitempty"`
 	Imgfuse               *imgfuseExtra           `json:"imgfuse,omitempty"`
 }
 
@@ -221,6 +233,10 @@ type imgfuseExtra struct {
 	BackingError string `json:"backing-error,omitempty"`
 	// Partitions is the disk's partition table, top image only.
 	Partitions *partitionList `json:"partition-table,omitempty"`
+	// BackingImage is the image below, described the same way (QEMU's
+	// query-block nests it so; qemu-img info prints the top image only,
+	// so it is not among QEMU's keys here).
+	BackingImage *qemuInfo `json:"backing-image,omitempty"`
 }
 
 func toQemuInfo(info drivers.ImageInfo) qemuInfo {
@@ -258,7 +274,7 @@ func toQemuInfo(info drivers.ImageInfo) qemuInfo {
 
 // writeInfoJSON prints the chain as qemu-img info --output=json does: an
 // array of objects with --backing-chain, else the top image alone, the
-// images below nested under "backing-image".
+// images below nested under imgfuse.backing-image.
 func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 	var v any
 	if chain {
@@ -276,7 +292,7 @@ func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 			}
 			q := toQemuInfo(links[i].info)
 			q.Imgfuse.Partitions = links[i].parts
-			q.BackingImage = below
+			q.Imgfuse.BackingImage = below
 			if i+1 < len(links) && links[i+1].err != nil {
 				q.Imgfuse.BackingError = links[i+1].err.Error()
 			}

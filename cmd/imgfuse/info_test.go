@@ -87,14 +87,20 @@ func TestInfoJSON(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("not JSON: %v\n%s", err, out)
 	}
-	for _, k := range []string{"filename", "format", "virtual-size", "actual-size", "format-specific", "backing-image"} {
+	for _, k := range []string{"filename", "format", "virtual-size", "actual-size", "format-specific", "imgfuse"} {
 		if _, ok := got[k]; !ok {
 			t.Errorf("top level lacks key %q", k)
 		}
 	}
+	// qemu-img info prints the top image alone: the images below are
+	// imgfuse's addition, under its own key.
+	if _, ok := got["backing-image"]; ok {
+		t.Errorf("top level has backing-image, which qemu-img info does not print")
+	}
 	if got["format"] != "qcow2" || got["virtual-size"] != float64(64<<20) {
 		t.Errorf("format %v, virtual-size %v", got["format"], got["virtual-size"])
 	}
+	got = got["imgfuse"].(map[string]any)
 	mid, _ := got["backing-image"].(map[string]any)
 	if mid == nil || mid["format"] != "qcow2" {
 		t.Fatalf("backing-image: %v", got["backing-image"])
@@ -103,9 +109,9 @@ func TestInfoJSON(t *testing.T) {
 	if len(snaps) != 1 || snaps[0].(map[string]any)["name"] != "snap1" {
 		t.Errorf("mid snapshots: %v", mid["snapshots"])
 	}
-	base, _ := mid["backing-image"].(map[string]any)
+	base, _ := mid["imgfuse"].(map[string]any)["backing-image"].(map[string]any)
 	if base == nil || base["format"] != "raw" || !strings.HasSuffix(base["filename"].(string), "base.raw") {
-		t.Errorf("base: %v", mid["backing-image"])
+		t.Errorf("base: %v", mid["imgfuse"])
 	}
 }
 

@@ -107,7 +107,44 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.CompletionOptions.HiddenDefaultCmd = false
 	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
 		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout))
+	strictBuiltins(root)
 	return root
+}
+
+// strictBuiltins makes cobra's own help and completion commands fail with a
+// usage error (exit 2) on a wrong argument, where cobra prints help and
+// succeeds: 'imgfuse completion tcsh' or 'imgfuse help frobnicate' must not
+// look like success to a script.
+func strictBuiltins(root *cobra.Command) {
+	root.InitDefaultHelpCmd()
+	root.InitDefaultCompletionCmd()
+	for _, c := range root.Commands() {
+		switch c.Name() {
+		case "help":
+			show := c.Run
+			c.Run = nil
+			c.RunE = func(cmd *cobra.Command, args []string) error {
+				if target, rest, err := cmd.Root().Find(args); target == nil || err != nil || len(rest) > 0 {
+					return usagef("unknown help topic %q", strings.Join(args, " "))
+				}
+				show(cmd, args)
+				return nil
+			}
+		case "completion":
+			var shells []string
+			for _, sh := range c.Commands() {
+				shells = append(shells, sh.Name())
+				sh.Args = exactArgs()
+			}
+			c.Args = cobra.ArbitraryArgs
+			c.RunE = func(cmd *cobra.Command, args []string) error {
+				if len(args) == 0 {
+					return usagef("completion needs a shell: %s", strings.Join(shells, ", "))
+				}
+				return usagef("unknown shell %q (want one of: %s)", args[0], strings.Join(shells, ", "))
+			}
+		}
+	}
 }
 
 func newVersionCmd(stdout io.Writer) *cobra.Command {

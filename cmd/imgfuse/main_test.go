@@ -52,6 +52,11 @@ func TestUsageErrors(t *testing.T) {
 		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, exitUsage, "--growable needs a writable mount, not --read-only"},
 		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, exitUsage, "--snapshot is read-only"},
 		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, exitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
+		{"completion without shell", []string{"completion"}, exitUsage, "imgfuse: completion needs a shell: bash, fish, powershell, zsh"},
+		{"completion unknown shell", []string{"completion", "tcsh"}, exitUsage, `imgfuse: unknown shell "tcsh"`},
+		{"completion extra arg", []string{"completion", "bash", "x"}, exitUsage, "bash takes no arguments"},
+		{"help unknown topic", []string{"help", "frobnicate"}, exitUsage, `imgfuse: unknown help topic "frobnicate"`},
+		{"log in a missing directory", []string{"mount", "--log", "/nonexistent-imgfuse-dir/x.log", "a", "b"}, exitUsage, "imgfuse: --log /nonexistent-imgfuse-dir/x.log: no such directory /nonexistent-imgfuse-dir"},
 		{"debug detached without log", []string{"mount", "--debug", "a", "b"}, exitUsage, "--debug needs --log FILE (or --foreground"},
 	}
 	for _, tt := range tests {

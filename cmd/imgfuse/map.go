@@ -14,7 +14,7 @@ import (
 func newMapCmd(stdout io.Writer) *cobra.Command {
 	var format, output string
 	var forceShare bool
-	var start, maxLen int64
+	var startArg, maxLenArg string
 	cmd := &cobra.Command{
 		Use:   "map [flags] IMAGE",
 		Short: "Print the allocation map of an image and its backing chain, as qemu-img map does",
@@ -38,28 +38,41 @@ map takes no image locks (-U is accepted for qemu-img habits).`,
 			if err != nil {
 				return err
 			}
-			if start < 0 || maxLen < 0 {
-				return usagef("--start-offset and --max-length must not be negative")
+			// Sizes as qemu-img takes them (1M, 0x1000); a
+			// --max-length of 0 maps nothing, as qemu-img's does.
+			start, maxLen := int64(0), int64(-1)
+			if startArg != "" {
+				if start, err = parseSize(startArg); err != nil {
+					return usagef("invalid --start-offset %q: %v", startArg, err)
+				}
+			}
+			if maxLenArg != "" {
+				if maxLen, err = parseSize(maxLenArg); err != nil {
+					return usagef("invalid --max-length %q: %v", maxLenArg, err)
+				}
 			}
 			return runMap(stdout, args[0], format, start, maxLen, jsonOut)
 		},
 	}
 	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
 	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (map never takes any)")
-	cmd.Flags().Int64Var(&start, "start-offset", 0, "first byte of the virtual disk to map")
-	cmd.Flags().Int64Var(&maxLen, "max-length", 0, "bytes to map from --start-offset (0: to the end)")
+	cmd.Flags().StringVar(&startArg, "start-offset", "", "first byte of the virtual disk to map (a size: 0, 1M, 0x1000)")
+	cmd.Flags().StringVar(&maxLenArg, "max-length", "", "bytes to map from --start-offset (default: to the end)")
 	addFormatFlag(cmd, &format)
 	return cmd
 }
 
 func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bool) error {
-	d, _, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
+	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
-	end := d.Size()
-	if maxLen > 0 {
+	// QEMU sees a raw file as whole sectors: the tail after its last
+	// byte maps as zeros at depth 0 (see qemuVirtualSize).
+	size := d.Size()
+	end := qemuVirtualSize(f.Name(), size)
+	if maxLen >= 0 {
 		end = min(end, start+maxLen)
 	}
 	names := layerNames(d, image)
@@ -90,9 +103,14 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	var merr error
 	for off := start; off < end && merr == nil; {
 		var e drivers.MapEntry
-		coroutine.Run(func(co *coroutine.Co) { e, merr = drivers.MapAt(co, d, off) })
-		if merr != nil {
-			break
+		if off < size {
+			coroutine.Run(func(co *coroutine.Co) { e, merr = drivers.MapAt(co, d, off) })
+			if merr != nil {
+				break
+			}
+		} else {
+			tail := off
+			e = drivers.MapEntry{Start: off, Length: end - off, Present: true, Zero: true, Offset: &tail}
 		}
 		e.Length = min(e.Length, end-off)
 		off += e.Length
@@ -107,6 +125,10 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	}
 	if cur.Length != 0 {
 		emit(cur)
+	} else if merr == nil {
+		// Nothing to map (an empty disk or range): qemu-img prints
+		// its empty entry.
+		emit(drivers.MapEntry{Start: start})
 	}
 	if jsonOut {
 		w.WriteString("]\n")

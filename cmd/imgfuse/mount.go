@@ -157,7 +157,7 @@ func newMountCmd() *cobra.Command {
 				if o.logFile != "" {
 					lf, err := os.OpenFile(o.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 					if err != nil {
-						return fmt.Errorf("log file: %w", err)
+						return usagef("--log: %v", err)
 					}
 					defer lf.Close()
 					logw = lf
@@ -238,6 +238,13 @@ func (o *mountOptions) checkWriteFlags() error {
 // validate checks, in the calling process, what can be checked before
 // starting a daemon, so that common mistakes fail fast with a clear message.
 func (o *mountOptions) validate() error {
+	// A log file that cannot be made is a bad flag value, as a
+	// --pidfile in a missing directory is.
+	if o.logFile != "" {
+		if fi, err := os.Stat(filepath.Dir(o.logFile)); err != nil || !fi.IsDir() {
+			return usagef("--log %s: no such directory %s", o.logFile, filepath.Dir(o.logFile))
+		}
+	}
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.image)
@@ -645,7 +652,8 @@ func closeImage(d drivers.Driver, image string, logger *log.Logger) error {
 // corrupt image, and a user may lack write permission, yet either can be
 // read with --read-only. The read-only open is closed at once.
 func explainWritableOpen(image, format string, opts drivers.OpenOptions, err error) error {
-	if opts.ReadOnly || errors.Is(err, drivers.ErrLocked) || errors.Is(err, os.ErrNotExist) {
+	if opts.ReadOnly || errors.Is(err, drivers.ErrLocked) || errors.Is(err, os.ErrNotExist) ||
+		strings.Contains(err.Error(), "read-only") { // the driver said so already
 		return err
 	}
 	opts.ReadOnly, opts.Growable, opts.LazyRefcounts = true, false, false

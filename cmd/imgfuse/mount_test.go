@@ -262,7 +262,8 @@ func TestMountReadOnlyRefusesWrite(t *testing.T) {
 func TestUnmountDeadMount(t *testing.T) {
 	requireFUSE(t)
 	img, mnt, _ := mountRaw(t)
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitOK {
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	if code, _, stderr := runCLI(t, "mount", "--pidfile", pidFile, img, mnt); code != exitOK {
 		t.Fatalf("mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
@@ -287,6 +288,9 @@ func TestUnmountDeadMount(t *testing.T) {
 	mp, _ := canonicalPath(mnt)
 	if _, err := os.Stat(statePath(stateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stale state file left behind: %v", err)
+	}
+	if _, err := os.Stat(pidFile); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the killed server's --pidfile is left behind: %v", err)
 	}
 }
 

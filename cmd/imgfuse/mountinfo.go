@@ -2,6 +2,8 @@ package main
 
 import (
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/moby/sys/mountinfo"
 )
@@ -45,4 +47,16 @@ func canonicalPath(p string) (string, error) {
 		return "", err
 	}
 	return filepath.Join(dir, filepath.Base(abs)), nil
+}
+
+// mountOwner returns the uid a FUSE mount was made by (its user_id
+// option), if the entry says.
+func mountOwner(e *mountEntry) (int, bool) {
+	for _, o := range strings.Split(e.VFSOptions, ",") {
+		if v, ok := strings.CutPrefix(o, "user_id="); ok {
+			uid, err := strconv.Atoi(v)
+			return uid, err == nil
+		}
+	}
+	return 0, false
 }

@@ -101,6 +101,8 @@ func trimPathError(err error, image string) error {
 	for _, p := range []string{"open " + image + ": ", "qcow2: " + image + ": ", "raw: " + image + ": ", image + ": "} {
 		msg = strings.ReplaceAll(msg, p, "")
 	}
+	// A lock conflict on the image itself (not on a backing file).
+	msg = strings.ReplaceAll(msg, "is another process using the image "+image+"?", "is another process using it?")
 	msg = strings.ReplaceAll(msg, "qcow2: qcow2: ", "qcow2: ")
 	msg = strings.TrimPrefix(msg, "qcow2: ")
 	return errors.New(msg)

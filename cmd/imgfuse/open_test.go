@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"imgfuse/drivers"
 	"imgfuse/drivers/driverstest"
 )
 
@@ -35,6 +36,8 @@ func TestOpenErrorMessages(t *testing.T) {
 	// LUKS containers by hand: qemu-img needs seconds of key stretching
 	// for one, and only the header matters here. crypt_method 2 is what
 	// qemu-img writes for encrypt.format=luks.
+	copyFile(t, path("ok.qcow2"), path("marked.qcow2"))
+	driverstest.OrByte(t, path("marked.qcow2"), 72+7, 2) // incompatible feature bit 1: corrupt
 	copyFile(t, path("ok.qcow2"), path("luks.qcow2"))
 	driverstest.OrByte(t, path("luks.qcow2"), 32+3, 2)
 	if err := os.WriteFile(path("disk.luks"), append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...), 0o644); err != nil {
@@ -88,6 +91,9 @@ func TestOpenErrorMessages(t *testing.T) {
 			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
 		{"AES-encrypted qcow2", "aes.qcow2", nil, ": AES-encrypted qcow2 images are not supported",
 			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
+		// The reason and the way out once: no second read-only hint.
+		{"marked corrupt", "marked.qcow2", nil, ": the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): image is corrupt\n",
+			codes{"mount": exitCorrupt}},
 		{"no such snapshot", "ok.qcow2", []string{"--snapshot", "nope"}, `: no such snapshot "nope" (the image has: first (id 1))`,
 			codes{"mount": exitOpen}},
 	}
@@ -112,6 +118,23 @@ func TestOpenErrorMessages(t *testing.T) {
 			})
 		}
 	}
+
+	// A lock held by another open of the image (QEMU's locks are open
+	// file description locks, so this process's own conflicts too).
+	t.Run("locked", func(t *testing.T) {
+		image := path("ok.qcow2")
+		d, _, err := drivers.Open(image, "qcow2", drivers.OpenOptions{Formats: imageFormats()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		code, _, stderr := runCLI(t, "mount", image, mnt)
+		checkOneLine(t, stderr, image, `: failed to get "write" lock: is another process using it? (to read it while another process writes it, use --force-share / -U)`)
+		if code != exitLocked {
+			t.Errorf("exit %d, want %d", code, exitLocked)
+		}
+		assertNotMounted(t, mnt)
+	})
 
 	// Permission denied needs a user the file's mode applies to.
 	t.Run("permission denied", func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"imgfuse/drivers"
@@ -79,11 +80,17 @@ func isTempOverlay(path string) bool {
 		strings.HasSuffix(path, ".qcow2")
 }
 
-// removeStaleState removes the state file of a server that is gone and
-// the temporary overlay it recorded; it returns the overlay removed, if
-// any.
+// removeStaleState removes the state file of a server that is gone, its
+// --pidfile if that still holds its pid (a stale pid file could make a
+// script signal whatever process gets the pid next), and the temporary
+// overlay it recorded; it returns the overlay removed, if any.
 func removeStaleState(dir, mp string, st daemonState) string {
 	os.Remove(statePath(dir, mp))
+	if st.PIDFile != "" {
+		if b, err := os.ReadFile(st.PIDFile); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(st.PID) {
+			os.Remove(st.PIDFile)
+		}
+	}
 	if st.OverlayTemporary && isTempOverlay(st.Overlay) && os.Remove(st.Overlay) == nil {
 		return st.Overlay
 	}

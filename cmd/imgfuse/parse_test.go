@@ -15,6 +15,12 @@ func TestParseSize(t *testing.T) {
 		{"0", 0, true}, {"512", 512, true}, {"64k", 64 << 10, true}, {"64K", 64 << 10, true},
 		{"10G", 10 << 30, true}, {"1.5M", 3 << 19, true}, {"2T", 2 << 40, true}, {"100b", 100, true},
 		{"", 0, false}, {"-1", 0, false}, {"k", 0, false}, {"1x", 0, false}, {"9E", 0, false},
+		// As qemu-img: hexadecimal without suffix, no exponent, no
+		// fraction of bytes.
+		{"0x1000", 4096, true}, {"0X1f", 31, true}, {"0x10k", 0, false}, {"0x1.5", 0, false},
+		{"1e3", 0, false}, {"1.5", 0, false}, {"1.5b", 0, false}, {"1 G", 0, false}, {"+1", 0, false},
+		{"0.5M", 1 << 19, true}, {"1.", 1, true}, {"512.0", 512, true}, {"1.k", 1024, true},
+		{"1.3k", 1331, true}, {"1.99999k", 2048, true}, // rounded to the nearest byte
 	} {
 		got, err := parseSize(tt.in)
 		if (err == nil) != tt.ok || got != tt.want {
@@ -28,7 +34,7 @@ func TestCreateOptionsParse(t *testing.T) {
 	if err != nil || o.ClusterSize != 4096 || o.RefcountBits != 8 || !o.LazyRefcounts || o.ExtendedL2 || o.CompressionType != "zstd" || o.Compat != "1.1" {
 		t.Errorf("parse: %+v, %v", o, err)
 	}
-	if o, err := parseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1024 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
+	if o, err := parseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1000 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
 		t.Errorf("size/backing options: %+v, %v", o, err)
 	}
 	if o, _ := parseCreateOptions(""); o.Size != -1 {
@@ -103,5 +109,13 @@ func TestCompletionAndVersion(t *testing.T) {
 	code, out, _ = runCLI(t, "--help")
 	if code != exitOK || !strings.Contains(out, exitCodesHelp) {
 		t.Errorf("--help lacks the exit codes: exit %d\n%s", code, out)
+	}
+}
+
+func TestArticle(t *testing.T) {
+	for fstype, want := range map[string]string{"ext4": "an", "xfs": "an", "overlay": "an", "tmpfs": "a", "btrfs": "a", "": "a"} {
+		if got := article(fstype); got != want {
+			t.Errorf("article(%q) = %q, want %q", fstype, got, want)
+		}
 	}
 }

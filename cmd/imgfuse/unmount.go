@@ -91,9 +91,13 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return notMounted(mountpoint, mp)
 	}
 	if !isImgfuseMount(e) {
-		return fmt.Errorf("%s is a %s mount (%s), not imgfuse's; use umount(8)", mountpoint, e.FSType, e.Source)
+		return fmt.Errorf("%s is %s %s mount (%s), not imgfuse's; use umount(8)", mountpoint, article(e.FSType), e.FSType, e.Source)
 	}
 
+	if uid, ok := mountOwner(e); ok && os.Geteuid() != 0 && uid != os.Geteuid() {
+		// fusermount3 would say the entry is not in /etc/mtab.
+		return fmt.Errorf("unmount %s: it was mounted by another user (uid %d); only that user or root can unmount it", mountpoint, uid)
+	}
 	if isDeadMount(mp) {
 		if err := lazyUnmount(mp); err != nil {
 			return fmt.Errorf("detach dead mount %s: %w", mountpoint, err)
@@ -269,4 +273,13 @@ func fusermount(flag, mp string) error {
 		return errors.New(msg)
 	}
 	return nil
+}
+
+// article is "an" before a filesystem type said with a vowel sound
+// (ext4, xfs, overlay, iso9660), else "a" (tmpfs, btrfs).
+func article(fstype string) string {
+	if fstype != "" && strings.ContainsRune("aeioux", rune(fstype[0])) {
+		return "an"
+	}
+	return "a"
 }

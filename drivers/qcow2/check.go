@@ -18,8 +18,10 @@ import (
 // could be handed out again while in use), one above is a leak (space lost,
 // nothing else).
 
-// maxCheckMessages bounds the messages a check keeps.
-const maxCheckMessages = 100
+// maxCheckMessages bounds the messages a check keeps: qemu-img check
+// prints one per leaked or damaged cluster, and so does imgfuse check up
+// to this many (a few MiB of memory), however many a hostile image has.
+const maxCheckMessages = 1 << 16
 
 // checkResult is the outcome of a check, counted as qemu-img check does.
 type checkResult struct {

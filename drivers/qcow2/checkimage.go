@@ -3,6 +3,8 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
+	"strings"
 
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
@@ -54,6 +56,11 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	}
 	res.Messages = r.Errors
 	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
+		// QEMU checks the COPIED flags after fixing the refcounts, so
+		// the first pass's verdicts on them are not what it prints: -r
+		// all repairs (and names) what is still wrong, -r leaks names it
+		// from the state after the fixes (the check below).
+		res.Messages = withoutCopiedFlags(r.Errors)
 		note := func(m string) {
 			if len(res.Messages) < 2*maxCheckMessages {
 				res.Messages = append(res.Messages, m)
@@ -69,15 +76,23 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
 		}
 		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
+		if mode != drivers.RepairAll {
+			res.Messages = append(res.Messages, copiedFlags(r.Errors)...)
+		}
 		res.Messages = append(res.Messages, r.Errors...)
 	}
 	res.Corruptions, res.Leaks = r.Corruptions, r.Leaks
 	// A repaired image without corruptions is consistent again (QEMU's
-	// qcow2_mark_consistent): the corrupt bit goes.
-	if mode != drivers.CheckOnly && r.Corruptions == 0 && img.h.Incompatible&incompatCorrupt != 0 {
-		if err := img.setIncompatibleLocked(co, img.h.Incompatible&^incompatCorrupt); err != nil {
-			res.CheckErrors++
-			return res, err
+	// qcow2_mark_clean and qcow2_mark_consistent): the dirty bit of a
+	// crashed lazy-refcounts image (its refcounts now checked) and the
+	// corrupt bit go.
+	if mode != drivers.CheckOnly && r.Corruptions == 0 {
+		img.staleRefcounts = false
+		if bits := img.h.Incompatible &^ (incompatCorrupt | incompatDirty); bits != img.h.Incompatible {
+			if err := img.setIncompatibleLocked(co, bits); err != nil {
+				res.CheckErrors++
+				return res, err
+			}
 		}
 	}
 	res.ImageEndOffset = r.ImageEnd
@@ -203,11 +218,20 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 	}
 	switch {
 	case rebuild && mode != drivers.RepairAll:
+		note("ERROR need to rebuild refcount structures") // qemu-img's words
 		return 0, 0, fmt.Errorf("the refcount structure needs a rebuild, which only -r all does: %w", drivers.ErrCorrupt)
 	case rebuild:
 		note("Rebuilding refcount structure")
+		// QEMU's rebuild counts the old reftable and blocks as in use
+		// and frees them as leaks once the header points at the new
+		// table, naming each; here they are free at once, and named
+		// the same way.
+		old := img.refcountStructureClusters(rc)
 		if err := rc.rebuildLocked(co, read, img.snaps); err != nil {
 			return 0, 0, err
+		}
+		for _, c := range old {
+			note(fmt.Sprintf("Repairing cluster %d refcount=1 reference=0", c))
 		}
 		leaks, corruptions = over, under
 	default:
@@ -303,3 +327,36 @@ func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off
 	}
 	return fixed, nil
 }
+
+// refcountStructureClusters lists, ascending, the clusters of rc's
+// reftable and of the refcount blocks it points at inside the file.
+func (img *image) refcountStructureClusters(rc *refcounts) []int64 {
+	seen := map[int64]bool{}
+	start := int64(img.h.ReftableOffset) >> img.clusterBits
+	for c := start; c < start+int64(img.h.ReftableClusters); c++ {
+		seen[c] = true
+	}
+	for _, e := range rc.reftable {
+		if off := int64(e & reftOffsetMask); off != 0 && off&(img.clusterSize-1) == 0 && off < img.fileSize {
+			seen[off>>img.clusterBits] = true
+		}
+	}
+	out := make([]int64, 0, len(seen))
+	for c := range seen {
+		out = append(out, c)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// withoutCopiedFlags and copiedFlags split check messages into those
+// about COPIED flags and the others.
+func withoutCopiedFlags(msgs []string) []string {
+	return slices.DeleteFunc(slices.Clone(msgs), isCopiedFlagMessage)
+}
+
+func copiedFlags(msgs []string) []string {
+	return slices.DeleteFunc(slices.Clone(msgs), func(m string) bool { return !isCopiedFlagMessage(m) })
+}
+
+func isCopiedFlagMessage(m string) bool { return strings.Contains(m, "OFLAG_COPIED") }

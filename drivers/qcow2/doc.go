@@ -65,6 +65,9 @@
 // with the corrupt bit (read-only still works) and images with persistent
 // bitmaps (which would have to be dropped and leaked); it rebuilds the
 // refcounts of a dirty image (rc.rebuildLocked) and then clears the bit,
+// except for a repair open (OpenOptions.Repair, QEMU's BDRV_O_CHECK),
+// where the check reports and fixes what the crash left and clears the
+// bit only if no corruption remains (Close keeps it otherwise),
 // and clears unknown autoclear bits with a full header rewrite
 // (marshalHeaderCluster: unknown extensions and compatible bits kept).
 //

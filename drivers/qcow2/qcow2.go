@@ -67,6 +67,12 @@ type image struct {
 	writable bool
 	lazy     bool
 	growable bool
+	// staleRefcounts: a dirty image opened for a repair (QEMU's
+	// BDRV_O_CHECK) whose refcounts were not rebuilt at open: the check
+	// finds and fixes what the crash left, and only a repair that leaves
+	// no corruption clears the dirty bit (Close keeps it). Protected by
+	// mu.
+	staleRefcounts bool
 	// extData: the image has an external data file (a copy of the
 	// header bit, which may be read without the lock).
 	extData bool
@@ -520,7 +526,11 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 		img.mu.Lock(co)
 		defer img.mu.Unlock(co)
 		if h.Incompatible&incompatDirty != 0 {
-			if err = img.repairLocked(co); err != nil {
+			if opts.Repair {
+				// As qemu-img check -r: the check reports and
+				// repairs the refcounts itself.
+				img.staleRefcounts = true
+			} else if err = img.repairLocked(co); err != nil {
 				return
 			}
 		}
@@ -660,7 +670,7 @@ func (img *image) closeClean(co *coroutine.Co) error {
 	if err == nil {
 		err = img.file.FdatasyncCo(co)
 	}
-	if err == nil {
+	if err == nil && !img.staleRefcounts {
 		err = img.setIncompatibleLocked(co, img.h.Incompatible&^incompatDirty)
 	}
 	if err != nil {
