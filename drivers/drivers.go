@@ -115,6 +115,11 @@ type OpenOptions struct {
 	// be missing. Unallocated ranges then read as zeros. Only with
 	// ReadOnly.
 	NoBacking bool
+	// NoDataFile lets a qcow2 image whose external data file cannot be
+	// opened open without it (as qemu-img info, which opens images
+	// without I/O, describes such an image): reads of guest data then
+	// fail with EIO naming the data file. Only with ReadOnly.
+	NoDataFile bool
 	// Repair opens an image for a consistency repair (qemu-img check -r):
 	// a qcow2 image marked corrupt opens read-write, to be repaired and
 	// marked consistent again. Only drivers.Checker's Check may be used

@@ -120,6 +120,17 @@ var compatMatrix = []compatImage{
 		qi(t, dir, "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", img, "32M")
 		return img
 	}},
+	{"missing-data-file", false, func(t *testing.T, dir string) string {
+		// qemu-img info describes it without the data file; check and
+		// map cannot open it, with either tool.
+		img, data := filepath.Join(dir, "nodata.qcow2"), filepath.Join(dir, "nodata.raw")
+		qi(t, dir, "create", "-q", "-f", "qcow2", "-o", "data_file="+data, img, "32M")
+		qio(t, img, "write -P 0x5a 0 1M")
+		if err := os.Remove(data); err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}},
 	{"raw-with-holes", false, func(t *testing.T, dir string) string {
 		img := filepath.Join(dir, "holes.raw")
 		qi(t, dir, "create", "-q", "-f", "raw", img, "32M")
@@ -216,6 +227,19 @@ func TestQemuCompatInfoMapCheck(t *testing.T) {
 			}
 			sameShared(t, "info", decodeJSON(t, "imgfuse info", []byte(r.stdout)), decodeJSON(t, "qemu-img info", want))
 
+			if c.name == "missing-data-file" {
+				// check keeps qemu-img's exit codes (1: could not
+				// check); map has imgfuse's (3: cannot be opened).
+				for cmd, want := range map[string]int{"check": 1, "map": 3} {
+					if code, _ := exitCode(t, "qemu-img", cmd, img); code == 0 {
+						t.Errorf("qemu-img %s opened the image without its data file", cmd)
+					}
+					if r := imgfuse(t, nil, cmd, img); r.code != want || !strings.Contains(r.stderr, "nodata.raw: no such file") {
+						t.Errorf("%s without the data file: want exit %d\n%v", cmd, want, r)
+					}
+				}
+				return
+			}
 			if c.name != "missing-backing" { // qemu-img map needs the chain
 				want = driverstest.Cmd(t, "qemu-img", "map", "--output=json", "-U", img)
 				r = imgfuse(t, nil, "map", "--output=json", img)

@@ -144,7 +144,7 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 // describeImage opens image read-only without its backing file and
 // without image locks, and describes it.
 func describeImage(image, format string) (drivers.ImageInfo, error) {
-	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true, NoBacking: true})
+	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true, NoBacking: true, NoDataFile: true})
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

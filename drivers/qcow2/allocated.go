@@ -53,6 +53,9 @@ func (img *image) Allocated() int64 {
 // (see Allocated), at least 0; the caller clamps it to the disk size.
 func (img *image) ownAllocated() int64 {
 	if img.extData {
+		if img.data == nil {
+			return 0 // no data file (NoDataFile)
+		}
 		a, err := img.data.Allocated()
 		if err != nil {
 			return img.Size()

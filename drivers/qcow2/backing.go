@@ -194,6 +194,12 @@ func (img *image) openDataFile(opts drivers.OpenOptions) error {
 	path := img.resolve(img.h.DataFile)
 	// The data file is written with the image: guest data lives there.
 	f, err := aio.Open(path, aio.Options{ReadOnly: !img.writable, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare && !img.writable})
+	if err != nil && opts.NoDataFile && !img.writable {
+		img.data = nil
+		img.dataPath = path
+		img.dataErr = fmt.Errorf("qcow2: %s: external data file: %v: %w", img.path, err, syscall.EIO)
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: external data file: %w", img.path, err)
 	}

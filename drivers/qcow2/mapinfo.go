@@ -103,6 +103,9 @@ func (img *image) metadataPrealloc(co *coroutine.Co) bool {
 // the answer holds. Past the end of the file everything is zero; where the
 // file system cannot tell, everything is data.
 func (img *image) hostStatus(off, n int64) (zero bool, length int64) {
+	if img.data == nil {
+		return false, n // no data file to ask (NoDataFile)
+	}
 	size, err := img.data.Size()
 	if err != nil {
 		return false, n

@@ -60,6 +60,9 @@ type image struct {
 	// data holds guest data: file itself, or the external data file.
 	data     *aio.File
 	dataPath string
+	// dataErr is why data is nil: the external data file could not be
+	// opened and the open asked for NoDataFile (describing the image).
+	dataErr error
 	h        *header
 	// writable: the image was opened read-write (never for a snapshot
 	// view or a backing file). lazy: lazy refcounts are on for this

@@ -29,6 +29,9 @@ func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 		chunk := p[done : done+int(run.n)]
 		switch run.typ {
 		case ctNormal:
+			if img.data == nil {
+				return done, img.dataErr
+			}
 			err = img.data.PreadCo(co, chunk, run.host)
 			if err != nil {
 				err = fmt.Errorf("qcow2: %s: reading guest %#x from host %#x: %w", img.path, pos, run.host, err)
