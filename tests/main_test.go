@@ -5,12 +5,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,7 +38,19 @@ var (
 // the blocked reads with ENOTCONN instead of hanging the whole run.
 const watchdog = 150 * time.Second
 
+// e2eParallel is how many tests run at once unless -parallel says
+// otherwise. The end-to-end tests wait on FUSE round trips, qemu-img,
+// fsync and the kernel far more than they compute: at go test's default
+// (GOMAXPROCS tests at once) two cores stay more than half idle.
+func e2eParallel() int { return 2 * runtime.GOMAXPROCS(0) }
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	explicit := false
+	flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "test.parallel" })
+	if !explicit {
+		flag.Set("test.parallel", strconv.Itoa(e2eParallel()))
+	}
 	dir, err := os.MkdirTemp("", "imgfuse-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
