@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -72,13 +73,30 @@ func TestMain(m *testing.M) {
 		out, _ := exec.Command(imgfuseBin, "mount", "--help").CombinedOutput()
 		logSupported = bytes.Contains(out, []byte("--log"))
 	}
+	waitBench := startBenchSmoke()
 	code := m.Run()
+	waitBench()
 	if left := leftMounted(); len(left) > 0 {
 		fmt.Fprintf(os.Stderr, "FAIL: the tests left %d mounts behind: %v\n", len(left), left)
 		code = 1
 	}
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// selected reports whether -run and -skip let the top-level test name run
+// (judged by the part of each pattern before its first slash).
+func selected(name string) bool {
+	matches := func(flagName string, unset bool) bool {
+		f := flag.Lookup(flagName)
+		if f == nil || f.Value.String() == "" {
+			return unset
+		}
+		top, _, _ := strings.Cut(f.Value.String(), "/")
+		re, err := regexp.Compile(top)
+		return err == nil && re.MatchString(name)
+	}
+	return matches("test.run", true) && !matches("test.skip", false)
 }
 
 // consultSources opens every source file of the module through the os
