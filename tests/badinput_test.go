@@ -15,6 +15,7 @@ import (
 // a non-zero exit and no mount left behind, or mount and fail reads of the
 // damaged range with EIO. Never a panic, never wrong data.
 func TestBadInput(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, c := range driverstest.Damaged() {
 		t.Run(c.Name, func(t *testing.T) {

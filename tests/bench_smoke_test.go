@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -39,37 +40,86 @@ var benchWorkloads = []string{
 // of a smoke run mean nothing, so it runs in parallel with the other
 // end-to-end tests (it only mounts and cleans up under its own
 // imgfuse-bench.* directories): run alone it would add two minutes to
-// the suite.
+// the suite. It is also the longest of them, so TestMain starts the script
+// before the tests run (startBenchSmoke) rather than leave it to queue for
+// a parallel slot, where it could start last and end minutes after the
+// rest.
 func TestBenchSmoke(t *testing.T) {
 	t.Parallel()
-	requireE2E(t, "go", "fio", "jq", "qemu-storage-daemon", "fusermount3", "mkfs.ext4", "fsck.ext4", "losetup")
-	out := filepath.Join(t.TempDir(), "table.md")
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", "../bench/run", "--smoke", "--out", out)
-	cmd.WaitDelay = 10 * time.Second
-	output, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
-		t.Fatalf("bench/run --smoke did not finish in 8 minutes:\n%s", output)
+	requireE2E(t, benchTools...)
+	r := benchSmoke()
+	if r.timedOut {
+		t.Fatalf("bench/run --smoke did not finish in 8 minutes:\n%s", r.output)
 	}
-	if err != nil {
-		t.Fatalf("bench/run --smoke: %v\n%s", err, output)
+	if r.err != nil {
+		t.Fatalf("bench/run --smoke: %v\n%s", r.err, r.output)
 	}
-	checkNoPanic(t, string(output))
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatalf("--out file: %v\n%s", err, output)
+	checkNoPanic(t, string(r.output))
+	if r.tableErr != nil {
+		t.Fatalf("--out file: %v\n%s", r.tableErr, r.output)
 	}
-	checkBenchTable(t, string(b))
-	if strings.Contains(string(b), "FAILURES") {
-		t.Errorf("the table lists failures:\n%s", b)
+	checkBenchTable(t, string(r.table))
+	if strings.Contains(string(r.table), "FAILURES") {
+		t.Errorf("the table lists failures:\n%s", r.table)
 	}
 	if left := benchLeftovers(t); len(left) > 0 {
 		t.Errorf("bench/run left mounts behind: %v", left)
 	}
 	if t.Failed() {
-		t.Logf("bench/run output:\n%s", output)
+		t.Logf("bench/run output:\n%s", r.output)
 	}
+}
+
+// benchTools are the commands bench/run --smoke needs.
+var benchTools = []string{"go", "fio", "jq", "qemu-storage-daemon", "fusermount3", "mkfs.ext4", "fsck.ext4", "losetup"}
+
+// benchRun is the outcome of one `bench/run --smoke`.
+type benchRun struct {
+	output   []byte // stdout and stderr
+	err      error
+	timedOut bool
+	table    []byte // the --out file
+	tableErr error
+}
+
+// benchSmoke runs `bench/run --smoke` once, the first time it is called,
+// and returns its outcome to every caller (with -count=N too: one run
+// per test binary).
+var benchSmoke = sync.OnceValue(func() benchRun {
+	dir, err := os.MkdirTemp("", "imgfuse-bench-smoke-")
+	if err != nil {
+		return benchRun{err: err}
+	}
+	defer os.RemoveAll(dir)
+	out := filepath.Join(dir, "table.md")
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "../bench/run", "--smoke", "--out", out)
+	cmd.WaitDelay = 10 * time.Second
+	var r benchRun
+	r.output, r.err = cmd.CombinedOutput()
+	r.timedOut = ctx.Err() != nil
+	r.table, r.tableErr = os.ReadFile(out)
+	return r
+})
+
+// startBenchSmoke starts benchSmoke in the background if TestBenchSmoke
+// is going to run and can (root, /dev/fuse, the tools). It returns the
+// function that waits for it, which TestMain calls before it exits so that
+// no bench/run outlives the tests.
+func startBenchSmoke() (wait func()) {
+	_, fuseErr := os.Stat("/dev/fuse")
+	ok := buildErr == nil && os.Geteuid() == 0 && fuseErr == nil && selected("TestBenchSmoke")
+	for _, tool := range append([]string{"qemu-img", "qemu-io"}, benchTools...) {
+		if _, err := exec.LookPath(tool); err != nil {
+			ok = false
+		}
+	}
+	if !ok {
+		return func() {}
+	}
+	go benchSmoke()
+	return func() { benchSmoke() }
 }
 
 // checkBenchTable parses the markdown table of bench/run: a header naming

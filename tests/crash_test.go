@@ -59,6 +59,7 @@ func crashRounds(t *testing.T, base []int) []int {
 // so that a long run (IMGFUSE_CRASH_ROUNDS) counts every failure; the test
 // prints "crash rounds: N passed, N failed" at the end.
 func TestCrash(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	cases := []struct {
 		name, opts string

@@ -16,6 +16,7 @@ import (
 // it identically and qemu-img check accepts it); the result mounts and
 // takes writes.
 func TestCreateLikeQemuImg(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	cases := []struct {
 		name  string

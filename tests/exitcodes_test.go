@@ -13,6 +13,7 @@ import (
 // TestExitCodes provokes every exit code README.md documents, at least
 // once each, with the one-line message that goes with it.
 func TestExitCodes(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "chattr")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "img.qcow2")

@@ -18,6 +18,7 @@ import (
 // unmount everything; qemu-img check is clean; after a remount every file
 // has the source's content.
 func TestExt4Qcow2(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount")
 	_, err := os.Stat("/dev/loop-control")
 	driverstest.SkipUnless(t, err == nil, "/dev/loop-control: %v", err)

@@ -17,6 +17,7 @@ import (
 // writes its new last byte, and checks what qemu sees; shrinking is
 // refused and a write past the end fails with ENOSPC.
 func TestGrowTruncate(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, opts := range []string{"", "cluster_size=512", "compat=0.10"} {
 		name := opts

@@ -67,6 +67,7 @@ func daemonPeakRSS(t *testing.T, pid int) int64 {
 // drivers/qcow2's TestHostileImages covers many more images at the driver
 // level; these are the ones where the whole stack matters.
 func TestHostileMounts(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	limit := int64(64 << 10)
 	if raceEnabled {

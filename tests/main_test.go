@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,7 +40,19 @@ var (
 // the blocked reads with ENOTCONN instead of hanging the whole run.
 const watchdog = 150 * time.Second
 
+// e2eParallel is how many tests run at once unless -parallel says
+// otherwise. The end-to-end tests wait on FUSE round trips, qemu-img,
+// fsync and the kernel far more than they compute: at go test's default
+// (GOMAXPROCS tests at once) two cores stay more than half idle.
+func e2eParallel() int { return 2 * runtime.GOMAXPROCS(0) }
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	explicit := false
+	flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "test.parallel" })
+	if !explicit {
+		flag.Set("test.parallel", strconv.Itoa(e2eParallel()))
+	}
 	dir, err := os.MkdirTemp("", "imgfuse-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -59,13 +74,30 @@ func TestMain(m *testing.M) {
 		out, _ := exec.Command(imgfuseBin, "mount", "--help").CombinedOutput()
 		logSupported = bytes.Contains(out, []byte("--log"))
 	}
+	waitBench := startBenchSmoke()
 	code := m.Run()
+	waitBench()
 	if left := leftMounted(); len(left) > 0 {
 		fmt.Fprintf(os.Stderr, "FAIL: the tests left %d mounts behind: %v\n", len(left), left)
 		code = 1
 	}
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// selected reports whether -run and -skip let the top-level test name run
+// (judged by the part of each pattern before its first slash).
+func selected(name string) bool {
+	matches := func(flagName string, unset bool) bool {
+		f := flag.Lookup(flagName)
+		if f == nil || f.Value.String() == "" {
+			return unset
+		}
+		top, _, _ := strings.Cut(f.Value.String(), "/")
+		re, err := regexp.Compile(top)
+		return err == nil && re.MatchString(name)
+	}
+	return matches("test.run", true) && !matches("test.skip", false)
 }
 
 // consultSources opens every source file of the module through the os

@@ -148,6 +148,7 @@ func TestReadOnlySemantics(t *testing.T) {
 // locks at once. Without fsync, unmount itself must flush (through the page
 // cache with --no-direct-io).
 func TestRawWritable(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	cases := []struct {
 		name   string

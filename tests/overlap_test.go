@@ -17,6 +17,7 @@ import (
 // is marked corrupt, `qemu-img check` finds no error it did not find
 // before, reads go on, and the data written before the damage reads back.
 func TestWriteDamagedMetadata(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "qemu-img", "qemu-io", "dd")
 	type layout struct{ cs, l1, reftable, refblock, l2, l2b int64 }
 	// refcount0 sets the 16-bit refcount of the cluster at off to 0.

@@ -117,6 +117,7 @@ func loopMount(t *testing.T, src string, opts string) (string, func()) {
 // files written, which qemu-img convert + e2fsck and a read-only mount at
 // the partition's offset (sfdisk's numbers) confirm.
 func TestPartitionsExt4(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "sfdisk", "mkfs.ext4", "e2fsck", "mount", "umount", "losetup")
 	_, err := os.Stat("/dev/loop-control")
 	driverstest.SkipUnless(t, err == nil, "/dev/loop-control: %v", err)
@@ -225,6 +226,7 @@ func TestPartitionsReadOnly(t *testing.T) {
 // MBR whose extended chain loops mount fine, with only the disk and one
 // log line.
 func TestPartitionsMalformed(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "sfdisk")
 	for _, c := range []struct {
 		name, layout string

@@ -20,6 +20,7 @@ const e2eSize = 32 << 20
 // with the default options and compares the exposed disk with
 // `qemu-img convert -O raw`.
 func TestCatalogue(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, img := range driverstest.Catalogue(e2eSize) {
 		t.Run(img.Name, func(t *testing.T) {
@@ -233,6 +234,7 @@ func TestSparse1TiB(t *testing.T) {
 // TestSeekDataCatalogue checks SEEK_DATA/SEEK_HOLE against qemu-img map on
 // images with zero clusters, discards and backing files.
 func TestSeekDataCatalogue(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, img := range driverstest.Catalogue(e2eSize) {
 		switch img.Name {

@@ -209,6 +209,7 @@ func sameShared(t *testing.T, path string, ours, qemu any) {
 }
 
 func TestQemuCompatInfoMapCheck(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, c := range compatMatrix {
 		t.Run(c.name, func(t *testing.T) {
@@ -352,6 +353,7 @@ func setRefcount(t *testing.T, img string, c int64, v uint16) {
 // check's, repairs with imgfuse check -r, and has qemu-img check the
 // result.
 func TestQemuCompatCheckRepair(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	// 64 KiB clusters: header 0, reftable 1, refblock 2, L1 3, L2 4, data
 	// from 5 on.

@@ -52,6 +52,7 @@ func smallFS(t *testing.T, kind string) string {
 // qemu-img check finds no corruption, and every write fsynced before the
 // failure reads back through a new mount.
 func TestENOSPC(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "mkfs.ext4")
 	for _, fs := range []string{"tmpfs", "ext4"} {
 		for _, format := range []string{"qcow2", "raw"} {

@@ -151,6 +151,7 @@ func writeImages() []writeImage {
 // on every starting image and then asks qemu-img whether the image holds
 // the model (compare) and is consistent (check).
 func TestWriteWorkload(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	seed := writeSeed(t)
 	for i, wi := range writeImages() {
@@ -247,6 +248,7 @@ func TestQcow2Fio(t *testing.T) {
 // mount (and a raw one), makes and fills an ext4 filesystem through it,
 // and checks the filesystem and the image.
 func TestQcow2LoopDirectIO(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "losetup", "mkfs.ext4", "e2fsck", "mount", "umount")
 	_, err := os.Stat("/dev/loop-control")
 	driverstest.SkipUnless(t, err == nil, "/dev/loop-control: %v", err)
@@ -335,6 +337,7 @@ func compareTrees(t *testing.T, got, want map[string]string) {
 // that only the backing file holds, whose data must not show through; the
 // backing file is not touched.
 func TestQcow2PunchHole(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, "fallocate")
 	for _, opts := range []string{"", "compat=0.10", "extended_l2=on"} {
 		name := opts
@@ -479,6 +482,7 @@ func TestReadOnlyStaysReadOnly(t *testing.T) {
 // concurrently, so two writers given the same host cluster, or a lost L2
 // update, shows as a wrong byte in qemu-img compare.
 func TestWriteParallel(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	seed := writeSeed(t)
 	var images []writeImage

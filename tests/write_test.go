@@ -120,6 +120,7 @@ func TestPunchHole(t *testing.T) {
 // TestConcurrentReads reads random ranges of mounted images from 16
 // goroutines at once and compares them with the reference.
 func TestConcurrentReads(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
 	for _, img := range driverstest.Catalogue(e2eSize) {
 		switch img.Name {

@@ -63,7 +63,7 @@ type image struct {
 	// dataErr is why data is nil: the external data file could not be
 	// opened and the open asked for NoDataFile (describing the image).
 	dataErr error
-	h        *header
+	h       *header
 	// writable: the image was opened read-write (never for a snapshot
 	// view or a backing file). lazy: lazy refcounts are on for this
 	// open. growable: writes past the end grow the disk.
