@@ -65,6 +65,13 @@
 //     pread(2), instead of the completion crossing the netpoller, the
 //     reaper goroutine and a wake-up of the waiter. At QD32 requests
 //     overlap and go through the reaper, which batches completions.
+//   - One reaps at a time (the leader, or whoever holds the reaping), and
+//     a reapAll that finds another at work marks it to make one more pass
+//     before it stops: the eventfd signal its caller consumed may belong to
+//     a completion the other had already looked past. Without that mark a
+//     completion was lost once in a while under load, and with it every
+//     request queued behind the qcow2 lock its issuer held
+//     (TestReapAgain provokes the interleaving with test hooks).
 //   - Back-pressure: EAGAIN from io_submit puts the refused requests back at
 //     the head of the queue; the next completion resubmits them, or, if none
 //     of ours is in flight, a 1 ms timer does. Nothing is dropped and nothing

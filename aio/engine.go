@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -116,6 +117,12 @@ type engine struct {
 	// reaping is set while the reaper goroutine reaps; no request becomes
 	// leader meanwhile, so the two never both reap. Protected by mu.
 	reaping bool
+	// reapAgain is set by a reapAll that found a leader or another
+	// reapAll at work: its caller may have consumed the eventfd signal
+	// of a completion that the one at work already looked past, so that
+	// one makes another pass before it stops (a leader makes one when it
+	// gives up the lead). Protected by mu.
+	reapAgain bool
 
 	// leadEvs, leadDone and reapEvs, reapDone are the event and wake-up
 	// arrays of the leader and of reapAll, each used by one goroutine at
@@ -419,9 +426,10 @@ func (e *engine) kickLocked() {
 }
 
 // reap is the completion goroutine. It sleeps in the netpoller on the
-// eventfd, then empties the completion queue (reapAll), unless a leader is
-// reaping: then the leader wakes everyone, and reaps once more when it
-// gives up the lead.
+// eventfd, then empties the completion queue (reapAll), unless a leader or
+// another reapAll is at work: then that one reaps once more before it
+// stops (a leader when it gives up the lead), since the signal just
+// consumed may belong to a completion it had already looked past.
 func (e *engine) reap() {
 	var cnt [8]byte
 	for {
@@ -440,11 +448,40 @@ func (e *engine) reap() {
 func (e *engine) reapAll() {
 	e.mu.Lock()
 	if e.leader != nil || e.reaping {
+		// The one at work may have made its last io_getevents call
+		// before the completion whose signal our caller consumed.
+		e.reapAgain = true
 		e.mu.Unlock()
+		if h := testHookReapSkipped.Load(); h != nil {
+			(*h)()
+		}
 		return
 	}
 	e.reaping = true
+	for {
+		e.reapAgain = false
+		e.mu.Unlock()
+		e.reapPass()
+		if h := testHookReapPassEnd.Load(); h != nil {
+			(*h)()
+		}
+		e.mu.Lock()
+		if !e.reapAgain {
+			break
+		}
+	}
+	e.reaping = false
+	e.kickLocked()
 	e.mu.Unlock()
+}
+
+// Test hooks: called after a reapAll pass, and when a reapAll finds
+// another at work. Nil outside tests.
+var testHookReapPassEnd, testHookReapSkipped atomic.Pointer[func()]
+
+// reapPass reaps until io_getevents returns fewer events than asked for.
+// Only the goroutine that set reaping calls it.
+func (e *engine) reapPass() {
 	evs, done := &e.reapEvs, &e.reapDone
 	// The kernel writes an event into the ring before it signals the
 	// eventfd, and the reaper's Read reset the counter: every completion
@@ -480,10 +517,6 @@ func (e *engine) reapAll() {
 			break
 		}
 	}
-	e.mu.Lock()
-	e.reaping = false
-	e.kickLocked()
-	e.mu.Unlock()
 }
 
 // snapshotStats returns a copy of the engine counters.
