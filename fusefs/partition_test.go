@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"imgfuse/drivers"
+	"imgfuse/drivers/driverstest"
 	"imgfuse/partition"
 )
 
@@ -199,30 +200,14 @@ func TestPartitionSeekDataHole(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	for _, c := range []struct {
-		off    int64
-		whence int
-		want   int64
-		err    error
-	}{
-		{0, unix.SEEK_DATA, 2 * k, nil},
-		{0, unix.SEEK_HOLE, 0, nil},
-		{2*k + 1, unix.SEEK_DATA, 2*k + 1, nil},
-		{2 * k, unix.SEEK_HOLE, 3 * k, nil}, // the end, though the disk goes on
-		{3 * k, unix.SEEK_DATA, 0, syscall.ENXIO},
-		{3 * k, unix.SEEK_HOLE, 0, syscall.ENXIO},
-	} {
-		got, err := unix.Seek(fd, c.off, c.whence)
-		if c.err != nil {
-			if !errors.Is(err, c.err) {
-				t.Errorf("lseek(%d, %d) = %d, %v; want %v", c.off, c.whence, got, err, c.err)
-			}
-			continue
-		}
-		if err != nil || got != c.want {
-			t.Errorf("lseek(%d, %d) = %d, %v; want %d", c.off, c.whence, got, err, c.want)
-		}
-	}
+	driverstest.CheckSeeks(t, fd, []driverstest.Seek{
+		{Off: 0, Whence: unix.SEEK_DATA, Want: 2 * k},
+		{Off: 0, Whence: unix.SEEK_HOLE, Want: 0},
+		{Off: 2*k + 1, Whence: unix.SEEK_DATA, Want: 2*k + 1},
+		{Off: 2 * k, Whence: unix.SEEK_HOLE, Want: 3 * k}, // the end, though the disk goes on
+		{Off: 3 * k, Whence: unix.SEEK_DATA, Err: syscall.ENXIO},
+		{Off: 3 * k, Whence: unix.SEEK_HOLE, Err: syscall.ENXIO},
+	})
 }
 
 func TestPartitionReadOnly(t *testing.T) {

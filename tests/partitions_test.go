@@ -294,31 +294,15 @@ func TestPartitionsSeekDataHole(t *testing.T) {
 	}
 	defer unix.Close(fd)
 	const m = 1 << 20
-	for _, c := range []struct {
-		off    int64
-		whence int
-		want   int64
-		err    error
-	}{
-		{0, unix.SEEK_DATA, 2 * m, nil},
-		{0, unix.SEEK_HOLE, 0, nil},
-		{2 * m, unix.SEEK_HOLE, 2*m + 64<<10, nil},
-		{2*m + 64<<10, unix.SEEK_DATA, 0, syscall.ENXIO},
-		{2*m + 64<<10, unix.SEEK_HOLE, 2*m + 64<<10, nil},
-		{20*m - 1, unix.SEEK_HOLE, 20*m - 1, nil},
-		{20 * m, unix.SEEK_HOLE, 0, syscall.ENXIO},
-	} {
-		got, err := unix.Seek(fd, c.off, c.whence)
-		if c.err != nil {
-			if !errors.Is(err, c.err) {
-				t.Errorf("lseek(%d, %d) = %d, %v; want %v", c.off, c.whence, got, err, c.err)
-			}
-			continue
-		}
-		if err != nil || got != c.want {
-			t.Errorf("lseek(%d, %d) = %d, %v; want %d", c.off, c.whence, got, err, c.want)
-		}
-	}
+	driverstest.CheckSeeks(t, fd, []driverstest.Seek{
+		{Off: 0, Whence: unix.SEEK_DATA, Want: 2 * m},
+		{Off: 0, Whence: unix.SEEK_HOLE, Want: 0},
+		{Off: 2 * m, Whence: unix.SEEK_HOLE, Want: 2*m + 64<<10},
+		{Off: 2*m + 64<<10, Whence: unix.SEEK_DATA, Err: syscall.ENXIO},
+		{Off: 2*m + 64<<10, Whence: unix.SEEK_HOLE, Want: 2*m + 64<<10},
+		{Off: 20*m - 1, Whence: unix.SEEK_HOLE, Want: 20*m - 1},
+		{Off: 20 * m, Whence: unix.SEEK_HOLE, Err: syscall.ENXIO},
+	})
 	b := make([]byte, 64<<10)
 	if n, err := unix.Pread(fd, b, 2*m); err != nil || n != len(b) || !bytes.Equal(b, bytes.Repeat([]byte{0xab}, len(b))) {
 		t.Errorf("pread at the data: %d, %v", n, err)
