@@ -195,12 +195,12 @@ func TestPartitionSeekDataHole(t *testing.T) {
 	}
 	mp := t.TempDir()
 	mountT(t, mp, d, Options{})
-	fd, err := unix.Open(filepath.Join(mp, "part1"), unix.O_RDONLY, 0)
+	f, err := os.Open(filepath.Join(mp, "part1"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fd)
-	driverstest.CheckSeeks(t, fd, []driverstest.Seek{
+	defer f.Close()
+	driverstest.CheckSeeks(t, f, []driverstest.Seek{
 		{Off: 0, Whence: unix.SEEK_DATA, Want: 2 * k},
 		{Off: 0, Whence: unix.SEEK_HOLE, Want: 0},
 		{Off: 2*k + 1, Whence: unix.SEEK_DATA, Want: 2*k + 1},

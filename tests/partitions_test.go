@@ -288,13 +288,13 @@ func TestPartitionsSeekDataHole(t *testing.T) {
 	// Partition 1 starts at 1 MiB; 64 KiB of data 2 MiB into it.
 	driverstest.Cmd(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xab 3M 64k", img)
 	mp, _ := mount(t, img, false)
-	fd, err := unix.Open(filepath.Join(mp, "part1"), unix.O_RDONLY, 0)
+	f, err := os.Open(filepath.Join(mp, "part1"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fd)
+	defer f.Close()
 	const m = 1 << 20
-	driverstest.CheckSeeks(t, fd, []driverstest.Seek{
+	driverstest.CheckSeeks(t, f, []driverstest.Seek{
 		{Off: 0, Whence: unix.SEEK_DATA, Want: 2 * m},
 		{Off: 0, Whence: unix.SEEK_HOLE, Want: 0},
 		{Off: 2 * m, Whence: unix.SEEK_HOLE, Want: 2*m + 64<<10},
@@ -304,7 +304,7 @@ func TestPartitionsSeekDataHole(t *testing.T) {
 		{Off: 20 * m, Whence: unix.SEEK_HOLE, Err: syscall.ENXIO},
 	})
 	b := make([]byte, 64<<10)
-	if n, err := unix.Pread(fd, b, 2*m); err != nil || n != len(b) || !bytes.Equal(b, bytes.Repeat([]byte{0xab}, len(b))) {
+	if n, err := f.ReadAt(b, 2*m); err != nil || n != len(b) || !bytes.Equal(b, bytes.Repeat([]byte{0xab}, len(b))) {
 		t.Errorf("pread at the data: %d, %v", n, err)
 	}
 }

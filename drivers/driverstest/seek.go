@@ -2,9 +2,8 @@ package driverstest
 
 import (
 	"errors"
+	"io"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // Seek is one lseek(2) call and what it must return: Want, or the error
@@ -16,11 +15,12 @@ type Seek struct {
 	Err    error
 }
 
-// CheckSeeks makes each call on fd and reports every answer that differs.
-func CheckSeeks(t testing.TB, fd int, seeks []Seek) {
+// CheckSeeks makes each call on f (an *os.File passes any whence to
+// lseek) and reports every answer that differs.
+func CheckSeeks(t testing.TB, f io.Seeker, seeks []Seek) {
 	t.Helper()
 	for _, c := range seeks {
-		got, err := unix.Seek(fd, c.Off, c.Whence)
+		got, err := f.Seek(c.Off, c.Whence)
 		if c.Err != nil {
 			if !errors.Is(err, c.Err) {
 				t.Errorf("lseek(%d, %d) = %d, %v; want %v", c.Off, c.Whence, got, err, c.Err)
