@@ -279,3 +279,27 @@ func dirNames(t *testing.T, dir string) []string {
 	}
 	return names
 }
+
+// TestTableChecksAllocateNothing: what every write and every partition
+// request adds for the table – the footprint check and the partition
+// lookup with its read lock – allocates nothing.
+func TestTableChecksAllocateNothing(t *testing.T) {
+	fs := newDiskFS(newMemDriver(mbrDisk(1<<20)), Options{Name: "disk", Logger: log.New(&syncBuffer{}, "", 0)}, true, nil)
+	fs.readTable()
+	p5 := fs.table.Load().byName["part5"]
+	allocs := testing.AllocsPerRun(200, func() {
+		fs.noteWrite(64*512, 4096)
+		fs.noteWrite(256*512, 512)
+		_, _, _, ok, locked := fs.window(p5)
+		if !ok || !locked {
+			t.Fatal("part5 has no window")
+		}
+		fs.ioMu.RUnlock()
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per write check and partition lookup", allocs)
+	}
+	if !fs.tableDirty.Load() {
+		t.Error("the write over the EBR was not noted")
+	}
+}
