@@ -47,7 +47,9 @@ type Options struct {
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
 	// Logger receives the one line about an ignored partition table or a
-	// clamped or skipped partition; default log.Default().
+	// clamped or skipped partition (at mount and at each re-read), and
+	// one line per change of the table through the mount; default
+	// log.Default().
 	Logger *log.Logger
 }
 
