@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
@@ -301,5 +302,76 @@ func TestTableChecksAllocateNothing(t *testing.T) {
 	}
 	if !fs.tableDirty.Load() {
 		t.Error("the write over the EBR was not noted")
+	}
+}
+
+// TestPartitionTableUnderLoad: writers and readers keep going on part2
+// while the table moves part2 elsewhere. Once the fsync that published the
+// new table has returned, no write reaches the old range (the writers
+// stop at their first ESTALE), and the new part2 is a new file.
+func TestPartitionTableUnderLoad(t *testing.T) {
+	d := newMemDriver(mbrDisk(1 << 20))
+	mp := t.TempDir()
+	mountT(t, mp, d, Options{Logger: log.New(&syncBuffer{}, "", 0)})
+	old := diskRange{64 * 512, 128 * 512}
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i := range 4 {
+		f, err := os.OpenFile(filepath.Join(mp, "part2"), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := bytes.Repeat([]byte{byte(0xE0 + i)}, 4096)
+			for n := 0; ; n++ {
+				off := int64(n%8) * 4096
+				var err error
+				if i%2 == 0 {
+					_, err = f.WriteAt(buf, off)
+				} else {
+					_, err = f.ReadAt(buf, off)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	mbr := d.snapshot()[:512]
+	putMBREntry(mbr, 1, 0x83, 128, 64) // part2 moves just past its old end
+	disk, err := os.OpenFile(filepath.Join(mp, "disk"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disk.Close()
+	if _, err := disk.WriteAt(mbr, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := disk.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	after := d.snapshot()[old.off:old.end]
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("requests on the old part2 still succeed 10 s after the new table")
+	}
+	close(errs)
+	for err := range errs {
+		if !errors.Is(err, syscall.ESTALE) {
+			t.Errorf("a request on the old part2 ended with %v; want ESTALE", err)
+		}
+	}
+	if !bytes.Equal(d.snapshot()[old.off:old.end], after) {
+		t.Error("the old part2 range was written after the new table was out")
+	}
+	if !bytes.Equal(d.snapshot()[128*512:192*512], mbrDisk(1 << 20)[128*512:192*512]) {
+		t.Error("the new part2 range was written through an old handle")
 	}
 }
