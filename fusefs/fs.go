@@ -183,6 +183,13 @@ func (fs *diskFS) window(ino uint64) (base, end int64, grow, ok, locked bool) {
 
 // fillAttr describes inode ino; ok is false for an unknown inode.
 func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
+	return fs.fillAttrOf(ino, fs.part(ino), a)
+}
+
+// fillAttrOf describes inode ino, which is partition p when p is not nil:
+// a caller that found ino in a table passes its file, since a re-read may
+// replace the table meanwhile.
+func (fs *diskFS) fillAttrOf(ino uint64, p *partFile, a *fuse.Attr) (ok bool) {
 	*a = fuse.Attr{Ino: ino, Owner: fuse.Owner{Uid: fs.uid, Gid: fs.gid}, Blksize: blockSize}
 	t := fs.modTime
 	a.SetTimes(&t, &t, &t)
@@ -196,8 +203,8 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 		a.Nlink = 1
 		a.Size = uint64(size)
 		a.Blocks = blocks(drivers.AllocatedOf(fs.d))
-	case fs.part(ino) != nil:
-		size := fs.part(ino).Size
+	case p != nil:
+		size := p.Size
 		a.Mode = syscall.S_IFREG | 0o644
 		if fs.readOnly {
 			a.Mode = syscall.S_IFREG | 0o444
@@ -248,12 +255,14 @@ func (fs *diskFS) attrTimeout(ino uint64) time.Duration {
 	return cacheTimeout
 }
 
-func (fs *diskFS) fillEntry(ino uint64, out *fuse.EntryOut) {
+// fillEntry answers a lookup of inode ino, partition p (or nil) of the
+// table the name was found in.
+func (fs *diskFS) fillEntry(ino uint64, p *partFile, out *fuse.EntryOut) {
 	out.NodeId = ino
 	out.Generation = 1
 	out.SetEntryTimeout(cacheTimeout)
 	out.SetAttrTimeout(fs.attrTimeout(ino))
-	fs.fillAttr(ino, &out.Attr)
+	fs.fillAttrOf(ino, p, &out.Attr)
 }
 
 func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
@@ -261,14 +270,15 @@ func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, 
 		return fuse.ENOTDIR
 	}
 	fs.settleTable(false)
-	ino, ok := fs.table.Load().byName[name]
+	t := fs.table.Load()
+	ino, ok := t.byName[name]
 	if !ok {
 		// A negative entry the kernel may cache: NodeId 0 with a timeout.
 		*out = fuse.EntryOut{}
 		out.SetEntryTimeout(cacheTimeout)
 		return fuse.OK
 	}
-	fs.fillEntry(ino, out)
+	fs.fillEntry(ino, t.byIno[ino], out)
 	return fuse.OK
 }
 
@@ -653,25 +663,27 @@ func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Ope
 }
 
 // dirEntries is the directory listing: ".", "..", the disk, the
-// partitions. Offsets are indexes into it plus one.
-func (fs *diskFS) dirEntries() []fuse.DirEntry {
+// partitions of the table t it returns too. Offsets are indexes into it
+// plus one.
+func (fs *diskFS) dirEntries() ([]fuse.DirEntry, *partTable) {
 	fs.settleTable(false)
 	ents := []fuse.DirEntry{
 		{Name: ".", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: "..", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: fs.name, Mode: syscall.S_IFREG, Ino: fs.diskIno},
 	}
-	for _, f := range fs.table.Load().parts {
+	t := fs.table.Load()
+	for _, f := range t.parts {
 		ents = append(ents, fuse.DirEntry{Name: f.name, Mode: syscall.S_IFREG, Ino: f.ino})
 	}
-	return ents
+	return ents, t
 }
 
 func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	ents := fs.dirEntries()
+	ents, _ := fs.dirEntries()
 	for i := in.Offset; i < uint64(len(ents)); i++ {
 		e := ents[i]
 		e.Off = i + 1
@@ -686,7 +698,7 @@ func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	ents := fs.dirEntries()
+	ents, t := fs.dirEntries()
 	for i := in.Offset; i < uint64(len(ents)); i++ {
 		e := ents[i]
 		e.Off = i + 1
@@ -697,7 +709,7 @@ func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse
 		// The kernel ignores the entry attributes of "." and "..";
 		// the files' are filled like a LOOKUP (and count as one).
 		if e.Name != "." && e.Name != ".." {
-			fs.fillEntry(e.Ino, eo)
+			fs.fillEntry(e.Ino, t.byIno[e.Ino], eo)
 		}
 	}
 	return fuse.OK
