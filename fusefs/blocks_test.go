@@ -138,7 +138,7 @@ func TestAttrTimeout(t *testing.T) {
 			t.Fatalf("GetAttr(%d): %v", c.ino, st)
 		}
 		if got := time.Duration(out.AttrValid)*time.Second + time.Duration(out.AttrValidNsec); got != c.want {
-			t.Errorf("inode %d (%d partitions): attribute timeout %v, want %v", c.ino, len(c.fs.parts), got, c.want)
+			t.Errorf("inode %d (%d partitions): attribute timeout %v, want %v", c.ino, len(c.fs.table.Load().parts), got, c.want)
 		}
 	}
 }

@@ -14,10 +14,11 @@
 //     for security.capability on every write: 4k random writes fell from
 //     139k to 17k IOPS in measurements on this kind of machine.
 //
-// The tree is static: either a directory (inode 1) holding the disk
-// (inode 2, Options.Name) and its partitions (inodes 3…, see Partitions),
-// or the root inode is the disk. Entries and
-// attributes are cached by the kernel for 24 h. The only attribute that
+// The tree is either a directory (inode 1) holding the disk (inode 2,
+// Options.Name) and its partitions (inodes 3…, see Partitions), or the
+// root inode is the disk. It changes only when the partition table does
+// (see "Partitions follow the table"), and then we tell the kernel.
+// Entries and attributes are cached by the kernel for 24 h. The only attribute that
 // changes, the size, changes only through requests the kernel sends and so
 // knows about: SETATTR (truncate, O_TRUNC), whose reply carries the new
 // size; a WRITE past the end (Options.Growable), after which the kernel
@@ -33,12 +34,8 @@
 //
 // Mount reads the disk's MBR or GPT (package partition, through
 // drivers.ReaderAt) when the mountpoint is a directory, and serves each
-// partition as "partN" (N as the kernel numbers it), inode 3 + its index.
-// The list is fixed for the life of the mount, like the rest of the tree,
-// so the 24 h entry and attribute caching stays correct; a table rewritten
-// through the mount shows at the next mount (refreshing would need
-// InodeNotify/EntryNotify for every change and a mutable tree). A table
-// that cannot be read is logged (Options.Logger) and ignored.
+// partition as "partN" (N as the kernel numbers it), from inode 3 on. A
+// table that cannot be read is logged (Options.Logger) and ignored.
 //
 // A partition file is a window: Read, Write, Fallocate and Lseek add the
 // partition's start and clamp at its end (or at the disk's end, should the
@@ -53,6 +50,66 @@
 // disk's passed-through ones; TestPartitionFiles reads a partition through
 // the driver while the disk is open, and TestOpenFlagsPartition checks the
 // flags.
+//
+// # Partitions follow the table
+//
+// A disk repartitioned through the mount (sfdisk on the disk, or on a loop
+// device over it) must not keep serving the old ranges: mkfs on a stale
+// part2 would overwrite the new partition 1. A block device gets the
+// kernel's re-read (BLKRRPART, which sfdisk asks for when it is done); a
+// FUSE file gets no ioctl for it, so we watch the writes instead:
+//
+//   - The footprint: the table read is a function of the bytes the parser
+//     read (and the disk's size), so readPartitions reads through a
+//     recorder and keeps those ranges, merged – the MBR, each EBR of the
+//     chain, the GPT header and entry array in use (the primary, or the
+//     backup when the primary is damaged; the other copy cannot change the
+//     outcome until the one in use breaks, and that write is seen). With no
+//     table at all it is the MBR sector, so a table written on a blank disk
+//     appears too.
+//   - Every write, discard and zeroing, through the disk or a partition,
+//     compares its range with the footprint once the driver call is done
+//     (noteWrite: an atomic load and a binary search over a few ranges,
+//     no allocation, TestTableChecksAllocateNothing) and on a hit sets a
+//     flag. Nothing else happens on the write path.
+//   - The flag is acted on (settleTable) when the writer is done: at its
+//     FLUSH (close), FSYNC or RELEASE (a loop device's file is released
+//     without a FLUSH; its flushes arrive as FSYNC) – or before the next
+//     LOOKUP, OPENDIR, READDIR or OPEN, whichever comes first. That is when
+//     the kernel re-reads a block device's table after sfdisk. The table is
+//     read again through the driver, off the write path.
+//   - A partition whose number and range are unchanged keeps its inode, so
+//     its open handles go on working (its type or name may change). Any
+//     other gets an inode number never handed out before (diskFS.nextIno),
+//     so the kernel's old inode, and every handle on it, can never reach a
+//     new range: I/O on it answers ESTALE, as do GETATTR and OPEN (on which
+//     the kernel retries the path lookup once, which finds the new file).
+//     Partition I/O holds diskFS.ioMu for reading from finding its range
+//     to the end of its driver calls, and publishing a new table takes it
+//     for writing: once settleTable returns, no request is still writing
+//     an old range.
+//   - The kernel is told: EntryNotify for each name whose inode changed,
+//     appeared or went away (a new partition may have a cached negative
+//     entry), InodeNotify on the directory (its cached listing: OpenDir
+//     lets the kernel keep it) and on the disk (its attribute timeout
+//     depends on whether there are partitions). From FLUSH, FSYNC and
+//     RELEASE this is done before answering, so `ls -l` right after sfdisk
+//     shows the new table. LOOKUP and READDIR hold the directory's lock in
+//     the kernel while they wait for us, and invalidating an entry takes
+//     that lock, so there the answer comes from the new table at once and
+//     the invalidation from a goroutine (OPENDIR drops KEEP_CACHE when the
+//     table just changed, so the listing it opens is not the cached one).
+//     DeleteNotify is not used: it locks the child inode, which an FSYNC on
+//     that very partition holds.
+//
+// Alternatives weighed: reading the table at every FLUSH/FSYNC (a read of
+// up to 1 MiB + 34 sectors through the driver on every fsync of any file,
+// where today the check costs a comparison per write); comparing the table
+// bytes themselves (the footprint says the same without a copy); keeping
+// the numbers and bumping a generation per partition (the kernel would
+// replace its inode, but a READ or WRITE carries only the node ID, so we
+// could not tell an old handle's request from a new one's; a fresh number
+// says it by itself, and 64 bits never run out).
 //
 // # Allocation: st_blocks
 //
@@ -162,12 +219,22 @@
 // # Concurrency
 //
 // Requests are handled concurrently, each on the goroutine that read it:
-// one goroutine per request in flight. diskFS has no mutable state (every
-// field is set before serving: backingID just after the mount, before the
-// first request is read), so handlers share nothing but the driver, which serialises
-// what it must. A handler that needs the driver runs it in a coroutine
-// (coroutine.Run) on its own goroutine and returns when the coroutine has
-// finished. No lock is held in this package; there is no lock order.
+// one goroutine per request in flight. diskFS has no mutable state but its
+// partition table (every other field is set before serving: backingID and
+// notify just after the mount, before the first request is read), so
+// handlers share little but the driver, which serialises what it must. A
+// handler that needs the driver runs it in a coroutine (coroutine.Run) on
+// its own goroutine and returns when the coroutine has finished.
+//
+// The partition table (diskFS.table) is an immutable value behind an
+// atomic pointer, replaced whole. Lock order:
+//
+//	diskFS.refreshMu (one re-read at a time; guards nextIno)
+//	  diskFS.ioMu (write side: publishing a table)
+//	diskFS.ioMu (read side: a partition request, across its driver calls)
+//	  the driver's locks
+//
+// No lock is held while the kernel is notified.
 //
 // Buffers: a READ's output buffer and a WRITE's payload belong to go-fuse
 // and are reused once the handler returns. Read fills go-fuse's buffer and

@@ -2,9 +2,12 @@ package fusefs
 
 import (
 	"fmt"
+	"log"
 	"math"
 	"math/bits"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -16,17 +19,19 @@ import (
 	"imgfuse/partition"
 )
 
-// Inode numbers. The tree never changes: either the root directory
-// (FUSE_ROOT_ID) holding the disk (diskDirIno) and its partitions
-// (firstPartIno + index into diskFS.parts), or the root is the disk.
+// Inode numbers: either the root directory (FUSE_ROOT_ID) holding the
+// disk (diskDirIno) and its partitions (from firstPartIno on, each range a
+// new number: see newPartTable), or the root is the disk.
 const (
 	diskDirIno   = 2
 	firstPartIno = 3
 )
 
 // cacheTimeout is how long the kernel may trust entries and attributes. The
-// tree never changes and the size only changes through SETATTR, whose reply
-// updates the kernel's copy, so a long timeout only saves round trips.
+// tree changes only when the partition table does, and then we invalidate
+// what the kernel cached (settleTable); the size only changes through
+// SETATTR, whose reply updates the kernel's copy. So a long timeout only
+// saves round trips.
 const cacheTimeout = 24 * time.Hour
 
 // siblingTimeout is the attribute timeout of the disk and partition files
@@ -42,7 +47,9 @@ const fhWrite = 1 // the handle was opened for writing
 const blockSize = 4096
 
 // diskFS serves one disk through the raw FUSE protocol. Its fields are
-// immutable after newDiskFS; all mutable state lives in the driver, which
+// immutable after newDiskFS but for the partition table (table,
+// tableDirty, nextIno: see the package doc, "Partitions follow the
+// table"); the rest of the mutable state lives in the driver, which
 // serialises what it must. Handlers run concurrently, one goroutine per
 // request in flight.
 type diskFS struct {
@@ -65,15 +72,33 @@ type diskFS struct {
 	modTime  time.Time
 	uid, gid uint32
 
-	// parts are the partitions exposed as files next to the disk (in a
-	// directory mount only), as read at mount time.
-	parts []partition.Partition
-	// byName maps the directory's file names to inodes.
-	byName map[string]uint64
+	logger *log.Logger
+
+	// notify tells the kernel to drop cached entries and attributes;
+	// nil in unit tests without a mount. Set by Mount before serving.
+	notify notifier
+
+	// table is the partition table served (in a directory mount; empty
+	// otherwise), replaced whole by settleTable. Partition I/O holds
+	// ioMu for reading from loading it to the end of the driver call,
+	// and settleTable takes it for writing to publish a new table, so no
+	// request that found an old range is still running once a new table
+	// is out.
+	table atomic.Pointer[partTable]
+	ioMu  sync.RWMutex
+	// tableDirty is set when a write touched the table's footprint.
+	tableDirty atomic.Bool
+	// refreshMu serialises re-reads; it protects nextIno, the next inode
+	// number never handed out.
+	refreshMu sync.Mutex
+	nextIno   uint64
 }
 
 var _ fuse.RawFileSystem = (*diskFS)(nil)
 
+// newDiskFS serves d, with the partitions parts in a directory mount
+// (Mount reads them with readTable instead, which also learns where the
+// table lies).
 func newDiskFS(d drivers.Driver, opts Options, dirMode bool, parts []partition.Partition) *diskFS {
 	fs := &diskFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
@@ -86,19 +111,18 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool, parts []partition.P
 		modTime:       opts.ModTime,
 		uid:           uint32(os.Getuid()),
 		gid:           uint32(os.Getgid()),
+		logger:        opts.Logger,
+		nextIno:       firstPartIno,
+	}
+	if fs.logger == nil {
+		fs.logger = log.Default()
 	}
 	if dirMode {
 		fs.diskIno = diskDirIno
-		fs.byName = map[string]uint64{opts.Name: diskDirIno}
-		for _, p := range parts {
-			name := partName(p.Number)
-			if _, dup := fs.byName[name]; dup {
-				continue // --name part1 wins over partition 1
-			}
-			fs.byName[name] = firstPartIno + uint64(len(fs.parts))
-			fs.parts = append(fs.parts, p)
-		}
+	} else {
+		parts = nil
 	}
+	fs.table.Store(newPartTable(opts.Name, fs.diskIno, nil, parts, nil, &fs.nextIno))
 	if dr, ok := d.(drivers.DirectReader); ok {
 		fs.direct = dr
 	}
@@ -109,31 +133,63 @@ func (fs *diskFS) String() string { return "imgfuse" }
 
 func partName(number int) string { return fmt.Sprintf("part%d", number) }
 
-// part returns the partition of inode ino, or nil.
-func (fs *diskFS) part(ino uint64) *partition.Partition {
-	if ino < firstPartIno || ino-firstPartIno >= uint64(len(fs.parts)) {
+// part returns the partition file of inode ino in the current table, or
+// nil.
+func (fs *diskFS) part(ino uint64) *partFile {
+	if ino < firstPartIno {
 		return nil
 	}
-	return &fs.parts[ino-firstPartIno]
+	return fs.table.Load().byIno[ino]
+}
+
+// stale reports whether ino was a partition file of an earlier table.
+func (fs *diskFS) stale(ino uint64) bool {
+	return fs.dirMode && ino >= firstPartIno && fs.part(ino) == nil
+}
+
+// notFile is the answer to an I/O request on an inode that is no file:
+// ESTALE for a partition whose range changed or vanished, EISDIR for the
+// directory.
+func (fs *diskFS) notFile(ino uint64) fuse.Status {
+	if fs.stale(ino) {
+		return fuse.Status(syscall.ESTALE)
+	}
+	return fuse.EISDIR
 }
 
 // window is the byte range of the disk that inode ino shows: the whole
 // disk, or a partition clamped to the disk's current size (a disk
 // truncated while mounted may have cut it). grow says writes past end grow
-// the disk. ok is false for an inode that is not a file.
-func (fs *diskFS) window(ino uint64) (base, end int64, grow, ok bool) {
+// the disk. ok is false for an inode that is not a file (or no longer:
+// a stale partition).
+//
+// For a partition, window takes ioMu for reading and says so (locked):
+// the caller unlocks it once its driver calls are done (see diskFS.table).
+func (fs *diskFS) window(ino uint64) (base, end int64, grow, ok, locked bool) {
 	if ino == fs.diskIno {
-		return 0, fs.d.Size(), fs.growable, true
+		return 0, fs.d.Size(), fs.growable, true, false
 	}
+	if ino < firstPartIno {
+		return 0, 0, false, false, false
+	}
+	fs.ioMu.RLock()
 	p := fs.part(ino)
 	if p == nil {
-		return 0, 0, false, false
+		fs.ioMu.RUnlock()
+		return 0, 0, false, false, false
 	}
-	return p.Start, max(p.Start, min(p.Start+p.Size, fs.d.Size())), false, true
+	return p.Start, max(p.Start, min(p.Start+p.Size, fs.d.Size())), false, true, true
 }
 
 // fillAttr describes inode ino; ok is false for an unknown inode.
 func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
+	return fs.fillAttrOf(ino, fs.part(ino), a)
+}
+
+// fillAttrOf describes inode ino, which is partition p when p is not nil:
+// a caller that found ino in a table passes its file, since a re-read may
+// replace the table meanwhile.
+func (fs *diskFS) fillAttrOf(ino uint64, p *partFile, a *fuse.Attr) (ok bool) {
 	*a = fuse.Attr{Ino: ino, Owner: fuse.Owner{Uid: fs.uid, Gid: fs.gid}, Blksize: blockSize}
 	t := fs.modTime
 	a.SetTimes(&t, &t, &t)
@@ -147,8 +203,8 @@ func (fs *diskFS) fillAttr(ino uint64, a *fuse.Attr) (ok bool) {
 		a.Nlink = 1
 		a.Size = uint64(size)
 		a.Blocks = blocks(drivers.AllocatedOf(fs.d))
-	case fs.part(ino) != nil:
-		size := fs.part(ino).Size
+	case p != nil:
+		size := p.Size
 		a.Mode = syscall.S_IFREG | 0o644
 		if fs.readOnly {
 			a.Mode = syscall.S_IFREG | 0o444
@@ -193,44 +249,58 @@ func share(allocated, diskSize, partSize int64) int64 {
 
 // attrTimeout is how long the kernel may trust inode ino's attributes.
 func (fs *diskFS) attrTimeout(ino uint64) time.Duration {
-	if len(fs.parts) > 0 && ino != fuse.FUSE_ROOT_ID {
+	if len(fs.table.Load().parts) > 0 && ino != fuse.FUSE_ROOT_ID {
 		return siblingTimeout
 	}
 	return cacheTimeout
 }
 
-func (fs *diskFS) fillEntry(ino uint64, out *fuse.EntryOut) {
+// fillEntry answers a lookup of inode ino, partition p (or nil) of the
+// table the name was found in.
+func (fs *diskFS) fillEntry(ino uint64, p *partFile, out *fuse.EntryOut) {
 	out.NodeId = ino
 	out.Generation = 1
 	out.SetEntryTimeout(cacheTimeout)
 	out.SetAttrTimeout(fs.attrTimeout(ino))
-	fs.fillAttr(ino, &out.Attr)
+	fs.fillAttrOf(ino, p, &out.Attr)
 }
 
 func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
 	if !fs.dirMode || h.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	ino, ok := fs.byName[name]
+	fs.settleTable(false)
+	t := fs.table.Load()
+	ino, ok := t.byName[name]
 	if !ok {
 		// A negative entry the kernel may cache: NodeId 0 with a timeout.
 		*out = fuse.EntryOut{}
 		out.SetEntryTimeout(cacheTimeout)
 		return fuse.OK
 	}
-	fs.fillEntry(ino, out)
+	fs.fillEntry(ino, t.byIno[ino], out)
 	return fuse.OK
 }
 
-// Forget: inodes are static, nothing to release.
+// Forget: nothing is kept per inode, nothing to release.
 func (fs *diskFS) Forget(nodeid, nlookup uint64) {}
 
 func (fs *diskFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
 	if !fs.fillAttr(in.NodeId, &out.Attr) {
-		return fuse.ENOENT
+		return fs.gone(in.NodeId)
 	}
 	out.SetTimeout(fs.attrTimeout(in.NodeId))
 	return fuse.OK
+}
+
+// gone answers a request on an inode we do not know: ESTALE for a
+// partition whose range changed or vanished (on a GETATTR the kernel then
+// looks the path up again), ENOENT otherwise.
+func (fs *diskFS) gone(ino uint64) fuse.Status {
+	if fs.stale(ino) {
+		return fuse.Status(syscall.ESTALE)
+	}
+	return fuse.ENOENT
 }
 
 func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
@@ -254,7 +324,7 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 	// Mode, owner and time changes are accepted and ignored: the
 	// attributes describe the image, not a file of their own.
 	if !fs.fillAttr(in.NodeId, &out.Attr) {
-		return fuse.ENOENT
+		return fs.gone(in.NodeId)
 	}
 	out.SetTimeout(fs.attrTimeout(in.NodeId))
 	return fuse.OK
@@ -277,9 +347,10 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 // FOPEN_DIRECT_IO only. The kernel's rule against mixing passthrough and
 // other opens holds per inode, and each partition is an inode of its own.
 func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	fs.settleTable(false)
 	isPart := fs.part(in.NodeId) != nil
 	if in.NodeId != fs.diskIno && !isPart {
-		return fuse.EISDIR
+		return fs.notFile(in.NodeId)
 	}
 	out.Fh = 0
 	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY {
@@ -303,9 +374,12 @@ func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOu
 // buf, go-fuse's own output buffer, which is only referenced until this
 // handler returns (ReadResultData just hands it back to go-fuse).
 func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	base, end, _, ok := fs.window(in.NodeId)
+	base, end, _, ok, locked := fs.window(in.NodeId)
 	if !ok {
-		return nil, fuse.EISDIR
+		return nil, fs.notFile(in.NodeId)
+	}
+	if locked {
+		defer fs.ioMu.RUnlock()
 	}
 	if in.Offset >= uint64(end-base) {
 		return fuse.ReadResultData(nil), fuse.OK
@@ -352,9 +426,12 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 	if fs.readOnly {
 		return 0, fuse.EROFS
 	}
-	base, end, grow, ok := fs.window(in.NodeId)
+	base, end, grow, ok, locked := fs.window(in.NodeId)
 	if !ok {
-		return 0, fuse.EISDIR
+		return 0, fs.notFile(in.NodeId)
+	}
+	if locked {
+		defer fs.ioMu.RUnlock()
 	}
 	var total int64
 	for _, p := range data {
@@ -396,6 +473,8 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 			}
 		}
 	})
+	// What the driver was asked to write, whether or not it all landed.
+	fs.noteWrite(off, room)
 	if err != nil && written == 0 {
 		return 0, toErrno(err)
 	}
@@ -404,7 +483,9 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 
 // Flush is sent on every close(2) of a descriptor. Only a descriptor that
 // could write makes us flush the image, so close(2) after write(2) reports
-// write-back errors as it does on a local file.
+// write-back errors as it does on a local file. The writer is then done:
+// a partition table it wrote is read again (settleTable) before close(2)
+// returns.
 func (fs *diskFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 	if in.Fh&fhWrite == 0 {
 		return fuse.OK
@@ -413,7 +494,9 @@ func (fs *diskFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 }
 
 // Fsync flushes the image. It must never answer ENOSYS: the kernel would
-// then stop sending fsync for good and report success without asking.
+// then stop sending fsync for good and report success without asking. A
+// stale partition's handle flushes the disk like any other: that touches
+// no range.
 func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	return fs.flush()
 }
@@ -421,10 +504,17 @@ func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 func (fs *diskFS) flush() fuse.Status {
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
+	fs.settleTable(true)
 	return toFlushErrno(err)
 }
 
-func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
+// Release settles the table too: a loop device's descriptor is released
+// without a FLUSH.
+func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+	if in.Fh&fhWrite != 0 {
+		fs.settleTable(true)
+	}
+}
 
 // Fallocate: the kernel forwards KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE only
 // (a loop device sends PUNCH_HOLE|KEEP_SIZE for discard and
@@ -439,9 +529,12 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 	if fs.readOnly {
 		return fuse.EROFS
 	}
-	base, size, growable, ok := fs.window(in.NodeId)
+	base, size, growable, ok, locked := fs.window(in.NodeId)
 	if !ok {
-		return fuse.EISDIR
+		return fs.notFile(in.NodeId)
+	}
+	if locked {
+		defer fs.ioMu.RUnlock()
 	}
 	if in.Offset > math.MaxInt64-uint64(base) || in.Length > math.MaxInt64-uint64(base)-in.Offset {
 		return fuse.EINVAL
@@ -483,6 +576,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 		}
 		err = op(co, off, min(n, size-off))
 	})
+	fs.noteWrite(off, n)
 	return toErrno(err)
 }
 
@@ -492,9 +586,12 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 	if in.Whence != unix.SEEK_DATA && in.Whence != unix.SEEK_HOLE {
 		return fuse.EINVAL
 	}
-	base, size, _, ok := fs.window(in.NodeId)
+	base, size, _, ok, locked := fs.window(in.NodeId)
 	if !ok {
-		return fuse.EISDIR
+		return fs.notFile(in.NodeId)
+	}
+	if locked {
+		defer fs.ioMu.RUnlock()
 	}
 	if in.Offset >= uint64(size-base) {
 		return fuse.Status(syscall.ENXIO)
@@ -544,7 +641,7 @@ func (fs *diskFS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.Sta
 		NameLen: 255,
 	}
 	if fs.dirMode {
-		out.Files = 2 + uint64(len(fs.parts))
+		out.Files = 2 + uint64(len(fs.table.Load().parts))
 	}
 	return fuse.OK
 }
@@ -553,30 +650,40 @@ func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Ope
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	// The listing never changes: let the kernel cache it.
+	// Let the kernel cache the listing: it changes only with the
+	// partition table, and settleTable then drops the cached copy. If
+	// the table changes now, the invalidation may not have landed
+	// before the kernel reads its cache: without KEEP_CACHE the kernel
+	// drops the cached listing itself before this open returns.
 	out.OpenFlags = fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
+	if fs.settleTable(false) {
+		out.OpenFlags = fuse.FOPEN_CACHE_DIR
+	}
 	return fuse.OK
 }
 
 // dirEntries is the directory listing: ".", "..", the disk, the
-// partitions. Offsets are indexes into it plus one.
-func (fs *diskFS) dirEntries() []fuse.DirEntry {
+// partitions of the table t it returns too. Offsets are indexes into it
+// plus one.
+func (fs *diskFS) dirEntries() ([]fuse.DirEntry, *partTable) {
+	fs.settleTable(false)
 	ents := []fuse.DirEntry{
 		{Name: ".", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: "..", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: fs.name, Mode: syscall.S_IFREG, Ino: fs.diskIno},
 	}
-	for i, p := range fs.parts {
-		ents = append(ents, fuse.DirEntry{Name: partName(p.Number), Mode: syscall.S_IFREG, Ino: firstPartIno + uint64(i)})
+	t := fs.table.Load()
+	for _, f := range t.parts {
+		ents = append(ents, fuse.DirEntry{Name: f.name, Mode: syscall.S_IFREG, Ino: f.ino})
 	}
-	return ents
+	return ents, t
 }
 
 func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	ents := fs.dirEntries()
+	ents, _ := fs.dirEntries()
 	for i := in.Offset; i < uint64(len(ents)); i++ {
 		e := ents[i]
 		e.Off = i + 1
@@ -591,7 +698,7 @@ func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	ents := fs.dirEntries()
+	ents, t := fs.dirEntries()
 	for i := in.Offset; i < uint64(len(ents)); i++ {
 		e := ents[i]
 		e.Off = i + 1
@@ -602,7 +709,7 @@ func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse
 		// The kernel ignores the entry attributes of "." and "..";
 		// the files' are filled like a LOOKUP (and count as one).
 		if e.Name != "." && e.Name != ".." {
-			fs.fillEntry(e.Ino, eo)
+			fs.fillEntry(e.Ino, t.byIno[e.Ino], eo)
 		}
 	}
 	return fuse.OK
@@ -614,7 +721,8 @@ func (fs *diskFS) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status
 	return fuse.OK
 }
 
-// The tree is fixed: creating, removing or renaming anything is refused.
+// Creating, removing or renaming anything is refused: the tree is the
+// disk and its partition table.
 
 func (fs *diskFS) refuse() fuse.Status {
 	if fs.readOnly {

@@ -47,7 +47,9 @@ type Options struct {
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
 	// Logger receives the one line about an ignored partition table or a
-	// clamped or skipped partition; default log.Default().
+	// clamped or skipped partition (at mount and at each re-read), and
+	// one line per change of the table through the mount; default
+	// log.Default().
 	Logger *log.Logger
 }
 
@@ -63,7 +65,7 @@ type Server struct {
 	// why says why not. Immutable after Mount.
 	passthrough bool
 	why         string
-	parts       []partition.Partition
+	fsys        *diskFS
 }
 
 // mountReadyTimeout bounds how long Mount waits for the new mount to
@@ -103,11 +105,13 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: mountpoint %s is neither a directory nor a regular file", abs)
 	}
 
-	var parts []partition.Partition
-	if dirMode {
-		parts = readPartitions(d, opts.Logger)
+	if opts.Logger == nil {
+		opts.Logger = log.Default()
 	}
-	fsys := newDiskFS(d, opts, dirMode, parts)
+	fsys := newDiskFS(d, opts, dirMode, nil)
+	if dirMode {
+		fsys.readTable()
+	}
 	mopts := &fuse.MountOptions{
 		// DirectMount passes rootmode from stat(mountpoint), which is what
 		// makes a regular-file mountpoint possible; it falls back to
@@ -150,9 +154,10 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
-	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), parts: fsys.parts}
+	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), fsys: fsys}
 	// Decided before the first request is read, so every Open sees the
-	// final fsys.backingID.
+	// final fsys.backingID and every table change reaches the kernel.
+	fsys.notify = srv
 	switch {
 	case opts.NoPassthrough:
 		s.why = "disabled by the mount options"
@@ -185,30 +190,12 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	return s, nil
 }
 
-// readPartitions reads the disk's partition table for the partN files. A
-// table that cannot be read is ignored with one log line: the disk itself
-// is still served.
-func readPartitions(d drivers.Driver, logger *log.Logger) []partition.Partition {
-	if logger == nil {
-		logger = log.Default()
-	}
-	t, err := partition.Read(drivers.ReaderAt(d), d.Size())
-	if err != nil {
-		logger.Printf("ignoring the partition table, no partN files: %v", err)
-		return nil
-	}
-	if t == nil {
-		return nil
-	}
-	for _, w := range t.Warnings {
-		logger.Printf("partition table: %s", w)
-	}
-	return t.Parts
+// Partitions returns the partitions served as partN files now (none for a
+// regular-file mountpoint): as read at mount time, or at the last change
+// of the table through the mount.
+func (s *Server) Partitions() []partition.Partition {
+	return s.fsys.table.Load().partitions()
 }
-
-// Partitions returns the partitions served as partN files, as read at
-// mount time (none for a regular-file mountpoint).
-func (s *Server) Partitions() []partition.Partition { return s.parts }
 
 // Passthrough reports whether the kernel serves the disk's reads itself
 // (FUSE passthrough), and if not, why.

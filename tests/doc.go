@@ -54,6 +54,15 @@
 //     growth.
 //   - fs_rw_test.go: mkfs.ext4, loop read-write, copy, fstrim (space really
 //     freed), check clean, remount, every file's checksum.
+//   - partitions_test.go: partN files of MBR (logical too) and GPT disks,
+//     raw and qcow2, made by sfdisk: ext4 on them checked by e2fsck at
+//     sfdisk's offsets; read-only; malformed tables; SEEK_DATA/SEEK_HOLE;
+//     info's table against sfdisk's. Repartitioning while mounted: sfdisk
+//     on MNT/disk with a stale part2 open (ESTALE/EIO, mkfs refused, the
+//     image byte for byte as sfdisk left it), sfdisk on a loop device over
+//     MNT/disk (direct I/O and buffered), a backup-GPT-only write, an
+//     added partition leaving part1's handle working; `ls -l` and info
+//     agree at once.
 //   - grow_test.go: truncate grows, shrink refused, ENOSPC past the end,
 //     --growable, header bits and extensions preserved.
 //   - lock_test.go: QEMU's image locks.

@@ -2,9 +2,12 @@ package tests
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
+	"maps"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -139,12 +142,12 @@ func TestPartitionsExt4(t *testing.T) {
 			if c.format == "raw" {
 				sfdisk(t, img, c.layout)
 			} else {
-				// Partitioned through the mount: the partN files come
-				// with the next mount.
+				// Partitioned through the mount: the partN files
+				// appear at once, and again at the next mount.
 				mp, disk := mount(t, img, false)
 				sfdisk(t, disk, c.layout)
-				if got := listDir(t, mp); !slices.Equal(got, []string{"disk"}) {
-					t.Errorf("after repartitioning through the mount: %v; want only disk until the next mount", got)
+				if got := listDir(t, mp); !slices.Equal(got, c.want) {
+					t.Errorf("after partitioning through the mount: %v; want %v", got, c.want)
 				}
 				unmount(t, mp)
 			}
@@ -370,4 +373,304 @@ func sameType(info, sfdisk string) bool {
 		return err1 == nil && err2 == nil && a == b
 	}
 	return strings.EqualFold(info, sfdisk)
+}
+
+// mountedParts is what `ls -l MNT` shows: each partN file and its size.
+func mountedParts(t *testing.T, mp string) map[string]int64 {
+	t.Helper()
+	m := map[string]int64{}
+	for _, name := range listDir(t, mp) {
+		if !strings.HasPrefix(name, "part") {
+			continue
+		}
+		fi, err := os.Stat(filepath.Join(mp, name))
+		if err != nil {
+			t.Fatalf("stat %s: %v", name, err)
+		}
+		m[name] = fi.Size()
+	}
+	return m
+}
+
+// infoParts is `imgfuse info --output=json`'s partition table: each file
+// and its start and size in bytes.
+func infoParts(t *testing.T, img string) map[string][2]int64 {
+	t.Helper()
+	r := imgfuse(t, nil, "info", "--output=json", img)
+	if r.code != 0 {
+		t.Fatalf("info: %v", r)
+	}
+	var v struct {
+		Imgfuse struct {
+			PT struct {
+				Partitions []struct {
+					File        string
+					Start, Size int64
+				}
+			} `json:"partition-table"`
+		}
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &v); err != nil {
+		t.Fatal(err)
+	}
+	m := map[string][2]int64{}
+	for _, p := range v.Imgfuse.PT.Partitions {
+		m[p.File] = [2]int64{p.Start, p.Size}
+	}
+	return m
+}
+
+// checkTable fails t unless the mount (names and sizes) and `imgfuse info`
+// (names, starts and sizes) both show want, file → {start, size}.
+func checkTable(t *testing.T, mp, img string, want map[string][2]int64) {
+	t.Helper()
+	sizes := map[string]int64{}
+	for name, w := range want {
+		sizes[name] = w[1]
+	}
+	if got := mountedParts(t, mp); !maps.Equal(got, sizes) {
+		t.Errorf("the mount shows %v, want %v", got, sizes)
+	}
+	if got := infoParts(t, img); !maps.Equal(got, want) {
+		t.Errorf("imgfuse info shows %v, want %v", got, want)
+	}
+}
+
+// staleErr reports whether err is how I/O on a handle of a partition whose
+// range changed must fail.
+func staleErr(err error) bool {
+	return errors.Is(err, syscall.ESTALE) || errors.Is(err, syscall.EIO)
+}
+
+const mib = 1 << 20
+
+// TestPartitionsRepartition: a qcow2 disk partitioned through the mount
+// shows its partitions at once; repartitioned by sfdisk while a handle of
+// part2 is open, `ls -l` at once shows the new table (part2 gone, part1
+// grown over part2's old range), imgfuse info agrees, and the stale handle
+// fails reads, writes and a mkfs through it (ESTALE or EIO) without
+// writing a byte: the image afterwards is the disk as it was after sfdisk,
+// byte for byte, and qemu-img check is clean.
+func TestPartitionsRepartition(t *testing.T) {
+	t.Parallel()
+	requireE2E(t, "sfdisk", "mkfs.ext4")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "32M")
+	mp, disk := mount(t, img, false)
+	sfdisk(t, disk, "label: dos\nstart=2048, size=8M, type=83\nstart=18432, size=8M, type=83\n")
+	checkTable(t, mp, img, map[string][2]int64{"part1": {mib, 8 * mib}, "part2": {9 * mib, 8 * mib}})
+
+	p2, err := os.OpenFile(filepath.Join(mp, "part2"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	if _, err := p2.WriteAt(bytes.Repeat([]byte{0x5A}, 64<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+
+	sfdisk(t, disk, "label: dos\nstart=2048, size=20M, type=83\n")
+	// At once: no remount, no wait.
+	checkTable(t, mp, img, map[string][2]int64{"part1": {mib, 20 * mib}})
+	want, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(want[9*mib:9*mib+64<<10], bytes.Repeat([]byte{0x5A}, 64<<10)) {
+		t.Fatal("part2's old data is not where it was")
+	}
+
+	if _, err := p2.ReadAt(make([]byte, 4096), 0); !staleErr(err) {
+		t.Errorf("read through the stale part2: %v; want ESTALE or EIO", err)
+	}
+	if _, err := p2.WriteAt(bytes.Repeat([]byte{0xC3}, 4096), 4096); !staleErr(err) {
+		t.Errorf("write through the stale part2: %v; want ESTALE or EIO", err)
+	}
+	// The issue's case: mkfs on the stale part2 (reached through the
+	// descriptor: the name is gone).
+	stalePath := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), p2.Fd())
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", stalePath).CombinedOutput(); err == nil {
+		t.Errorf("mkfs.ext4 on the stale part2 succeeded:\n%s", out)
+	} else if strings.Contains(string(out), "does not exist") {
+		t.Errorf("mkfs.ext4 did not find the stale part2 at %s:\n%s", stalePath, out)
+	}
+	if err := p2.Close(); err != nil {
+		t.Errorf("close of the stale part2: %v", err)
+	}
+
+	unmount(t, mp)
+	requireClean(t, img)
+	out := filepath.Join(dir, "out.raw")
+	driverstest.Cmd(t, "qemu-img", "convert", "-O", "raw", img, out)
+	model := filepath.Join(dir, "model.raw")
+	if err := os.WriteFile(model, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	compareFiles(t, out, model)
+}
+
+// TestPartitionsRepartitionLoop: sfdisk on a loop device over MNT/disk
+// (direct I/O, and the buffered default) repartitions the disk, and
+// `ls -l MNT` shows the new table as soon as sfdisk is done; imgfuse info
+// agrees.
+func TestPartitionsRepartitionLoop(t *testing.T) {
+	t.Parallel()
+	requireE2E(t, "sfdisk", "losetup")
+	_, err := os.Stat("/dev/loop-control")
+	driverstest.SkipUnless(t, err == nil, "/dev/loop-control: %v", err)
+	for _, dio := range []string{"on", "off"} {
+		t.Run("direct-io="+dio, func(t *testing.T) {
+			t.Parallel()
+			img := filepath.Join(t.TempDir(), "disk.raw")
+			driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "raw", img, "32M")
+			sfdisk(t, img, "label: dos\nstart=2048, size=8M, type=83\nstart=18432, size=8M, type=83\n")
+			mp, disk := mount(t, img, false)
+			checkTable(t, mp, img, map[string][2]int64{"part1": {mib, 8 * mib}, "part2": {9 * mib, 8 * mib}})
+			dev := strings.TrimSpace(string(driverstest.Cmd(t, "losetup", "--direct-io="+dio, "-f", "--show", disk)))
+			t.Cleanup(func() { // before the unmount, which it keeps busy
+				if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+					t.Errorf("losetup -d %s: %v\n%s", dev, err, out)
+				}
+				waitLoopDetached(t, disk)
+			})
+			// part1 shrinks, part2 moves and grows, a logical 5 appears.
+			sfdisk(t, dev, "label: dos\nstart=2048, size=4M, type=83\nstart=10240, size=12M, type=83\nstart=34816, type=5\nsize=4M, type=83\n")
+			checkTable(t, mp, img, map[string][2]int64{
+				"part1": {mib, 4 * mib}, "part2": {5 * mib, 12 * mib}, "part5": {17*mib + 1*mib, 4 * mib}})
+		})
+	}
+}
+
+// TestPartitionsAddKeepsHandle: a repartition that only adds a partition
+// leaves part1 alone: same inode, and a handle opened before reads and
+// writes its range as before.
+func TestPartitionsAddKeepsHandle(t *testing.T) {
+	t.Parallel()
+	requireE2E(t, "sfdisk")
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "raw", img, "32M")
+	sfdisk(t, img, "label: gpt\nstart=2048, size=8M, name=a\n")
+	mp, disk := mount(t, img, false)
+	p1Path := filepath.Join(mp, "part1")
+	var st1 syscall.Stat_t
+	if err := syscall.Stat(p1Path, &st1); err != nil {
+		t.Fatal(err)
+	}
+	p1, err := os.OpenFile(p1Path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p1.Close()
+
+	sfdisk(t, disk, "label: gpt\nstart=2048, size=8M, name=a\nstart=18432, size=4M, name=b\n")
+	checkTable(t, mp, img, map[string][2]int64{"part1": {mib, 8 * mib}, "part2": {9 * mib, 4 * mib}})
+	var st2 syscall.Stat_t
+	if err := syscall.Stat(p1Path, &st2); err != nil {
+		t.Fatal(err)
+	}
+	if st1.Ino != st2.Ino {
+		t.Errorf("part1's inode changed (%d → %d) though its range did not", st1.Ino, st2.Ino)
+	}
+	w := bytes.Repeat([]byte{0x3C}, 8192)
+	if _, err := p1.WriteAt(w, mib); err != nil {
+		t.Fatalf("write through part1 opened before: %v", err)
+	}
+	if err := p1.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(w))
+	if _, err := p1.ReadAt(got, mib); err != nil || !bytes.Equal(got, w) {
+		t.Errorf("read through part1 opened before: %v", err)
+	}
+	f, err := os.Open(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(got, 2*mib); err != nil || !bytes.Equal(got, w) {
+		t.Errorf("the disk at part1's offset: %v, or other bytes", err)
+	}
+}
+
+// gptBackup is the backup GPT of a disk of size bytes, as read through
+// disk: the header (last LBA), the offset of its entry array and the
+// array.
+func gptBackup(t *testing.T, disk *os.File, size int64) (hdr []byte, arrOff int64, arr []byte) {
+	t.Helper()
+	hdr = make([]byte, 512)
+	if _, err := disk.ReadAt(hdr, size-512); err != nil {
+		t.Fatal(err)
+	}
+	if string(hdr[:8]) != "EFI PART" {
+		t.Fatalf("no backup GPT header at %d", size-512)
+	}
+	arrOff = int64(binary.LittleEndian.Uint64(hdr[72:])) * 512
+	arr = make([]byte, binary.LittleEndian.Uint32(hdr[80:])*binary.LittleEndian.Uint32(hdr[84:]))
+	if _, err := disk.ReadAt(arr, arrOff); err != nil {
+		t.Fatal(err)
+	}
+	return hdr, arrOff, arr
+}
+
+// sealGPTHeader sets the header's entry array CRC32 for arr and its own.
+func sealGPTHeader(hdr, arr []byte) {
+	binary.LittleEndian.PutUint32(hdr[88:], crc32.ChecksumIEEE(arr))
+	clear(hdr[16:20])
+	n := binary.LittleEndian.Uint32(hdr[12:])
+	binary.LittleEndian.PutUint32(hdr[16:], crc32.ChecksumIEEE(hdr[:n]))
+}
+
+// TestPartitionsBackupGPT: with the primary GPT damaged through the mount,
+// the partitions come from the backup; a write of only the backup header
+// and entry array (as a tool repairing or editing the backup does) then
+// changes the partN files at once: part2 removed, part3 shrunk. imgfuse
+// info agrees after each step.
+func TestPartitionsBackupGPT(t *testing.T) {
+	t.Parallel()
+	requireE2E(t, "sfdisk")
+	const size = 32 * mib
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "raw", img, "32M")
+	sfdisk(t, img, "label: gpt\nstart=2048, size=8M, name=a\nstart=18432, size=8M, name=b\nstart=34816, size=8M, name=c\n")
+	mp, diskPath := mount(t, img, false)
+	orig := map[string][2]int64{"part1": {mib, 8 * mib}, "part2": {9 * mib, 8 * mib}, "part3": {17 * mib, 8 * mib}}
+	checkTable(t, mp, img, orig)
+	disk, err := os.OpenFile(diskPath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disk.Close()
+
+	// Damage the primary header (its disk GUID, so its CRC fails).
+	if _, err := disk.WriteAt([]byte{0xAB, 0xCD}, 512+56); err != nil {
+		t.Fatal(err)
+	}
+	if err := disk.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	checkTable(t, mp, img, orig)
+	if logSupported && !strings.Contains(daemonLog(t, mp), "using the backup") {
+		t.Errorf("the daemon log does not say the backup GPT is used:\n%s", daemonLog(t, mp))
+	}
+
+	hdr, arrOff, arr := gptBackup(t, disk, size)
+	clear(arr[128 : 2*128]) // entry 2: unused
+	// Entry 3 ends 4 MiB earlier (its last LBA, inclusive).
+	last := binary.LittleEndian.Uint64(arr[2*128+40:])
+	binary.LittleEndian.PutUint64(arr[2*128+40:], last-4*mib/512)
+	sealGPTHeader(hdr, arr)
+	if arrOff < size-33*512 || arrOff >= size-512 {
+		t.Fatalf("backup entry array at %d: not just before the backup header", arrOff)
+	}
+	if _, err := disk.WriteAt(arr, arrOff); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := disk.WriteAt(hdr, size-512); err != nil {
+		t.Fatal(err)
+	}
+	if err := disk.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	checkTable(t, mp, img, map[string][2]int64{"part1": {mib, 8 * mib}, "part3": {17 * mib, 4 * mib}})
 }
