@@ -275,6 +275,12 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	img.initAllocated()
 	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
 	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
+	if opts.CacheSize > 0 && img.logf != nil {
+		// The bound in force can differ from the one asked for (at
+		// least two tables, whole tables, the chain's share): say it.
+		img.logf("qcow2: %s: the L2 cache holds at most %d tables of %d bytes (%d bytes asked for)",
+			path, l2Tables, img.clusterSize, opts.CacheSize)
+	}
 	if err := ch.charge(img, l2Tables); err != nil {
 		return nil, err
 	}
