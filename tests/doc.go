@@ -41,8 +41,11 @@
 //     fsynced data survives. IMGFUSE_CRASH_ROUNDS sets the number of kills
 //     (make crash: 300, printing "N passed, N failed").
 //   - hostile_test.go: crafted images through `info` and a read-only mount:
-//     a one-line refusal, or EIO for the damaged range only; bounded daemon
-//     RSS; no file written. special_files_test.go: FIFOs, devices,
+//     a one-line refusal, or every cluster as driverstest.Qcow2Oracle
+//     decodes the damaged image (the undamaged bytes outside the damaged
+//     range; inside it the damaged mapping's bytes or EIO, and EIO where it
+//     names metadata, said once in the daemon log); bounded daemon RSS; no
+//     file written. special_files_test.go: FIFOs, devices,
 //     directories, sockets as image or backing file fail at once.
 //     probe_guard_test.go: a probed raw image refuses a qcow2 header in its
 //     first sector (CVE-2008-2004); --format raw allows it.
@@ -80,6 +83,8 @@
 //   - create_test.go: `imgfuse create` byte for byte against qemu-img create
 //     for each option (and data files), mounted and written; overlays.
 //   - exitcodes_test.go: every documented exit code provoked once.
+//   - cachesize_test.go: --cache-size reaches the driver (the bound in
+//     force, from the daemon log) and reads stay right while it evicts.
 //   - rootless_test.go: imgfuse as an unprivileged user (IMGFUSE_TEST_USER,
 //     default nobody; /dev/fuse must be open to users, as .ci/run makes
 //     it): a qcow2 mount written and read, status, unmount, judged by

@@ -19,7 +19,11 @@
 // and ConvertRef produces the reference for each; Damaged lists damaged
 // images a reader must refuse or fail reads of. Both the driver tests and
 // the end-to-end tests use them, so every feature is checked below and
-// above FUSE. Missing tools skip those tests, or fail them when
+// above FUSE. Qcow2Oracle decodes, independently of the driver, what each
+// cluster of a damaged qcow2 image must read as (its mapped bytes, or a
+// failure where the mapping is invalid or names metadata), and
+// CheckHostileRead judges one read against it: the hostile-image tests of
+// both levels judge every read of every case with them. Missing tools skip those tests, or fail them when
 // IMGFUSE_REQUIRE_E2E=1 or CI=true (see Required).
 //
 // Concurrency: the suite drives the driver the way fusefs does, from many

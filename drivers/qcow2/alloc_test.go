@@ -50,21 +50,3 @@ func TestHotPathsAllocateNothing(t *testing.T) {
 		}
 	}
 }
-
-// TestCacheSize: OpenOptions.CacheSize bounds the L2 cache (at least two
-// tables), and the default maps the whole disk up to 32 MiB.
-func TestCacheSize(t *testing.T) {
-	requireQemu(t)
-	img := filepath.Join(t.TempDir(), "big.qcow2")
-	qemuImg(t, "create", "-q", "-f", "qcow2", img, "1T") // 2048 L2 tables of 64 KiB
-	for _, tc := range []struct {
-		limit int64
-		want  int
-	}{{0, 32 << 20 / 65536}, {1 << 20, 16}, {1, 2}, {1 << 40, 2048}} {
-		d := openTest(t, img, drivers.OpenOptions{CacheSize: tc.limit})
-		if got := d.l2.Tables(); got != tc.want {
-			t.Errorf("CacheSize %d: %d L2 tables, want %d", tc.limit, got, tc.want)
-		}
-		d.Close()
-	}
-}

@@ -36,18 +36,22 @@ func (ch *chain) l2Share(want int, cs, limit int64) int {
 // charge adds the metadata memory of img, just opened with an L2 cache of
 // l2Tables tables, to the chain, and refuses the open if the chain would
 // then pass maxChainMetadata. It counts what the image may hold at most:
-// its L1 table (or the cache of its pieces), its L2 cache, its snapshot
-// table and, if writable, its refcount table.
+// its L1 table (or the cache of its pieces) and the sorted L2 table
+// offsets of the overlap checks (at most as large), its L2 cache, its
+// snapshot table and, if writable, its refcount table, else the refcount
+// block offsets of the read-side overlap check (readMetaLocked).
 func (ch *chain) charge(img *image, l2Tables int) error {
 	l2 := int64(l2Tables) * img.clusterSize
 	ch.l2Bytes += l2
-	n := int64(len(img.l1))*8 + l2 + img.snapTableBytes
+	n := 2*int64(len(img.l1))*8 + l2 + img.snapTableBytes
 	if img.l1c != nil {
 		n += l1CacheChunks * l1Chunk
 	}
-	if img.writable {
-		n += int64(img.h.ReftableClusters) << img.clusterBits
+	rt := int64(img.h.ReftableClusters) << img.clusterBits
+	if !img.writable {
+		rt = min(rt, readReftableMax)
 	}
+	n += rt
 	ch.meta += n
 	if ch.meta > maxChainMetadata {
 		return fmt.Errorf("qcow2: %s: the backing chain would keep %d MiB of metadata in memory (limit %d MiB): %w",

@@ -60,6 +60,9 @@ type hostRun struct {
 	host int64
 	// l2e is the L2 entry of a ctCompressed cluster.
 	l2e uint64
+	// l2Off is the L2 table the run was mapped from (0: none), for the
+	// read-side overlap check.
+	l2Off int64
 }
 
 // mapLocked translates guest offset off (QEMU's qcow2_get_host_offset).
@@ -84,7 +87,7 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 	cs := img.clusterSize
 	inCluster := off & (cs - 1)
 	var (
-		run   hostRun
+		run   = hostRun{l2Off: s.l2Off}
 		count int64 // subclusters in the run so far
 	)
 	for i := range s.n {
@@ -107,7 +110,7 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 					return hostRun{}, s.errorf(0, fmt.Errorf("compressed data at %#x is past the end of the file (%d bytes): %w",
 						coff, img.fileSize, drivers.ErrCorrupt))
 				}
-				return hostRun{typ: ctCompressed, n: min(n, cs-inCluster), l2e: e}, nil
+				return hostRun{typ: ctCompressed, n: min(n, cs-inCluster), l2e: e, l2Off: s.l2Off}, nil
 			}
 			if typ.hasHostOffset() {
 				run.host = int64(host) + inCluster

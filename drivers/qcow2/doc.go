@@ -24,7 +24,8 @@
 //   - zero.go: Discard and WriteZeroes (zero flags, subcluster zero bits,
 //     freeing clusters, zeros written where the format has no other way).
 //   - resize.go: Truncate (grow only): L1 growth and the header size.
-//   - overlap.go: the metadata overlap check every write passes.
+//   - overlap.go: the metadata overlap check every write and every data
+//     read from the image file passes.
 //   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
 //     and table growth), the consistency check and the refcount rebuild.
 //   - compress.go: deflate and zstd decompression of one cluster.
@@ -164,6 +165,29 @@
 // that would have to evict a dirty L2 table, which fails with EIO rather
 // than write it.
 //
+// Reads are checked as well, which QEMU does not do: there an L2 entry
+// pointing at the L1 table returns the table's bytes as guest data.
+// ReadAt passes every run it maps from the image file — the host range
+// of normal clusters, the byte range of a compressed cluster — through
+// the same checker (checkReadLocked), plus the L2 table the run was
+// mapped from; clusters in an external data file are another file's
+// and are not checked, and a backing layer checks its own reads against
+// its own tables. A run that reaches metadata past its first cluster is
+// cut before it (the clusters before still read); one that starts in
+// metadata fails with ErrCorrupt (EIO to the reader) naming the table.
+// The first such read of an open image is logged (OpenOptions.Logf).
+// On a writable image it also sets the corrupt bit, as a write overlap
+// does: its mapping sends guest data into metadata, and the next write
+// or allocation would build on that; on a read-only image nothing is
+// written. What a read-only image knows: the header's tables and the
+// snapshots' L1 tables as above; the L2 table offsets of its L1 table,
+// sorted on the first checked read when the table was read whole (not
+// for one read in pieces: walking it would read up to 32 MiB, so only
+// the run's own L2 table is checked there); and the refcount block
+// offsets, from the refcount table read once on the first checked read
+// if it is at most 1 MiB (readMetaLocked). These sets cost 8 bytes per
+// table, charged to the chain's metadata budget.
+//
 // Cost: the L2 table and refcount block offsets are kept sorted
 // (image.l2Set, maintained by setL1Locked; rc.blocks, rebuilt when the
 // reftable changes), so a check is a few range comparisons, one per
@@ -172,7 +196,12 @@
 // under the metadata lock the write holds anyway — against 100 µs and
 // more for the device write. QEMU's check walks the L1 table and the
 // reftable instead, O(tables) per write. Memory: 8 bytes per L2 table and
-// per refcount block, only for a writable image.
+// per refcount block. A read pays one check per mapped run (one extent,
+// not one per sector or cluster), under the metadata lock it takes for
+// the mapping anyway, with no allocation: BenchmarkOverlapCheck measures
+// 38 ns for 16384 L2 tables, and BenchmarkRead (page-cached, 2 vCPUs,
+// loaded machine) showed no change beyond its noise: 4 KiB random reads
+// 1.4–1.8 µs, 64 KiB sequential 6.0–7.4 µs, before and after.
 //
 // # Lock order
 //

@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"encoding/binary"
 	"fmt"
 	"slices"
 
@@ -79,8 +80,12 @@ func (img *image) overlapping(off, n int64, ign metaKind) (metaKind, int64) {
 			return olActiveL2, at
 		}
 	}
-	if ign&olRefcountBlock == 0 && img.rc != nil {
-		if at, ok := clusterHit(img.rc.blockSet(), off, n, cs); ok {
+	if ign&olRefcountBlock == 0 {
+		blocks := img.roBlocks
+		if img.rc != nil {
+			blocks = img.rc.blockSet()
+		}
+		if at, ok := clusterHit(blocks, off, n, cs); ok {
 			return olRefcountBlock, at
 		}
 	}
@@ -113,6 +118,126 @@ func (img *image) checkWriteLocked(co *coroutine.Co, off, n int64, ign metaKind)
 	err := fmt.Errorf("qcow2: %s: preventing invalid write of [%#x, +%#x) on metadata (overlaps with %s at %#x): %w",
 		img.path, off, n, k, at, drivers.ErrCorrupt)
 	return img.signalCorruptionLocked(co, err)
+}
+
+// checkReadLocked is the overlap check of a data read from the image
+// file, run by ReadAt on every run it maps (once per run, not per
+// cluster): a host range that overlaps metadata the image knows
+// (overlapping, plus the L2 table the run was mapped from) holds no
+// guest data. QEMU reads such a range and returns the table's bytes as
+// data; here the read fails instead, so a damaged L2 entry (a table
+// pointing at itself, at the L1 table, at the header) never shows
+// metadata as guest bytes.
+//
+// A run whose first byte reads metadata fails with an error wrapping
+// drivers.ErrCorrupt; a run that reaches metadata further on is cut
+// before it (on entry run maps guest pos; on exit run.n may be
+// shorter), so the clusters before the damage still read, as mapLocked
+// does for damage it meets further on. The first hit of an open image
+// is logged; on a writable image it also marks the image corrupt
+// (signalCorruptionLocked): its mapping sends guest data into metadata,
+// which a later write would overwrite or a later allocation reuse.
+// Reads go on.
+//
+// Clusters of an external data file live in another file and are not
+// checked; a backing layer checks its own reads.
+func (img *image) checkReadLocked(co *coroutine.Co, run *hostRun, pos int64) error {
+	img.mu.AssertHeld(co)
+	var off, n int64
+	switch run.typ {
+	case ctNormal:
+		if img.extData {
+			return nil
+		}
+		off, n = run.host, run.n
+	case ctCompressed:
+		off, n = img.compressedRange(run.l2e)
+	default:
+		return nil
+	}
+	if !img.readMeta {
+		if err := img.readMetaLocked(co); err != nil {
+			return err
+		}
+	}
+	cs := img.clusterSize
+	for {
+		k, at := img.overlapping(off, n, 0)
+		if k == 0 && run.l2Off != 0 && off < run.l2Off+cs && run.l2Off < off+n {
+			// Always known, even when l2Set is not (an L1 table
+			// read in pieces).
+			k, at = olActiveL2, run.l2Off
+		}
+		if k == 0 {
+			break
+		}
+		if at > off && run.typ == ctNormal {
+			n = at - off // host and guest bytes correspond one to one
+			continue
+		}
+		err := fmt.Errorf("qcow2: %s: L2 table at %#x maps guest %#x to host [%#x, +%#x), which overlaps %s at %#x, not guest data: %w",
+			img.path, run.l2Off, pos, off, n, k, at, drivers.ErrCorrupt)
+		if !img.readHitLogged && img.logf != nil {
+			img.readHitLogged = true
+			img.logf("%v (reads of such ranges fail with EIO; logged once)", err)
+		}
+		if img.writable {
+			return img.signalCorruptionLocked(co, err)
+		}
+		return err
+	}
+	if run.typ == ctNormal {
+		run.n = n
+	}
+	return nil
+}
+
+// readReftableMax bounds the refcount table a read-only image reads for
+// the read-side overlap check (one read, on the first checked data
+// read): 1 MiB lists 131072 refcount blocks, which cover 256 TiB of
+// image file with 64 KiB clusters and 16 GiB with 512-byte ones. A
+// larger table is not read, and its blocks are not checked.
+const readReftableMax = 1 << 20
+
+// readMetaLocked puts in place what the read-side overlap check of a
+// read-only image needs beyond the header: the sorted offsets of the L2
+// tables of its L1 table (when read whole at open; a table read in
+// pieces is not walked, see checkReadLocked) and of its refcount blocks
+// (the reftable read once, through a 64 KiB buffer, its offsets kept).
+// A writable image has both already (l2Set, rc.blockSet). A reftable
+// that cannot be read fails the read, and is tried again by the next.
+func (img *image) readMetaLocked(co *coroutine.Co) error {
+	img.mu.AssertHeld(co)
+	if img.rc != nil {
+		img.readMeta = true
+		return nil
+	}
+	if img.l1 != nil && img.l2Set == nil {
+		img.l2Set = buildL2Set(img.l1)
+	}
+	rtOff := int64(img.h.ReftableOffset)
+	rtBytes := int64(img.h.ReftableClusters) << img.clusterBits
+	// Past the end of the file the table reads as zeros: no blocks.
+	rtBytes = min(rtBytes, max(img.fileSize-rtOff, 0))
+	var blocks []int64
+	if rtBytes > 0 && rtBytes <= readReftableMax {
+		buf := make([]byte, min(rtBytes, 64<<10))
+		for i := int64(0); i < rtBytes; i += int64(len(buf)) {
+			p := buf[:min(int64(len(buf)), rtBytes-i)]
+			if err := img.file.PreadCo(co, p, rtOff+i); err != nil {
+				return fmt.Errorf("qcow2: %s: reading the refcount table at %#x: %w", img.path, rtOff, err)
+			}
+			for j := 0; j+8 <= len(p); j += 8 {
+				if b := int64(binary.BigEndian.Uint64(p[j:]) & reftOffsetMask); b != 0 {
+					blocks = append(blocks, b)
+				}
+			}
+		}
+		slices.Sort(blocks)
+	}
+	img.roBlocks = blocks
+	img.readMeta = true
+	return nil
 }
 
 // guardLocked is checkWriteLocked for the writes of cached tables and

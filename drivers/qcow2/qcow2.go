@@ -140,10 +140,24 @@ type image struct {
 	// fileSize is the image file's size; host offsets at or past it are
 	// corrupt. Protected by mu.
 	fileSize int64
-	// l2Set holds the offsets of the L2 tables the active L1 table
-	// names, sorted, for the overlap check (overlap.go); nil unless
-	// writable. Protected by mu.
+	// l2Set holds the offsets of the L2 tables the L1 table in use
+	// names, sorted, for the overlap checks (overlap.go): built at open
+	// for a writable image, on the first checked read for a read-only
+	// one whose L1 table is read whole (readMetaLocked); nil otherwise.
+	// Protected by mu.
 	l2Set []int64
+	// readMeta: what the read-side overlap check needs is in place
+	// (l2Set, roBlocks); roBlocks holds the refcount block offsets of a
+	// read-only image, sorted (a writable one has rc.blockSet). Both
+	// protected by mu.
+	readMeta bool
+	roBlocks []int64
+	// readHitLogged: a read into metadata was logged (once per open
+	// image). Protected by mu.
+	readHitLogged bool
+	// logf receives notices for the daemon's log
+	// (drivers.OpenOptions.Logf); nil to drop them. Immutable.
+	logf func(format string, args ...any)
 	// snapTableBytes is the size of the snapshot table. Immutable.
 	snapTableBytes int64
 	// metaFixed is the size of the tables Allocated counts as metadata
@@ -198,7 +212,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
-	img := &image{path: path, file: f, data: f, dataPath: path, writable: writable, growable: opts.Growable}
+	img := &image{path: path, file: f, data: f, dataPath: path, writable: writable, growable: opts.Growable, logf: opts.Logf}
 	defer func() {
 		if err != nil {
 			img.Close()
@@ -261,6 +275,12 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	img.initAllocated()
 	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
 	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
+	if opts.CacheSize > 0 && img.logf != nil {
+		// The bound in force can differ from the one asked for (at
+		// least two tables, whole tables, the chain's share): say it.
+		img.logf("qcow2: %s: the L2 cache holds at most %d tables of %d bytes (%d bytes asked for)",
+			path, l2Tables, img.clusterSize, opts.CacheSize)
+	}
 	if err := ch.charge(img, l2Tables); err != nil {
 		return nil, err
 	}

@@ -22,6 +22,9 @@ func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 		pos := off + int64(done)
 		img.mu.Lock(co)
 		run, err := img.mapLocked(co, pos, int64(len(p)-done))
+		if err == nil {
+			err = img.checkReadLocked(co, &run, pos)
+		}
 		img.mu.Unlock(co)
 		if err != nil {
 			return done, err
