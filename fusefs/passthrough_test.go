@@ -16,6 +16,7 @@ import (
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/drivers/raw"
+	"imgfuse/internal/testenv"
 )
 
 // TestOpenFlagsPassthrough checks what Open answers in each mode, without a
@@ -113,8 +114,8 @@ func mountCounting(t *testing.T, data []byte, ropts drivers.OpenOptions, opts Op
 }
 
 // requirePassthrough fails t unless the mount is in passthrough mode (when
-// the kernel offers it: otherwise it skips, or fails under
-// IMGFUSE_REQUIRE_E2E).
+// the kernel offers it: otherwise it skips, or fails where coverage is
+// required, testenv.Skip).
 func requirePassthrough(t *testing.T, s *Server) {
 	t.Helper()
 	on, why := s.Passthrough()
@@ -122,10 +123,7 @@ func requirePassthrough(t *testing.T, s *Server) {
 		return
 	}
 	if s.srv.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 || os.Geteuid() != 0 {
-		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
-			t.Fatalf("IMGFUSE_REQUIRE_E2E is set but passthrough is off: %s", why)
-		}
-		t.Skipf("passthrough unavailable: %s", why)
+		testenv.Skip(t, "passthrough unavailable: %s", why)
 	}
 	t.Fatalf("passthrough is off on a kernel that offers it: %s", why)
 }
