@@ -58,7 +58,8 @@
 //     --growable, header bits and extensions preserved.
 //   - lock_test.go: QEMU's image locks.
 //   - lint_test.go: package import boundaries, no exits in library code,
-//     image syscalls only in aio.
+//     image syscalls only in aio, every skip for a missing prerequisite
+//     through internal/testenv (a failure in CI).
 //   - bench_smoke_test.go: `bench/run --smoke` (imgfuse against
 //     qemu-storage-daemon and the file) finishes, reports a positive number
 //     for every workload and target in a table that parses, and leaves
