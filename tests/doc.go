@@ -49,9 +49,10 @@
 //   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
 //     (qemu-img check clean, fsynced data intact); EIO from the storage
 //     under the image confined to its range.
-//   - soak_test.go: fio and an ext4 file workload on -race daemons for
-//     IMGFUSE_SOAK_SECONDS (30): no race, no deadlock, no RSS or thread
-//     growth.
+//   - soak_test.go: fio (crc32c-verified as it writes) and an ext4 file
+//     workload (read back with O_DIRECT, through the mount) on -race
+//     daemons for IMGFUSE_SOAK_SECONDS (30): no wrong byte, no race, no
+//     deadlock, no RSS or thread growth.
 //   - fs_rw_test.go: mkfs.ext4, loop read-write, copy, fstrim (space really
 //     freed), check clean, remount, every file's checksum.
 //   - grow_test.go: truncate grows, shrink refused, ENOSPC past the end,
