@@ -67,7 +67,8 @@
 //     nothing mounted; in parallel with the rest (its numbers mean nothing).
 //   - qemucompat_test.go: `imgfuse info|map|check --output=json` against
 //     qemu-img's on a matrix of images (decoded and compared key by key;
-//     map byte for byte); check and check -r verdicts and counts on leaked
+//     map byte for byte, and its human output too, a metadata-preallocated
+//     image among them); check and check -r verdicts and counts on leaked
 //     and corrupted copies, qemu-img check clean after the repair; the
 //     corrupt bit cleared by a repair; the progress bar only on a terminal.
 //   - create_test.go: `imgfuse create` byte for byte against qemu-img create
