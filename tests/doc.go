@@ -25,6 +25,12 @@
 //   - mount_test.go: file mountpoints, --name, read-only semantics (EROFS,
 //     0444, the image's mtime), writes reaching the image, unmount waiting
 //     for the daemon, SIGTERM, kill -9 and clearing the dead mount, info.
+//   - readme_test.go: README promises checked from outside: SIGINT, an
+//     external umount and fusermount3 -u end a --foreground daemon with
+//     status 0, the image flushed and clean and status no longer listing
+//     it; --name part1 wins over partition 1; partitions keep their size
+//     (and bounds) when a --growable disk grows; status shows
+//     `unmounting` while a lazily unmounted disk is still open.
 //   - write_test.go: parallel O_DIRECT writes (qemu-img convert, fio with
 //     verification), PUNCH_HOLE, concurrent readers.
 //   - ext4_test.go: loop-mounted ext4 read-only from a compressed qcow2 and
