@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"imgfuse/coroutine"
+	"imgfuse/internal/testenv"
 )
 
 const benchFileSize = 256 << 20
@@ -62,7 +63,7 @@ func benchImage(b *testing.B) string {
 		}
 	})
 	if benchFile.path == "" {
-		b.Skipf("no file for O_DIRECT benchmarks: %s", benchFile.skip)
+		testenv.Skip(b, "no file for O_DIRECT benchmarks: %s", benchFile.skip)
 	}
 	return benchFile.path
 }
@@ -178,7 +179,7 @@ func BenchmarkRandRead4k(b *testing.B) {
 func BenchmarkFallbackRead4k(b *testing.B) {
 	d := shmDir(b)
 	if d == "" {
-		b.Skip("/dev/shm is not tmpfs")
+		testenv.Skip(b, "/dev/shm is not tmpfs")
 	}
 	const size = 64 << 20
 	p := filepath.Join(d, "img")

@@ -18,10 +18,7 @@ import (
 // flight (retried after a pause), partial acceptance (the rest resubmitted)
 // and an error for one iocb (only that request fails).
 func TestSubmitErrors(t *testing.T) {
-	d, why := directDir(t)
-	if d == "" {
-		t.Skipf("no O_DIRECT-capable directory: %s", why)
-	}
+	d := directDir(t)
 	r := rand.New(rand.NewPCG(8, 9))
 	const blocks = 64
 	data := randBytes(r, blocks*4096)
@@ -113,10 +110,7 @@ func TestSubmitErrors(t *testing.T) {
 // still using the leader's event arrays, or a completion lost between
 // leader and reaper, fails it (a wrong byte, a nil dereference, or a hang).
 func TestLeaderHandOver(t *testing.T) {
-	d, why := directDir(t)
-	if d == "" {
-		t.Skipf("no O_DIRECT-capable directory: %s", why)
-	}
+	d := directDir(t)
 	const blocks = 256
 	r := rand.New(rand.NewPCG(21, 22))
 	data := randBytes(r, blocks*4096)
@@ -180,10 +174,7 @@ func TestLeaderHandOver(t *testing.T) {
 // reader below waits for ever (it hung a writable mount: every other
 // request queued behind the qcow2 lock its issuer held).
 func TestReapAgain(t *testing.T) {
-	d, why := directDir(t)
-	if d == "" {
-		t.Skipf("no O_DIRECT-capable directory: %s", why)
-	}
+	d := directDir(t)
 	data := randBytes(rand.New(rand.NewPCG(31, 32)), 4*4096)
 	f := openCase(t, engineCase{dir: d, wantDirect: true}, createFile(t, d, data))
 	e := f.eng

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"imgfuse/drivers"
+	"imgfuse/internal/testenv"
 )
 
 // BenchmarkRead measures one 4k O_DIRECT read through the mount from an
@@ -27,7 +28,7 @@ func BenchmarkRead(b *testing.B) {
 			mp := b.TempDir()
 			s, err := Mount(mp, d, Options{})
 			if err != nil {
-				b.Skipf("mount: %v", err)
+				testenv.Skip(b, "mount: %v", err)
 			}
 			defer func() { s.Unmount(); s.Wait() }()
 			f, err := os.OpenFile(filepath.Join(mp, "disk"), os.O_RDONLY|syscall.O_DIRECT, 0)

@@ -13,6 +13,7 @@ import (
 	"imgfuse/drivers"
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
+	"imgfuse/internal/testenv"
 	"imgfuse/partition"
 )
 
@@ -204,7 +205,7 @@ func BenchmarkGetAttr(b *testing.B) {
 			}
 			s, err := Mount(mp, cases[c].d(b), Options{})
 			if err != nil {
-				b.Skipf("mount: %v", err)
+				testenv.Skip(b, "mount: %v", err)
 			}
 			defer func() { s.Unmount(); s.Wait() }()
 			var st unix.Statx_t

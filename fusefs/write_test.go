@@ -143,9 +143,10 @@ func TestGrowable(t *testing.T) {
 	}
 }
 
-// TestNotGrowable: without Growable, a write past the end, a ZERO_RANGE
-// that would extend the disk and a shrinking truncate are refused, and the
-// size does not move.
+// TestNotGrowable: without Growable, a write past the end and a ZERO_RANGE
+// that would extend the disk are refused, and the size does not move.
+// (Refusing to shrink is the drivers' part: TestRawGrow on raw, and
+// tests/grow_test.go on qcow2, check the EOPNOTSUPP.)
 func TestNotGrowable(t *testing.T) {
 	d := newMemDriver(pattern(diskSize, 24))
 	mp := t.TempDir()

@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"imgfuse/drivers"
+	"imgfuse/internal/testenv"
 )
 
 // sfdiskImage makes a sparse file of size bytes partitioned by sfdisk with
@@ -22,10 +23,7 @@ import (
 func sfdiskImage(t testing.TB, size int64, script string) string {
 	t.Helper()
 	if _, err := exec.LookPath("sfdisk"); err != nil {
-		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
-			t.Fatal("sfdisk not installed")
-		}
-		t.Skip("sfdisk not installed")
+		testenv.Skip(t, "sfdisk not installed")
 	}
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, nil, 0o644); err != nil {

@@ -25,6 +25,12 @@
 //   - mount_test.go: file mountpoints, --name, read-only semantics (EROFS,
 //     0444, the image's mtime), writes reaching the image, unmount waiting
 //     for the daemon, SIGTERM, kill -9 and clearing the dead mount, info.
+//   - readme_test.go: README promises checked from outside: SIGINT, an
+//     external umount and fusermount3 -u end a --foreground daemon with
+//     status 0, the image flushed and clean and status no longer listing
+//     it; --name part1 wins over partition 1; partitions keep their size
+//     (and bounds) when a --growable disk grows; status shows
+//     `unmounting` while a lazily unmounted disk is still open.
 //   - write_test.go: parallel O_DIRECT writes (qemu-img convert, fio with
 //     verification), PUNCH_HOLE, concurrent readers.
 //   - ext4_test.go: loop-mounted ext4 read-only from a compressed qcow2 and
@@ -52,9 +58,10 @@
 //   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
 //     (qemu-img check clean, fsynced data intact); EIO from the storage
 //     under the image confined to its range.
-//   - soak_test.go: fio and an ext4 file workload on -race daemons for
-//     IMGFUSE_SOAK_SECONDS (30): no race, no deadlock, no RSS or thread
-//     growth.
+//   - soak_test.go: fio (crc32c-verified as it writes) and an ext4 file
+//     workload (read back with O_DIRECT, through the mount) on -race
+//     daemons for IMGFUSE_SOAK_SECONDS (30): no wrong byte, no race, no
+//     deadlock, no RSS or thread growth.
 //   - fs_rw_test.go: mkfs.ext4, loop read-write, copy, fstrim (space really
 //     freed), check clean, remount, every file's checksum.
 //   - partitions_test.go: partN files of MBR (logical too) and GPT disks,
@@ -70,14 +77,16 @@
 //     --growable, header bits and extensions preserved.
 //   - lock_test.go: QEMU's image locks.
 //   - lint_test.go: package import boundaries, no exits in library code,
-//     image syscalls only in aio.
+//     image syscalls only in aio, every skip for a missing prerequisite
+//     through internal/testenv (a failure in CI).
 //   - bench_smoke_test.go: `bench/run --smoke` (imgfuse against
 //     qemu-storage-daemon and the file) finishes, reports a positive number
 //     for every workload and target in a table that parses, and leaves
 //     nothing mounted; in parallel with the rest (its numbers mean nothing).
 //   - qemucompat_test.go: `imgfuse info|map|check --output=json` against
 //     qemu-img's on a matrix of images (decoded and compared key by key;
-//     map byte for byte); check and check -r verdicts and counts on leaked
+//     map byte for byte, and its human output too, a metadata-preallocated
+//     image among them); check and check -r verdicts and counts on leaked
 //     and corrupted copies, qemu-img check clean after the repair; the
 //     corrupt bit cleared by a repair; the progress bar only on a terminal.
 //   - create_test.go: `imgfuse create` byte for byte against qemu-img create

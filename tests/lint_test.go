@@ -193,3 +193,69 @@ func TestImageIOOnlyInAio(t *testing.T) {
 		t.Error("package aio makes none of the image syscalls: the source walk is broken")
 	}
 }
+
+// unconditionalSkips are the skips that do not depend on what the machine
+// has, and so are not testenv.Skip's to decide, by file and enclosing
+// top-level function: a test that needs (or cannot run under) a build tag,
+// one that only runs when asked for, a driver suite subtest for a
+// capability the driver under test does not have. Every entry must still
+// be found, so a stale one fails too.
+var unconditionalSkips = map[string]string{
+	"cache/misuse_test.go:TestMisuseInvariants":              "needs -tags invariants; .ci/run runs the cache package with it",
+	"cache/misuse_test.go:TestDiscardPinned":                 "panics by design under -tags invariants; .ci/run runs it without",
+	"drivers/qcow2/fuzz_tables_test.go:TestUpdateImageSeeds": "regenerates checked-in seeds, only when IMGFUSE_UPDATE_SEEDS=1",
+	"drivers/qcow2/fuzz_test.go:TestUpdateFuzzSeeds":         "regenerates checked-in seeds, only when IMGFUSE_UPDATE_SEEDS=1",
+	"drivers/driverstest/driverstest.go:Run":                 "a driver without the direct-read fast path has nothing to test there",
+	"drivers/driverstest/driverstest.go:RunWritable":         "a disk smaller than 16 sectors has no room for 16 writer stripes",
+}
+
+// TestSkipsThroughTestenv: a test skips for want of a tool, a device,
+// root or a kind of filesystem only through testenv.Skip (directly or
+// through driverstest.SkipUnless), which fails it in CI instead: a test
+// skipped there by its own t.Skip would pass unseen. The exceptions are
+// listed in unconditionalSkips.
+func TestSkipsThroughTestenv(t *testing.T) {
+	fset := token.NewFileSet()
+	files, _ := parseModule(t)
+	found := map[string]bool{}
+	for _, sf := range files {
+		if sf.dir == "internal/testenv" {
+			continue // the one place that may call Skip
+		}
+		f, err := parser.ParseFile(fset, sf.path, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, decl := range f.Decls {
+			fn, ok := decl.(*ast.FuncDecl)
+			if !ok || fn.Body == nil {
+				continue
+			}
+			key := sf.dir + "/" + filepath.Base(sf.path) + ":" + fn.Name.Name
+			ast.Inspect(fn.Body, func(n ast.Node) bool {
+				call, ok := n.(*ast.CallExpr)
+				if !ok {
+					return true
+				}
+				sel, ok := call.Fun.(*ast.SelectorExpr)
+				if !ok || (sel.Sel.Name != "Skip" && sel.Sel.Name != "Skipf" && sel.Sel.Name != "SkipNow") {
+					return true
+				}
+				if x, ok := sel.X.(*ast.Ident); ok && x.Name == "testenv" {
+					return true
+				}
+				if _, ok := unconditionalSkips[key]; ok {
+					found[key] = true
+					return true
+				}
+				t.Errorf("%s: %s: a skip for a missing prerequisite must go through testenv.Skip (fails in CI); an unconditional one belongs in unconditionalSkips", fset.Position(call.Pos()), key)
+				return true
+			})
+		}
+	}
+	for key := range unconditionalSkips {
+		if !found[key] {
+			t.Errorf("unconditionalSkips: no skip found in %s: remove the entry (or the source walk is broken)", key)
+		}
+	}
+}

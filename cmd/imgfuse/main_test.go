@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"imgfuse/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -150,10 +151,7 @@ func TestMountReadOnlyDecision(t *testing.T) {
 func requireQemuImg(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		if os.Getenv("IMGFUSE_REQUIRE_E2E") != "" {
-			t.Fatalf("qemu-img not found and IMGFUSE_REQUIRE_E2E is set")
-		}
-		t.Skip("qemu-img not found")
+		testenv.Skip(t, "qemu-img not found")
 	}
 }
 

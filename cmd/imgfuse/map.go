@@ -25,8 +25,8 @@ from a backing file, and where they are stored.
 object per run with start, length, depth (0: IMAGE itself, 1: its backing
 file, ...), present (allocated at that depth), zero, data and, where the run
 has a plain location in that layer's file, offset (compressed clusters have
-none). The human output lists the runs with data and an offset, with the
-file that holds them.
+none). The human output is qemu-img map's: the runs with data that is not
+known to read as zeros and an offset, with the file that holds them.
 
 map takes no image locks (-U is accepted for qemu-img habits).`,
 		Args: exactArgs("IMAGE"),
@@ -95,7 +95,9 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 				fmt.Fprintf(w, `, "offset": %d`, *e.Offset)
 			}
 			w.WriteString("}")
-		} else if e.Data && e.Offset != nil {
+		} else if e.Data && !e.Zero && e.Offset != nil {
+			// As qemu-img prints it: data that reads as zeros (a
+			// preallocated cluster) is left out.
 			fmt.Fprintf(w, "%-16s%-16s%-16s%s\n", cHex(e.Start), cHex(e.Length), cHex(*e.Offset), names[e.Depth])
 		}
 		first = false

@@ -9,25 +9,19 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"imgfuse/internal/testenv"
 )
 
 // Required reports whether missing prerequisites (tools, /dev/fuse, root)
 // must fail tests instead of skipping them: in CI, or when
-// IMGFUSE_REQUIRE_E2E=1.
-func Required() bool {
-	return os.Getenv("IMGFUSE_REQUIRE_E2E") == "1" || os.Getenv("CI") == "true"
-}
+// IMGFUSE_REQUIRE_E2E=1 (testenv.Required).
+func Required() bool { return testenv.Required() }
 
 // SkipUnless skips t (or fails it when Required) unless ok.
 func SkipUnless(t testing.TB, ok bool, format string, args ...any) {
 	t.Helper()
-	if ok {
-		return
-	}
-	if Required() {
-		t.Fatalf("prerequisite missing: "+format, args...)
-	}
-	t.Skipf("prerequisite missing: "+format, args...)
+	testenv.SkipUnless(t, ok, format, args...)
 }
 
 // RequireTools skips t (or fails it when Required) unless every named
