@@ -189,6 +189,10 @@ func TestForeignBacking(t *testing.T) {
 		if r.code != 5 || !strings.Contains(r.stderr, base+" is a VMDK image") || strings.Count(r.stderr, "\n") != 1 {
 			t.Errorf("info --backing-chain %s: want exit 5 naming VMDK in one line\n%v", img, r)
 		}
+		// --format reaches the top image only: no hint for the backing file.
+		if strings.Contains(r.stderr, "-f raw") {
+			t.Errorf("info --backing-chain %s: the refusal of the backing file offers -f raw: %s", img, r.stderr)
+		}
 		// check opens no backing file: the overlay itself is clean.
 		if r := imgfuse(t, nil, "check", img); r.code != 0 {
 			t.Errorf("check %s: %v", img, r)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -65,27 +66,51 @@ func checkFormatFlag(name string) error {
 // refusal is the error of a command given image, whose format f imgfuse
 // recognises but cannot read: one line naming the image once, the format,
 // what imgfuse reads, and the way to the file's own bytes. It matches
-// drivers.ErrUnsupported (exit 5) through fe.
+// drivers.ErrUnsupported (exit 5) through its *foreign.Error.
 func refusal(image string, f *foreign.Format) error {
-	fe := &foreign.Error{Format: f}
-	if f.Encrypted() {
-		// The ciphertext is there for whoever asks for it (cryptsetup
-		// can open the mounted disk).
-		return fmt.Errorf("open %s: %w (--format raw exposes its encrypted bytes)", image, fe)
-	}
-	return refusalError{fmt.Sprintf("%s is %s; imgfuse reads %s (-f raw exposes the file's own bytes)",
-		image, f.What(), inWords(readableFormats())), fe}
+	return refusalError{image: image, err: &foreign.Error{Format: f}}
 }
 
-// refusalError is a refusal's message with the *foreign.Error it stands
-// for, which callers match (never the text).
+// refusalError is a refusal, rendered when printed; callers match it or
+// its *foreign.Error, never the text.
 type refusalError struct {
-	msg string
-	err *foreign.Error
+	image string
+	err   *foreign.Error
+	// backing: the image is a backing file, which --format does not
+	// reach, so the way to its bytes is not offered.
+	backing bool
 }
 
-func (e refusalError) Error() string { return e.msg }
+func (e refusalError) Error() string {
+	f := e.err.Format
+	if f.Encrypted() {
+		// LUKS keeps the words it always had. The ciphertext is there
+		// for whoever asks for it (cryptsetup can open the mounted disk).
+		msg := fmt.Sprintf("open %s: %v", e.image, e.err)
+		if !e.backing {
+			msg += " (--format raw exposes its encrypted bytes)"
+		}
+		return msg
+	}
+	msg := fmt.Sprintf("%s is %s; imgfuse reads %s", e.image, f.What(), inWords(readableFormats()))
+	if !e.backing {
+		msg += " (-f raw exposes the file's own bytes)"
+	}
+	return msg
+}
+
 func (e refusalError) Unwrap() error { return e.err }
+
+// asBacking words err, the failure to open a backing file, as such: a
+// refusal drops the --format hint, which applies to the top image only.
+func asBacking(err error) error {
+	var re refusalError
+	if errors.As(err, &re) && error(re) == err {
+		re.backing = true
+		return re
+	}
+	return err
+}
 
 // inWords joins names as a sentence does: "a", "a and b", "a, b and c".
 func inWords(names []string) string {
