@@ -96,6 +96,20 @@ func TestProbeQemuImages(t *testing.T) {
 			t.Errorf("%s: probed as %s, want %s", filepath.Base(tt.path), got.Name(), want)
 		}
 	}
+	// Through ProbeFile: the name reaches the DMG rule, and the tail is
+	// the last 512 bytes of a file of any length.
+	for name, want := range map[string]string{"z.dmg": "dmg", "z.DMG": "raw", "odd.img": "vpc"} {
+		data := make([]byte, 4096)
+		if name == "odd.img" {
+			data = append(make([]byte, 1000), vhdFooter(2, false)...)
+		}
+		if err := os.WriteFile(path(name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := drivers.ProbeFile(all(), path(name)); err != nil || got.Name() != want {
+			t.Errorf("ProbeFile(%s): %v, %v; want %s", name, got, err, want)
+		}
+	}
 	if got := qemuProbe(t, path("fixed.vhd")); got != "raw" {
 		t.Errorf("qemu-img now probes a fixed VHD as %s: update doc.go", got)
 	}
