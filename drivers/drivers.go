@@ -131,24 +131,50 @@ type OpenOptions struct {
 type Format interface {
 	// Name is the format's name as users spell it ("raw", "qcow2").
 	Name() string
-	// Probe returns a score for how sure the format is that header (the
-	// first bytes of the file, possibly fewer than asked for) is its own:
-	// 0 never, 1 as a last resort (raw), 100 for a matching magic.
-	Probe(header []byte) int
+	// Probe returns a score for how sure the format is that the file
+	// described by in is its own: 0 never, 1 as a last resort (raw), 2
+	// for a weak sign (a file name, a text preamble), 100 for a matching
+	// magic. It must not fail or panic on any input.
+	Probe(in ProbeInput) int
 	// Open opens the image at path. It must not be called from a
 	// coroutine: it blocks on I/O.
 	Open(path string, opts OpenOptions) (Driver, error)
 }
 
-// ProbeSize is how many leading bytes of a file Probe is given.
+// ProbeSize is how many leading (and trailing) bytes of a file Probe is
+// given.
 const ProbeSize = 512
 
-// Probe returns the format with the highest score for header.
-func Probe(formats []Format, header []byte) (Format, error) {
+// ProbeInput is what a format's Probe looks at. QEMU's probes see the
+// first 512 bytes and the file name; a fixed VHD, whose only header is a
+// footer in the last 512 bytes, needs the end of the file too. One struct
+// rather than a second, optional probe interface: every format answers
+// from the same input, and the raw head guard (drivers/raw) can build the
+// input the next probe would see and ask every format at once.
+type ProbeInput struct {
+	// Head is the file's first ProbeSize bytes, fewer only if the file is
+	// shorter. Probes read missing bytes as zeros, as QEMU, which
+	// zero-pads a short file's head, does.
+	Head []byte
+	// Tail is the file's last ProbeSize bytes, fewer only if the file is
+	// shorter (then they are Head's bytes); nil when not known. Only
+	// probes that go beyond QEMU's look at it.
+	Tail []byte
+	// Name is the file name as the user or the image that refers to it
+	// gave it; "" when there is none (the raw head guard probes bytes a
+	// guest would leave, not a file, as QEMU's does).
+	Name string
+}
+
+// Probe returns the format with the highest score for in. On a tie the
+// format listed first wins. Only crafted files tie (a VDI signature at
+// 0x40 under another format's magic at 0), and QEMU's order decides no
+// more meaningfully.
+func Probe(formats []Format, in ProbeInput) (Format, error) {
 	var best Format
 	bestScore := 0
 	for _, f := range formats {
-		if s := f.Probe(header); s > bestScore {
+		if s := f.Probe(in); s > bestScore {
 			best, bestScore = f, s
 		}
 	}

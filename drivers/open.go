@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"imgfuse/aio"
 )
@@ -34,25 +35,53 @@ func Open(path, name string, opts OpenOptions) (Driver, Format, error) {
 	return d, f, nil
 }
 
-// ProbeFile reads the first ProbeSize bytes of path and probes them. A path
-// that is not a regular file or a block device is refused, without
-// blocking, by aio.OpenHead.
+// ProbeFile probes the file at path: its first and last ProbeSize bytes
+// and its name. A path that is not a regular file or a block device is
+// refused, without blocking, by aio.OpenHead.
 func ProbeFile(formats []Format, path string) (Format, error) {
 	file, err := aio.OpenHead(path)
 	if err != nil {
-		return nil, err
+		return nil, err // it names the path
 	}
-	defer file.Close()
-	buf := make([]byte, ProbeSize)
-	n, err := io.ReadFull(file, buf)
-	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+	in, err := readProbeInput(file, path)
+	file.Close()
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	f, err := Probe(formats, buf[:n])
+	f, err := Probe(formats, in)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return f, nil
+}
+
+// readProbeInput reads what Probe looks at. The size comes from seeking to
+// the end, which a block device answers and its stat does not.
+func readProbeInput(file *os.File, path string) (ProbeInput, error) {
+	in := ProbeInput{Name: path}
+	buf := make([]byte, ProbeSize)
+	n, err := io.ReadFull(file, buf)
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return in, err
+	}
+	in.Head = buf[:n]
+	size, err := file.Seek(0, io.SeekEnd)
+	if err != nil {
+		return in, err
+	}
+	if size <= ProbeSize {
+		// The whole file is in Head (a file shorter than it was when
+		// read has lost its tail too).
+		in.Tail = in.Head[:min(int64(n), size)]
+		return in, nil
+	}
+	tail := make([]byte, ProbeSize)
+	if _, err := file.ReadAt(tail, size-ProbeSize); err == nil {
+		in.Tail = tail
+	} else if err != io.EOF {
+		return in, err
+	} // else the file shrank under us: its tail is not known.
+	return in, nil
 }
 
 // lockedError keeps a lock conflict's message (which names the file and

@@ -73,7 +73,9 @@ func TestImportRules(t *testing.T) {
 		{
 			"a format imported by package drivers",
 			func(sf sourceFile) bool { return sf.dir == "drivers" || sf.dir == "drivers/driverstest" },
-			func(imp string) bool { return imp == "imgfuse/drivers/qcow2" || imp == "imgfuse/drivers/raw" },
+			func(imp string) bool {
+				return imp == "imgfuse/drivers/qcow2" || imp == "imgfuse/drivers/raw" || imp == "imgfuse/drivers/foreign"
+			},
 		},
 		{
 			"an imgfuse package imported by coroutine",

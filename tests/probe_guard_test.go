@@ -92,7 +92,7 @@ func TestProbedRawHeadGuard(t *testing.T) {
 		t.Fatalf("after refused writes the image probes as %s", f)
 	}
 	log, _ := os.ReadFile(logFile)
-	if n := strings.Count(string(log), "refusing writes to the first sector"); n != 1 {
+	if n := strings.Count(string(log), "refusing writes to the first and last sectors"); n != 1 {
 		t.Errorf("daemon log mentions the refusal %d times, want once:\n%s", n, log)
 	}
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,12 +13,13 @@ import (
 	"golang.org/x/term"
 
 	"imgfuse/drivers"
+	"imgfuse/drivers/foreign"
 )
 
 // Exit codes of `imgfuse check`: qemu-img check's.
 const (
 	checkExitClean       = 0  // no corruption, no leak
-	checkExitFailed      = 1  // the check could not be run (open error, I/O error, bad command line)
+	checkExitFailed      = 1  // the check could not be run (open error, I/O error, bad command line); 5 (exitUnsupported) for a format imgfuse cannot read
 	checkExitCorrupt     = 2  // corruptions (perhaps leaks too)
 	checkExitLeaks       = 3  // leaks only
 	checkExitUnsupported = 63 // the format has nothing to check (raw)
@@ -46,10 +48,13 @@ read-write (and take its locks); a check alone opens it read-only, and -U
 skips the locks.
 
 A raw image has nothing to check: like qemu-img, check says so and exits 63.
+An image in a format imgfuse recognises but cannot read (VMDK, VHDX, VHD,
+VDI, ...) is refused by name with exit 5, as by the other commands.
 On a terminal, images of 4 GiB and more show a progress bar on stderr.
 
 Exit codes (qemu-img check's): 0 clean, 1 the check failed (cannot open, I/O
-error, usage error), 2 corruptions, 3 leaks only, 63 format without checks.`,
+error, usage error), 2 corruptions, 3 leaks only, 63 format without checks;
+and imgfuse's 5 for a format it cannot read.`,
 		Args: exactArgs("IMAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkFormatFlag(format); err != nil {
@@ -111,6 +116,12 @@ func runCheck(stdout, stderr io.Writer, image, format string, mode drivers.Check
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "imgfuse: %v\n", err)
+		// An image in a format imgfuse cannot read is refused as by
+		// every other command (exit 5): there was nothing to check,
+		// which is not a check that failed.
+		if fe := (*foreign.Error)(nil); errors.As(err, &fe) {
+			return exitError{exitUnsupported}
+		}
 		return exitError{checkExitFailed}
 	}
 	defer d.Close()
@@ -166,7 +177,7 @@ func runCheck(stdout, stderr io.Writer, image, format string, mode drivers.Check
 
 // openForRepair opens image read-write, without its backing file.
 func openForRepair(image, format string, opts drivers.OpenOptions) (drivers.Driver, drivers.Format, error) {
-	if err := checkExplicitFormat(image, format); err != nil {
+	if err := checkFormat(image, format); err != nil {
 		return nil, nil, err
 	}
 	opts.Formats = imageFormats()

@@ -106,8 +106,8 @@ func TestServerCloseError(t *testing.T) {
 // like the qcow2 driver with a corrupt image.
 type pickyFormat struct{}
 
-func (pickyFormat) Name() string       { return "picky" }
-func (pickyFormat) Probe(h []byte) int { return 0 }
+func (pickyFormat) Name() string                 { return "picky" }
+func (pickyFormat) Probe(drivers.ProbeInput) int { return 0 }
 func (pickyFormat) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
 	if !opts.ReadOnly {
 		return nil, fmt.Errorf("picky: %s: the corrupt bit is set: %w", path, drivers.ErrCorrupt)

@@ -118,7 +118,7 @@ Raw images (-f raw) take no options and are sparse files.`,
 			if backing != "" && !unsafe {
 				info, err := describeImage(pathCombine(image, backing), orAuto(backingFmt))
 				if err != nil {
-					return fmt.Errorf("backing file: %w", err)
+					return fmt.Errorf("backing file: %w", asBacking(err))
 				}
 				if backingFmt == "" {
 					backingFmt = info.Format

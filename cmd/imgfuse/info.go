@@ -128,6 +128,7 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 				seen[id] = true
 			}
 			info, err = describeImage(next, bfmt)
+			err = asBacking(err)
 		}
 		if err != nil {
 			if strict {

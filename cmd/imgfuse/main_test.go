@@ -45,6 +45,8 @@ func TestUsageErrors(t *testing.T) {
 		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, exitUsage, `imgfuse: invalid --format "vmdk"`},
 		{"info no arg", []string{"info"}, exitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
 		{"info bad format", []string{"info", "--format", "vdi", "x"}, exitUsage, "invalid --format"},
+		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, exitUsage,
+			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw)`},
 		{"unmount two args", []string{"unmount", "a", "b"}, exitUsage, "unmount needs 1 argument(s)"},
 		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, exitUsage, `invalid argument "soon"`},
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, exitUsage, "--timeout must be positive"},

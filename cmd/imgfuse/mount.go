@@ -18,7 +18,6 @@ import (
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
-	"imgfuse/drivers/luks"
 	"imgfuse/fusefs"
 )
 
@@ -109,12 +108,16 @@ and removes FILE when it exits.
 
 Encrypted images are refused (exit 5). A LUKS container, though, is
 exposed as its raw encrypted bytes with --format raw, for cryptsetup to
-open the disk.
+open the disk. An image in a format imgfuse recognises but cannot read
+(VMDK, VHDX, VHD, VDI, QED, qcow version 1, Parallels, DMG, cloop, Bochs)
+is refused by name (exit 5) rather than exposed as a raw disk, and so is
+a qcow2 image whose backing file is one; --format raw exposes the file's
+own bytes.
 
 Exit status: 0 once the mount answers (with --foreground: after a clean
 unmount and flush); 2 for usage errors; 3 if the image cannot be opened, 4
 if another process holds its lock, 5 if it uses an unsupported feature
-(an encrypted image, for one), 6 if it is corrupt, 7 if the mount itself
+(an encrypted image, or a format imgfuse cannot read), 6 if it is corrupt, 7 if the mount itself
 fails (the mountpoint is missing, not empty, already a mount, or the FUSE
 mount is refused), 8 (with --foreground) if the final flush fails; 1 for
 anything else.`
@@ -268,15 +271,12 @@ func (o *mountOptions) validate() error {
 		return err
 	}
 
-	if err := checkExplicitFormat(o.image, o.format); err != nil {
+	if err := checkFormat(o.image, o.format); err != nil {
 		return err
 	}
 	format, err := resolveFormat(o.image, o.format)
 	if err != nil {
 		return openError(err)
-	}
-	if isLUKS(format) {
-		return openError(describeOpenError(o.image, luks.ErrEncrypted))
 	}
 	if err := o.validateMountpoint(); err != nil {
 		return mountFailed(err)

@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"imgfuse/drivers"
-	"imgfuse/drivers/luks"
 )
 
 // addFormatFlag adds --format/-f, as qemu-img spells it.
@@ -21,7 +20,7 @@ func addFormatFlag(cmd *cobra.Command, format *string) {
 // format given (or probed for "auto"). Errors name the image once and map
 // to the exit codes of exit.go.
 func openForInspect(image, format string, opts drivers.OpenOptions) (drivers.Driver, drivers.Format, error) {
-	if err := checkExplicitFormat(image, format); err != nil {
+	if err := checkFormat(image, format); err != nil {
 		return nil, nil, err
 	}
 	opts.ReadOnly = true
@@ -33,11 +32,21 @@ func openForInspect(image, format string, opts drivers.OpenOptions) (drivers.Dri
 	return d, f, nil
 }
 
-// checkExplicitFormat refuses a --format that the file's contents
-// contradict: a raw file opened as qcow2 is "not a qcow2 image", not a
-// corrupt one. (Any file is a valid raw image, so "raw" is never refused.)
-func checkExplicitFormat(image, format string) error {
+// checkFormat refuses, before anything is opened, an image that the
+// command cannot serve as format asks: one in a format imgfuse recognises
+// but cannot read (probed, or named by a backing file's format), with the
+// one-line refusal and exit 5; and one whose contents contradict an
+// explicit format: a raw file opened as qcow2 is "not a qcow2 image", not
+// a corrupt one. (Any file is a valid raw image, so "raw" is never
+// refused.) A file that cannot be probed is left to the open, which says
+// why.
+func checkFormat(image, format string) error {
 	if format == "" || format == "auto" {
+		if got, err := drivers.ProbeFile(imageFormats(), image); err == nil {
+			if ff, ok := refuseOnly(got); ok {
+				return refusal(image, ff)
+			}
+		}
 		return nil
 	}
 	want, err := drivers.Lookup(imageFormats(), format)
@@ -48,12 +57,15 @@ func checkExplicitFormat(image, format string) error {
 	if err != nil {
 		return openError(fmt.Errorf("open %s: %w", image, trimPathError(err, image)))
 	}
-	switch {
+	switch ff, foreign := refuseOnly(got); {
 	case got.Name() == want.Name() || want.Name() == "raw":
-	case isLUKS(got.Name()):
-		return openError(fmt.Errorf("open %s: not a %s image (it is a LUKS-encrypted image)", image, want.Name()))
+	case foreign:
+		return openError(fmt.Errorf("open %s: not a %s image (it is %s)", image, want.Name(), ff.What()))
 	default:
 		return openError(fmt.Errorf("open %s: not a %s image (its contents look like %s)", image, want.Name(), got.Name()))
+	}
+	if ff, ok := refuseOnly(want); ok {
+		return refusal(image, ff)
 	}
 	return nil
 }
@@ -72,11 +84,6 @@ func describeOpenError(image string, err error) error {
 	}
 	if errors.Is(err, drivers.ErrLocked) {
 		msg += forceShareHint
-	}
-	if msg == luks.ErrEncrypted.Error() {
-		// The image itself, not a backing file: its ciphertext is there
-		// for whoever asks for it (cryptsetup can open the mounted disk).
-		msg += " (--format raw exposes its encrypted bytes)"
 	}
 	return fmt.Errorf("open %s: %s%w", image, msg, sentinelOf(err))
 }

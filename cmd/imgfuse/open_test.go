@@ -43,6 +43,9 @@ func TestOpenErrorMessages(t *testing.T) {
 	if err := os.WriteFile(path("disk.luks"), append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	qemuImg(t, dir, "create", "-q", "-f", "vhdx", "disk.vhdx", "4M")
+	qemuImg(t, dir, "create", "-q", "-f", "vmdk", "disk.vmdk", "4M")
+	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-b", "disk.vmdk", "-F", "vmdk", "over-vmdk.qcow2")
 	if err := os.WriteFile(path("corrupt.qcow2"), append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 4088)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +87,19 @@ func TestOpenErrorMessages(t *testing.T) {
 		{"unsupported feature", "unsupported.qcow2", nil, ": unsupported qcow2 feature(s): unknown incompatible feature bit 20",
 			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
 		{"LUKS container", "disk.luks", nil, ": is a LUKS-encrypted image: not supported (--format raw exposes its encrypted bytes)",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
+			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+		// Formats imgfuse recognises and cannot read: refused by name,
+		// exit 5 from every command (check too: nothing was checked).
+		{"VHDX image", "disk.vhdx", nil, " is a VHDX image; imgfuse reads qcow2 and raw (-f raw exposes the file's own bytes)\n",
+			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+		{"VMDK image", "disk.vmdk", nil, " is a VMDK image; imgfuse reads qcow2 and raw (-f raw exposes the file's own bytes)\n",
+			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+		{"VHDX image as qcow2", "disk.vhdx", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a VHDX image)",
+			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+		{"VMDK backing file, named", "over-vmdk.qcow2", nil, `: backing file "disk.vmdk": is a VMDK image: not supported`,
+			codes{"mount": exitUnsupported, "map": exitUnsupported}},
+		{"VMDK backing file, info --backing-chain", "over-vmdk.qcow2", []string{"--backing-chain"}, " is a VMDK image; imgfuse reads qcow2 and raw",
+			codes{"info": exitUnsupported}},
 		{"LUKS container as qcow2", "disk.luks", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a LUKS-encrypted image)",
 			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
 		{"LUKS-encrypted qcow2", "luks.qcow2", nil, ": LUKS-encrypted qcow2 images are not supported",

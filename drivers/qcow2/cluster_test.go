@@ -147,9 +147,14 @@ func TestProbe(t *testing.T) {
 		{"short", []byte("QFI"), 0},
 		{"raw zeros", make([]byte, 512), 0},
 		{"qcow v1 magic", []byte("QFI\xfb"[:3] + "\xfa"), 0},
+		// Version 1 is qcow, a format of its own (drivers/foreign).
+		{"qcow version 1", []byte("QFI\xfb\x00\x00\x00\x01"), 0},
+		{"version 2", []byte("QFI\xfb\x00\x00\x00\x02"), 100},
+		{"version 0", []byte("QFI\xfb\x00\x00\x00\x00"), 100},
+		{"magic, 7 bytes", []byte("QFI\xfb\x00\x00\x00"), 100},
 	}
 	for _, tc := range tests {
-		if got := (Format{}).Probe(tc.hdr); got != tc.want {
+		if got := (Format{}).Probe(drivers.ProbeInput{Head: tc.hdr}); got != tc.want {
 			t.Errorf("%s: Probe = %d, want %d", tc.name, got, tc.want)
 		}
 	}

@@ -26,14 +26,21 @@ var (
 // Name implements drivers.Format.
 func (Format) Name() string { return "qcow2" }
 
-// Probe implements drivers.Format: 100 on the qcow2 magic, whatever follows
-// it, so that a corrupt or unsupported qcow2 file fails to open as qcow2
-// rather than being exposed as a raw disk (and its header as guest data).
-func (Format) Probe(hdr []byte) int {
-	if len(hdr) >= 4 && binary.BigEndian.Uint32(hdr) == magic {
-		return 100
+// Probe implements drivers.Format: 100 on the qcow2 magic, whatever
+// version follows it but 1, so that a corrupt or unsupported qcow2 file
+// fails to open as qcow2 rather than being exposed as a raw disk (and its
+// header as guest data). Version 1 is the older qcow format, another
+// format with the same magic (QEMU's qcow2 probe wants version 2 or more,
+// its qcow probe exactly 1).
+func (Format) Probe(in drivers.ProbeInput) int {
+	hdr := in.Head
+	if len(hdr) < 4 || binary.BigEndian.Uint32(hdr) != magic {
+		return 0
 	}
-	return 0
+	if len(hdr) >= 8 && binary.BigEndian.Uint32(hdr[4:]) == 1 {
+		return 0
+	}
+	return 100
 }
 
 // Open implements drivers.Format. It must not be called from a coroutine.

@@ -105,7 +105,7 @@ func TestConformance(t *testing.T) {
 // TestProbe checks that raw claims anything, as a last resort only.
 func TestProbe(t *testing.T) {
 	for _, hdr := range [][]byte{nil, {0}, []byte("QFI\xfb\x00\x00\x00\x03")} {
-		if s := (raw.Format{}).Probe(hdr); s != 1 {
+		if s := (raw.Format{}).Probe(drivers.ProbeInput{Head: hdr, Tail: hdr, Name: "x.dmg"}); s != 1 {
 			t.Errorf("Probe(%q) = %d, want 1", hdr, s)
 		}
 	}

@@ -12,18 +12,19 @@
 // never see a size the file does not have yet. Reads, and writes inside the
 // disk, take no lock: the disk never shrinks, so what was inside stays
 // inside, and the aio.File is safe for concurrent use. Many coroutines (and
-// ReadDirect callers) use one Driver at once. Lock order: the head guard's
+// ReadDirect callers) use one Driver at once. Lock order: the probe guard's
 // mu, then resizeMu, then aio's internal locks.
 //
 // A writable image whose format was probed (drivers.OpenOptions.Probed)
-// has a guard on its first sector (probeguard.go): a write, write-zeroes or
-// discard that would leave bytes there that another format's probe
-// recognises fails with EPERM, logged once, so that a guest cannot turn its
-// disk into a qcow2 image with a host file as backing file for the next
-// probing open (CVE-2008-2004; QEMU restricts block 0 the same way).
-// Changes of the first sector are serialised by the guard's CoMutex,
-// taken before resizeMu, so that each is checked against what it lands on.
-// Naming the format (--format raw) removes the guard.
+// has a guard on what the next probe reads (probeguard.go): a write,
+// write-zeroes, discard or growth that would leave a first sector (or, for
+// a fixed VHD, a last sector) that another format's probe recognises fails
+// with EPERM, logged once, so that a guest cannot turn its disk into a
+// qcow2 image with a host file as backing file for the next probing open
+// (CVE-2008-2004; QEMU restricts block 0 the same way), nor into any other
+// format. Changes of those sectors and of the size are serialised by the
+// guard's CoMutex, taken before resizeMu, so that each is checked against
+// what it lands on. Naming the format (--format raw) removes the guard.
 //
 // Shrinking is refused (drivers.ErrUnsupported): a shell's '>' onto the
 // exposed file opens it with O_TRUNC, and a disk must not be destroyed by a

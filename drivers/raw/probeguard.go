@@ -9,43 +9,60 @@ import (
 	"imgfuse/drivers"
 )
 
-// headGuard keeps a writable raw image whose format was probed from
+// probeGuard keeps a writable raw image whose format was probed from
 // turning into another format.
 //
-// A raw image's first sector belongs to the guest. If the image was opened
-// by probing, a guest that writes a qcow2 header there (with, say,
-// /etc/shadow as backing file) makes the next probing open read the file as
-// qcow2 and expose a host file to it (CVE-2008-2004). QEMU restricts writes
-// to block 0 of a probed raw image; so do we: a write, write-zeroes or
-// discard touching the first drivers.ProbeSize bytes is refused with EPERM
-// if the bytes it would leave there probe as any other format. Everything
-// else, including writes to the first sector that keep it raw, goes
-// through. Naming the format (--format raw) opens the image without a
-// guard: the user has said how to read the file, now and next time.
+// A raw image's sectors belong to the guest. If the image was opened by
+// probing, a guest that writes a qcow2 header into the first sector (with,
+// say, /etc/shadow as backing file) makes the next probing open read the
+// file as qcow2 and expose a host file to it (CVE-2008-2004). QEMU
+// restricts writes to block 0 of a probed raw image; so do we, for every
+// format in the list (drivers/foreign adds VMDK, VHDX, VDI and the rest):
+// a write, write-zeroes or discard is refused with EPERM if the file it
+// would leave probes as any other format.
+//
+// The probe also reads the last drivers.ProbeSize bytes, where a fixed
+// VHD keeps its only header, so the guard covers them too: a write
+// reaching the last sector, a write that grows the disk and a growing
+// Truncate move or change the file's tail and are checked the same way.
+// A fixed VHD names no other file, so this one is about the disk not
+// changing format under its user (the next probing open would refuse it,
+// or, once a VHD driver exists, hide its last sector and resize it), not
+// about host files; the check is the same code and costs two sector reads
+// on the rare writes that reach the last sector.
+//
+// Everything else, including writes to those sectors that keep the file
+// raw, goes through. The probe is run without a file name, as QEMU's
+// re-probe is: a name (DMG's ".dmg") does not change with a write, and a
+// file the name makes a DMG image was never opened as probed raw. Naming
+// the format (--format raw) opens the image without a guard: the user has
+// said how to read the file, now and next time.
 //
 // EPERM and not EIO: nothing is wrong with the image or the storage; the
 // request is not permitted (QEMU answers EPERM too).
-type headGuard struct {
+type probeGuard struct {
 	// others are the formats other than raw, whose probes must not match.
 	// Immutable.
 	others []drivers.Format
 	logf   func(format string, args ...any)
 
-	// mu serialises every change of the first sector, so that its check
-	// reads what the change lands on: two writes that each leave the
-	// sector raw could otherwise, interleaved, leave it qcow2.
+	// mu serialises every change of what the probe reads (the first and
+	// last sectors, and the size), so that each check reads what the
+	// change lands on: two writes that each leave the sector raw could
+	// otherwise, interleaved, leave it qcow2. Every change of the size
+	// holds it, so the size is stable while it is held.
 	mu coroutine.CoMutex
 	// logged is set once the refusal has been logged.
 	logged atomic.Bool
 }
 
-// newHeadGuard returns the guard for a writable image opened with opts, or
-// nil if it needs none.
-func newHeadGuard(opts drivers.OpenOptions) *headGuard {
+// newProbeGuard returns the guard for a writable image opened with opts,
+// or nil if it needs none.
+func newProbeGuard(opts drivers.OpenOptions) *probeGuard {
 	if !opts.Probed || opts.ReadOnly {
 		return nil
 	}
-	g := &headGuard{logf: opts.Logf}
+	g := &probeGuard{logf: opts.Logf}
 	for _, f := range opts.Formats {
 		if f.Name() != (Format{}).Name() {
 			g.others = append(g.others, f)
@@ -57,51 +74,72 @@ func newHeadGuard(opts drivers.OpenOptions) *headGuard {
 	return g
 }
 
-// touchesHead reports whether a change of [off, off+n) reaches the probed
-// bytes.
-func (g *headGuard) touchesHead(off, n int64) bool {
-	return g != nil && n > 0 && off >= 0 && off < drivers.ProbeSize
+// touchesProbed reports whether a change of [off, off+n) on a disk of
+// size bytes reaches what the next probe reads: the first sector, the last
+// one, or past the end (a growing write moves the last sector). Sizes only
+// grow, so a range that misses the last sector of an older, smaller size
+// misses today's too.
+func (g *probeGuard) touchesProbed(off, n, size int64) bool {
+	return g != nil && n > 0 && off >= 0 && (off < drivers.ProbeSize || off+n > size-drivers.ProbeSize)
 }
 
-// checkHeadLocked reports whether the first sector, with [off, off+n) replaced by p
-// (zeros if p is nil), would still probe as raw. The caller holds g.mu.
-func (d *Driver) checkHeadLocked(co *coroutine.Co, p []byte, off, n int64) error {
+// checkProbedLocked reports whether the file, with [off, off+n) replaced
+// by p (zeros if p is nil; n may be 0) and newSize bytes long, would still
+// probe as raw. The caller holds g.mu.
+func (d *Driver) checkProbedLocked(co *coroutine.Co, p []byte, off, n, newSize int64) error {
 	g := d.guard
 	g.mu.AssertHeld(co)
 	size := d.Size()
-	head := make([]byte, drivers.ProbeSize)
-	if err := d.f.PreadCo(co, head[:min(size, drivers.ProbeSize)], 0); err != nil {
-		return fmt.Errorf("raw: %w", err)
+	// view returns the bytes [start, start+length) of the file once the
+	// change is made: the file's own bytes below its current size, zeros
+	// past it (a hole, or the new end), the change over both.
+	view := func(start, length int64) ([]byte, error) {
+		b := make([]byte, length)
+		if have := min(size, start+length) - start; have > 0 {
+			if err := d.f.PreadCo(co, b[:have], start); err != nil {
+				return nil, fmt.Errorf("raw: %w", err)
+			}
+		}
+		from, to := max(off, start), min(off+n, start+length)
+		if from < to {
+			if p == nil {
+				clear(b[from-start : to-start])
+			} else {
+				copy(b[from-start:to-start], p[from-off:to-off])
+			}
+		}
+		return b, nil
 	}
-	end := min(off+n, drivers.ProbeSize)
-	if p == nil {
-		clear(head[off:end])
-	} else {
-		copy(head[off:end], p)
+	probeLen := min(newSize, drivers.ProbeSize)
+	var in drivers.ProbeInput
+	var err error
+	if in.Head, err = view(0, probeLen); err != nil {
+		return err
 	}
-	// What the next probe will read: the file's first bytes, as long as
-	// the file is once this change is made.
-	probed := head[:min(max(size, off+n), drivers.ProbeSize)]
+	if in.Tail, err = view(newSize-probeLen, probeLen); err != nil {
+		return err
+	}
 	for _, f := range g.others {
-		if f.Probe(probed) > 0 {
+		if f.Probe(in) > 0 {
 			if g.logged.CompareAndSwap(false, true) && g.logf != nil {
-				g.logf("refusing writes to the first sector of %s that would make it probe as %s: "+
+				g.logf("refusing writes to the first and last sectors of %s that would make it probe as %s: "+
 					"its format was probed as raw, and the next probing open would read it as %s; "+
 					"open it with --format raw to allow them", d.path, f.Name(), f.Name())
 			}
-			return fmt.Errorf("raw: %s: write to [%#x, +%#x) refused: the first sector of a probed raw image would probe as %s (open with --format raw to allow): %w",
+			return fmt.Errorf("raw: %s: write to [%#x, +%#x) refused: a probed raw image would then probe as %s (open with --format raw to allow): %w",
 				d.path, off, n, f.Name(), syscall.EPERM)
 		}
 	}
 	return nil
 }
 
-// guardedHead runs change, a change of [off, off+n) to the first sector
-// that leaves p there (zeros if nil), if the result still probes as raw.
-func (d *Driver) guardedHead(co *coroutine.Co, p []byte, off, n int64, change func() error) error {
+// guarded runs change, a change of [off, off+n) that leaves p there (zeros
+// if nil) and makes the file newSize bytes long, if the result still
+// probes as raw.
+func (d *Driver) guarded(co *coroutine.Co, p []byte, off, n int64, newSize func(size int64) int64, change func() error) error {
 	d.guard.mu.Lock(co)
 	defer d.guard.mu.Unlock(co)
-	if err := d.checkHeadLocked(co, p, off, n); err != nil {
+	if err := d.checkProbedLocked(co, p, off, n, newSize(d.Size())); err != nil {
 		return err
 	}
 	return change()

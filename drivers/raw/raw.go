@@ -24,7 +24,7 @@ var _ drivers.Format = Format{}
 
 func (Format) Name() string { return "raw" }
 
-func (Format) Probe(header []byte) int { return 1 }
+func (Format) Probe(drivers.ProbeInput) int { return 1 }
 
 // Open opens the raw image at path. It must not be called from a coroutine.
 func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
@@ -38,9 +38,9 @@ type Driver struct {
 	path     string
 	readOnly bool
 	growable bool
-	// guard refuses writes that would make the first sector of a probed
-	// image probe as another format (probeguard.go); nil if not needed.
-	guard *headGuard
+	// guard refuses writes that would make a probed image probe as
+	// another format (probeguard.go); nil if not needed.
+	guard *probeGuard
 
 	// resizeMu serialises every change of the size (Truncate, and writes
 	// that reach past the end of a growable disk) so that two of them
@@ -78,7 +78,7 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		f.Close()
 		return nil, fmt.Errorf("raw: %w", err)
 	}
-	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable, guard: newHeadGuard(opts)}
+	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable, guard: newProbeGuard(opts)}
 	d.size.Store(size)
 	return d, nil
 }
@@ -127,18 +127,24 @@ func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
 // the disk to its end if the image was opened Growable (the gap, if any,
 // reads as zeros); otherwise it fails with ErrNoSpace before anything is
 // written. On an image opened with a probed format, a write that would make
-// the first sector probe as another format fails with EPERM (probeguard.go).
+// the file probe as another format fails with EPERM (probeguard.go).
 func (d *Driver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
-	if d.guard.touchesHead(off, int64(len(p))) {
-		var n int
-		err := d.guardedHead(co, p, off, int64(len(p)), func() (err error) {
-			n, err = d.writeAt(co, p, off)
+	if n := int64(len(p)); d.guard.touchesProbed(off, n, d.Size()) {
+		newSize := func(size int64) int64 {
+			if d.growable && off+n > size {
+				return off + n
+			}
+			return size
+		}
+		var written int
+		err := d.guarded(co, p, off, n, newSize, func() (err error) {
+			written, err = d.writeAt(co, p, off)
 			return err
 		})
-		return n, err
+		return written, err
 	}
 	return d.writeAt(co, p, off)
 }
@@ -219,8 +225,9 @@ func (d *Driver) zeroRange(co *coroutine.Co, off, n int64, mode uint32) error {
 	if n == 0 {
 		return nil
 	}
-	if d.guard.touchesHead(off, n) {
-		return d.guardedHead(co, nil, off, n, func() error { return d.zeroRangeAt(co, off, n, mode) })
+	if d.guard.touchesProbed(off, n, d.Size()) {
+		same := func(size int64) int64 { return size }
+		return d.guarded(co, nil, off, n, same, func() error { return d.zeroRangeAt(co, off, n, mode) })
 	}
 	return d.zeroRangeAt(co, off, n, mode)
 }
@@ -292,7 +299,10 @@ func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error
 // in the image file). Shrinking is refused with an error wrapping
 // drivers.ErrUnsupported: a shell's '>' redirection onto the exposed file
 // opens it with O_TRUNC, and obeying would destroy the disk. Asking for the
-// current size succeeds, read-only or not.
+// current size succeeds, read-only or not. On an image opened with a
+// probed format, growing the disk moves its last sector, and is refused
+// with EPERM if the new last sector would make the file probe as another
+// format (probeguard.go).
 func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
 	if size == d.Size() {
 		return nil
@@ -300,6 +310,15 @@ func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
 	if d.readOnly {
 		return fmt.Errorf("raw: %s: %w", d.path, drivers.ErrReadOnly)
 	}
+	if d.guard != nil && size > d.Size() {
+		to := func(int64) int64 { return size }
+		return d.guarded(co, nil, 0, 0, to, func() error { return d.truncate(co, size) })
+	}
+	return d.truncate(co, size)
+}
+
+// truncate is Truncate on a writable image, past the probe guard.
+func (d *Driver) truncate(co *coroutine.Co, size int64) error {
 	d.resizeMu.Lock(co)
 	defer d.resizeMu.Unlock(co)
 	cur := d.Size()

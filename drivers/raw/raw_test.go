@@ -83,7 +83,7 @@ func TestFormat(t *testing.T) {
 		t.Errorf("Name = %q", f.Name())
 	}
 	for _, h := range [][]byte{nil, {}, []byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, drivers.ProbeSize)} {
-		if got := f.Probe(h); got != 1 {
+		if got := f.Probe(drivers.ProbeInput{Head: h, Tail: h}); got != 1 {
 			t.Errorf("Probe(%q) = %d, want 1", h, got)
 		}
 	}

@@ -1,0 +1,53 @@
+// Package foreign recognises the image formats imgfuse cannot read, in
+// order to refuse them by name. Every format qemu-img probes is here
+// except qcow2 and raw: qcow (version 1), QED, VMDK, VHDX, VHD (QEMU's
+// "vpc"), VDI, Parallels, DMG, cloop, Bochs and LUKS.
+//
+// Why formats that open nothing: without them such a file probes as raw,
+// and a probing open exposes the container as if it were the disk. A VHDX
+// file mounted so is a writable "disk" whose first sectors are the VHDX
+// headers; mkfs on it destroys the image. With them in the list of formats
+// (cmd/imgfuse assembles it):
+//   - a probing open fails with an *Error wrapping drivers.ErrUnsupported
+//     that names the format ("is a VHDX image: not supported"), and the
+//     command line refuses the image in one line with exit 5;
+//   - naming another format gets "not a qcow2 image (it is a VHDX image)"
+//     rather than "its contents look like raw";
+//   - naming raw still opens the file as raw bytes, as asked;
+//   - a probed raw image's guard (drivers/raw) refuses guest writes that
+//     would make the image probe as one of them next time, as it does for
+//     qcow2 (each is in QEMU's probe list too);
+//   - a qcow2 backing file in one of them, named by the backing format or
+//     probed, is refused rather than read as raw bytes.
+//
+// # Probing
+//
+// Each probe follows QEMU's own (block/*.c, *_probe, read at 7.2) with
+// QEMU's scores: 100 for a magic, 2 for cloop's shell preamble and for
+// DMG's file name, so that a real magic beats them and raw (1) loses to
+// them. QEMU hands every probe 512 bytes, zero-padding a shorter file; so
+// do these (padded), so a 10-byte file is judged as QEMU judges it. The
+// details, and the verification against qemu-img 7.2, are in
+// docs/formats.md §1.
+//
+// One probe goes beyond QEMU, where it is cheap and safe: a fixed VHD has
+// no header, only a 512-byte footer at the end of the file, and QEMU
+// probes it as raw (exposing the footer as the disk's last sector, and
+// letting a guest write it). The vpc probe also looks at the file's last
+// 512 bytes and claims them, with score 50, if they are a valid fixed-disk
+// footer: the cookie "conectix", disk type 2 and a correct checksum. 50
+// and not 100: a file that starts with another format's magic is that
+// format, whatever its last sector holds.
+//
+// LUKS: the magic is "LUKS\xba\xbe" at offset 0 for LUKS1 and LUKS2.
+// QEMU's probe accepts only version 1, the one it can open; this one
+// refuses both, since neither can be read here, and words the refusal as
+// encryption ("is a LUKS-encrypted image"), since no driver will read it.
+//
+// # Moving a format out
+//
+// When a format gets a driver (drivers/vmdk and so on, see DESIGN.md),
+// delete its row from the table in foreign.go, move its probe function
+// from probe.go to the new package's Format.Probe, and add the new Format
+// to cmd/imgfuse's imageFormats. The probe tests here move with it.
+package foreign
