@@ -70,6 +70,10 @@ type diskFS struct {
 	parts []partition.Partition
 	// byName maps the directory's file names to inodes.
 	byName map[string]uint64
+
+	// errs counts the I/O errors returned (fail); it synchronises
+	// itself.
+	errs *ioErrors
 }
 
 var _ fuse.RawFileSystem = (*diskFS)(nil)
@@ -86,6 +90,7 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool, parts []partition.P
 		modTime:       opts.ModTime,
 		uid:           uint32(os.Getuid()),
 		gid:           uint32(os.Getgid()),
+		errs:          newIOErrors(opts.Logger),
 	}
 	if dirMode {
 		fs.diskIno = diskDirIno
@@ -248,7 +253,7 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 		var err error
 		coroutine.Run(func(co *coroutine.Co) { err = fs.d.Truncate(co, int64(in.Size)) })
 		if err != nil {
-			return toErrno(err)
+			return fs.fail("truncate", int64(in.Size), err)
 		}
 	}
 	// Mode, owner and time changes are accepted and ignored: the
@@ -322,7 +327,7 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 		_, ok, err := fs.direct.ReadDirect(p, off)
 		if ok {
 			if err != nil {
-				return nil, toErrno(err)
+				return nil, fs.fail("read", off, err)
 			}
 			return fuse.ReadResultData(p), fuse.OK
 		}
@@ -330,7 +335,7 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { _, err = fs.d.ReadAt(co, p, off) })
 	if err != nil {
-		return nil, toErrno(err)
+		return nil, fs.fail("read", off, err)
 	}
 	return fuse.ReadResultData(p), fuse.OK
 }
@@ -397,7 +402,7 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 		}
 	})
 	if err != nil && written == 0 {
-		return 0, toErrno(err)
+		return 0, fs.fail("write", off, err)
 	}
 	return uint32(written), fuse.OK
 }
@@ -421,7 +426,7 @@ func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 func (fs *diskFS) flush() fuse.Status {
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
-	return toFlushErrno(err)
+	return fs.failFlush(err)
 }
 
 func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {}
@@ -483,7 +488,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 		}
 		err = op(co, off, min(n, size-off))
 	})
-	return toErrno(err)
+	return fs.fail("fallocate", off, err)
 }
 
 // Lseek answers SEEK_DATA and SEEK_HOLE (the only whence values the kernel
@@ -522,7 +527,7 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 		}
 	})
 	if err != nil {
-		return toErrno(err)
+		return fs.fail("lseek", off, err)
 	}
 	switch {
 	case found:

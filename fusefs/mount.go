@@ -47,7 +47,9 @@ type Options struct {
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
 	// Logger receives the one line about an ignored partition table or a
-	// clamped or skipped partition; default log.Default().
+	// clamped or skipped partition, and the I/O errors returned (the
+	// first ten, then at most one line a second); default log.Default()
+	// for the partition lines, none for the errors.
 	Logger *log.Logger
 }
 
@@ -64,7 +66,19 @@ type Server struct {
 	passthrough bool
 	why         string
 	parts       []partition.Partition
+	// errs counts the I/O errors the mount returned (shared with the
+	// file system, which records them).
+	errs *ioErrors
 }
+
+// IOErrors returns how many I/O errors (EIO) the mount has returned to
+// callers, and the last one. It may be called from any goroutine.
+func (s *Server) IOErrors() IOErrorStats { return s.errs.stats() }
+
+// IOErrorNotify receives a token after I/O errors (at most one pending):
+// the caller then reads IOErrors. Tokens are never blocked on, so a
+// caller that does not listen costs nothing.
+func (s *Server) IOErrorNotify() <-chan struct{} { return s.errs.notify }
 
 // mountReadyTimeout bounds how long Mount waits for the new mount to
 // answer a stat.
@@ -150,7 +164,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
-	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), parts: fsys.parts}
+	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), parts: fsys.parts, errs: fsys.errs}
 	// Decided before the first request is read, so every Open sees the
 	// final fsys.backingID.
 	switch {
