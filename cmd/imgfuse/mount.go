@@ -57,6 +57,15 @@ type mountOptions struct {
 	// removes once it has unmounted and closed the image: the demo's
 	// sample files. Not a user flag.
 	removeOnExit []string
+	// defaultLog is the default log the parent opened as this daemon's
+	// stdout and stderr (daemonlog.go), "" with --log or --foreground.
+	// A hidden flag, set by the parent only.
+	defaultLog string
+	// warn delivers a one-line warning (without the "imgfuse: " prefix)
+	// to the user's terminal: stderr for a --foreground server or the
+	// parent of a daemon, the readiness pipe in the daemon (whose parent
+	// prints it). nil: the log only. Not a user flag.
+	warn func(msg string)
 }
 
 const mountLong = `Mount IMAGE so that MOUNTPOINT exposes it as one regular file.
@@ -149,6 +158,8 @@ func newMountCmd() *cobra.Command {
 				o.absImage, o.absMountpoint = o.image, o.mountpoint
 				return runDaemonChild(o, fd)
 			}
+			stderr := cmd.ErrOrStderr()
+			o.warn = func(msg string) { fmt.Fprintf(stderr, "imgfuse: %s\n", msg) }
 			if err := o.validate(); err != nil {
 				return err
 			}
@@ -163,6 +174,13 @@ func newMountCmd() *cobra.Command {
 					logw = lf
 				}
 				logger := log.New(logw, "imgfuse: ", log.LstdFlags)
+				if o.logFile != "" {
+					// stderr gets the warning; the log keeps it too.
+					toTerm := o.warn
+					o.warn = func(msg string) { toTerm(msg); logger.Print(msg) }
+				} else {
+					o.warn = func(msg string) { logger.Print(msg) } // the log is stderr
+				}
 				return serve(o, logger, func() {
 					logger.Printf("mounted %s on %s; Ctrl-C or 'imgfuse unmount %s' to stop",
 						o.image, o.mountpoint, o.mountpoint)
@@ -192,6 +210,8 @@ func newMountCmd() *cobra.Command {
 	f.StringVar(&o.pidFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	f.StringArrayVar(&o.removeOnExit, "remove-on-exit", nil, "internal: paths the server removes after unmounting")
 	_ = f.MarkHidden("remove-on-exit")
+	f.StringVar(&o.defaultLog, "default-log", "", "internal: the default log the parent opened as stdout and stderr")
+	_ = f.MarkHidden("default-log")
 	return cmd
 }
 
@@ -244,6 +264,10 @@ func (o *mountOptions) validate() error {
 		if fi, err := os.Stat(filepath.Dir(o.logFile)); err != nil || !fi.IsDir() {
 			return usagef("--log %s: no such directory %s", o.logFile, filepath.Dir(o.logFile))
 		}
+		// Absolute: the daemon records it in its state file, for status.
+		if abs, err := filepath.Abs(o.logFile); err == nil {
+			o.logFile = abs
+		}
 	}
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
@@ -278,7 +302,7 @@ func (o *mountOptions) validate() error {
 	if isLUKS(format) {
 		return openError(describeOpenError(o.image, luks.ErrEncrypted))
 	}
-	if err := o.validateMountpoint(); err != nil {
+	if err := o.validateMountpoint(format); err != nil {
 		return mountFailed(err)
 	}
 	if o.snapshot != "" && format == "raw" {
@@ -318,9 +342,11 @@ func (o *mountOptions) validate() error {
 // --overlay-keep).
 func (o *mountOptions) overlayed() bool { return o.overlay || o.overlayKeep != "" }
 
-// validateMountpoint checks that the mountpoint exists, can take a mount
-// and is not the image.
-func (o *mountOptions) validateMountpoint() error {
+// validateMountpoint checks that the mountpoint exists, can take a mount,
+// is not a file of the image's chain and, unless --nonempty, hides
+// nothing: the same rules for a directory and a regular file. It changes
+// nothing, so a refusal leaves everything as it was.
+func (o *mountOptions) validateMountpoint(format string) error {
 	mi, err := os.Stat(o.mountpoint)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN) || isDeadMount(o.mountpoint):
@@ -336,9 +362,6 @@ func (o *mountOptions) validateMountpoint() error {
 	if o.absMountpoint, err = canonicalPath(o.mountpoint); err != nil {
 		return fmt.Errorf("mountpoint: %w", err)
 	}
-	if o.absMountpoint == o.absImage {
-		return fmt.Errorf("mountpoint %s is the image itself", o.mountpoint)
-	}
 	e, mounted, err := findMount(o.absMountpoint)
 	if err != nil {
 		return fmt.Errorf("mountpoint: %w", err)
@@ -347,13 +370,55 @@ func (o *mountOptions) validateMountpoint() error {
 		return fmt.Errorf("mountpoint %s is already a mount (%s, type %s); unmount it first or choose another",
 			o.mountpoint, e.Source, e.FSType)
 	}
-	if mi.IsDir() && !o.nonEmpty {
+	if mi.Mode().IsRegular() {
+		// Not even --nonempty: the mount would cover a file the image
+		// itself is made of.
+		if err := o.checkNotInChain(mi, format); err != nil {
+			return err
+		}
+	}
+	switch {
+	case o.nonEmpty:
+	case mi.IsDir():
 		if name, err := firstEntry(o.mountpoint); err != nil {
 			return fmt.Errorf("mountpoint: %w", err)
 		} else if name != "" {
 			return fmt.Errorf("mountpoint %s is not empty (it holds %s); the mount would hide its files: "+
 				"choose an empty directory, or give --nonempty", o.mountpoint, name)
 		}
+	case mi.Size() > 0:
+		return fmt.Errorf("mountpoint %s is a file of %d bytes; the mount would hide its contents: "+
+			"choose an empty file or a directory, or give --nonempty", o.mountpoint, mi.Size())
+	}
+	return nil
+}
+
+// checkNotInChain refuses a regular-file mountpoint (mi) that is the
+// image, its external data file or a file of its backing chain, however
+// it is reached (a hard link, a symbolic link): compared by device and
+// inode. The chain is read from a read-only open without image locks,
+// closed at once; an image that does not open is compared alone (its
+// mount fails at its own open, before mounting).
+func (o *mountOptions) checkNotInChain(mi os.FileInfo, format string) error {
+	files := []drivers.ChainFile{{Path: o.image, Role: "image"}}
+	opts := drivers.OpenOptions{ReadOnly: true, ForceShare: true, NoDataFile: true, Formats: imageFormats()}
+	if d, _, err := drivers.Open(o.image, format, opts); err == nil {
+		if fl := drivers.FilesOf(d); len(fl) > 0 {
+			files = fl
+		}
+		d.Close()
+	}
+	for _, f := range files {
+		fi, err := os.Stat(f.Path)
+		if err != nil || !os.SameFile(mi, fi) {
+			continue
+		}
+		what := "the image itself"
+		if f.Role != "image" {
+			what = fmt.Sprintf("the %s of %s (%s)", f.Role, f.Of, f.Path)
+		}
+		return fmt.Errorf("mountpoint %s is %s: the mount would hide a file of the image it serves behind its own disk; "+
+			"choose another mountpoint (--nonempty does not allow this)", o.mountpoint, what)
 	}
 	return nil
 }
@@ -450,6 +515,16 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		}
 		format = f.Name()
 	}
+	if dmg := drivers.DamageOf(d); dmg != nil {
+		// The open went on (read-only, or damage below a writable top
+		// that never writes there): say so now, not at the first EIO.
+		msg := damageWarning(o.image, dmg)
+		if o.warn != nil {
+			o.warn(msg)
+		} else {
+			logger.Print(msg)
+		}
+	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
 		mtime = fi.ModTime()
@@ -496,6 +571,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		Overlay: overlay, OverlayTemporary: overlay != "" && o.overlayKeep == "",
 		ServingMode: srv.Mode, PIDFile: o.pidFile,
 		Started: time.Now().UTC(),
+		Log:     o.logPath(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
@@ -525,9 +601,36 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		srv.Wait()
 		close(served)
 	}()
+	// I/O errors reach 'imgfuse status' through the state file, rewritten
+	// when they happen: at once for the first of a while, then at most
+	// every ioErrorPublishEvery (a dd over a damaged range fails every
+	// request).
+	var publishTimer <-chan time.Time
+	var published time.Time
+	publish := func() {
+		st := srv.IOErrors()
+		state.IOErrors, state.LastIOError = st.Count, ioErrorStateOf(st.Last)
+		published = time.Now()
+		if serr == nil {
+			if _, werr := writeState(stateDir(), state); werr != nil {
+				logger.Printf("warning: %v (status will not show the I/O errors)", werr)
+			}
+		}
+	}
 loop:
 	for {
 		select {
+		case <-srv.IOErrorNotify():
+			if publishTimer == nil {
+				if wait := ioErrorPublishEvery - time.Since(published); wait > 0 {
+					publishTimer = time.After(wait)
+				} else {
+					publish()
+				}
+			}
+		case <-publishTimer:
+			publishTimer = nil
+			publish()
 		case s := <-sigs:
 			logger.Printf("%v: unmounting %s", s, mp)
 			if err := srv.Unmount(); err != nil {
@@ -547,6 +650,9 @@ loop:
 		}
 	}
 
+	// The errors of the last moments go with a close error below.
+	st := srv.IOErrors()
+	state.IOErrors, state.LastIOError = st.Count, ioErrorStateOf(st.Last)
 	closeName := o.image
 	if overlay != "" {
 		closeName = overlay
@@ -663,4 +769,40 @@ func explainWritableOpen(image, format string, opts drivers.OpenOptions, err err
 	}
 	d.Close()
 	return fmt.Errorf("%w (it cannot be opened for writing; --read-only mounts it read-only)", err)
+}
+
+// damageWarning is the one-line warning about an image (or a file of its
+// backing chain) whose metadata the open found damaged: the file, the
+// first problem, what it means for reads, and the command that reports
+// everything.
+func damageWarning(image string, dmg error) string {
+	file, cause := image, dmg.Error()
+	var de *drivers.DamageError
+	if errors.As(dmg, &de) {
+		file, cause = de.Path, de.Err.Error()
+	}
+	where := file
+	if file != image {
+		where = file + " (in the backing chain of " + image + ")"
+	}
+	msg := fmt.Sprintf("warning: %s: %s; reads of the damaged range fail with EIO; run 'imgfuse check %s' for a full report",
+		where, cause, shellQuote(file))
+	return strings.NewReplacer("\n", " ", "\r", " ").Replace(msg) // one line, whatever a file name holds
+}
+
+// ioErrorPublishEvery is the shortest time between two rewrites of the
+// state file for I/O errors.
+const ioErrorPublishEvery = 250 * time.Millisecond
+
+// ioErrorStateOf is e for the state file, nil for no error.
+func ioErrorStateOf(e fusefs.IOError) *ioErrorState {
+	if e.Op == "" {
+		return nil
+	}
+	st := &ioErrorState{Time: e.Time.UTC(), Operation: e.Op, Cause: e.Cause}
+	if e.Offset >= 0 {
+		off := e.Offset
+		st.Offset = &off
+	}
+	return st
 }
