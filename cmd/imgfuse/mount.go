@@ -72,8 +72,19 @@ const mountLong = `Mount IMAGE so that MOUNTPOINT exposes it as one regular file
 
 MOUNTPOINT must exist. If it is a directory, the disk appears as
 MOUNTPOINT/disk (see --name); if it is a regular file, it becomes the disk.
-A directory that is not empty is refused (exit 7), since the mount would
-hide its files, unless --nonempty is given.
+A directory that is not empty, or a regular file that is not, is refused
+(exit 7), since the mount would hide what it holds, unless --nonempty is
+given. A MOUNTPOINT that is the image itself, its external data file or a
+file of its backing chain (also through a hard or symbolic link) is
+refused (exit 7) even with --nonempty.
+
+A qcow2 image whose metadata points past the end of its file (a copy cut
+short) is refused for a writable mount (exit 6, with the reason); with
+--read-only it mounts with a one-line warning naming the problem and
+'imgfuse check', and reads of the damaged range fail with EIO. 'imgfuse
+status' shows how many I/O errors a mount returned and the last one, and
+names the server's log: --log FILE, or its default log next to its state
+file (1 MiB, kept after it exits).
 
 By default imgfuse detaches and returns once the mount answers; errors from
 opening the image are printed here and the exit code is non-zero. Stop it
@@ -203,10 +214,10 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (needs --log FILE, or --foreground to log to stderr)")
-	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
+	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of its default log (named by 'imgfuse status')")
 	f.BoolVar(&o.overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
 	f.StringVar(&o.overlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
-	f.BoolVar(&o.nonEmpty, "nonempty", false, "mount on a directory MOUNTPOINT that is not empty, hiding its files while mounted")
+	f.BoolVar(&o.nonEmpty, "nonempty", false, "mount on a directory or regular file MOUNTPOINT that is not empty, hiding what it holds while mounted")
 	f.StringVar(&o.pidFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	f.StringArrayVar(&o.removeOnExit, "remove-on-exit", nil, "internal: paths the server removes after unmounting")
 	_ = f.MarkHidden("remove-on-exit")
