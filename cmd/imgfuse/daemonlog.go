@@ -3,8 +3,10 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,10 +19,17 @@ import (
 // one) and a new one is started, so at most twice that is kept. The log
 // outlives the daemon — after a crash it is what tells why — and the next
 // mount at the same mountpoint starts it afresh. The state directory is on
-// a tmpfs (/run, $XDG_RUNTIME_DIR) wherever that exists, cleared at boot.
+// a tmpfs (/run, $XDG_RUNTIME_DIR) wherever that exists, cleared at boot;
+// so that mounts at ever new places (a CI machine's temporary
+// directories) do not fill it meanwhile, each mount also removes the logs
+// of mountpoints without a server that nobody wrote for defaultLogKeep.
 
 // defaultLogMax is the size at which the default log is rotated.
 const defaultLogMax = 1 << 20
+
+// defaultLogKeep is how long the log of a server that is gone is kept
+// when nothing mounts at its mountpoint again.
+const defaultLogKeep = 7 * 24 * time.Hour
 
 // defaultLogPath names the default log of a canonical mountpoint.
 func defaultLogPath(dir, mountpoint string) string {
@@ -38,6 +47,7 @@ func openDefaultLog(mountpoint string) (*os.File, string, error) {
 	if err := checkStateDir(dir); err != nil {
 		return nil, "", err
 	}
+	pruneDefaultLogs(dir, time.Now().Add(-defaultLogKeep))
 	path := defaultLogPath(dir, mountpoint)
 	os.Remove(path + ".1")
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
@@ -45,6 +55,29 @@ func openDefaultLog(mountpoint string) (*os.File, string, error) {
 		return nil, "", err
 	}
 	return f, path, nil
+}
+
+// pruneDefaultLogs removes the default logs (and rotated logs) in dir last
+// written before cutoff whose mountpoint has no state file: their server
+// is gone and 'imgfuse unmount' has cleared what it left.
+func pruneDefaultLogs(dir string, cutoff time.Time) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		name := e.Name()
+		base, ok := strings.CutSuffix(strings.TrimSuffix(name, ".1"), ".log")
+		if !ok || !e.Type().IsRegular() {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(dir, base+".json")); err == nil {
+			continue // a server (live, or dead and not yet cleared) owns it
+		}
+		if fi, err := e.Info(); err == nil && fi.ModTime().Before(cutoff) {
+			os.Remove(filepath.Join(dir, name))
+		}
+	}
 }
 
 // boundedLog writes the daemon's log to f, rotating the file at path once

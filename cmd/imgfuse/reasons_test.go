@@ -245,3 +245,35 @@ func TestBoundedLog(t *testing.T) {
 		t.Errorf("the log holds %d bytes after a failed rotation, want 160", b.size)
 	}
 }
+
+// TestPruneDefaultLogs: old logs of mountpoints without a server go; a
+// recent one, one whose server has a state file, and files that are not
+// logs stay.
+func TestPruneDefaultLogs(t *testing.T) {
+	dir := t.TempDir()
+	old := time.Now().Add(-8 * 24 * time.Hour)
+	files := map[string]bool{ // name: kept
+		"aaaa.log": false, "aaaa.log.1": false, // old, no server
+		"bbbb.log": true, "bbbb.json": true, // old, but its server's state is there
+		"cccc.log": true,                     // recent
+		"dddd.txt": true, "eeee.log.2": true, // not ours
+	}
+	for name := range files {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if name != "cccc.log" {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	pruneDefaultLogs(dir, time.Now().Add(-defaultLogKeep))
+	for name, kept := range files {
+		_, err := os.Stat(filepath.Join(dir, name))
+		if (err == nil) != kept {
+			t.Errorf("%s: kept %v, want %v", name, err == nil, kept)
+		}
+	}
+}
