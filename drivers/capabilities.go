@@ -147,3 +147,61 @@ func AllocatedOf(d Driver) int64 {
 	}
 	return min(max(a.Allocated(), 0), size)
 }
+
+// Damaged is implemented by drivers that check, at open, that the image's
+// metadata lies inside its file (qcow2: L1, L2 and refcount tables,
+// snapshot tables). A writable open of a damaged image fails; a read-only
+// one succeeds, serves what it can (the damaged ranges fail with EIO) and
+// reports here what it found, so that the user hears of it at once rather
+// than from the first failed read.
+type Damaged interface {
+	// Damage returns the first problem the open found in the image or
+	// further down its backing chain (a *DamageError, wrapping
+	// ErrCorrupt), nil if none.
+	// It is cheap and may be called from any goroutine.
+	Damage() error
+}
+
+// DamageError is what Damage returns: the file found damaged (the image or
+// a file of its backing chain) and what is wrong with it.
+type DamageError struct {
+	Format, Path string
+	Err          error // wraps ErrCorrupt
+}
+
+func (e *DamageError) Error() string { return e.Format + ": " + e.Path + ": " + e.Err.Error() }
+func (e *DamageError) Unwrap() error { return e.Err }
+
+// DamageOf is d's Damage, or nil when d does not check itself.
+func DamageOf(d Driver) error {
+	if dm, ok := d.(Damaged); ok {
+		return dm.Damage()
+	}
+	return nil
+}
+
+// ChainFile is one host file an open driver reads or writes.
+type ChainFile struct {
+	// Path is the file as the driver opened it.
+	Path string
+	// Role is "image", "backing file" or "external data file".
+	Role string
+	// Of is the image whose backing or data file this is ("" for the
+	// image opened).
+	Of string
+}
+
+// FileLister is implemented by drivers that can name every file they
+// opened: the image, its external data file and its backing chain, top
+// first. The mount uses it to refuse a mountpoint that is one of them.
+type FileLister interface {
+	Files() []ChainFile
+}
+
+// FilesOf is d's Files, or nil when d does not list them.
+func FilesOf(d Driver) []ChainFile {
+	if fl, ok := d.(FileLister); ok {
+		return fl.Files()
+	}
+	return nil
+}

@@ -2,6 +2,18 @@
 // It is the only package that imports go-fuse (lint_test.go enforces it);
 // errors cross into FUSE status codes in exactly one function, toErrno.
 //
+// # I/O errors are counted
+//
+// The handlers call toErrno through fail (failFlush for fsync and flush),
+// which counts every error that reaches the caller as EIO (an atomic add)
+// and keeps the last one — time, request, disk offset, the driver's text,
+// at most 512 bytes — under a small leaf lock (errno.go, ioErrors). The
+// first ten are logged, then at most one line a second, so a dd over a
+// damaged range cannot flood the log. A successful request never touches
+// the counter. Server.IOErrors reads it; Server.IOErrorNotify wakes the
+// owner (cmd/imgfuse publishes the count in its state file for `imgfuse
+// status`) without ever blocking a handler.
+//
 // # Shape
 //
 // fusefs speaks go-fuse's raw protocol API (fuse.RawFileSystem), not its fs

@@ -2,7 +2,12 @@ package fusefs
 
 import (
 	"errors"
+	"fmt"
+	"log"
+	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
@@ -46,4 +51,118 @@ func toFlushErrno(err error) fuse.Status {
 		return s
 	}
 	return fuse.EIO
+}
+
+// IOError is one I/O error (EIO) a mount returned to a caller.
+type IOError struct {
+	Time time.Time
+	// Op is the request: "read", "write", "flush", "fallocate",
+	// "truncate" or "lseek".
+	Op string
+	// Offset is the disk offset the request was for (a partition's
+	// requests are counted at their disk offset), -1 for a request
+	// without one (flush).
+	Offset int64
+	// Cause is the driver's error text, at most maxCauseLen bytes.
+	Cause string
+}
+
+// IOErrorStats is what Server.IOErrors reports: how many I/O errors the
+// mount returned, and the last one (zero when Count is 0).
+type IOErrorStats struct {
+	Count uint64
+	Last  IOError
+}
+
+// maxCauseLen bounds the text kept for the last error: a cause is one
+// line naming a file and an offset, and a state file is rewritten with it.
+const maxCauseLen = 512
+
+// ioErrorLogEvery bounds the log to one line per this long after the
+// first ioErrorLogBurst errors: a dd over a damaged range returns one EIO
+// per request, and the log must stay small (the default log is bounded).
+const (
+	ioErrorLogEvery = time.Second
+	ioErrorLogBurst = 10
+)
+
+// ioErrors counts the I/O errors a mount returns. The success path never
+// touches it; an error costs an atomic add, a small lock and the error's
+// text.
+type ioErrors struct {
+	count atomic.Uint64
+	// notify gets a token (never blocking) after every error, so that
+	// the server's owner can publish the count (Server.IOErrorNotify).
+	notify chan struct{}
+	logger *log.Logger
+
+	// mu protects last, logged and suppressed. A leaf lock, held for a
+	// copy and at most one log line.
+	mu         sync.Mutex
+	last       IOError
+	logged     time.Time // when the last log line was written
+	suppressed uint64    // errors not logged since then
+}
+
+func newIOErrors(logger *log.Logger) *ioErrors {
+	return &ioErrors{notify: make(chan struct{}, 1), logger: logger}
+}
+
+// record counts err, returned for request op at disk offset off.
+func (e *ioErrors) record(op string, off int64, err error) {
+	n := e.count.Add(1)
+	cause := err.Error()
+	if len(cause) > maxCauseLen {
+		cause = cause[:maxCauseLen]
+	}
+	now := time.Now()
+	e.mu.Lock()
+	e.last = IOError{Time: now, Op: op, Offset: off, Cause: cause}
+	if e.logger != nil {
+		if n <= ioErrorLogBurst || now.Sub(e.logged) >= ioErrorLogEvery {
+			more := ""
+			if e.suppressed > 0 {
+				more = fmt.Sprintf(" (%d more since the last line)", e.suppressed)
+			}
+			where := op
+			if off >= 0 {
+				where = fmt.Sprintf("%s at disk offset %#x", op, off)
+			}
+			e.logger.Printf("I/O error %d: %s: %s%s", n, where, cause, more)
+			e.logged, e.suppressed = now, 0
+		} else {
+			e.suppressed++
+		}
+	}
+	e.mu.Unlock()
+	select {
+	case e.notify <- struct{}{}:
+	default:
+	}
+}
+
+// stats returns the count and the last error.
+func (e *ioErrors) stats() IOErrorStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return IOErrorStats{Count: e.count.Load(), Last: e.last}
+}
+
+// fail is toErrno for a handler of request op at disk offset off (-1 for
+// none): an error that reaches the caller as EIO is counted.
+func (fs *diskFS) fail(op string, off int64, err error) fuse.Status {
+	s := toErrno(err)
+	if s == fuse.EIO {
+		fs.errs.record(op, off, err)
+	}
+	return s
+}
+
+// failFlush is toFlushErrno for fsync and flush, counted as fail counts.
+func (fs *diskFS) failFlush(err error) fuse.Status {
+	s := toFlushErrno(err)
+	if s == fuse.EIO {
+		fs.errs.record("flush", -1, err)
+	}
+	return s
 }

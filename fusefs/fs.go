@@ -92,6 +92,10 @@ type diskFS struct {
 	// number never handed out.
 	refreshMu sync.Mutex
 	nextIno   uint64
+
+	// errs counts the I/O errors returned (fail); it synchronises
+	// itself.
+	errs *ioErrors
 }
 
 var _ fuse.RawFileSystem = (*diskFS)(nil)
@@ -113,6 +117,7 @@ func newDiskFS(d drivers.Driver, opts Options, dirMode bool, parts []partition.P
 		gid:           uint32(os.Getgid()),
 		logger:        opts.Logger,
 		nextIno:       firstPartIno,
+		errs:          newIOErrors(opts.Logger),
 	}
 	if fs.logger == nil {
 		fs.logger = log.Default()
@@ -318,7 +323,7 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 		var err error
 		coroutine.Run(func(co *coroutine.Co) { err = fs.d.Truncate(co, int64(in.Size)) })
 		if err != nil {
-			return toErrno(err)
+			return fs.fail("truncate", int64(in.Size), err)
 		}
 	}
 	// Mode, owner and time changes are accepted and ignored: the
@@ -396,7 +401,7 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 		_, ok, err := fs.direct.ReadDirect(p, off)
 		if ok {
 			if err != nil {
-				return nil, toErrno(err)
+				return nil, fs.fail("read", off, err)
 			}
 			return fuse.ReadResultData(p), fuse.OK
 		}
@@ -404,7 +409,7 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { _, err = fs.d.ReadAt(co, p, off) })
 	if err != nil {
-		return nil, toErrno(err)
+		return nil, fs.fail("read", off, err)
 	}
 	return fuse.ReadResultData(p), fuse.OK
 }
@@ -476,7 +481,7 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 	// What the driver was asked to write, whether or not it all landed.
 	fs.noteWrite(off, room)
 	if err != nil && written == 0 {
-		return 0, toErrno(err)
+		return 0, fs.fail("write", off, err)
 	}
 	return uint32(written), fuse.OK
 }
@@ -505,7 +510,7 @@ func (fs *diskFS) flush() fuse.Status {
 	var err error
 	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
 	fs.settleTable(true)
-	return toFlushErrno(err)
+	return fs.failFlush(err)
 }
 
 // Release settles the table too: a loop device's descriptor is released
@@ -577,7 +582,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 		err = op(co, off, min(n, size-off))
 	})
 	fs.noteWrite(off, n)
-	return toErrno(err)
+	return fs.fail("fallocate", off, err)
 }
 
 // Lseek answers SEEK_DATA and SEEK_HOLE (the only whence values the kernel
@@ -619,7 +624,7 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 		}
 	})
 	if err != nil {
-		return toErrno(err)
+		return fs.fail("lseek", off, err)
 	}
 	switch {
 	case found:

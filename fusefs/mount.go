@@ -47,9 +47,10 @@ type Options struct {
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
 	// Logger receives the one line about an ignored partition table or a
-	// clamped or skipped partition (at mount and at each re-read), and
-	// one line per change of the table through the mount; default
-	// log.Default().
+	// clamped or skipped partition (at mount and at each re-read), one
+	// line per change of the table through the mount, and the I/O errors
+	// returned (the first ten, then at most one line a second); default
+	// log.Default() for the partition lines, none for the errors.
 	Logger *log.Logger
 }
 
@@ -66,7 +67,19 @@ type Server struct {
 	passthrough bool
 	why         string
 	fsys        *diskFS
+	// errs counts the I/O errors the mount returned (shared with the
+	// file system, which records them).
+	errs *ioErrors
 }
+
+// IOErrors returns how many I/O errors (EIO) the mount has returned to
+// callers, and the last one. It may be called from any goroutine.
+func (s *Server) IOErrors() IOErrorStats { return s.errs.stats() }
+
+// IOErrorNotify receives a token after I/O errors (at most one pending):
+// the caller then reads IOErrors. Tokens are never blocked on, so a
+// caller that does not listen costs nothing.
+func (s *Server) IOErrorNotify() <-chan struct{} { return s.errs.notify }
 
 // mountReadyTimeout bounds how long Mount waits for the new mount to
 // answer a stat.
@@ -154,7 +167,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
-	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), fsys: fsys}
+	s := &Server{srv: srv, mountpoint: abs, served: make(chan struct{}), fsys: fsys, errs: fsys.errs}
 	// Decided before the first request is read, so every Open sees the
 	// final fsys.backingID and every table change reaches the kernel.
 	fsys.notify = srv

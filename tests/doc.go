@@ -112,6 +112,15 @@
 //     refusals (a root-owned mountpoint, /dev/fuse 0600 in a private
 //     mount namespace) printed in its own words with exit code 7; the
 //     demo's commands for a user (fuse2fs) run as printed.
+//   - reasons_test.go: a qcow2 image cut short by a failed copy (and an
+//     overlay over one): a writable mount exits 6 with the reason and
+//     changes nothing, a read-only one (detached and --foreground) warns
+//     in one line, serves the intact ranges and fails the damaged one with
+//     EIO, which `imgfuse status` (human and JSON) then counts with its
+//     offset and cause, as does the default log status names; a regular
+//     file as mountpoint: non-empty refused unless --nonempty, the image,
+//     a backing file (hard and symbolic links too) or the external data
+//     file refused even with --nonempty, files unchanged (SHA-256).
 //
 // # Test time budget
 //

@@ -249,6 +249,7 @@ type userStatus struct {
 	State             string `json:"state"`
 	Passthrough       bool   `json:"passthrough"`
 	PassthroughDetail string `json:"passthrough-detail"`
+	Log               string `json:"log"`
 }
 
 // status runs `imgfuse status --output=json` as the user and returns the
@@ -303,8 +304,8 @@ func TestRootlessQcow2(t *testing.T) {
 	if ents, err := os.ReadDir(e.path("run/imgfuse")); err != nil || len(ents) != 1 {
 		t.Errorf("state files in $XDG_RUNTIME_DIR/imgfuse: %v, %v; want one", ents, err)
 	}
-	if st := e.status(t, "mnt"); st.State != "mounted" || st.PID != pid {
-		t.Errorf("imgfuse status as %s: %+v, want mounted by pid %d", e.name, st, pid)
+	if st := e.status(t, "mnt"); st.State != "mounted" || st.PID != pid || st.Log != e.path("mnt.log") {
+		t.Errorf("imgfuse status as %s: %+v, want mounted by pid %d, logging to %s", e.name, st, pid, e.path("mnt.log"))
 	}
 
 	mf, err := os.OpenFile(model, os.O_WRONLY, 0)
@@ -584,6 +585,17 @@ func TestRootlessDemo(t *testing.T) {
 	}
 	for _, mp := range []string{"mnt", "fs"} {
 		registerMountpoint(t, filepath.Join(dirs[0], mp))
+	}
+	// Started without --log, the server logs to its default log in the
+	// user's state directory, which status names.
+	rel, err := filepath.Rel(e.path(""), filepath.Join(dirs[0], "mnt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := e.status(t, rel); !strings.HasPrefix(st.Log, e.path("run/imgfuse")+"/") {
+		t.Errorf("status of the demo mount names the log %q, want one in %s", st.Log, e.path("run/imgfuse"))
+	} else if b, err := os.ReadFile(st.Log); err != nil || !strings.Contains(string(b), "serving ") {
+		t.Errorf("the demo's default log %s: %v\n%s", st.Log, err, b)
 	}
 	t.Cleanup(func() {
 		if mnt := filepath.Join(dirs[0], "mnt"); mounted(t, mnt) {

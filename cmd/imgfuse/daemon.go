@@ -33,6 +33,12 @@ const daemonEnv = "IMGFUSE_DAEMON_READY_FD"
 // readyOK is what the child writes once the mount answers.
 const readyOK = "ok\n"
 
+// warnPrefix starts a line of the report that is a warning for the user's
+// terminal ("W warning: ...\n"), written before "ok" (or the error): a
+// read-only mount of a damaged image still succeeds, and its parent
+// prints the warning.
+const warnPrefix = "W "
+
 // daemonReadyTimeout bounds the wait for the child's report. Opening an
 // image reads only headers and tables; fusefs.Mount waits at most 10 s.
 const daemonReadyTimeout = 60 * time.Second
@@ -103,6 +109,15 @@ func childArgs(o *mountOptions) []string {
 	for _, p := range o.removeOnExit {
 		args = append(args, "--remove-on-exit", p)
 	}
+	// The parent opens the log and makes it the child's stdout and
+	// stderr; the child is told which file that is, for its state file
+	// (and, for the default log, to keep it bounded).
+	if o.logFile != "" {
+		args = append(args, "--log", o.logFile)
+	}
+	if o.defaultLog != "" {
+		args = append(args, "--default-log", o.defaultLog)
+	}
 	return append(args, "--", o.absImage, o.absMountpoint)
 }
 
@@ -114,20 +129,28 @@ func startDaemon(o *mountOptions) error {
 		return err
 	}
 	defer r.Close()
-	cmd := exec.Command("/proc/self/exe", childArgs(o)...)
-	cmd.Args[0] = os.Args[0]
-	cmd.Env = append(os.Environ(), daemonEnv+"=3")
-	cmd.ExtraFiles = []*os.File{w}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	cmd.Dir = "/"
+	var logFile *os.File
 	if o.logFile != "" {
 		lf, err := os.OpenFile(o.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
 			w.Close()
 			return usagef("--log: %v", err)
 		}
-		defer lf.Close()
-		cmd.Stdout, cmd.Stderr = lf, lf
+		logFile = lf
+	} else if lf, path, err := openDefaultLog(o.absMountpoint); err == nil {
+		logFile, o.defaultLog = lf, path
+	}
+	// else: no state directory to keep a log in; the daemon's writeState
+	// fails too, and says so (to nowhere) as before.
+	cmd := exec.Command("/proc/self/exe", childArgs(o)...)
+	cmd.Args[0] = os.Args[0]
+	cmd.Env = append(os.Environ(), daemonEnv+"=3")
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	if logFile != nil {
+		defer logFile.Close()
+		cmd.Stdout, cmd.Stderr = logFile, logFile
 	}
 	err = startIOFlusher(cmd)
 	w.Close()
@@ -136,6 +159,12 @@ func startDaemon(o *mountOptions) error {
 	}
 
 	msg, rerr := readReport(r, daemonReadyTimeout)
+	msg, warnings := splitWarnings(msg)
+	for _, w := range warnings {
+		if o.warn != nil {
+			o.warn(userSpelling(w, o))
+		}
+	}
 	if rerr == nil && msg == readyOK {
 		// The child lives on in its own session; init reaps it.
 		_ = cmd.Process.Release()
@@ -144,8 +173,8 @@ func startDaemon(o *mountOptions) error {
 	// Failure: make sure the child is gone and no mount is left.
 	waitErr := reapChild(cmd, rerr != nil, o.absMountpoint)
 	hint := ""
-	if o.logFile != "" {
-		hint = " (see " + o.logFile + ")"
+	if l := o.logPath(); l != "" {
+		hint = " (see " + l + ")"
 	}
 	switch {
 	case rerr != nil:
@@ -167,6 +196,20 @@ func userSpelling(msg string, o *mountOptions) string {
 		msg = strings.Replace(msg, " mount "+o.absMountpoint+": ", " mount "+o.mountpoint+": ", 1)
 	}
 	return msg
+}
+
+// splitWarnings separates the warning lines of a report from the rest
+// (readyOK or the error).
+func splitWarnings(report string) (rest string, warnings []string) {
+	for {
+		line, tail, ok := strings.Cut(report, "\n")
+		w, isWarn := strings.CutPrefix(line, warnPrefix)
+		if !ok || !isWarn {
+			return report, warnings
+		}
+		warnings = append(warnings, w)
+		report = tail
+	}
 }
 
 // readReport reads the child's report until it closes the pipe.
@@ -246,8 +289,18 @@ func startIOFlusher(cmd *exec.Cmd) error {
 func runDaemonChild(o *mountOptions, fd int) error {
 	syscall.CloseOnExec(fd)
 	pipe := os.NewFile(uintptr(fd), "readiness")
-	logger := log.New(os.Stderr, "imgfuse: ", log.LstdFlags)
+	var logw io.Writer = os.Stderr
+	if o.defaultLog != "" {
+		logw = newBoundedLog(os.Stderr, o.defaultLog, defaultLogMax, []int{1, 2})
+	}
+	logger := log.New(logw, "imgfuse: ", log.LstdFlags)
 	reported := false
+	o.warn = func(msg string) {
+		logger.Print(msg)
+		if !reported {
+			_, _ = pipe.WriteString(warnPrefix + msg + "\n")
+		}
+	}
 	err := serve(o, logger, func() {
 		logger.Printf("serving %s on %s (pid %d)", o.image, o.mountpoint, os.Getpid())
 		reported = true
@@ -290,6 +343,33 @@ type daemonState struct {
 	// CloseError is set by a server whose final flush or close failed,
 	// just before it exits; 'imgfuse unmount' reports it.
 	CloseError string `json:"close-error,omitempty"`
+	// Log is the file the server logs to: --log FILE, else its default
+	// log; "" for a --foreground server logging to its terminal.
+	Log string `json:"log,omitempty"`
+	// IOErrors counts the I/O errors (EIO) the mount returned, and
+	// LastIOError is the last of them; the server rewrites the state
+	// file as they happen (at most ioErrorPublishEvery apart).
+	IOErrors    uint64        `json:"io-errors,omitempty"`
+	LastIOError *ioErrorState `json:"last-io-error,omitempty"`
+}
+
+// ioErrorState is the last I/O error of a mount, in the state file and in
+// 'imgfuse status --output=json'.
+type ioErrorState struct {
+	Time      time.Time `json:"time"`
+	Operation string    `json:"operation"`
+	// Offset is the disk offset of the request, null for one without
+	// (a flush).
+	Offset *int64 `json:"offset"`
+	Cause  string `json:"cause"`
+}
+
+// logPath is the file a daemon started with o logs to, "" if none.
+func (o *mountOptions) logPath() string {
+	if o.logFile != "" {
+		return o.logFile
+	}
+	return o.defaultLog
 }
 
 // stateDir is where state files live: /run/imgfuse for root; for a user

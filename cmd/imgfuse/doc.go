@@ -18,9 +18,14 @@
 // prefixed "imgfuse: ", one line, naming the image once (open.go strips
 // the drivers' repeated path prefixes; open_test.go provokes every open
 // error with mount, info, check and map and holds each message to that).
-// Mountpoint problems (missing, not empty without --nonempty, already a
-// mount) are 7, like a refused FUSE mount: the command line was well
-// formed, the place to mount is not.
+// Mountpoint problems (missing, not empty without --nonempty — a
+// directory with files or a non-empty regular file —, already a mount, a
+// file of the image's own chain) are 7, like a refused FUSE mount: the
+// command line was well formed, the place to mount is not. A file of the
+// chain (the image, its data file, a backing file) is found by device and
+// inode from a lock-free read-only open of the chain in the parent
+// (drivers.FileLister), before any daemon starts; --nonempty does not
+// lift that refusal.
 //
 // Daemonizing (daemon.go). A Go process cannot fork, so `mount` re-execs
 // /proc/self/exe with IMGFUSE_DAEMON_READY_FD=3 and the write end of a pipe
@@ -28,7 +33,11 @@
 // file. The child opens the image, mounts, records its state file and
 // writes "ok\n" — or its error text — to the pipe. The parent exits 0 only
 // on "ok"; otherwise it reaps (or kills) the child, detaches any mount the
-// child left, and prints the reason. The child is started from a thread
+// child left, and prints the reason. Before either, the child may write
+// warning lines ("W warning: ...\n"), which the parent prints on stderr:
+// the one-line warning of a read-only mount of a damaged image
+// (drivers.Damaged) reaches the user's terminal from a detached daemon as
+// from --foreground. The child is started from a thread
 // with PR_SET_IO_FLUSHER set (when permitted) so that every thread of the
 // server inherits it: a FUSE server behind a loop device must not block in
 // memory reclaim that waits for its own I/O.
@@ -103,6 +112,16 @@
 // it to wait until the image is closed, checking /proc/PID/cmdline so that
 // a recycled pid is not waited for; `status` lists them, checked against
 // mountinfo and /proc/PID.
+//
+// Errors a mount returns (fusefs counts every EIO) are published in its
+// state file (io-errors, last-io-error), rewritten from serve's loop when
+// fusefs signals them, at most every 250 ms; status shows them with the
+// server's log. Without --log, the parent opens the default log,
+// STATEDIR/HASH.log (daemonlog.go), as the daemon's stdout and stderr and
+// names it with the hidden --default-log flag; the daemon rotates it at
+// 1 MiB to HASH.log.1, re-pointing fds 1 and 2 at the new file so that a
+// runtime panic lands there too. It is kept after the daemon exits and
+// started afresh by the next mount at the same mountpoint.
 //
 // Throw-away writes (overlay.go): --overlay opens the image read-only
 // (QEMU's read-only locks: consistent read held, write and resize refused

@@ -56,14 +56,34 @@ type mountOptions struct {
 	// removes once it has unmounted and closed the image: the demo's
 	// sample files. Not a user flag.
 	removeOnExit []string
+	// defaultLog is the default log the parent opened as this daemon's
+	// stdout and stderr (daemonlog.go), "" with --log or --foreground.
+	// A hidden flag, set by the parent only.
+	defaultLog string
+	// warn delivers a one-line warning (without the "imgfuse: " prefix)
+	// to the user's terminal: stderr for a --foreground server or the
+	// parent of a daemon, the readiness pipe in the daemon (whose parent
+	// prints it). nil: the log only. Not a user flag.
+	warn func(msg string)
 }
 
 const mountLong = `Mount IMAGE so that MOUNTPOINT exposes it as one regular file.
 
 MOUNTPOINT must exist. If it is a directory, the disk appears as
 MOUNTPOINT/disk (see --name); if it is a regular file, it becomes the disk.
-A directory that is not empty is refused (exit 7), since the mount would
-hide its files, unless --nonempty is given.
+A directory that is not empty, or a regular file that is not, is refused
+(exit 7), since the mount would hide what it holds, unless --nonempty is
+given. A MOUNTPOINT that is the image itself, its external data file or a
+file of its backing chain (also through a hard or symbolic link) is
+refused (exit 7) even with --nonempty.
+
+A qcow2 image whose metadata points past the end of its file (a copy cut
+short) is refused for a writable mount (exit 6, with the reason); with
+--read-only it mounts with a one-line warning naming the problem and
+'imgfuse check', and reads of the damaged range fail with EIO. 'imgfuse
+status' shows how many I/O errors a mount returned and the last one, and
+names the server's log: --log FILE, or its default log next to its state
+file (1 MiB, kept after it exits).
 
 By default imgfuse detaches and returns once the mount answers; errors from
 opening the image are printed here and the exit code is non-zero. Stop it
@@ -152,6 +172,8 @@ func newMountCmd() *cobra.Command {
 				o.absImage, o.absMountpoint = o.image, o.mountpoint
 				return runDaemonChild(o, fd)
 			}
+			stderr := cmd.ErrOrStderr()
+			o.warn = func(msg string) { fmt.Fprintf(stderr, "imgfuse: %s\n", msg) }
 			if err := o.validate(); err != nil {
 				return err
 			}
@@ -166,6 +188,13 @@ func newMountCmd() *cobra.Command {
 					logw = lf
 				}
 				logger := log.New(logw, "imgfuse: ", log.LstdFlags)
+				if o.logFile != "" {
+					// stderr gets the warning; the log keeps it too.
+					toTerm := o.warn
+					o.warn = func(msg string) { toTerm(msg); logger.Print(msg) }
+				} else {
+					o.warn = func(msg string) { logger.Print(msg) } // the log is stderr
+				}
 				return serve(o, logger, func() {
 					logger.Printf("mounted %s on %s; Ctrl-C or 'imgfuse unmount %s' to stop",
 						o.image, o.mountpoint, o.mountpoint)
@@ -188,13 +217,15 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.lazyRefcnt, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.StringVar(&o.cacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.debug, "debug", false, "log every FUSE request (needs --log FILE, or --foreground to log to stderr)")
-	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of discarding them")
+	f.StringVar(&o.logFile, "log", "", "append the daemon's messages to `FILE` instead of its default log (named by 'imgfuse status')")
 	f.BoolVar(&o.overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
 	f.StringVar(&o.overlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
-	f.BoolVar(&o.nonEmpty, "nonempty", false, "mount on a directory MOUNTPOINT that is not empty, hiding its files while mounted")
+	f.BoolVar(&o.nonEmpty, "nonempty", false, "mount on a directory or regular file MOUNTPOINT that is not empty, hiding what it holds while mounted")
 	f.StringVar(&o.pidFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	f.StringArrayVar(&o.removeOnExit, "remove-on-exit", nil, "internal: paths the server removes after unmounting")
 	_ = f.MarkHidden("remove-on-exit")
+	f.StringVar(&o.defaultLog, "default-log", "", "internal: the default log the parent opened as stdout and stderr")
+	_ = f.MarkHidden("default-log")
 	return cmd
 }
 
@@ -247,6 +278,10 @@ func (o *mountOptions) validate() error {
 		if fi, err := os.Stat(filepath.Dir(o.logFile)); err != nil || !fi.IsDir() {
 			return usagef("--log %s: no such directory %s", o.logFile, filepath.Dir(o.logFile))
 		}
+		// Absolute: the daemon records it in its state file, for status.
+		if abs, err := filepath.Abs(o.logFile); err == nil {
+			o.logFile = abs
+		}
 	}
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
@@ -278,7 +313,7 @@ func (o *mountOptions) validate() error {
 	if err != nil {
 		return openError(err)
 	}
-	if err := o.validateMountpoint(); err != nil {
+	if err := o.validateMountpoint(format); err != nil {
 		return mountFailed(err)
 	}
 	if o.snapshot != "" && format == "raw" {
@@ -318,9 +353,11 @@ func (o *mountOptions) validate() error {
 // --overlay-keep).
 func (o *mountOptions) overlayed() bool { return o.overlay || o.overlayKeep != "" }
 
-// validateMountpoint checks that the mountpoint exists, can take a mount
-// and is not the image.
-func (o *mountOptions) validateMountpoint() error {
+// validateMountpoint checks that the mountpoint exists, can take a mount,
+// is not a file of the image's chain and, unless --nonempty, hides
+// nothing: the same rules for a directory and a regular file. It changes
+// nothing, so a refusal leaves everything as it was.
+func (o *mountOptions) validateMountpoint(format string) error {
 	mi, err := os.Stat(o.mountpoint)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN) || isDeadMount(o.mountpoint):
@@ -336,9 +373,6 @@ func (o *mountOptions) validateMountpoint() error {
 	if o.absMountpoint, err = canonicalPath(o.mountpoint); err != nil {
 		return fmt.Errorf("mountpoint: %w", err)
 	}
-	if o.absMountpoint == o.absImage {
-		return fmt.Errorf("mountpoint %s is the image itself", o.mountpoint)
-	}
 	e, mounted, err := findMount(o.absMountpoint)
 	if err != nil {
 		return fmt.Errorf("mountpoint: %w", err)
@@ -347,13 +381,55 @@ func (o *mountOptions) validateMountpoint() error {
 		return fmt.Errorf("mountpoint %s is already a mount (%s, type %s); unmount it first or choose another",
 			o.mountpoint, e.Source, e.FSType)
 	}
-	if mi.IsDir() && !o.nonEmpty {
+	if mi.Mode().IsRegular() {
+		// Not even --nonempty: the mount would cover a file the image
+		// itself is made of.
+		if err := o.checkNotInChain(mi, format); err != nil {
+			return err
+		}
+	}
+	switch {
+	case o.nonEmpty:
+	case mi.IsDir():
 		if name, err := firstEntry(o.mountpoint); err != nil {
 			return fmt.Errorf("mountpoint: %w", err)
 		} else if name != "" {
 			return fmt.Errorf("mountpoint %s is not empty (it holds %s); the mount would hide its files: "+
 				"choose an empty directory, or give --nonempty", o.mountpoint, name)
 		}
+	case mi.Size() > 0:
+		return fmt.Errorf("mountpoint %s is a file of %d bytes; the mount would hide its contents: "+
+			"choose an empty file or a directory, or give --nonempty", o.mountpoint, mi.Size())
+	}
+	return nil
+}
+
+// checkNotInChain refuses a regular-file mountpoint (mi) that is the
+// image, its external data file or a file of its backing chain, however
+// it is reached (a hard link, a symbolic link): compared by device and
+// inode. The chain is read from a read-only open without image locks,
+// closed at once; an image that does not open is compared alone (its
+// mount fails at its own open, before mounting).
+func (o *mountOptions) checkNotInChain(mi os.FileInfo, format string) error {
+	files := []drivers.ChainFile{{Path: o.image, Role: "image"}}
+	opts := drivers.OpenOptions{ReadOnly: true, ForceShare: true, NoDataFile: true, Formats: imageFormats()}
+	if d, _, err := drivers.Open(o.image, format, opts); err == nil {
+		if fl := drivers.FilesOf(d); len(fl) > 0 {
+			files = fl
+		}
+		d.Close()
+	}
+	for _, f := range files {
+		fi, err := os.Stat(f.Path)
+		if err != nil || !os.SameFile(mi, fi) {
+			continue
+		}
+		what := "the image itself"
+		if f.Role != "image" {
+			what = fmt.Sprintf("the %s of %s (%s)", f.Role, f.Of, f.Path)
+		}
+		return fmt.Errorf("mountpoint %s is %s: the mount would hide a file of the image it serves behind its own disk; "+
+			"choose another mountpoint (--nonempty does not allow this)", o.mountpoint, what)
 	}
 	return nil
 }
@@ -450,6 +526,16 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		}
 		format = f.Name()
 	}
+	if dmg := drivers.DamageOf(d); dmg != nil {
+		// The open went on (read-only, or damage below a writable top
+		// that never writes there): say so now, not at the first EIO.
+		msg := damageWarning(o.image, dmg)
+		if o.warn != nil {
+			o.warn(msg)
+		} else {
+			logger.Print(msg)
+		}
+	}
 	var mtime time.Time
 	if fi, err := os.Stat(o.image); err == nil {
 		mtime = fi.ModTime()
@@ -496,6 +582,7 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		Overlay: overlay, OverlayTemporary: overlay != "" && o.overlayKeep == "",
 		ServingMode: srv.Mode, PIDFile: o.pidFile,
 		Started: time.Now().UTC(),
+		Log:     o.logPath(),
 	}
 	statePath, serr := writeState(stateDir(), state)
 	if serr != nil {
@@ -525,9 +612,36 @@ func serve(o *mountOptions, logger *log.Logger, ready func()) (err error) {
 		srv.Wait()
 		close(served)
 	}()
+	// I/O errors reach 'imgfuse status' through the state file, rewritten
+	// when they happen: at once for the first of a while, then at most
+	// every ioErrorPublishEvery (a dd over a damaged range fails every
+	// request).
+	var publishTimer <-chan time.Time
+	var published time.Time
+	publish := func() {
+		st := srv.IOErrors()
+		state.IOErrors, state.LastIOError = st.Count, ioErrorStateOf(st.Last)
+		published = time.Now()
+		if serr == nil {
+			if _, werr := writeState(stateDir(), state); werr != nil {
+				logger.Printf("warning: %v (status will not show the I/O errors)", werr)
+			}
+		}
+	}
 loop:
 	for {
 		select {
+		case <-srv.IOErrorNotify():
+			if publishTimer == nil {
+				if wait := ioErrorPublishEvery - time.Since(published); wait > 0 {
+					publishTimer = time.After(wait)
+				} else {
+					publish()
+				}
+			}
+		case <-publishTimer:
+			publishTimer = nil
+			publish()
 		case s := <-sigs:
 			logger.Printf("%v: unmounting %s", s, mp)
 			if err := srv.Unmount(); err != nil {
@@ -547,6 +661,9 @@ loop:
 		}
 	}
 
+	// The errors of the last moments go with a close error below.
+	st := srv.IOErrors()
+	state.IOErrors, state.LastIOError = st.Count, ioErrorStateOf(st.Last)
 	closeName := o.image
 	if overlay != "" {
 		closeName = overlay
@@ -663,4 +780,40 @@ func explainWritableOpen(image, format string, opts drivers.OpenOptions, err err
 	}
 	d.Close()
 	return fmt.Errorf("%w (it cannot be opened for writing; --read-only mounts it read-only)", err)
+}
+
+// damageWarning is the one-line warning about an image (or a file of its
+// backing chain) whose metadata the open found damaged: the file, the
+// first problem, what it means for reads, and the command that reports
+// everything.
+func damageWarning(image string, dmg error) string {
+	file, cause := image, dmg.Error()
+	var de *drivers.DamageError
+	if errors.As(dmg, &de) {
+		file, cause = de.Path, de.Err.Error()
+	}
+	where := file
+	if file != image {
+		where = file + " (in the backing chain of " + image + ")"
+	}
+	msg := fmt.Sprintf("warning: %s: %s; reads of the damaged range fail with EIO; run 'imgfuse check %s' for a full report",
+		where, cause, shellQuote(file))
+	return strings.NewReplacer("\n", " ", "\r", " ").Replace(msg) // one line, whatever a file name holds
+}
+
+// ioErrorPublishEvery is the shortest time between two rewrites of the
+// state file for I/O errors.
+const ioErrorPublishEvery = 250 * time.Millisecond
+
+// ioErrorStateOf is e for the state file, nil for no error.
+func ioErrorStateOf(e fusefs.IOError) *ioErrorState {
+	if e.Op == "" {
+		return nil
+	}
+	st := &ioErrorState{Time: e.Time.UTC(), Operation: e.Op, Cause: e.Cause}
+	if e.Offset >= 0 {
+		off := e.Offset
+		st.Offset = &off
+	}
+	return st
 }

@@ -287,6 +287,12 @@ func TestUnmountDeadMount(t *testing.T) {
 	if _, err := os.Stat(statePath(stateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stale state file left behind: %v", err)
 	}
+	// Its default log stays, and unmount points at it.
+	if logPath := defaultLogPath(stateDir(), mp); !strings.Contains(stderr, "the dead server's log, which may say why it died: "+logPath) {
+		t.Errorf("unmount of the dead mount does not name the log %s: %q", logPath, stderr)
+	} else if b, err := os.ReadFile(logPath); err != nil || !strings.Contains(string(b), "serving ") {
+		t.Errorf("the dead server's default log: %v\n%s", err, b)
+	}
 	if _, err := os.Stat(pidFile); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the killed server's --pidfile is left behind: %v", err)
 	}

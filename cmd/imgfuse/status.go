@@ -28,8 +28,16 @@ the image).
 --output=json prints an array of objects with the keys mountpoint,
 image, format, pid, state, read-only, passthrough (true or false),
 passthrough-detail, overlay (null without one), overlay-temporary,
-serving-mode, pidfile (null without one), started and hint (null unless
-the mount needs attention).`
+serving-mode, pidfile (null without one), started, hint (null unless
+the mount needs attention), io-errors (how many I/O errors the mount has
+returned), last-io-error (null, or {time, operation, offset, cause}: the
+last of them, offset null for a flush) and log (the file the server logs
+to: --log FILE or its default log in the state directory; null for a
+--foreground server).
+
+A mount that returned I/O errors gets a line under the table with the
+count and the last error; the LOG column names each server's log, which
+holds every error's cause (the first ten, then one line a second).`
 
 // statusEntry is one mount in `imgfuse status --output=json`. The keys
 // are a contract for scripts: add, never rename.
@@ -48,6 +56,11 @@ type statusEntry struct {
 	PIDFile           *string   `json:"pidfile"`
 	Started           time.Time `json:"started"`
 	Hint              *string   `json:"hint"`
+	// IOErrors, LastIOError and Log: what the mount's callers got as
+	// EIO, and where the server logs (issue 12).
+	IOErrors    uint64        `json:"io-errors"`
+	LastIOError *ioErrorState `json:"last-io-error"`
+	Log         *string       `json:"log"`
 }
 
 func newStatusCmd(stdout io.Writer) *cobra.Command {
@@ -123,6 +136,10 @@ func describeState(st daemonState, live map[string]*mountEntry) statusEntry {
 		Mountpoint: st.Mountpoint, Image: st.Image, Format: st.Format, PID: st.PID,
 		ReadOnly: st.ReadOnly, Passthrough: st.Passthrough == "on", PassthroughDetail: st.Passthrough,
 		OverlayTemporary: st.OverlayTemporary, ServingMode: st.ServingMode, Started: st.Started,
+		IOErrors: st.IOErrors, LastIOError: st.LastIOError,
+	}
+	if st.Log != "" {
+		e.Log = &st.Log
 	}
 	if st.Overlay != "" {
 		e.Overlay = &st.Overlay
@@ -152,7 +169,7 @@ func printStatus(w io.Writer, entries []statusEntry) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MOUNTPOINT\tIMAGE\tFORMAT\tPID\tSTATE\tACCESS\tPASSTHROUGH\tOVERLAY\tSERVING")
+	fmt.Fprintln(tw, "MOUNTPOINT\tIMAGE\tFORMAT\tPID\tSTATE\tACCESS\tPASSTHROUGH\tOVERLAY\tSERVING\tIO-ERRORS\tLOG")
 	dash := func(s string) string {
 		if s == "" {
 			return "-"
@@ -176,10 +193,22 @@ func printStatus(w io.Writer, entries []statusEntry) error {
 				ov += " (kept)"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Mountpoint, e.Image, dash(e.Format), e.PID,
-			e.State, access, pt, ov, dash(e.ServingMode))
+		logPath := "-"
+		if e.Log != nil {
+			logPath = *e.Log
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", e.Mountpoint, e.Image, dash(e.Format), e.PID,
+			e.State, access, pt, ov, dash(e.ServingMode), e.IOErrors, logPath)
 		if e.Hint != nil {
 			hints = append(hints, fmt.Sprintf("%s: the server (pid %d) is gone; run '%s'", e.Mountpoint, e.PID, *e.Hint))
+		}
+		if l := e.LastIOError; l != nil {
+			where := l.Operation
+			if l.Offset != nil {
+				where = fmt.Sprintf("%s at disk offset %#x", l.Operation, *l.Offset)
+			}
+			hints = append(hints, fmt.Sprintf("%s: %d I/O error(s); the last at %s: %s: %s", e.Mountpoint, e.IOErrors,
+				l.Time.Format(time.RFC3339), where, l.Cause))
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -81,6 +81,13 @@ func unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		if ov := removeStaleState(dir, mp, st); ov != "" {
 			fmt.Fprintf(notes, "imgfuse: note: removed the temporary overlay %s of the dead server (pid %d)\n", ov, st.PID)
 		}
+		// The log outlives the server (and its state file): it is
+		// where the reason for its death may be.
+		if st.Log != "" {
+			if _, err := os.Stat(st.Log); err == nil {
+				fmt.Fprintf(notes, "imgfuse: note: the dead server's log, which may say why it died: %s\n", st.Log)
+			}
+		}
 		stErr, staleCleared = os.ErrNotExist, true
 	}
 	if !mounted {

@@ -28,6 +28,14 @@ func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)
 	if mode != drivers.CheckOnly && !img.writable {
 		return res, img.readOnly("repair")
 	}
+	if img.l1Short {
+		// The walk would read the missing entries as zeros and report
+		// the clusters they map as leaked, or a clean image: the check
+		// cannot be run, as when such an image could not be opened.
+		res.CheckErrors++
+		return res, fmt.Errorf("qcow2: %s: check: %w", img.path,
+			l1PastEOF("L1 table", uint64(img.l1Off), img.l1Size*8, img.fileSize))
+	}
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)
 		defer img.mu.Unlock(co)

@@ -256,6 +256,10 @@ func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error
 	if l1Index >= img.l1Entries() {
 		return 0, nil
 	}
+	if img.l1Short && l1Index >= img.l1Avail {
+		return 0, fmt.Errorf("qcow2: %s: L1 entry %d lies past the end of the file (%d bytes): truncated image: %w",
+			img.path, l1Index, img.fileSize, drivers.ErrCorrupt)
+	}
 	e, err := img.l1EntryLocked(co, l1Index)
 	if err != nil {
 		return 0, err
@@ -272,9 +276,8 @@ func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error
 		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is not cluster-aligned: %w",
 			img.path, l1Index, off, drivers.ErrCorrupt)
 	}
-	if off >= uint64(img.fileSize) {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is past the end of the file (%d bytes): %w",
-			img.path, l1Index, off, img.fileSize, drivers.ErrCorrupt)
+	if pastEOF(off, uint64(img.clusterSize), img.fileSize) {
+		return 0, fmt.Errorf("qcow2: %s: %w", img.path, l2PastEOF(l1Index, off, img.fileSize))
 	}
 	return off, nil
 }

@@ -6,6 +6,10 @@
 //
 //   - layout.go: on-disk constants and the parsed header struct.
 //   - header.go: header and extension parsing and validation (parseHeader).
+//   - bounds.go: the open-time check that the tables lie inside the file
+//     (checkBounds): a writable open refuses an image whose metadata
+//     points past the end, a read-only one reports it (drivers.Damaged);
+//     the files of the chain (drivers.FileLister).
 //   - qcow2.go: Format (name, probe, open), the image type, open-time setup
 //     (header, L1, L2 cache, backing file, data file, snapshot selection;
 //     for a writable open: refusals, refcounts, dirty-image repair, autoclear

@@ -281,6 +281,10 @@ func FuzzOpenImage(f *testing.F) {
 		img := d.(*image)
 		_ = img.Info()
 		_ = img.Snapshots()
+		_ = img.Files()
+		if dmg := img.Damage(); dmg != nil && !errors.Is(dmg, drivers.ErrCorrupt) {
+			t.Fatalf("Damage wraps no ErrCorrupt: %v", dmg)
+		}
 		size := d.Size()
 		buf := make([]byte, 64<<10)
 		coroutine.Run(func(co *coroutine.Co) {

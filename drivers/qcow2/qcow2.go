@@ -21,6 +21,8 @@ var (
 	_ drivers.Driver      = (*image)(nil)
 	_ drivers.Snapshotter = (*image)(nil)
 	_ drivers.Informer    = (*image)(nil)
+	_ drivers.Damaged     = (*image)(nil)
+	_ drivers.FileLister  = (*image)(nil)
 )
 
 // Name implements drivers.Format.
@@ -123,6 +125,17 @@ type image struct {
 	l1c    *cache.Cache
 	l1Off  int64
 	l1Size int64
+	// l1Short: the L1 table of this read-only image runs past the end
+	// of the file (a truncated copy); only its first l1Avail entries lie
+	// inside it. The entries past them are never read: a lookup there
+	// fails with ErrCorrupt. A writable image never has a short table
+	// (l1Avail is then l1Size, and stale once the table grows). Immutable.
+	l1Short bool
+	l1Avail int64
+	// damage is the first piece of metadata found past the end of the
+	// file at open (bounds.go), for a read-only image; nil if none. A
+	// writable open refuses such an image instead. Immutable.
+	damage error
 	// rc is the refcount layer; nil unless writable. Protected by mu.
 	rc *refcounts
 	// allocs are the allocating writes in flight: host clusters chosen,
@@ -279,6 +292,16 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if err := img.openL1(l1Off, l1Size); err != nil {
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
 	}
+	// A writable open of an image whose metadata points past the end of
+	// the file is refused before anything is written; a read-only one
+	// goes on and reports it (Damage). A repair open goes on too: the
+	// check and its repairs are the way to deal with it.
+	if dmg := img.checkBounds(); dmg != nil {
+		img.damage = &drivers.DamageError{Format: "qcow2", Path: path, Err: dmg}
+		if writable && !opts.Repair {
+			return nil, img.damage
+		}
+	}
 	img.initAllocated()
 	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
 	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
@@ -319,14 +342,21 @@ func (img *image) openL1(off uint64, entries uint32) error {
 	if off%uint64(img.clusterSize) != 0 {
 		return fmt.Errorf("L1 table offset %#x is not cluster-aligned: %w", off, drivers.ErrCorrupt)
 	}
+	img.l1Off, img.l1Size, img.l1Avail = int64(off), int64(entries), int64(entries)
 	// QEMU always writes the whole table, so a table that runs past EOF
 	// means a truncated file: reading its tail as zeros would silently
-	// turn allocated clusters into holes.
-	if n > 0 && off+uint64(n) > uint64(img.fileSize) {
-		return fmt.Errorf("L1 table at %#x (%d bytes) runs past the end of the file (%d bytes): truncated image: %w",
-			off, n, img.fileSize, drivers.ErrCorrupt)
+	// turn allocated clusters into holes. A writable open refuses it; a
+	// read-only one uses the entries the file holds and fails lookups
+	// past them (l1Avail), and checkBounds reports the table.
+	if n > 0 && pastEOF(off, uint64(n), img.fileSize) {
+		if img.writable {
+			return l1PastEOF("L1 table", off, n, img.fileSize)
+		}
+		img.l1Short, img.l1Avail = true, 0
+		if off < uint64(img.fileSize) {
+			img.l1Avail = (img.fileSize - int64(off)) / 8
+		}
 	}
-	img.l1Off, img.l1Size = int64(off), int64(entries)
 	if !img.writable && n > l1LoadMax {
 		img.l1c = cache.New(img.path+" L1", l1CacheChunks, l1Chunk, l1Backend{img})
 		return nil
@@ -340,9 +370,9 @@ func (img *image) openL1(off uint64, entries uint32) error {
 // that the table is in memory once.
 func (img *image) loadL1() ([]uint64, error) {
 	l1 := make([]uint64, img.l1Size)
-	buf := make([]byte, min(img.l1Size*8, 64<<10))
-	for i := int64(0); i < img.l1Size; {
-		k := min(img.l1Size-i, int64(len(buf))/8)
+	buf := make([]byte, min(img.l1Avail*8, 64<<10))
+	for i := int64(0); i < img.l1Avail; {
+		k := min(img.l1Avail-i, int64(len(buf))/8)
 		if err := img.file.Pread(buf[:k*8], img.l1Off+i*8); err != nil {
 			return nil, fmt.Errorf("reading the L1 table at %#x: %w", img.l1Off, err)
 		}

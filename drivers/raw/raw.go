@@ -61,6 +61,7 @@ var (
 	_ drivers.Informer     = (*Driver)(nil)
 	_ drivers.FileBacked   = (*Driver)(nil)
 	_ drivers.Allocator    = (*Driver)(nil)
+	_ drivers.FileLister   = (*Driver)(nil)
 )
 
 // Open opens the raw image at path. It must not be called from a coroutine.
@@ -86,6 +87,11 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 // Size is the disk size: the file size at open, or what Truncate and
 // growing writes have made it since.
 func (d *Driver) Size() int64 { return d.size.Load() }
+
+// Files implements drivers.FileLister: a raw image is its one file.
+func (d *Driver) Files() []drivers.ChainFile {
+	return []drivers.ChainFile{{Path: d.path, Role: "image"}}
+}
 
 // inRange reports whether [off, off+n) lies inside a disk of size bytes.
 func inRange(off, n, size int64) bool {
