@@ -56,10 +56,10 @@ type Loop struct {
 	// readied is set when the loop made a goroutine runnable (a worker
 	// started, a Run caller answered); see yieldP.
 	readied bool
-	hooks  []func()
-	closes []func()
-	values []loopValue
-	evs    [64]unix.EpollEvent
+	hooks   []func()
+	closes  []func()
+	values  []loopValue
+	evs     [64]unix.EpollEvent
 
 	done chan struct{} // closed when the loop goroutine has returned
 }
