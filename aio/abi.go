@@ -3,7 +3,6 @@
 package aio
 
 import (
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -117,18 +116,6 @@ func ioSubmit(ctx aioContext, cbs []*iocb) (int, error) {
 func ioGetEventsNow(ctx aioContext, evs []ioEvent) (int, error) {
 	var ts unix.Timespec // zero: do not wait
 	n, _, e := unix.RawSyscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 0, uintptr(len(evs)),
-		uintptr(unsafe.Pointer(&evs[0])), uintptr(unsafe.Pointer(&ts)), 0)
-	if e != 0 {
-		return 0, e
-	}
-	return int(n), nil
-}
-
-// ioGetEventsWait waits up to timeout for at least one completed event and
-// reaps up to len(evs). It blocks the calling thread.
-func ioGetEventsWait(ctx aioContext, evs []ioEvent, timeout time.Duration) (int, error) {
-	ts := unix.NsecToTimespec(int64(timeout))
-	n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 1, uintptr(len(evs)),
 		uintptr(unsafe.Pointer(&evs[0])), uintptr(unsafe.Pointer(&ts)), 0)
 	if e != 0 {
 		return 0, e

@@ -412,7 +412,7 @@ func TestReadPastEOF(t *testing.T) {
 	}
 }
 
-func TestPreadAligned(t *testing.T) {
+func TestPreadAlignedCo(t *testing.T) {
 	for _, c := range engineCases(t) {
 		t.Run(c.name, func(t *testing.T) {
 			r := rand.New(rand.NewPCG(1, 2))
@@ -435,7 +435,9 @@ func TestPreadAligned(t *testing.T) {
 				for i := range buf {
 					buf[i] = 0x11
 				}
-				ok, err := f.PreadAligned(buf, int64(tt.off))
+				var ok bool
+				var err error
+				coroutine.Run(func(co *coroutine.Co) { ok, err = f.PreadAlignedCo(co, buf, int64(tt.off)) })
 				if err != nil {
 					t.Fatalf("%s: %v", tt.name, err)
 				}
@@ -502,84 +504,6 @@ func TestConcurrentCoroutines(t *testing.T) {
 				t.Error(err)
 			}
 		})
-	}
-}
-
-// TestBackPressure puts several times maxInflight requests in flight at
-// once: they must queue and all complete correctly.
-func TestBackPressure(t *testing.T) {
-	d := directDir(t)
-	const n = 4 * maxInflight
-	r := rand.New(rand.NewPCG(4, 5))
-	data := randBytes(r, n*4096)
-	f := openCase(t, engineCase{dir: d, wantDirect: true}, createFile(t, d, data))
-	// Hold the first io_submit until every request has been issued, so
-	// that the queue is sure to exceed the bound.
-	e := f.eng
-	var once sync.Once
-	e.mu.Lock()
-	e.submitFn = func(ctx aioContext, cbs []*iocb) (int, error) {
-		once.Do(func() {
-			deadline := time.Now().Add(10 * time.Second)
-			for time.Now().Before(deadline) {
-				e.mu.Lock()
-				queued := len(e.pending)
-				e.mu.Unlock()
-				if queued+len(cbs) >= n {
-					return
-				}
-				time.Sleep(time.Millisecond)
-			}
-		})
-		return ioSubmit(ctx, cbs)
-	}
-	e.stats.maxQueued, e.stats.maxInflight = 0, 0
-	e.mu.Unlock()
-	defer func() {
-		e.mu.Lock()
-		e.submitFn = ioSubmit
-		e.mu.Unlock()
-	}()
-	before := e.snapshotStats()
-	var wg sync.WaitGroup
-	start := make(chan struct{})
-	var mu sync.Mutex
-	var failed []string
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := AlignedBuffer(4096)
-			<-start
-			var err error
-			coroutine.Run(func(co *coroutine.Co) { err = f.PreadCo(co, buf, int64(i)*4096) })
-			if err == nil && !bytes.Equal(buf, data[i*4096:(i+1)*4096]) {
-				err = fmt.Errorf("block %d differs", i)
-			}
-			if err != nil {
-				mu.Lock()
-				failed = append(failed, err.Error())
-				mu.Unlock()
-			}
-		}()
-	}
-	close(start)
-	wg.Wait()
-	if len(failed) > 0 {
-		t.Fatalf("%d failures, first: %s", len(failed), failed[0])
-	}
-	after := f.eng.snapshotStats()
-	t.Logf("io_submit calls %d for %d iocbs; max queued %d, max in flight %d, EAGAIN %d",
-		after.submitCalls-before.submitCalls, after.submitted-before.submitted,
-		after.maxQueued, after.maxInflight, after.eagain)
-	if after.maxInflight != maxInflight {
-		t.Errorf("max in flight %d, want exactly the bound %d", after.maxInflight, maxInflight)
-	}
-	if after.maxQueued < n-maxInflight {
-		t.Errorf("max queued %d, want at least %d", after.maxQueued, n-maxInflight)
-	}
-	if after.submitted-before.submitted < n {
-		t.Errorf("%d iocbs submitted, want at least %d", after.submitted-before.submitted, n)
 	}
 }
 

@@ -125,9 +125,9 @@ func runRandom(b *testing.B, qd int, size int64, read func(buf []byte, off int64
 }
 
 // BenchmarkRandRead4k compares, on one 256 MiB O_DIRECT file, 4 KiB random
-// reads at queue depth 1 and 32 through PreadCo (one coroutine.Run per
-// read), PreadAligned (the raw fast path) and plain pread(2) on an O_DIRECT
-// descriptor from as many goroutines.
+// reads at queue depth 1 and 32: qd coroutines on one event loop reading
+// through its AIO context (PreadCo, and PreadAlignedCo, the raw fast
+// path), and plain pread(2) on an O_DIRECT descriptor from qd goroutines.
 func BenchmarkRandRead4k(b *testing.B) {
 	path := benchImage(b)
 	f, err := Open(path, Options{ReadOnly: true})
@@ -140,43 +140,74 @@ func BenchmarkRandRead4k(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer unix.Close(fd)
-
-	ways := []struct {
-		name string
-		read func(buf []byte, off int64) error
-	}{
-		{"PreadCo", func(buf []byte, off int64) error {
-			var err error
-			coroutine.Run(func(co *coroutine.Co) { err = f.PreadCo(co, buf, off) })
-			return err
-		}},
-		{"PreadAligned", func(buf []byte, off int64) error {
-			_, err := f.PreadAligned(buf, off)
-			return err
-		}},
-		{"unix.Pread", func(buf []byte, off int64) error {
-			_, err := unix.Pread(fd, buf, off)
-			return err
-		}},
-	}
+	l := testLoop(b)
+	e := loopEngine(b, l)
 	for _, qd := range []int{1, 32} {
-		for _, w := range ways {
-			b.Run(w.name+"/QD"+itoa(qd), func(b *testing.B) {
-				s0 := f.eng.snapshotStats()
-				runRandom(b, qd, benchFileSize, w.read)
-				if s1 := f.eng.snapshotStats(); s1.submitCalls > s0.submitCalls {
-					b.ReportMetric(float64(s1.submitted-s0.submitted)/float64(s1.submitCalls-s0.submitCalls), "iocbs/submit")
-				}
+		b.Run("PreadCo/QD"+itoa(qd), func(b *testing.B) {
+			s0 := stats(e)
+			runOnLoop(b, l, qd, benchFileSize, func(co *coroutine.Co, buf []byte, off int64) error {
+				return f.PreadCo(co, buf, off)
 			})
-		}
+			if s1 := stats(e); s1.submitCalls > s0.submitCalls {
+				b.ReportMetric(float64(s1.submitted-s0.submitted)/float64(s1.submitCalls-s0.submitCalls), "iocbs/submit")
+			}
+		})
+		b.Run("PreadAlignedCo/QD"+itoa(qd), func(b *testing.B) {
+			runOnLoop(b, l, qd, benchFileSize, func(co *coroutine.Co, buf []byte, off int64) error {
+				_, err := f.PreadAlignedCo(co, buf, off)
+				return err
+			})
+		})
+		b.Run("unix.Pread/QD"+itoa(qd), func(b *testing.B) {
+			runRandom(b, qd, benchFileSize, func(buf []byte, off int64) error {
+				_, err := unix.Pread(fd, buf, off)
+				return err
+			})
+		})
 	}
 }
 
-// BenchmarkFallbackRead4k measures the fallback engine's two ways of running
-// a coroutine's pread: on the coroutine's own goroutine, or handed to a
-// worker goroutine. The file is on tmpfs, so the numbers are the overhead of
-// the handoff itself.
-func BenchmarkFallbackRead4k(b *testing.B) {
+// runOnLoop runs b.N random reads of bs bytes from qd coroutines of loop l
+// and reports IOPS and CPU time per I/O.
+func runOnLoop(b *testing.B, l *coroutine.Loop, qd int, size int64, read func(co *coroutine.Co, buf []byte, off int64) error) {
+	runOnLoopBS(b, l, qd, size, 4096, read)
+}
+
+func runOnLoopBS(b *testing.B, l *coroutine.Loop, qd int, size int64, bs int, read func(co *coroutine.Co, buf []byte, off int64) error) {
+	var wg sync.WaitGroup
+	var left atomic.Int64
+	left.Store(int64(b.N))
+	blocks := size / int64(bs)
+	worker := func(co *coroutine.Co, arg any) {
+		defer wg.Done()
+		r := rand.New(rand.NewPCG(uint64(arg.(int)), 11))
+		buf := AlignedBuffer(bs)
+		for left.Add(-1) >= 0 {
+			if err := read(co, buf, r.Int64N(blocks)*int64(bs)); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	}
+	b.ResetTimer()
+	start, cpu0 := time.Now(), cpuTime()
+	wg.Add(qd)
+	l.Post(func() {
+		for g := range qd {
+			l.Go(worker, g)
+		}
+	})
+	wg.Wait()
+	elapsed, cpu := time.Since(start), cpuTime()-cpu0
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "IOPS")
+	b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu-µs/op")
+}
+
+// BenchmarkFallbackRead measures the fallback engine on tmpfs, where it
+// runs pread in place on the loop: how long one read holds the loop, for
+// 4 KiB and 1 MiB reads at QD1.
+func BenchmarkFallbackRead(b *testing.B) {
 	d := shmDir(b)
 	if d == "" {
 		testenv.Skip(b, "/dev/shm is not tmpfs")
@@ -191,18 +222,11 @@ func BenchmarkFallbackRead4k(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	for _, inWorker := range []bool{false, true} {
-		name := "goroutine"
-		if inWorker {
-			name = "worker"
-		}
-		b.Run(name+"/QD32", func(b *testing.B) {
-			fallbackInWorker = inWorker
-			defer func() { fallbackInWorker = false }()
-			runRandom(b, 32, size, func(buf []byte, off int64) error {
-				var err error
-				coroutine.Run(func(co *coroutine.Co) { err = f.PreadCo(co, buf, off) })
-				return err
+	l := testLoop(b)
+	for _, bs := range []int{4 << 10, 1 << 20} {
+		b.Run(itoa(bs>>10)+"k", func(b *testing.B) {
+			runOnLoopBS(b, l, 1, size, bs, func(co *coroutine.Co, buf []byte, off int64) error {
+				return f.PreadCo(co, buf, off)
 			})
 		})
 	}

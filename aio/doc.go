@@ -32,63 +32,59 @@
 // serves it from the page cache, so io_submit would run each request
 // synchronously: it gets the fallback.
 //
-// The AIO engine (engine.go) is one context per process, created on first
-// use with room for maxInflight (128) requests. One context because contexts
-// count against the system-wide fs.aio-max-nr, a qcow2 backing chain opens
-// many files, and one reaper goroutine then serves them all; each File counts
-// its own operations so that Close can wait for them.
+// The AIO engine (engine.go) is one context per event loop
+// (coroutine.Loops, one per CPU), as QEMU keeps one LinuxAioState per
+// AioContext, created on the loop's first request with room for
+// maxInflight (128) requests and kept in the loop (coroutine.Loop.Value).
+// Everything in it is touched on its loop's thread only, so it has no lock.
+// A File is not tied to a loop: each request goes to the context of the
+// loop its coroutine runs on. Each File counts its own operations so that
+// Close can wait for them.
 //
-//   - Submission: a request is appended to a FIFO pending queue. The first
-//     goroutine to find nobody submitting becomes the submitter and moves
-//     pending requests into free slots and into io_submit, in batches: all
-//     requests queued while its previous io_submit was in the kernel go out
-//     in one call. Others only append and wait. At most maxInflight requests
-//     are in the kernel; the rest wait in the queue.
+//   - Submission: a coroutine appends its iocb to the loop's pending queue
+//     and yields. When the loop has run everything that was ready (every
+//     request read from /dev/fuse in this iteration has run up to its
+//     first wait), its idle hook submits all pending iocbs in one
+//     io_submit (TestBatchSubmit: 32 reads issued in one iteration, one
+//     call). At most maxInflight are in the kernel; the rest stay queued.
 //   - Identification: iocb.data is the index of the request's slot in a
 //     table of in-flight requests, never a Go pointer. The request holds its
 //     data buffer ([]byte) until the completion is reaped, so the memory the
 //     kernel writes to stays reachable (Go's heap does not move objects, and
 //     storing the slice in the heap makes callers' buffers escape to it).
-//   - Completion: every iocb carries IOCB_FLAG_RESFD with one non-blocking
-//     eventfd, wrapped by os.NewFile, so the single reaper goroutine sleeps
-//     in the netpoller (no thread blocked or spinning). On wake-up it calls
-//     io_getevents with a zero timeout, wakes each waiter (co.Wake for a
-//     coroutine, a channel for a plain caller) and moves queued requests into
-//     the freed slots.
-//   - The leader: a request that finds the engine idle (nothing in flight
-//     or queued, the reaper not reaping) is submitted without the eventfd,
-//     and its issuer waits in io_getevents(min_nr=1) itself, reaping for
-//     everyone meanwhile and waking their waiters; the reaper reaps nothing
-//     while a leader leads, so the leader's completion cannot be taken from
-//     it, and reaps once more when the leader hands back. At QD1 every
-//     request is a leader: its thread sleeps and wakes once, as with
-//     pread(2), instead of the completion crossing the netpoller, the
-//     reaper goroutine and a wake-up of the waiter. At QD32 requests
-//     overlap and go through the reaper, which batches completions.
-//   - One reaps at a time (the leader, or whoever holds the reaping), and
-//     a reapAll that finds another at work marks it to make one more pass
-//     before it stops: the eventfd signal its caller consumed may belong to
-//     a completion the other had already looked past. Without that mark a
-//     completion was lost once in a while under load, and with it every
-//     request queued behind the qcow2 lock its issuer held
-//     (TestReapAgain provokes the interleaving with test hooks).
+//   - Completion: every iocb carries IOCB_FLAG_RESFD with the loop's AIO
+//     eventfd, which is in the loop's epoll. Its handler resets the
+//     counter and reaps with io_getevents(min_nr 0) until a call returns
+//     fewer events than asked for, waking each coroutine; the loop enters
+//     them next. No goroutine and no other thread is involved: at QD1 the
+//     loop sleeps once for the request and once for its completion.
 //   - Back-pressure: EAGAIN from io_submit puts the refused requests back at
-//     the head of the queue; the next completion resubmits them, or, if none
-//     of ours is in flight, a 1 ms timer does. Nothing is dropped and nothing
-//     spins. A partial acceptance resubmits the rest; any other error fails
-//     only the iocb the kernel stopped at.
-//   - fdatasync goes through IOCB_CMD_FDSYNC; on EINVAL (filesystems without
-//     asynchronous fsync) the File remembers it and calls fdatasync(2) on a
-//     worker goroutine (coroutine.RunInWorker) from then on.
+//     the head of the queue; the next completion's iteration resubmits them,
+//     or, if none of the loop's is in flight, a 1 ms timer posts to the
+//     loop. Nothing is dropped and nothing spins. A partial acceptance
+//     resubmits the rest; any other error fails only the iocb the kernel
+//     stopped at (TestSubmitErrors).
+//   - What leaves the loop: fdatasync goes through IOCB_CMD_FDSYNC; on
+//     EINVAL (filesystems without asynchronous fsync) the File remembers it
+//     and runs fdatasync(2) through coroutine.RunInWorker from then on, as
+//     it does ftruncate and fallocate: each may wait for the device for
+//     milliseconds. fstat (Size) and lseek SEEK_DATA/SEEK_HOLE run in place
+//     (answered from memory on ext4 and xfs). io_submit itself blocks for a
+//     write that extends an O_DIRECT file (the kernel does it
+//     synchronously): rare (growth), and bounded by one device write.
 //
-// The fallback engine runs a coroutine's pread/pwrite on the coroutine's own
-// goroutine: coroutine.Run gives each coroutine a goroutine of its own, so
-// blocking it in a system call stalls no other request, and the Go runtime
-// hands its P to another thread meanwhile. Measured against handing each call
-// to a worker goroutine (BenchmarkFallbackRead4k, 4 KiB reads from tmpfs by
-// 32 goroutines): 409–424k IOPS at 1.6 µs CPU per read on the own
-// goroutine, 196–230k IOPS at 2.7 µs with a worker. fdatasync, which takes milliseconds, does
-// use a worker, as the AIO engine's fallback does.
+// Plain callers (Pread, Pwrite, Fdatasync without a coroutine: opening an
+// image, creating one) of a direct-I/O file run their call as a coroutine
+// on one of the process's loops (coroutine.Run): drivers have one way to do
+// AIO.
+//
+// The fallback engine (pread/pwrite on a buffered descriptor) runs in
+// place on the loop for tmpfs/ramfs files, where a call only copies memory:
+// BenchmarkFallbackRead measured 1.8 µs for 4 KiB and 160 µs for 1 MiB at
+// QD1, the longest a loop is held; a worker would add two hand-offs and a
+// thread wake-up to every call. A file that refused O_DIRECT on any other
+// filesystem may wait for its device, so its calls leave the loop through
+// coroutine.RunInWorker. Plain callers pread in place.
 //
 // # Alignment
 //
@@ -119,41 +115,32 @@
 // All File methods are safe for concurrent use. Methods with a Co suffix may
 // yield and must be called from a coroutine; the others block the calling
 // goroutine and must not be called from one. Internally a nil co means "plain
-// caller": every wait blocks on a channel instead of yielding. Locks, outer
-// to inner; none is held across a wait or a system call except where noted:
+// caller" (fallback engine, truncate, fallocate): every wait blocks it
+// instead of yielding. Locks, outer to inner; none is held across a wait or
+// a system call except where noted:
 //
 //	rangeLock (logical: held across the I/O of one write, waited on by
 //	│          yielding or blocking; rangeLock.mu is a leaf sync.Mutex)
-//	├── File.mu       (sync.Mutex: the operation count for Close; leaf)
-//	└── engine.mu     (sync.Mutex: slots, pending queue; leaf, dropped
-//	                   around io_submit; the reaper wakes waiters without it)
+//	└── File.mu       (sync.Mutex: the operation count for Close; leaf)
 //
-// # Numbers (2 vCPUs, ext4 on virtio, Linux 6.18, go test -bench . ./aio/)
+// The engine has no lock: it belongs to its loop's thread.
 //
-// 4 KiB random reads from a 256 MiB O_DIRECT file (BenchmarkRandRead4k), three
-// runs on a machine shared with other work:
+// # Numbers (2 vCPUs, ext4 on virtio, Linux 6.18, go test -bench RandRead4k ./aio/)
 //
-//	                     QD1 IOPS (CPU µs/op)    QD32 IOPS (CPU µs/op)
-//	PreadCo (coroutine)  9.7–10.9k (48–51)       72–93k  (6.5–7.3)
-//	PreadAligned         10.4–10.6k (49–53)      77–92k  (5.8–6.2)
-//	unix.Pread O_DIRECT  12.0–17.1k (23–31)      44–54k  (7.5–13.8)
+// 4 KiB random reads from a 256 MiB O_DIRECT file, coroutines on one
+// private loop (PreadCo; PreadAlignedCo skips the bounce checks) against
+// goroutines blocked in pread(2) on an O_DIRECT descriptor, 2000 reads
+// each, while the full test suite ran on the same 2 vCPUs:
 //
-// At QD32 the engine does 1.5–1.9× the IOPS of 32 goroutines blocked in
-// pread(2), at less CPU per I/O, with 1.5–1.7 iocbs per io_submit. At QD1 it
-// cost 15–35 µs more per read than pread when every completion went through
-// the reaper (the completion crosses the netpoller, the reaper goroutine and
-// a wake-up of the waiter). A variant whose reaper blocked a thread in
-// io_getevents(min_nr=1) instead of the eventfd measured the same at QD1
-// (10.9–11.0k IOPS), so the netpoller is not the cost: the completion is a
-// cross-thread wake-up where pread sleeps and wakes on one thread. Hence the
-// leader, which sleeps and wakes on its own thread like pread. The same
-// benchmark before and after it, alternated on a loaded machine (load
-// average ~14, so absolute numbers are low):
+//	                     QD1 IOPS (CPU µs/op)    QD32 IOPS (CPU µs/op)   iocbs/io_submit
+//	PreadCo (loop)       5.5k (55)               26.4k (8.5)             1.0 / 30.8
+//	PreadAlignedCo       7.0k (57)               33.8k (7.7)
+//	unix.Pread O_DIRECT  5.6k (55)               23.0k (25.5)
 //
-//	                     QD1 IOPS (CPU µs/op)    pread QD1 in the same run
-//	reaper only          5.8k (68)               5.7k (33)
-//	with the leader      8.6k (35)               6.2k (39)
-//
-// QD32 is unchanged (23–36k either way on that machine: requests overlap,
-// so they rarely lead).
+// At QD1 the loop costs what pread does (both sleep once per read on one
+// thread); the previous engine needed a "leader" (its issuer waiting in
+// io_getevents itself) to get there, and a reaper goroutine plus a
+// cross-thread wake-up otherwise (15–35 µs more per read). At QD32 one loop
+// thread reads 1.1–1.5× as fast as 32 blocked threads at a third of the
+// CPU per read, the whole queue in each io_submit.
 package aio

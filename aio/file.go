@@ -38,11 +38,15 @@ type File struct {
 	fd       int
 	readOnly bool
 	blockDev bool
-	// eng is the Linux AIO engine; nil when the fallback engine is used.
-	eng      *engine
-	align    int // power of two
-	memAlign int // power of two
-	engDesc  string
+	// direct: the Linux AIO engine (of the calling coroutine's loop)
+	// serves the file; otherwise the fallback engine does.
+	direct bool
+	// memBacked: the fallback serves a tmpfs/ramfs file, whose pread and
+	// pwrite copy memory and never wait for a device (see rw.go).
+	memBacked bool
+	align     int // power of two
+	memAlign  int // power of two
+	engDesc   string
 
 	// noAioSync is set once IOCB_CMD_FDSYNC has been refused (EINVAL):
 	// fdatasync then runs on a worker goroutine.
@@ -170,6 +174,7 @@ func (f *File) setupDirect(fd int) (string, bool) {
 			// tmpfs accepts O_DIRECT (Linux ≥ 6.6) but serves it
 			// from the page cache: io_submit would run every read
 			// synchronously, slower than plain pread.
+			f.memBacked = true
 			return "tmpfs/ramfs only emulates O_DIRECT", false
 		}
 		align, memAlign = 4096, 4096
@@ -192,12 +197,11 @@ func (f *File) setupDirect(fd int) (string, bool) {
 		}
 		break
 	}
-	eng, err := getEngine()
-	if err != nil {
+	if err := aioAvailable(); err != nil {
 		return err.Error(), false
 	}
 	f.fd = fd
-	f.eng = eng
+	f.direct = true
 	f.align, f.memAlign = align, memAlign
 	f.engDesc = fmt.Sprintf("linux-aio O_DIRECT (offset/length align %d, memory align %d)", align, memAlign)
 	return "", true
@@ -270,7 +274,7 @@ func (f *File) Name() string { return f.name }
 
 // Direct reports whether the file is open O_DIRECT and served by the Linux
 // AIO engine.
-func (f *File) Direct() bool { return f.eng != nil }
+func (f *File) Direct() bool { return f.direct }
 
 // Align returns the offset and length alignment of the fast path: requests
 // that meet it (and MemAlign) need no bounce buffer. 1 for the fallback

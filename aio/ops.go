@@ -27,6 +27,18 @@ func (f *File) FallocateCo(co *coroutine.Co, mode uint32, off, n int64) error {
 // calling goroutine and must not be called from a coroutine.
 func (f *File) Fallocate(mode uint32, off, n int64) error { return f.fallocate(nil, mode, off, n) }
 
+// blocking runs a system call that may wait for the device (ftruncate,
+// fallocate, fdatasync: milliseconds on ext4) off the coroutine's loop
+// (coroutine.RunInWorker), or in place for a plain caller.
+func (f *File) blocking(co *coroutine.Co, fn func() error) error {
+	if co == nil {
+		return fn()
+	}
+	var err error
+	coroutine.RunInWorker(co, func() { err = fn() })
+	return err
+}
+
 func (f *File) truncate(co *coroutine.Co, size int64) error {
 	if f.readOnly {
 		return fmt.Errorf("aio: ftruncate %s: %w", f.name, ErrReadOnly)
@@ -36,16 +48,16 @@ func (f *File) truncate(co *coroutine.Co, size int64) error {
 	}
 	defer f.end()
 	var err error
-	if f.eng != nil && !f.blockDev {
+	if f.direct && !f.blockDev {
 		lk, old := f.rl.acquire(co, 0, 0, true)
-		err = ftruncate(f.fd, size)
+		err = f.blocking(co, func() error { return ftruncate(f.fd, size) })
 		newSize := size
 		if err != nil {
 			newSize = old
 		}
 		f.rl.release(lk, newSize)
 	} else {
-		err = ftruncate(f.fd, size)
+		err = f.blocking(co, func() error { return ftruncate(f.fd, size) })
 	}
 	if err != nil {
 		return fmt.Errorf("aio: ftruncate %s to %#x: %w", f.name, size, err)
@@ -70,18 +82,18 @@ func (f *File) fallocate(co *coroutine.Co, mode uint32, off, n int64) error {
 		}
 	}
 	var err error
-	if f.eng != nil && !f.blockDev {
+	if f.direct && !f.blockDev {
 		// Without KEEP_SIZE the size may change: hold everything from
 		// the first touched block on, and re-read the size after.
 		lk, old := f.rl.acquire(co, f.alignDown(off), 0, true)
-		err = do()
+		err = f.blocking(co, do)
 		newSize := old
 		if s, serr := f.Size(); serr == nil {
 			newSize = s
 		}
 		f.rl.release(lk, newSize)
 	} else {
-		err = do()
+		err = f.blocking(co, do)
 	}
 	if err != nil {
 		return fmt.Errorf("aio: fallocate %s mode %#x [%#x, +%#x): %w", f.name, mode, off, n, err)

@@ -6,18 +6,9 @@ import (
 	"testing"
 )
 
-// BenchmarkCreateEnterTerminate: a pooled coroutine is created, entered,
-// runs an empty function and goes back to the pool.
-func BenchmarkCreateEnterTerminate(b *testing.B) {
-	b.ReportAllocs()
-	fn := func(*Co) {}
-	for b.Loop() {
-		New(fn).Enter()
-	}
-}
-
-// BenchmarkRunNoYield is Run of a function that never yields: the cost a
-// request pays for running in a coroutine at all.
+// BenchmarkRunNoYield is Run of a function that never yields, from a plain
+// goroutine: a round trip to a loop thread (queue, eventfd, enter, answer)
+// — the price of entering the loop from outside, which requests never pay.
 func BenchmarkRunNoYield(b *testing.B) {
 	b.ReportAllocs()
 	fn := func(*Co) {}
@@ -26,29 +17,27 @@ func BenchmarkRunNoYield(b *testing.B) {
 	}
 }
 
-// BenchmarkYieldEnter: one Yield and the Enter that resumes it, driven by
-// hand (no Wake).
-func BenchmarkYieldEnter(b *testing.B) {
+// BenchmarkGoTerminate: on the loop, a pooled coroutine is started with Go,
+// runs an empty function and goes back to the pool: what a FUSE request
+// pays for its coroutine (plus one Wake/Yield of the benchmark's own).
+func BenchmarkGoTerminate(b *testing.B) {
 	b.ReportAllocs()
-	stop := false
-	co := New(func(co *Co) {
-		for !stop {
+	l := newLoop(b)
+	fn := func(*Co, any) {}
+	n := b.N
+	b.ResetTimer()
+	l.Run(func(co *Co) {
+		for range n {
+			l.Go(fn, nil)
+			co.Wake()
 			co.Yield()
 		}
 	})
-	co.Enter()
-	for b.Loop() {
-		co.Enter()
-	}
-	stop = true
-	if !co.Enter() {
-		b.Fatal("coroutine did not terminate")
-	}
 }
 
-// BenchmarkWakeYield: inside Run, Wake then Yield: the cost of a wait that
-// has completed by the time we yield (a CoMutex handed over before our
-// Yield, a worker that finished first). Yield returns without parking.
+// BenchmarkWakeYield: Wake then Yield on the loop: a wait that completed
+// by the time we yield (a CoMutex hand-off on the same loop, an AIO
+// completion reaped by the loop). A switch to the loop and back.
 func BenchmarkWakeYield(b *testing.B) {
 	b.ReportAllocs()
 	n := b.N
@@ -61,100 +50,60 @@ func BenchmarkWakeYield(b *testing.B) {
 	})
 }
 
-// BenchmarkRunRemoteWake: Run of a coroutine that yields once and is woken
-// by another goroutine, like an AIO completion: the complete cost of a
-// request that waits once, dominated by the two goroutine hand-offs.
-func BenchmarkRunRemoteWake(b *testing.B) {
+// BenchmarkRemoteWake: one Yield woken by another goroutine: the wake
+// crosses threads through the loop's queue and eventfd.
+func BenchmarkRemoteWake(b *testing.B) {
 	b.ReportAllocs()
-	wakes := make(chan *Co, 1)
+	ch := make(chan *Co)
+	done := make(chan struct{})
 	go func() {
-		for co := range wakes {
+		for co := range ch {
 			co.Wake()
 		}
+		close(done)
 	}()
-	fn := func(co *Co) {
-		wakes <- co
-		co.Yield()
-	}
-	for b.Loop() {
-		Run(fn)
-	}
-	close(wakes)
-}
-
-// BenchmarkNewRemoteWake is BenchmarkRunRemoteWake with a New coroutine
-// and its driver loop: the same waits plus a switch pair.
-func BenchmarkNewRemoteWake(b *testing.B) {
-	b.ReportAllocs()
-	wakes := make(chan *Co, 1)
-	go func() {
-		for co := range wakes {
-			co.Wake()
-		}
-	}()
-	fn := func(co *Co) {
-		wakes <- co
-		co.Yield()
-	}
-	for b.Loop() {
-		co := New(fn)
-		for !co.Enter() {
-			co.WaitWake()
-		}
-	}
-	close(wakes)
-}
-
-// BenchmarkLoopRoundTrip is the alternative model the package doc argues
-// against: hand each request to one event-loop goroutine and wait for its
-// answer. It measures only the hand-off in and out (the loop does no work).
-func BenchmarkLoopRoundTrip(b *testing.B) {
-	b.ReportAllocs()
-	type req struct{ done chan struct{} }
-	reqs := make(chan *req, 64)
-	go func() {
-		for r := range reqs {
-			r.done <- struct{}{}
-		}
-	}()
-	r := &req{done: make(chan struct{}, 1)}
-	for b.Loop() {
-		reqs <- r
-		<-r.done
-	}
-	close(reqs)
-}
-
-// BenchmarkLoopRoundTripParallel is BenchmarkLoopRoundTrip with requests
-// from every P at once, as FUSE requests arrive.
-func BenchmarkLoopRoundTripParallel(b *testing.B) {
-	b.ReportAllocs()
-	type req struct{ done chan struct{} }
-	reqs := make(chan *req, 64)
-	go func() {
-		for r := range reqs {
-			r.done <- struct{}{}
-		}
-	}()
-	b.RunParallel(func(pb *testing.PB) {
-		r := &req{done: make(chan struct{}, 1)}
-		for pb.Next() {
-			reqs <- r
-			<-r.done
+	n := b.N
+	b.ResetTimer()
+	Run(func(co *Co) {
+		for range n {
+			ch <- co // the channel send is part of the cost measured
+			co.Yield()
 		}
 	})
-	close(reqs)
+	close(ch)
+	<-done
 }
 
-// BenchmarkRunParallel: Run of a coroutine that never yields, from every P.
-func BenchmarkRunParallel(b *testing.B) {
+// BenchmarkCrossLoopPingPong: coroutines on two loops wake each other in
+// turn (a CoMutex hand-off between loops); ns/op per wake.
+func BenchmarkCrossLoopPingPong(b *testing.B) {
 	b.ReportAllocs()
-	fn := func(*Co) {}
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			Run(fn)
+	l1, l2 := newLoop(b), newLoop(b)
+	var ping, pong *Co
+	ready := make(chan struct{})
+	n := b.N / 2
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go l2.Run(func(co *Co) {
+		defer wg.Done()
+		pong = co
+		close(ready)
+		for range n {
+			co.Yield()
+			ping.Wake()
 		}
 	})
+	<-ready
+	b.ResetTimer()
+	go l1.Run(func(co *Co) {
+		defer wg.Done()
+		ping = co
+		for range n {
+			pong.Wake()
+			co.Yield()
+		}
+	})
+	wg.Wait()
 }
 
 // BenchmarkCoMutexUncontended: Lock+Unlock with no other user.
@@ -171,10 +120,9 @@ func BenchmarkCoMutexUncontended(b *testing.B) {
 	})
 }
 
-// BenchmarkCoMutexContended: several goroutines, each running coroutines
-// that take one CoMutex, hold it across a wait that has already completed
-// (Wake, Yield) and release it; waiters get the lock by FIFO hand-off,
-// which wakes the waiter's parked driver. ns/op is per lock/unlock.
+// BenchmarkCoMutexContended: 4 goroutines Run coroutines (on the process's
+// loops) that take one CoMutex across a completed wait; waiters get it by
+// FIFO hand-off, on their own loop. ns/op per lock/unlock, Run included.
 func BenchmarkCoMutexContended(b *testing.B) {
 	b.ReportAllocs()
 	var m CoMutex
@@ -200,7 +148,7 @@ func BenchmarkCoMutexContended(b *testing.B) {
 	wg.Wait()
 }
 
-// BenchmarkPullFloor is the floor under BenchmarkYieldEnter: a bare
+// BenchmarkPullFloor is the floor under BenchmarkWakeYield: a bare
 // iter.Pull next+yield pair, the runtime's coroutine switch there and back.
 func BenchmarkPullFloor(b *testing.B) {
 	next, stop := iter.Pull(func(yield func(struct{}) bool) {

@@ -2,224 +2,151 @@ package coroutine
 
 import (
 	"fmt"
-	"runtime"
-	"slices"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// runNew is Run for a New coroutine: the driver loop a caller of Enter
-// writes.
-func runNew(fn func(*Co)) {
-	co := New(fn)
-	for !co.Enter() {
-		co.WaitWake()
+// newLoop starts a private loop closed at the end of the test.
+func newLoop(t testing.TB) *Loop {
+	t.Helper()
+	l, err := NewLoop()
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(l.Close)
+	return l
 }
 
-// runners are the two kinds of coroutine; behaviour tests run with both.
-var runners = []struct {
-	name string
-	run  func(func(*Co))
-}{{"Run", Run}, {"New", runNew}}
-
-// TestEnterYieldTerminate drives a coroutine by hand and checks that each
-// Enter runs exactly up to the next Yield.
-func TestEnterYieldTerminate(t *testing.T) {
-	var trace []string
-	co := New(func(co *Co) {
-		trace = append(trace, "a")
+// TestWakeBeforeAndAfterYield: a Wake that arrives before its Yield (from
+// the coroutine itself or from another goroutine) or after it resumes the
+// coroutine exactly once per Yield.
+func TestWakeBeforeAndAfterYield(t *testing.T) {
+	n := 0
+	Run(func(co *Co) {
+		for range 3 {
+			co.Wake()
+			co.Yield()
+			n++
+		}
+		done := make(chan struct{})
+		go func() {
+			co.Wake()
+			close(done)
+		}()
+		<-done // the Wake has happened (blocking the loop, briefly: a test)
 		co.Yield()
-		trace = append(trace, "b")
+		n++
+		go func() {
+			time.Sleep(time.Millisecond)
+			co.Wake()
+		}()
 		co.Yield()
-		trace = append(trace, "c")
+		n++
 	})
-	if len(trace) != 0 {
-		t.Fatal("New ran the function")
-	}
-	for i, want := range [][]string{{"a"}, {"a", "b"}, {"a", "b", "c"}} {
-		terminated := co.Enter()
-		if !slices.Equal(trace, want) {
-			t.Fatalf("after Enter %d: trace %q, want %q", i, trace, want)
-		}
-		if terminated != (i == 2) {
-			t.Fatalf("Enter %d reported terminated=%v", i, terminated)
-		}
+	if n != 5 {
+		t.Fatalf("%d yields returned, want 5", n)
 	}
 }
 
-// TestWakeBeforeYield: a Wake that arrives before its Yield, from the
-// coroutine itself or from another goroutine, makes the Yield return
-// without leaving Run stuck.
-func TestWakeBeforeYield(t *testing.T) {
-	for _, r := range runners {
-		t.Run(r.name, func(t *testing.T) {
-			n := 0
-			r.run(func(co *Co) {
-				for range 3 {
-					co.Wake()
-					co.Yield()
-					n++
-				}
-				done := make(chan struct{})
-				go func() {
-					co.Wake()
-					close(done)
-				}()
-				<-done // the Wake has completed before the Yield starts
-				co.Yield()
-				n++
-			})
-			if n != 4 {
-				t.Fatalf("%d yields returned, want 4", n)
-			}
-		})
-	}
-}
-
-// TestRunRemoteWake: Run drives a coroutine that yields many times, each
-// time woken by a different goroutine, sometimes before and sometimes after
-// Run has parked waiting for the Wake.
+// TestRunRemoteWake: a coroutine that yields many times, each time woken by
+// a different goroutine, sometimes before it has yielded.
 func TestRunRemoteWake(t *testing.T) {
-	for _, r := range runners {
-		t.Run(r.name, func(t *testing.T) {
-			const yields = 200
-			var got []int
-			r.run(func(co *Co) {
-				for i := range yields {
-					go func() {
-						if i%2 == 0 {
-							time.Sleep(10 * time.Microsecond)
-						}
-						co.Wake()
-					}()
-					co.Yield()
-					got = append(got, i)
+	const yields = 200
+	var got []int
+	Run(func(co *Co) {
+		for i := range yields {
+			go func() {
+				if i%2 == 0 {
+					time.Sleep(10 * time.Microsecond)
 				}
-			})
-			if len(got) != yields {
-				t.Fatalf("%d yields returned, want %d", len(got), yields)
-			}
-		})
-	}
-}
-
-// TestRunConcurrent: many goroutines each Run coroutines that wait on
-// workers; every Run returns having seen all of its own steps.
-func TestRunConcurrent(t *testing.T) {
-	for _, r := range runners {
-		t.Run(r.name, func(t *testing.T) {
-			var wg sync.WaitGroup
-			for g := range 8 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for i := range 50 {
-						steps := 0
-						r.run(func(co *Co) {
-							for range 3 {
-								RunInWorker(co, func() { steps++ })
-							}
-						})
-						if steps != 3 {
-							t.Errorf("goroutine %d run %d: %d steps", g, i, steps)
-						}
-					}
-				}()
-			}
-			wg.Wait()
-		})
-	}
-}
-
-func TestPoolReuse(t *testing.T) {
-	// sync.Pool is per-P and, under the race detector, drops a quarter of
-	// what it is given, so expect reuse often rather than always.
-	t.Run("New", func(t *testing.T) {
-		fn := func(*Co) {}
-		prev := New(fn)
-		prev.Enter()
-		reused := 0
-		for range 100 {
-			co := New(fn)
-			if co == prev {
-				reused++
-			}
-			if co.fn == nil || co.tk == nil {
-				t.Fatal("New returned a coroutine without function or ticket")
-			}
-			if !co.Enter() {
-				t.Fatal("empty function did not terminate")
-			}
-			if co.fn != nil || co.tk != nil {
-				t.Fatal("pooled coroutine keeps its function or ticket")
-			}
-			prev = co
-		}
-		if reused < 50 {
-			t.Fatalf("pool reused a coroutine %d times out of 100", reused)
-		}
-	})
-	t.Run("Run", func(t *testing.T) {
-		var prev, cur *Co
-		reused := 0
-		for range 100 {
-			Run(func(co *Co) {
-				cur = co
-				// A stray Wake must not leak into the next user.
 				co.Wake()
-			})
-			if cur == prev {
-				reused++
-			}
-			prev = cur
-			Run(func(co *Co) {
-				if co.wake.Load() != wakeIdle {
-					t.Fatal("pooled coroutine kept a Wake")
-				}
-			})
-		}
-		if reused < 25 {
-			t.Fatalf("pool reused a coroutine %d times out of 100", reused)
+			}()
+			co.Yield()
+			got = append(got, i)
 		}
 	})
-}
-
-// TestPoolTrimmedByGC: idle pooled coroutines are goroutines; once the pool
-// drops them at GC, their goroutines must end rather than leak.
-func TestPoolTrimmedByGC(t *testing.T) {
-	const n = 200
-	cos := make([]*Co, n)
-	for i := range cos {
-		cos[i] = New(func(co *Co) { co.Yield() })
-		cos[i].Enter()
-	}
-	// Each live coroutine is a goroutine (some may come from the pool).
-	alive := runtime.NumGoroutine()
-	if alive < n {
-		t.Fatalf("%d goroutines with %d coroutines alive", alive, n)
-	}
-	for _, co := range cos {
-		if !co.Enter() {
-			t.Fatal("coroutine did not terminate")
-		}
-	}
-	// All n are now idle in the pool; after two GCs the pool has
-	// dropped them, and their tickets' cleanups stop the goroutines.
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > alive-n*9/10 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines after GC, %d with the coroutines alive: pooled coroutines leak",
-				runtime.NumGoroutine(), alive)
-		}
-		runtime.GC()
-		time.Sleep(time.Millisecond)
+	if len(got) != yields {
+		t.Fatalf("%d yields returned, want %d", len(got), yields)
 	}
 }
 
-// recoverString runs fn and returns what it panicked with, as a string.
+// TestRunConcurrent: many goroutines Run coroutines that wait on workers;
+// every Run returns having seen all of its own steps.
+func TestRunConcurrent(t *testing.T) {
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 50 {
+				steps := 0
+				Run(func(co *Co) {
+					for range 3 {
+						RunInWorker(co, func() { steps++ })
+					}
+				})
+				if steps != 3 {
+					t.Errorf("goroutine %d run %d: %d steps", g, i, steps)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// TestPoolReuse: a loop reuses a terminated coroutine for the next one.
+func TestPoolReuse(t *testing.T) {
+	l := newLoop(t)
+	var first, second *Co
+	l.Run(func(co *Co) { first = co })
+	l.Run(func(co *Co) { second = co })
+	if first != second {
+		t.Fatal("second coroutine was not taken from the loop's pool")
+	}
+}
+
+// TestRunInWorkerRoundTrip: the worker runs off the loop's thread, and the
+// coroutine resumes on its loop's thread afterwards.
+func TestRunInWorkerRoundTrip(t *testing.T) {
+	l := newLoop(t)
+	var before, worker, after int
+	l.Run(func(co *Co) {
+		before = unix.Gettid()
+		RunInWorker(co, func() { worker = unix.Gettid() })
+		after = unix.Gettid()
+		if co.Loop() != l {
+			t.Error("coroutine reports another loop")
+		}
+	})
+	if before != l.tid || after != l.tid {
+		t.Fatalf("coroutine ran on threads %d and %d, loop thread %d", before, after, l.tid)
+	}
+	if worker == l.tid {
+		t.Fatal("worker ran on the loop's thread")
+	}
+}
+
+// TestRunInWorkerDoesNotBlockLoop: while one coroutine's worker blocks,
+// another coroutine of the same loop runs to completion.
+func TestRunInWorkerDoesNotBlockLoop(t *testing.T) {
+	l := newLoop(t)
+	release := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		l.Run(func(co *Co) { RunInWorker(co, func() { <-release }) })
+		close(done)
+	}()
+	l.Run(func(co *Co) {}) // would hang if the loop were blocked
+	close(release)
+	<-done
+}
+
 func recoverString(fn func()) (msg string) {
 	defer func() {
 		if r := recover(); r != nil {
@@ -230,42 +157,30 @@ func recoverString(fn func()) (msg string) {
 	return ""
 }
 
+// TestPanicPropagates: a panic in a coroutine reaches the caller of Run,
+// and the loop goes on serving; so does terminating with a CoMutex held.
 func TestPanicPropagates(t *testing.T) {
+	l := newLoop(t)
+	if got := recoverString(func() { l.Run(func(co *Co) { panic("boom") }) }); got != "boom" {
+		t.Fatalf("panic %q, want boom", got)
+	}
 	var m CoMutex
-	for _, tc := range []struct {
-		name string
-		run  func(fn func(*Co))
-		fn   func(*Co)
-		want string
-	}{
-		{"Run/panic", Run, func(*Co) { panic("boom") }, "boom"},
-		{"Run/panic after yield", Run, func(co *Co) { co.Wake(); co.Yield(); panic("late") }, "late"},
-		{"Enter/panic", func(fn func(*Co)) { New(fn).Enter() }, func(*Co) { panic("boom") }, "boom"},
-		{"Run/lock held", Run, func(co *Co) { m.Lock(co) }, "terminated holding 1 CoMutex"},
-		{"Enter/lock held", func(fn func(*Co)) {
-			co := New(fn)
-			for !co.Enter() {
-				co.WaitWake()
-			}
-		}, func(co *Co) {
-			var m2 CoMutex
-			m2.Lock(co)
-			co.Wake()
-			co.Yield()
-		}, "terminated holding 1 CoMutex"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got := recoverString(func() { tc.run(tc.fn) })
-			if !strings.Contains(got, tc.want) {
-				t.Fatalf("panic %q, want one containing %q", got, tc.want)
-			}
-			// The package still works after a dead coroutine.
-			ok := false
-			Run(func(*Co) { ok = true })
-			if !ok {
-				t.Fatal("Run after a panic did not run")
-			}
+	if got := recoverString(func() { l.Run(func(co *Co) { m.Lock(co) }) }); !strings.Contains(got, "holding 1 CoMutex") {
+		t.Fatalf("panic %q, want the held-lock panic", got)
+	}
+	got := recoverString(func() {
+		l.Run(func(co *Co) {
+			RunInWorker(co, func() {})
+			panic("after a yield")
 		})
+	})
+	if got != "after a yield" {
+		t.Fatalf("panic %q after a yield", got)
+	}
+	ran := false
+	l.Run(func(co *Co) { RunInWorker(co, func() {}); ran = true })
+	if !ran {
+		t.Fatal("the loop does not serve after a panic")
 	}
 }
 
@@ -273,50 +188,181 @@ func TestWakeTwicePanics(t *testing.T) {
 	got := recoverString(func() {
 		Run(func(co *Co) {
 			co.Wake()
+			defer co.Yield()
 			co.Wake()
 		})
 	})
 	if !strings.Contains(got, "already woken") {
-		t.Fatalf("double Wake: panic %q", got)
+		t.Fatalf("panic %q, want already woken", got)
 	}
 }
 
-// TestRunInWorker: the coroutine is suspended, and its driver free, while
-// the worker function blocks; it resumes once the function has returned.
-func TestRunInWorker(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{})
-	result := 0
-	co := New(func(co *Co) {
-		RunInWorker(co, func() {
-			close(started)
-			<-release
-			result = 42
+// TestRunFromCoroutinePanics: Run would block the loop it is called on.
+func TestRunFromCoroutinePanics(t *testing.T) {
+	var got string
+	Run(func(co *Co) { got = recoverString(func() { Run(func(*Co) {}) }) })
+	if !strings.Contains(got, "event loop's thread") {
+		t.Fatalf("panic %q", got)
+	}
+}
+
+// TestCrossLoopWake: a coroutine of one loop is woken by a coroutine of
+// another and resumes on its own loop's thread.
+func TestCrossLoopWake(t *testing.T) {
+	a, b := newLoop(t), newLoop(t)
+	for range 100 {
+		var sleeper atomic.Pointer[Co]
+		var tids [2]int
+		done := make(chan struct{})
+		go func() {
+			a.Run(func(co *Co) {
+				tids[0] = unix.Gettid()
+				sleeper.Store(co)
+				co.Yield()
+				tids[1] = unix.Gettid()
+			})
+			close(done)
+		}()
+		for sleeper.Load() == nil {
+			time.Sleep(10 * time.Microsecond)
+		}
+		b.Run(func(co *Co) { sleeper.Load().Wake() })
+		<-done
+		if tids[0] != a.tid || tids[1] != a.tid {
+			t.Fatalf("coroutine of loop %d ran on %v", a.tid, tids)
+		}
+	}
+}
+
+// TestLoopCloseWaitsForInflight: Close returns only after the coroutines in
+// flight have finished, and their wakes still reach them meanwhile.
+func TestLoopCloseWaitsForInflight(t *testing.T) {
+	l, err := NewLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var finished atomic.Int32
+	started := make(chan struct{}, 8)
+	for range 8 {
+		go l.Run(func(co *Co) {
+			started <- struct{}{}
+			RunInWorker(co, func() { time.Sleep(20 * time.Millisecond) })
+			finished.Add(1)
 		})
-		if result != 42 {
-			panic("RunInWorker returned before its function")
+	}
+	for range 8 {
+		<-started
+	}
+	l.Close()
+	if n := finished.Load(); n != 8 {
+		t.Fatalf("Close returned with %d of 8 coroutines finished", n)
+	}
+	if got := recoverString(func() { l.Post(func() {}) }); !strings.Contains(got, "closed") {
+		t.Fatalf("Post after Close: panic %q", got)
+	}
+}
+
+// TestWatchEAGAIN: a Watch handler on a non-blocking pipe reads until
+// EAGAIN and starts a coroutine per message from the handler; every byte
+// written arrives, and the handler is not called in a spin while the pipe
+// is empty.
+func TestWatchEAGAIN(t *testing.T) {
+	l := newLoop(t)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[1])
+	defer unix.Close(p[0])
+	var calls, eagain, got atomic.Int32
+	var entered atomic.Int32
+	handle := func(co *Co, arg any) {
+		entered.Add(int32(arg.(int)))
+		RunInWorker(co, func() {})
+	}
+	err := l.Watch(p[0], unix.EPOLLIN, func(uint32) {
+		calls.Add(1)
+		var buf [16]byte
+		for {
+			n, err := unix.Read(p[0], buf[:])
+			if err == unix.EAGAIN {
+				eagain.Add(1)
+				return
+			}
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			got.Add(int32(n))
+			l.Go(handle, n)
 		}
 	})
-	if co.Enter() {
-		t.Fatal("coroutine terminated while its worker was blocked")
+	if err != nil {
+		t.Fatal(err)
 	}
-	<-started // Enter returned while the worker function is blocked.
-	close(release)
-	co.WaitWake()
-	if !co.Enter() {
-		t.Fatal("coroutine did not terminate after its worker")
+	const writes = 50
+	for range writes {
+		if _, err := unix.Write(p[1], []byte("abc")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	waitFor(t, "all bytes", func() bool { return got.Load() == 3*writes && entered.Load() == 3*writes })
+	time.Sleep(20 * time.Millisecond)
+	if c := calls.Load(); c > writes || c != eagain.Load() {
+		t.Fatalf("%d handler calls for %d writes, %d ended in EAGAIN", c, writes, eagain.Load())
+	}
+	l.Post(func() { l.Unwatch(p[0]) })
+	l.Run(func(*Co) {}) // the Unwatch has run
+	before := calls.Load()
+	unix.Write(p[1], []byte("x"))
+	time.Sleep(10 * time.Millisecond)
+	if calls.Load() != before {
+		t.Fatal("handler called after Unwatch")
 	}
 }
 
-// TestRunInWorkerRunInPlace: a Run coroutine's worker function runs on the
-// coroutine's own goroutine (no hand-off), which drives nothing else.
-func TestRunInWorkerRunInPlace(t *testing.T) {
-	before := runtime.NumGoroutine()
-	during := -1
-	Run(func(co *Co) {
-		RunInWorker(co, func() { during = runtime.NumGoroutine() })
+// TestGoEntersAtOnce: Go from a Post function runs the coroutine up to its
+// first Yield before returning; Go from a coroutine queues it.
+func TestGoEntersAtOnce(t *testing.T) {
+	l := newLoop(t)
+	var trace []string
+	done := make(chan struct{})
+	l.Post(func() {
+		l.Go(func(co *Co, _ any) {
+			trace = append(trace, "child")
+			l.Go(func(co *Co, _ any) { trace = append(trace, "grandchild"); close(done) }, nil)
+			trace = append(trace, "child after Go")
+		}, nil)
+		trace = append(trace, "post after Go")
 	})
-	if during != before {
-		t.Errorf("goroutines during the worker function: %d, before: %d (want no new goroutine)", during, before)
+	<-done
+	want := "child,child after Go,post after Go,grandchild"
+	if got := strings.Join(trace, ","); got != want {
+		t.Fatalf("order %s, want %s", got, want)
+	}
+}
+
+// TestLoopCloseReleasesDescriptors: closing a private loop releases its
+// descriptors.
+func TestLoopCloseReleasesDescriptors(t *testing.T) {
+	count := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := count()
+	for range 5 {
+		l, err := NewLoop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.Run(func(co *Co) { RunInWorker(co, func() {}) })
+		l.Close()
+	}
+	if after := count(); after > before {
+		t.Fatalf("%d descriptors before, %d after", before, after)
 	}
 }

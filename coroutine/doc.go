@@ -1,108 +1,126 @@
-// Package coroutine provides coroutines for the image drivers: call stacks
-// that suspend (Yield) while waiting for I/O, a lock or a worker and resume
-// when that wait completes (Wake), plus the coroutine-aware CoMutex and
-// CoQueue.
+// Package coroutine provides event loops and the coroutines they run for the
+// image drivers: call stacks that suspend (Yield) while waiting for I/O, a
+// lock or a worker and resume (Wake) on their loop, plus the
+// coroutine-aware CoMutex and CoQueue.
 //
-// It owns: Co (Run, New, Enter, WaitWake, Yield, Wake), the pools of idle coroutines,
-// RunInWorker, CoMutex and CoQueue. It knows nothing about images.
+// It owns: Loop (NewLoop, Loops, Run, Go, Post, Watch, OnIdle, OnClose,
+// Value), Co (Yield, Wake, Loop), each loop's pool of idle coroutines,
+// RunInWorker, CoMutex and CoQueue. It knows nothing about images: aio
+// keeps its AIO context in a loop (Value, Watch, OnIdle), fusefs its
+// /dev/fuse descriptor (Watch).
 //
-// # Model
+// # Model: one event loop per CPU
 //
-// A request's coroutine is started by Run(fn) on the goroutine that received
-// the request (a FUSE callback). A coroutine that waits arranges exactly one
-// Wake from whoever completes the wait and then calls Yield:
+// QEMU's shape (util/aio-posix.c, block/export/fuse.c): a Loop is a
+// goroutine locked to its OS thread that sleeps in one epoll_wait over the
+// descriptors registered with it and its own eventfd. The process has one
+// loop per CPU (Loops: GOMAXPROCS of them, GOMAXPROCS then raised by one,
+// see below). A loop runs one coroutine at a time; a coroutine runs until
+// it waits, and then the loop goes on with whatever else is ready:
 //
-//   - an AIO completion: the reaper goroutine calls Wake;
+//	for {
+//		run posts, Run starts and woken coroutines until none is left
+//		idle hooks (aio: one io_submit for the iteration's iocbs)
+//		epoll_wait (a /dev/fuse clone, AIO eventfds, the loop's eventfd)
+//		handlers (read requests until EAGAIN and Go each; reap completions)
+//	}
+//
+// A coroutine that waits arranges exactly one Wake from whoever completes
+// the wait and calls Yield, which switches back to its loop:
+//
+//   - an AIO completion: the loop's eventfd handler reaps it and Wakes;
 //   - a CoMutex hand-off: Unlock makes the first waiter the holder and
-//     wakes it;
+//     wakes it — on the waiter's own loop, whichever loop unlocks;
 //   - a CoQueue: Next or RestartAll wakes waiters;
-//   - a worker: RunInWorker runs a blocking function on another goroutine,
-//     which wakes the coroutine when done.
+//   - a worker: RunInWorker runs a blocking function on a goroutine of its
+//     own, which wakes the coroutine when done.
 //
-// Wake may come before Yield. Then Yield consumes it and returns at once, so
-// a wait that completed first costs one compare-and-swap. Otherwise the
-// goroutine parks on a channel until the Wake: the only channel operation,
-// on the path where a goroutine must sleep anyway.
+// Wake queues the coroutine on its loop (a mutex-protected slice) and
+// writes the loop's eventfd only if the loop sleeps (a flag the loop sets
+// before it looks at its queue a last time, as QEMU's notify_me), so a
+// wake on the loop's own thread costs no system call. Wake may come before
+// Yield: the loop enters the coroutine only after it has yielded, since
+// both run on the loop's thread.
+//
+// A coroutine is an iter.Pull iterator (the runtime's coroutine switch, no
+// trip through the scheduler). The runtime requires a coroutine made by a
+// goroutine that holds LockOSThread to be switched to on that same thread
+// (runtime/coro.go, coroswitch_m), so a loop creates, pools and enters its
+// own coroutines and a coroutine never moves to another loop. Anything
+// that blocks the thread inside a coroutine blocks every request of its
+// loop: system calls that may wait for a device (fdatasync, fallocate,
+// ftruncate), CPU-heavy work (decompression), waiting for a plain
+// goroutine or a sync lock that a suspended coroutine may hold, all go
+// through RunInWorker. Run refuses to be called on a loop's thread.
+//
+// Entry points: a loop's Watch handler starts a request's coroutine with
+// Go, which enters it at once, so the request runs up to its first wait
+// (its iocb queued) before the next request is read. Code outside any
+// coroutine — CLI tools, open and close, tests, flush at unmount — calls
+// Run(fn), which runs fn as a coroutine on one of the process's loops and
+// waits: one way to do AIO for every caller. RunInWorker leaves the loop
+// and comes back.
 //
 // A function takes co *Co as its first parameter iff it may yield; a Co is
 // never stored or handed to another goroutine except to call Wake.
 //
-// # Run needs no second stack
+// A panic in a coroutine is recovered inside it: a Run caller gets it
+// re-raised; a Go coroutine's panic is re-raised on the loop (ending the
+// process, as an unrecovered panic in a goroutine would). Either way the
+// coroutine is not reused (it may have died holding locks), and
+// terminating with a CoMutex held panics.
 //
-// While a coroutine started by Run is suspended, the goroutine that called
-// Run has nothing to do but wait for the Wake and resume it. So Run does not
-// give the coroutine a stack of its own: fn runs directly on the calling
-// goroutine, whose stack is the coroutine's suspended call stack, and Yield
-// parks that goroutine until the Wake. A Run coroutine is a pooled struct
-// (the Wake state and a channel); starting one costs ~16 ns.
+// # Why a loop per CPU now, and sysmon
 //
-// New and Enter give a coroutine its own stack, an iter.Pull iterator (the
-// runtime's coroutine switch, no trip through the scheduler), for a
-// goroutine that drives several coroutines itself. Used for Run, that stack
-// would cost a switch pair per start and per Yield (BenchmarkPullFloor, a
-// bare iter.Pull next+yield pair: ~113 ns here), and a second goroutine per
-// request in flight, and buy nothing: BenchmarkNewRemoteWake vs
-// BenchmarkRunRemoteWake below. Linking the runtime's coroutine functions
-// directly would need -checklinkname=0, which a normal go build refuses.
+// The previous shape ran each request's coroutine on the goroutine that
+// read it (a netpoller reader handing the reading on) and reaped AIO with a
+// leader or a reaper goroutine. On a quiet machine a 4 KiB qcow2 read at
+// QD1 then cost 5.5–5.9 context switches and ~115 µs of daemon CPU against
+// QEMU's 2.0 and ~60 µs: one request woke the reader, an idle thread for
+// the hand-off, the AIO leader and sysmon. On a loop a QD1 request is one
+// sleep waiting for the request and one waiting for its completion, on one
+// thread (fusefs doc, "Serving", for the measurements).
 //
-// New coroutines are pooled too (QEMU measured ~241 ns per create/destroy
-// without its pool; a new iter.Pull costs a goroutine and ~8 allocations).
-// The pool is a sync.Pool, per-P and lock free on the hot path. It holds a
-// ticket rather than the Co, because an idle coroutine's goroutine
-// references its Co: when sync.Pool drops an idle ticket at GC, a cleanup
-// stops the goroutine, so the pool trims itself and never leaks goroutines.
-//
-// A panic in a coroutine, including the one for terminating with a CoMutex
-// held, propagates to the caller of Run or Enter; a New coroutine that
-// panicked is dead and is not reused.
-//
-// # Why not one event loop per image
-//
-// QEMU runs an image's coroutines in one AioContext thread, so driver state
-// has no data races by construction. In Go the loop would be a goroutine,
-// and every request would pay a hand-off to it and back:
-// BenchmarkLoopRoundTrip (a channel send to a loop goroutine and the answer
-// back, the loop doing nothing) costs ~430 ns while the loop goroutine is
-// hot, and microseconds once it has gone to sleep and must be woken through
-// the scheduler. It would also put all of an image's CPU work (mapping,
-// copying) on one core. Run costs ~16 ns instead, spreads requests over all
-// cores, and the one thing the loop gave for free, serialised metadata,
-// comes from the qcow2 driver's CoMutex. A request that really waits pays
-// the goroutine hand-offs of its completion in any design
-// (BenchmarkRunRemoteWake).
+// A loop asleep in epoll_wait holds its P in a system call. When no P is
+// idle, sysmon takes such Ps away on every 20 µs tick and keeps ticking
+// (runtime/proc.go, retake), a thread wake-up each time; hence one P more
+// than loops. A goroutine the loop makes runnable (a worker, a Run caller)
+// lands on the loop's P and waited for sysmon to free it: 60–130 µs per
+// Run round trip. A loop that readied one gives its P away (Gosched) before
+// it sleeps: 20–30 µs. Requests never pay either.
 //
 // # Lock order
 //
 // CoMutex is a lock for coroutines and may be held across Yields. The
-// sync.Mutexes inside CoMutex and CoQueue are leaf locks: held only to
-// update a holder or a wait list, never across a Yield, a Wake or a call out
-// of the package. So:
+// sync.Mutexes inside CoMutex, CoQueue and Loop are leaf locks: held only
+// to update a holder, a wait list or a queue, never across a Yield, a Wake
+// or a call out of the package (Loop.mu is dropped before a watch handler
+// runs). So:
 //
 //	CoMutex (held by a coroutine, e.g. the qcow2 metadata lock)
 //	├── CoMutex.mu   (leaf)
-//	└── CoQueue.mu   (leaf)
+//	├── CoQueue.mu   (leaf)
+//	└── Loop.mu      (leaf: Wake's queue)
 //
-// Wake never blocks: it is a compare-and-swap, or a send on a channel with
-// room that only the parked goroutine receives from.
+// Wake never blocks: a lock-protected append, and at most one eventfd
+// write.
 //
 // # Numbers
 //
-// On the development machine (2 vCPUs shared with other work, Go 1.26),
-// best of 3, ns/op, all allocation-free:
+// On the development machine (2 vCPUs shared with other test runs, Go
+// 1.26), ns/op, go test -bench . ./coroutine/, all allocation-free:
 //
-//	BenchmarkRunNoYield            Run of a function that never waits     16
-//	BenchmarkRunParallel           the same from 2 Ps at once (per op)   7-15
-//	BenchmarkWakeYield             Wake, then Yield (no park)              23
-//	BenchmarkRunRemoteWake         Run, one Yield woken by a goroutine    495
-//	BenchmarkNewRemoteWake         the same with New + Enter              803
-//	BenchmarkLoopRoundTrip         request to a loop goroutine and back   433
-//	BenchmarkPullFloor             bare iter.Pull next+yield              113
-//	BenchmarkYieldEnter            New coroutine: Yield + Enter           137
-//	BenchmarkCreateEnterTerminate  pooled New + Enter + return            144
-//	BenchmarkCoMutexUncontended    Lock + Unlock                           36
-//	BenchmarkCoMutexContended      4 goroutines, FIFO hand-off            340
+//	BenchmarkGoTerminate           Go + enter + return, on the loop       300
+//	BenchmarkWakeYield             Wake, Yield, re-entered by the loop  100-140
+//	BenchmarkCoMutexUncontended    Lock + Unlock                           14
+//	BenchmarkPullFloor             bare iter.Pull next+yield              106
+//	BenchmarkCrossLoopPingPong     a wake between two loops' coroutines  4.5-40k
+//	BenchmarkRunNoYield            Run from a goroutine (round trip)     26k
 //
-// A New coroutine's Yield + Enter is the runtime's switch plus ~20 ns: each
-// call level between the caller and the switch costs a mispredicted return
-// after the stack changes, and Enter and Yield cannot be inlined.
+// A request's coroutine costs its loop ~0.3 µs to start and ~0.1 µs per
+// wait, against ~45 µs for a FUSE round trip; the expensive paths (a wake
+// across threads, a Run from outside) are those a request does not take.
+// TestLoopPathAllocatesNothing holds the loop's per-request path (a pooled
+// coroutine started with Go, one Yield, its Wake, its end) to zero
+// allocations.
 package coroutine

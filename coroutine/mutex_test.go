@@ -8,6 +8,12 @@ import (
 	"time"
 )
 
+// inOther runs fn in another coroutine, from the coroutine co (Run would
+// block co's loop: it goes through a worker).
+func inOther(co *Co, fn func(*Co)) {
+	RunInWorker(co, func() { Run(fn) })
+}
+
 // waitFor polls cond until it holds or a second has passed.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -34,8 +40,8 @@ func (q *CoQueue) len() int {
 // TestCoMutexFIFO: waiters queued in a known order, each on its own
 // goroutine, get the lock in that order.
 func TestCoMutexFIFO(t *testing.T) {
-	for _, r := range runners {
-		t.Run(r.name, func(t *testing.T) {
+	{
+		{
 			const n = 20
 			var m CoMutex
 			var order []int // protected by m
@@ -43,17 +49,17 @@ func TestCoMutexFIFO(t *testing.T) {
 			release := make(chan struct{})
 			var wg sync.WaitGroup
 			wg.Add(1)
-			go r.run(func(co *Co) {
+			go Run(func(co *Co) {
 				defer wg.Done()
 				m.Lock(co)
 				close(holding)
-				<-release
+				RunInWorker(co, func() { <-release })
 				m.Unlock(co)
 			})
 			<-holding
 			for i := range n {
 				wg.Add(1)
-				go r.run(func(co *Co) {
+				go Run(func(co *Co) {
 					defer wg.Done()
 					m.Lock(co)
 					order = append(order, i)
@@ -70,7 +76,7 @@ func TestCoMutexFIFO(t *testing.T) {
 			if !slices.Equal(order, want) {
 				t.Fatalf("lock order %v, want %v", order, want)
 			}
-		})
+		}
 	}
 }
 
@@ -78,8 +84,8 @@ func TestCoMutexFIFO(t *testing.T) {
 // counter under the CoMutex, some holding it across a Yield; the count must
 // be exact and the race detector silent.
 func TestCoMutexCounter(t *testing.T) {
-	for _, r := range runners {
-		t.Run(r.name, func(t *testing.T) {
+	{
+		{
 			const goroutines, iters = 8, 1000
 			var m CoMutex
 			counter := 0
@@ -89,7 +95,7 @@ func TestCoMutexCounter(t *testing.T) {
 				go func() {
 					defer wg.Done()
 					for i := range iters {
-						r.run(func(co *Co) {
+						Run(func(co *Co) {
 							m.Lock(co)
 							m.AssertHeld(co)
 							c := counter
@@ -110,7 +116,7 @@ func TestCoMutexCounter(t *testing.T) {
 			if counter != goroutines*iters {
 				t.Fatalf("counter %d, want %d", counter, goroutines*iters)
 			}
-		})
+		}
 	}
 }
 
@@ -121,13 +127,13 @@ func TestTryLock(t *testing.T) {
 			t.Error("TryLock of a free mutex failed")
 		}
 		m.AssertHeld(co)
-		Run(func(other *Co) {
+		inOther(co, func(other *Co) {
 			if m.TryLock(other) {
 				t.Error("TryLock of a held mutex succeeded")
 			}
 		})
 		m.Unlock(co)
-		Run(func(other *Co) {
+		inOther(co, func(other *Co) {
 			if !m.TryLock(other) {
 				t.Error("TryLock after Unlock failed")
 			}
@@ -147,7 +153,9 @@ func TestCoMutexMisuse(t *testing.T) {
 		{"AssertHeld/other holder", func(co *Co) {
 			m.Lock(co)
 			defer m.Unlock(co)
-			Run(func(other *Co) { m.AssertHeld(other) })
+			var msg string
+			inOther(co, func(other *Co) { msg = recoverString(func() { m.AssertHeld(other) }) })
+			panic(msg)
 		}, "not held"},
 		{"Unlock/free", func(co *Co) { m.Unlock(co) }, "does not hold"},
 		{"Lock/twice", func(co *Co) {
@@ -275,5 +283,40 @@ func TestCoQueueHandOff(t *testing.T) {
 	}
 	if done != 50 {
 		t.Fatalf("%d waits returned, want 50", done)
+	}
+}
+
+// TestCoMutexHandOffBetweenLoops: coroutines of two loops share a CoMutex;
+// each hand-off to a waiter of the other loop wakes it there. The count
+// must be exact and the race detector silent.
+func TestCoMutexHandOffBetweenLoops(t *testing.T) {
+	loops := []*Loop{newLoop(t), newLoop(t)}
+	var m CoMutex
+	counter := 0
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l := loops[g%2]
+			for i := range 200 {
+				l.Run(func(co *Co) {
+					m.Lock(co)
+					c := counter
+					if (g+i)%4 == 0 {
+						RunInWorker(co, func() {})
+					}
+					if co.Loop() != l {
+						t.Error("coroutine moved to another loop")
+					}
+					counter = c + 1
+					m.Unlock(co)
+				})
+			}
+		}()
+	}
+	wg.Wait()
+	if counter != 8*200 {
+		t.Fatalf("counter %d, want %d", counter, 8*200)
 	}
 }

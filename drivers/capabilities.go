@@ -9,13 +9,12 @@ import (
 
 // Optional capabilities, found by type assertion on a Driver.
 
-// DirectReader is implemented by drivers that can serve some reads without a
-// coroutine, straight from the calling goroutine (raw images: an aligned
-// read goes to io_submit). It must not be called from a coroutine.
+// DirectReader is implemented by drivers that can serve some reads with one
+// iocb and no further work (raw images: an aligned read in range).
 type DirectReader interface {
 	// ReadDirect reads p at off if the request qualifies for the fast path
 	// and reports ok=false (having done nothing) if it does not.
-	ReadDirect(p []byte, off int64) (n int, ok bool, err error)
+	ReadDirect(co *coroutine.Co, p []byte, off int64) (n int, ok bool, err error)
 }
 
 // Snapshot describes an internal snapshot.

@@ -191,76 +191,88 @@
 // # Serving
 //
 // go-fuse mounts the filesystem and answers INIT (fuse.NewServer), but its
-// reader loop does not serve it: go-fuse reads /dev/fuse with blocking
-// read(2) calls, so every idle reader is an OS thread asleep in the kernel
-// that each request must wake, and the runtime's sysmon keeps retaking Ps
-// from those threads. Instead loop.go opens a second descriptor on the same
-// connection (FUSE_DEV_IOC_CLONE) in non-blocking mode and reads it through
-// the Go netpoller: a goroutine waiting for a request holds no thread, and
-// one epoll wait covers /dev/fuse and the AIO eventfd alike, as QEMU's
-// event loop polls both. go-fuse's exported fuse.ProtocolServer decodes
-// each request, calls diskFS and encodes the reply into our buffers; the
-// reply goes out with one writev. If the clone is impossible (the
-// descriptor cannot be identified, or the ioctl is refused) go-fuse's own
-// loop serves the mount; the daemon log says which ("serving requests:").
+// reader loop does not serve it. The process's event loops do
+// (coroutine.Loops, one per CPU; loop.go), as QEMU 11's FUSE export does
+// with one cloned /dev/fuse per thread: Mount opens one clone of the
+// connection per loop (FUSE_DEV_IOC_CLONE), non-blocking, in that loop's
+// epoll with EPOLLEXCLUSIVE (the clones share one request queue; a request
+// wakes one sleeping loop, not all). The loop reads requests until EAGAIN
+// and starts each in a coroutine of its own (Loop.Go), which runs at once
+// up to its first wait; go-fuse's exported fuse.ProtocolServer (one per
+// loop, INIT replayed into it) decodes the request, calls the handler and
+// encodes the reply into our buffers; the reply goes out with one writev
+// on the loop's clone. The driver's AIO goes into the loop's own context,
+// one io_submit per loop iteration, and its completions come back through
+// the same epoll. A request is never handed to another goroutine or
+// thread. If the clones cannot be made, the mount fails.
 //
-// One goroutine at a time waits for a request; the one that receives it
-// hands the reading to an idle goroutine of the loop (or a new one) and
-// serves its request itself, then waits idle. So a request waiting for I/O
-// parks only its goroutine, and goroutines are reused with their grown
-// stacks.
+// INTERRUPT is dropped: no handler looks at go-fuse's cancel channel, and
+// a protocol server only knows its own loop's requests, so it would answer
+// EAGAIN and the kernel would requeue the interrupt for as long as the
+// request runs. An interrupt needs no reply.
 //
-// Measured with fio (libaio, --direct=1, 4 KiB random reads, 6 s runs,
-// page cache dropped, targets alternated, 3 rounds) on a fully allocated
-// 1 GiB qcow2 image, 2 vCPUs, while other builds kept the load average at
-// 15–25 (so absolute numbers are low; compare within a row):
+// Measured with measure.sh-style runs (mount, drop caches, fio libaio
+// --direct=1 --rw=randread --bs=4k --runtime=5, daemon CPU and context
+// switches of all its threads from /proc, unmount) on a preallocated 512
+// MiB qcow2 image on ext4, 2 vCPUs, the previous shape (a netpoller reader
+// handing the reading on, an AIO leader/reaper) and the loops alternated,
+// two rounds, while the full test suite ran (load average 3–4):
 //
-//	                     go-fuse readers      netpoller loop       QSD 7.2
-//	QD32 IOPS            5.7–7.5k             12.4–15.0k           2.3–5.9k
-//	     ctx switches/IO 1.10–1.24            0.71–0.76            0.26–0.42
-//	     CPU µs/IO       50–56                32–36                38–44
-//	QD1  IOPS            1.8–2.2k             2.2–2.5k             0.4–0.6k
-//	     ctx switches/IO 6.1                  4.9–5.2              1.9–2.1
-//	     CPU µs/IO       125–135              117–125              103–105
+//	                     netpoller + reaper   event loops
+//	QD1  IOPS            4.7–5.1k             5.3–6.8k
+//	     CPU µs/IO       135–153              85–102
+//	     ctx switches/IO 4.6–4.8              2.7–3.3
+//	QD32 IOPS            15.2–20.0k           20.7–29.0k
+//	     CPU µs/IO       39–45                20–27
+//	     ctx switches/IO 1.05–1.31            0.30–0.64
 //
-// (perf record -e sched:sched_switch on the daemon): with go-fuse's
-// readers a quarter of all switches were threads put to sleep in
-// read(/dev/fuse); with the loop none are, and most that remain are the
-// runtime's sysmon ticking and idle Ms parking between requests.
+// Per thread at QD1: the serving loop's thread switches 1.8 times per
+// request (its two sleeps, and preemption by the test suite's work); most
+// of the rest is sysmon and the garbage collector's workers.
 //
 // # Concurrency
 //
-// Requests are handled concurrently, each on the goroutine that read it:
-// one goroutine per request in flight. diskFS has no mutable state but its
-// partition table (every other field is set before serving: backingID and
-// notify just after the mount, before the first request is read), so
-// handlers share little but the driver, which serialises what it must. A
-// handler that needs the driver runs it in a coroutine (coroutine.Run) on
-// its own goroutine and returns when the coroutine has finished.
+// Requests are handled concurrently: each is a coroutine on the loop that
+// read it, and a loop interleaves its coroutines at their waits. Handlers
+// are methods of reqFS, which pairs diskFS with the coroutine of the
+// request being served (set by the loop before each HandleRequest and
+// copied by the handler before anything can yield). diskFS has no mutable
+// state but its partition table (every other field is set before serving:
+// backingID and notify just after the mount, before the first request is
+// read), so handlers share little but the driver, which serialises what it
+// must with its CoMutex (a waiter on another loop is woken there).
+//
+// Nothing a handler does may block its loop's thread: re-reading the
+// partition table (reads through the driver with coroutine.Run, ioMu for
+// writing, kernel notifications) runs through coroutine.RunInWorker, and so
+// does waiting for ioMu for reading while a new table is being published
+// (a reader suspended on this very loop may be what the writer waits for);
+// the common case, no table change, is an atomic load and TryRLock.
 //
 // The partition table (diskFS.table) is an immutable value behind an
 // atomic pointer, replaced whole. Lock order:
 //
-//	diskFS.refreshMu (one re-read at a time; guards nextIno)
-//	  diskFS.ioMu (write side: publishing a table)
+//	diskFS.refreshMu (one re-read at a time; guards nextIno; workers only)
+//	  diskFS.ioMu (write side: publishing a table; workers only)
 //	diskFS.ioMu (read side: a partition request, across its driver calls)
-//	  the driver's locks
+//	  the driver's locks (qcow2's CoMutex, aio's range lock)
 //
 // No lock is held while the kernel is notified.
 //
-// Buffers: a READ's output buffer and a WRITE's payload belong to go-fuse
-// and are reused once the handler returns. Read fills go-fuse's buffer and
-// hands it back (fuse.ReadResultData); Write's driver call completes before
-// the handler returns. Neither is referenced afterwards.
+// Buffers: a READ's output buffer and a WRITE's payload belong to the
+// loop's request and are reused once its coroutine has replied. Read fills
+// the output buffer and hands it back (fuse.ReadResultData); Write's driver
+// call completes before the handler returns. Neither is referenced
+// afterwards.
 //
 // # The read fast path
 //
 // If the driver implements drivers.DirectReader (raw images), Read first
 // offers the request to ReadDirect, which reads aligned requests straight
-// into go-fuse's (page-aligned) buffer from the handler goroutine without a
-// coroutine; only requests it declines go through coroutine.Run. Measured
-// with fio (libaio, --direct=1, 6 s) on a 1 GiB raw image on ext4 through
-// the mount, 2 vCPUs:
+// into the (page-aligned) reply buffer with one iocb; only requests it
+// declines go through the driver's ReadAt. Measured, in the previous shape
+// (where the fast path also skipped a coroutine), with fio (libaio,
+// --direct=1, 6 s) on a 1 GiB raw image on ext4 through the mount, 2 vCPUs:
 //
 //	                     fast path   always a coroutine   the image itself
 //	4k randread QD32     37.8k IOPS  35.1k IOPS           100k IOPS
@@ -295,11 +307,12 @@
 //   - raw: WriteAt, aio's range lock, io_submit. qcow2: the metadata lock
 //     only around the L2 lookup of an in-place write, the data write
 //     without it. The write planner takes 2% of the daemon's CPU, the
-//     range lock 0.5%, CoMutex and coroutine.Run less; at QD1 at least 83%
-//     of writes wait as aio leaders in their own io_getevents.
+//     range lock 0.5%, CoMutex and the coroutine less (measured in the
+//     previous shape, before the event loops).
 //
-// Daemon CPU by part, raw / qcow2, fio randwrite 4k QD32 (perf record -g -p
-// DAEMONPID, children): io_submit, i.e. ext4's O_DIRECT write and the
+// Daemon CPU by part in the previous shape (a netpoller reader, an AIO
+// reaper goroutine; what follows motivated the event loops), raw / qcow2,
+// fio randwrite 4k QD32 (perf record -g -p DAEMONPID, children): io_submit, i.e. ext4's O_DIRECT write and the
 // virtio kick, which QSD's io_submit does as well: 25% / 20%; go-fuse's
 // decoding 4%; the handler, driver and aio besides io_submit 6% / 8%;
 // reading requests from /dev/fuse 8% / 9%; the reply writev 9%; the aio

@@ -1,6 +1,8 @@
 package fusefs
 
 import (
+	"github.com/hanwen/go-fuse/v2/fuse"
+
 	"fmt"
 	"sync"
 	"syscall"
@@ -144,7 +146,28 @@ func (m *memDriver) snapshot() []byte {
 	return append([]byte(nil), m.data...)
 }
 
-// directMemDriver adds the coroutine-free read path, taken for requests
+// testReq calls handlers of a diskFS as a request would: in a coroutine
+// on one of the process's loops.
+type testReq struct{ fs *diskFS }
+
+func onLoop(fs *diskFS) testReq { return testReq{fs} }
+
+func (t testReq) Open(c <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) (st fuse.Status) {
+	coroutine.Run(func(co *coroutine.Co) { st = (&reqFS{t.fs, co}).Open(c, in, out) })
+	return st
+}
+
+func (t testReq) Fallocate(c <-chan struct{}, in *fuse.FallocateIn) (st fuse.Status) {
+	coroutine.Run(func(co *coroutine.Co) { st = (&reqFS{t.fs, co}).Fallocate(c, in) })
+	return st
+}
+
+func (t testReq) Write(c <-chan struct{}, in *fuse.WriteIn, data []byte) (n uint32, st fuse.Status) {
+	coroutine.Run(func(co *coroutine.Co) { n, st = (&reqFS{t.fs, co}).Write(c, in, data) })
+	return n, st
+}
+
+// directMemDriver adds the fast read path, taken for requests
 // aligned to 4096 bytes, and counts its use.
 type directMemDriver struct {
 	*memDriver
@@ -154,7 +177,7 @@ type directMemDriver struct {
 
 var _ drivers.DirectReader = (*directMemDriver)(nil)
 
-func (m *directMemDriver) ReadDirect(p []byte, off int64) (int, bool, error) {
+func (m *directMemDriver) ReadDirect(_ *coroutine.Co, p []byte, off int64) (int, bool, error) {
 	if off%4096 != 0 || len(p)%4096 != 0 {
 		return 0, false, nil
 	}

@@ -170,14 +170,19 @@ func (fs *diskFS) notFile(ino uint64) fuse.Status {
 //
 // For a partition, window takes ioMu for reading and says so (locked):
 // the caller unlocks it once its driver calls are done (see diskFS.table).
-func (fs *diskFS) window(ino uint64) (base, end int64, grow, ok, locked bool) {
+// It never blocks the loop: while a new table is being published the read
+// lock is waited for by a worker (a coroutine holding it for reading may be
+// suspended on this very loop, and the writer waits for it).
+func (fs *diskFS) window(co *coroutine.Co, ino uint64) (base, end int64, grow, ok, locked bool) {
 	if ino == fs.diskIno {
 		return 0, fs.d.Size(), fs.growable, true, false
 	}
 	if ino < firstPartIno {
 		return 0, 0, false, false, false
 	}
-	fs.ioMu.RLock()
+	if !fs.ioMu.TryRLock() {
+		coroutine.RunInWorker(co, fs.ioMu.RLock)
+	}
 	p := fs.part(ino)
 	if p == nil {
 		fs.ioMu.RUnlock()
@@ -270,11 +275,12 @@ func (fs *diskFS) fillEntry(ino uint64, p *partFile, out *fuse.EntryOut) {
 	fs.fillAttrOf(ino, p, &out.Attr)
 }
 
-func (fs *diskFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+func (fs *reqFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	if !fs.dirMode || h.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
-	fs.settleTable(false)
+	fs.settle(co, false)
 	t := fs.table.Load()
 	ino, ok := t.byName[name]
 	if !ok {
@@ -308,7 +314,8 @@ func (fs *diskFS) gone(ino uint64) fuse.Status {
 	return fuse.ENOENT
 }
 
-func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+func (fs *reqFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	// A partition's size is the table's: it neither grows nor shrinks.
 	if p := fs.part(in.NodeId); p != nil && in.Valid&fuse.FATTR_SIZE != 0 && int64(in.Size) != p.Size {
 		return fs.refuse()
@@ -321,7 +328,7 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 			return fuse.Status(syscall.EFBIG)
 		}
 		var err error
-		coroutine.Run(func(co *coroutine.Co) { err = fs.d.Truncate(co, int64(in.Size)) })
+		func(co *coroutine.Co) { err = fs.d.Truncate(co, int64(in.Size)) }(co)
 		if err != nil {
 			return fs.fail("truncate", int64(in.Size), err)
 		}
@@ -351,8 +358,9 @@ func (fs *diskFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.
 // the image file, and a backing file is mapped from offset 0. Its opens get
 // FOPEN_DIRECT_IO only. The kernel's rule against mixing passthrough and
 // other opens holds per inode, and each partition is an inode of its own.
-func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	fs.settleTable(false)
+func (fs *reqFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
+	fs.settle(co, false)
 	isPart := fs.part(in.NodeId) != nil
 	if in.NodeId != fs.diskIno && !isPart {
 		return fs.notFile(in.NodeId)
@@ -378,8 +386,9 @@ func (fs *diskFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOu
 // Read serves a read, clamped at the end of the disk. The data goes into
 // buf, go-fuse's own output buffer, which is only referenced until this
 // handler returns (ReadResultData just hands it back to go-fuse).
-func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	base, end, _, ok, locked := fs.window(in.NodeId)
+func (fs *reqFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	co := fs.co // before anything yields: the next request reuses fs
+	base, end, _, ok, locked := fs.window(co, in.NodeId)
 	if !ok {
 		return nil, fs.notFile(in.NodeId)
 	}
@@ -396,9 +405,9 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 	}
 	p := buf[:n]
 	if fs.direct != nil {
-		// Fast path: an aligned raw read goes straight to the kernel
-		// from this goroutine, no coroutine.
-		_, ok, err := fs.direct.ReadDirect(p, off)
+		// Fast path: an aligned raw read is one iocb, straight into
+		// go-fuse's buffer.
+		_, ok, err := fs.direct.ReadDirect(co, p, off)
 		if ok {
 			if err != nil {
 				return nil, fs.fail("read", off, err)
@@ -407,7 +416,7 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 		}
 	}
 	var err error
-	coroutine.Run(func(co *coroutine.Co) { _, err = fs.d.ReadAt(co, p, off) })
+	func(co *coroutine.Co) { _, err = fs.d.ReadAt(co, p, off) }(co)
 	if err != nil {
 		return nil, fs.fail("read", off, err)
 	}
@@ -421,17 +430,18 @@ func (fs *diskFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 // only once the coroutine has finished, i.e. once every AIO on data has
 // completed), so the driver is done with data before we reply. Any change
 // that lets a write complete later must copy data first.
-func (fs *diskFS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+func (fs *reqFS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
 	return fs.Writev(cancel, in, [][]byte{data})
 }
 
 // Writev is Write for a payload go-fuse received in pieces; it saves
 // go-fuse's copy into one buffer. The same ownership rule as Write holds.
-func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+func (fs *reqFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	co := fs.co // before anything yields: the next request reuses fs
 	if fs.readOnly {
 		return 0, fuse.EROFS
 	}
-	base, end, grow, ok, locked := fs.window(in.NodeId)
+	base, end, grow, ok, locked := fs.window(co, in.NodeId)
 	if !ok {
 		return 0, fs.notFile(in.NodeId)
 	}
@@ -462,7 +472,7 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 	}
 	var written int64
 	var err error
-	coroutine.Run(func(co *coroutine.Co) {
+	func(co *coroutine.Co) {
 		for _, p := range data {
 			if int64(len(p)) > room-written {
 				p = p[:room-written]
@@ -477,7 +487,7 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 				return
 			}
 		}
-	})
+	}(co)
 	// What the driver was asked to write, whether or not it all landed.
 	fs.noteWrite(off, room)
 	if err != nil && written == 0 {
@@ -491,7 +501,7 @@ func (fs *diskFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte
 // write-back errors as it does on a local file. The writer is then done:
 // a partition table it wrote is read again (settleTable) before close(2)
 // returns.
-func (fs *diskFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
+func (fs *reqFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 	if in.Fh&fhWrite == 0 {
 		return fuse.OK
 	}
@@ -502,22 +512,24 @@ func (fs *diskFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 // then stop sending fsync for good and report success without asking. A
 // stale partition's handle flushes the disk like any other: that touches
 // no range.
-func (fs *diskFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+func (fs *reqFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	return fs.flush()
 }
 
-func (fs *diskFS) flush() fuse.Status {
+func (fs *reqFS) flush() fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	var err error
-	coroutine.Run(func(co *coroutine.Co) { err = fs.d.Flush(co) })
-	fs.settleTable(true)
+	err = fs.d.Flush(co)
+	fs.settle(co, true)
 	return fs.failFlush(err)
 }
 
 // Release settles the table too: a loop device's descriptor is released
 // without a FLUSH.
-func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+func (fs *reqFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+	co := fs.co // before anything yields: the next request reuses fs
 	if in.Fh&fhWrite != 0 {
-		fs.settleTable(true)
+		fs.settle(co, true)
 	}
 }
 
@@ -525,7 +537,8 @@ func (fs *diskFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 // (a loop device sends PUNCH_HOLE|KEEP_SIZE for discard and
 // ZERO_RANGE|KEEP_SIZE for write-zeroes). Plain allocation (mode 0, or
 // KEEP_SIZE alone) is refused with EOPNOTSUPP.
-func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+func (fs *reqFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	const (
 		keepSize  = unix.FALLOC_FL_KEEP_SIZE
 		punchHole = unix.FALLOC_FL_PUNCH_HOLE
@@ -534,7 +547,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 	if fs.readOnly {
 		return fuse.EROFS
 	}
-	base, size, growable, ok, locked := fs.window(in.NodeId)
+	base, size, growable, ok, locked := fs.window(co, in.NodeId)
 	if !ok {
 		return fs.notFile(in.NodeId)
 	}
@@ -564,7 +577,7 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 		return fuse.Status(syscall.EOPNOTSUPP)
 	}
 	var err error
-	coroutine.Run(func(co *coroutine.Co) {
+	func(co *coroutine.Co) {
 		if grow {
 			// Grow first, then zero the whole range: zeroing does
 			// not rely on what a driver's Truncate leaves in the new
@@ -580,18 +593,19 @@ func (fs *diskFS) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.S
 			return
 		}
 		err = op(co, off, min(n, size-off))
-	})
+	}(co)
 	fs.noteWrite(off, n)
 	return fs.fail("fallocate", off, err)
 }
 
 // Lseek answers SEEK_DATA and SEEK_HOLE (the only whence values the kernel
 // forwards) from the driver's block status. The end of the disk is a hole.
-func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
+func (fs *reqFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	if in.Whence != unix.SEEK_DATA && in.Whence != unix.SEEK_HOLE {
 		return fuse.EINVAL
 	}
-	base, size, _, ok, locked := fs.window(in.NodeId)
+	base, size, _, ok, locked := fs.window(co, in.NodeId)
 	if !ok {
 		return fs.notFile(in.NodeId)
 	}
@@ -605,7 +619,7 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 	off := base + int64(in.Offset)
 	var err error
 	found := false
-	coroutine.Run(func(co *coroutine.Co) {
+	func(co *coroutine.Co) {
 		for off < size {
 			var e drivers.Extent
 			e, err = fs.d.BlockStatus(co, off)
@@ -622,7 +636,7 @@ func (fs *diskFS) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lsee
 			}
 			off += e.Len
 		}
-	})
+	}(co)
 	if err != nil {
 		return fs.fail("lseek", off, err)
 	}
@@ -651,7 +665,8 @@ func (fs *diskFS) StatFs(cancel <-chan struct{}, h *fuse.InHeader, out *fuse.Sta
 	return fuse.OK
 }
 
-func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+func (fs *reqFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	co := fs.co // before anything yields: the next request reuses fs
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
@@ -661,7 +676,7 @@ func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Ope
 	// before the kernel reads its cache: without KEEP_CACHE the kernel
 	// drops the cached listing itself before this open returns.
 	out.OpenFlags = fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
-	if fs.settleTable(false) {
+	if fs.settle(co, false) {
 		out.OpenFlags = fuse.FOPEN_CACHE_DIR
 	}
 	return fuse.OK
@@ -670,8 +685,9 @@ func (fs *diskFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Ope
 // dirEntries is the directory listing: ".", "..", the disk, the
 // partitions of the table t it returns too. Offsets are indexes into it
 // plus one.
-func (fs *diskFS) dirEntries() ([]fuse.DirEntry, *partTable) {
-	fs.settleTable(false)
+func (fs *reqFS) dirEntries() ([]fuse.DirEntry, *partTable) {
+	co := fs.co // before anything yields: the next request reuses fs
+	fs.settle(co, false)
 	ents := []fuse.DirEntry{
 		{Name: ".", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
 		{Name: "..", Mode: syscall.S_IFDIR, Ino: fuse.FUSE_ROOT_ID},
@@ -684,7 +700,7 @@ func (fs *diskFS) dirEntries() ([]fuse.DirEntry, *partTable) {
 	return ents, t
 }
 
-func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+func (fs *reqFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}
@@ -699,7 +715,7 @@ func (fs *diskFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.Dir
 	return fuse.OK
 }
 
-func (fs *diskFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+func (fs *reqFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	if !fs.dirMode || in.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
 	}

@@ -7,21 +7,21 @@ import (
 	"os"
 	"strconv"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
 	"imgfuse/aio"
+	"imgfuse/coroutine"
 )
 
 // This file is the transport between the kernel and go-fuse's protocol
-// code: goroutines that read requests from /dev/fuse through the Go
-// netpoller and hand them to fuse.ProtocolServer, which decodes them, calls
-// diskFS and encodes the reply. The package doc ("Serving") says why it
-// replaces go-fuse's own reader loop.
+// code: on each of the process's event loops (coroutine.Loops), a cloned
+// non-blocking /dev/fuse descriptor in the loop's epoll; the loop reads
+// requests until EAGAIN and runs each in a coroutine, in which
+// fuse.ProtocolServer decodes it, calls the handler and encodes the reply,
+// which goes out with writev. The package doc ("Serving") says why.
 
 // fuseDevIocClone is FUSE_DEV_IOC_CLONE, _IOR(229, 0, uint32_t): attach a
 // newly opened /dev/fuse descriptor to the connection of another.
@@ -48,6 +48,7 @@ const (
 	opGetxattr    = 22
 	opListxattr   = 23
 	opInit        = 26
+	opInterrupt   = 36
 	opReaddir     = 28
 	opNotifyReply = 41
 	opBatchForget = 42
@@ -62,42 +63,6 @@ const smallReq = 512
 // minOut is the reply room of requests without a sized payload: every
 // fixed-size reply of the protocol fits.
 const minOut = 4096
-
-// serveLoop serves one FUSE connection from a non-blocking descriptor.
-//
-// Goroutines: exactly one goroutine at a time reads (waits for the next
-// request in the netpoller, holding no thread). When it receives a request
-// it hands the reading over — to an idle goroutine of the loop if there is
-// one, else to a new one — and serves its request itself, so a request
-// that waits for I/O parks only its own goroutine. Having replied, it waits
-// idle to be handed the reading again. Reusing goroutines keeps their
-// stacks: a new goroutine grew its stack by copying on every request
-// (runtime.copystack was ~7% of the daemon's CPU at QD1).
-type serveLoop struct {
-	ps *fuse.ProtocolServer
-	f  *os.File // the cloned descriptor, non-blocking, in the netpoller
-	fd int      // f's descriptor, for writev of replies
-
-	// wake hands the reading to an idle goroutine (unbuffered: a send
-	// succeeds only if one is waiting). stop is closed once the
-	// connection is gone (ENODEV) and releases the idle goroutines.
-	wake     chan struct{}
-	stop     chan struct{}
-	stopOnce sync.Once
-	// idle counts goroutines waiting on wake, at most maxIdle.
-	idle atomic.Int32
-
-	wg sync.WaitGroup // every goroutine of the loop
-	// big holds read buffers of the largest request the kernel sends
-	// (MaxWrite of data after the WRITE header), rounded up.
-	big bigPool
-	log *log.Logger
-}
-
-// maxIdle bounds the goroutines kept waiting for work: more than the
-// requests the kernel keeps in flight (MaxBackground 64 plus synchronous
-// ones) would only hold stacks.
-const maxIdle = 128
 
 // reqBufs is one request's small buffers, pooled, and what holds its
 // input: small, a medium buffer or a big one.
@@ -248,19 +213,18 @@ func putOut(p *[]byte) {
 }
 
 // cloneConn opens a new non-blocking /dev/fuse descriptor on the
-// connection of fd.
-func cloneConn(fd int) (*os.File, int, error) {
+// connection of fd. Requests of the connection can be read from any of its
+// descriptors; each reply must go to the descriptor its request came from.
+func cloneConn(fd int) (int, error) {
 	nfd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, -1, fmt.Errorf("open /dev/fuse: %w", err)
+		return -1, fmt.Errorf("open /dev/fuse: %w", err)
 	}
 	if err := unix.IoctlSetPointerInt(nfd, fuseDevIocClone, fd); err != nil {
 		unix.Close(nfd)
-		return nil, -1, fmt.Errorf("FUSE_DEV_IOC_CLONE: %w", err)
+		return -1, fmt.Errorf("FUSE_DEV_IOC_CLONE: %w", err)
 	}
-	// os.NewFile sees O_NONBLOCK and registers the descriptor with the
-	// netpoller: Read parks the goroutine, not a thread.
-	return os.NewFile(uintptr(nfd), "/dev/fuse"), nfd, nil
+	return nfd, nil
 }
 
 // fuseDescriptors returns the descriptors of this process open on
@@ -322,17 +286,101 @@ func newServer(fsys fuse.RawFileSystem, mountpoint string, mopts *fuse.MountOpti
 	return srv, fd, nil
 }
 
-// startLoop serves the connection of srv, whose descriptor is fd, from a
-// non-blocking clone of it. It returns an error, having changed nothing,
-// if that is not possible; the caller then serves with srv.Serve.
-func startLoop(srv *fuse.Server, fd int, fsys fuse.RawFileSystem, mopts *fuse.MountOptions) (*serveLoop, error) {
+// reqFS is the RawFileSystem one loop's protocol server calls: diskFS and
+// the coroutine of the request being served. The loop sets co before each
+// HandleRequest; a handler that needs it copies it first thing, before
+// anything can yield (the loop's next request reuses the field).
+type reqFS struct {
+	*diskFS
+	co *coroutine.Co
+}
+
+// conn serves the connection on one event loop, from its own clone of the
+// connection's descriptor. All of its mutable state belongs to the loop's
+// thread.
+type conn struct {
+	s    *serving
+	loop *coroutine.Loop
+	fd   int // the clone: non-blocking, in the loop's epoll
+	ps   *fuse.ProtocolServer
+	rfs  *reqFS
+	// serveFn is c.serve, bound once: Go takes it with no allocation.
+	serveFn func(co *coroutine.Co, arg any)
+	// rd is the big buffer the next read goes into.
+	rd *bigBuf
+	// inflight counts requests read and not yet answered; once the
+	// connection is gone (gone), the last one to finish ends the conn.
+	inflight int
+	gone     bool
+}
+
+// serving is a mounted connection served by every loop.
+type serving struct {
+	conns []*conn
+	wg    sync.WaitGroup // one per conn, done when it has ended
+	// big holds read buffers of the largest request the kernel sends
+	// (MaxWrite of data after the WRITE header), rounded up.
+	big bigPool
+	log *log.Logger
+}
+
+// startLoops serves the connection of srv, whose descriptor is fd, on the
+// process's event loops: one clone of the descriptor and one protocol
+// server per loop. It returns an error, having changed nothing, if that is
+// not possible.
+func startLoops(srv *fuse.Server, fd int, fsys *diskFS, mopts *fuse.MountOptions) (*serving, error) {
 	if fd < 0 {
 		return nil, errors.New("the connection's descriptor is unknown")
 	}
+	s := &serving{big: bigPool{size: writePayloadOff + mopts.MaxWrite + 4096}, log: mopts.Logger}
+	if s.log == nil {
+		s.log = log.Default()
+	}
+	loops := coroutine.Loops()
+	for _, l := range loops {
+		c := &conn{s: s, loop: l, rfs: &reqFS{diskFS: fsys}}
+		c.serveFn = c.serve
+		ps, err := newProtocolServer(srv, c.rfs, mopts)
+		if err != nil {
+			s.closeAll()
+			return nil, err
+		}
+		c.ps = ps
+		if c.fd, err = cloneConn(fd); err != nil {
+			s.closeAll()
+			return nil, err
+		}
+		s.conns = append(s.conns, c)
+	}
+	for _, c := range s.conns {
+		s.wg.Add(1)
+		// EPOLLEXCLUSIVE: a request wakes one sleeping loop, not all
+		// of them (the clones share one request queue and wait queue).
+		if err := c.loop.Watch(c.fd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE, c.readable); err != nil {
+			// Loops already watching keep serving; this one never
+			// will. Nothing has been read yet, so nothing is lost.
+			s.log.Printf("fusefs: %v", err)
+			unix.Close(c.fd)
+			s.wg.Done()
+		}
+	}
+	return s, nil
+}
+
+// closeAll closes the clones made so far, before any loop watches them.
+func (s *serving) closeAll() {
+	for _, c := range s.conns {
+		unix.Close(c.fd)
+	}
+}
+
+// newProtocolServer makes a protocol server for fsys that decodes requests
+// as go-fuse's server negotiated them at INIT.
+func newProtocolServer(srv *fuse.Server, fsys fuse.RawFileSystem, mopts *fuse.MountOptions) (*fuse.ProtocolServer, error) {
 	ps := fuse.NewProtocolServer(fsys, mopts)
-	// go-fuse's server has negotiated INIT; let the protocol server see
-	// the same INIT so that it decodes requests for the same protocol
-	// version and flags. Its reply is not sent anywhere.
+	// Replay the INIT go-fuse's server answered, so that the protocol
+	// server decodes requests for the same protocol version and flags.
+	// Its reply is not sent anywhere.
 	init := *srv.KernelSettings()
 	init.Length = uint32(unsafe.Sizeof(init))
 	init.Opcode = opInit
@@ -341,132 +389,113 @@ func startLoop(srv *fuse.Server, fd int, fsys fuse.RawFileSystem, mopts *fuse.Mo
 	if !st.Ok() || n < outHeaderSize || (*fuse.OutHeader)(unsafe.Pointer(&out[0])).Status != 0 {
 		return nil, fmt.Errorf("INIT replay failed: %v", st)
 	}
-	f, nfd, err := cloneConn(fd)
-	if err != nil {
-		return nil, err
-	}
-	l := &serveLoop{
-		ps:   ps,
-		f:    f,
-		fd:   nfd,
-		big:  bigPool{size: writePayloadOff + mopts.MaxWrite + 4096},
-		wake: make(chan struct{}),
-		stop: make(chan struct{}),
-		log:  mopts.Logger,
-	}
-	if l.log == nil {
-		l.log = log.Default()
-	}
-	l.wg.Add(1)
-	go l.serve()
-	return l, nil
+	return ps, nil
 }
 
 // wait returns once the connection is gone and every request has been
-// answered, then closes the descriptor.
-func (l *serveLoop) wait() {
-	l.wg.Wait()
-	l.f.Close()
-	l.big.drain()
+// answered on every loop.
+func (s *serving) wait() {
+	s.wg.Wait()
+	s.big.drain()
 }
 
-func (l *serveLoop) serve() {
-	defer l.wg.Done()
-	for {
-		rb, ok := l.read()
-		if !ok {
-			l.stopOnce.Do(func() { close(l.stop) })
-			return
+// readable is the descriptor's epoll handler, on the loop: it reads
+// requests until EAGAIN and starts a coroutine for each, which runs until
+// its first wait before the next read (so the iteration's AIO goes out in
+// one io_submit when the reading is done).
+func (c *conn) readable(uint32) {
+	for !c.gone {
+		if c.rd == nil {
+			c.rd = c.s.big.get()
 		}
-		l.startReader()
-		l.handle(rb)
-		l.release(rb)
-		if !l.waitIdle() {
+		n, err := unix.Read(c.fd, c.rd.b)
+		switch err {
+		case nil:
+		case unix.EAGAIN:
 			return
-		}
-	}
-}
-
-// startReader hands the reading to an idle goroutine, or to a new one.
-func (l *serveLoop) startReader() {
-	select {
-	case l.wake <- struct{}{}:
-	default:
-		l.wg.Add(1)
-		go l.serve()
-	}
-}
-
-// waitIdle waits until the caller is handed the reading (true), or the
-// connection is gone or enough goroutines already wait (false).
-func (l *serveLoop) waitIdle() bool {
-	if l.idle.Add(1) > maxIdle {
-		l.idle.Add(-1)
-		return false
-	}
-	defer l.idle.Add(-1)
-	select {
-	case <-l.wake:
-		return true
-	case <-l.stop:
-		return false
-	}
-}
-
-// read waits for the next request and returns it in rb.in[0]; ok is false
-// once the connection is gone.
-func (l *serveLoop) read() (rb *reqBufs, ok bool) {
-	big := l.big.get()
-	for {
-		n, err := l.f.Read(big.b)
-		if err != nil {
-			var en syscall.Errno
-			switch {
-			case errors.As(err, &en) && en == syscall.ENOENT:
-				continue // the request was interrupted before we read it
-			case errors.As(err, &en) && en == syscall.ENODEV:
-				// Unmounted or aborted.
-			default:
-				l.log.Printf("fusefs: reading /dev/fuse: %v", err)
+		case unix.EINTR, unix.ENOENT:
+			continue // ENOENT: the request was interrupted before we read it
+		default:
+			if err != unix.ENODEV { // ENODEV: unmounted or aborted
+				c.s.log.Printf("fusefs: reading /dev/fuse: %v", err)
 			}
-			l.big.put(big)
-			return nil, false
+			c.end()
+			return
 		}
-		rb = reqPool.Get().(*reqBufs)
+		if n >= inHeaderSize && (*fuse.InHeader)(unsafe.Pointer(&c.rd.b[0])).Opcode == opInterrupt {
+			// No handler ever looks at its cancel channel, so an
+			// interrupt changes nothing; and a protocol server only
+			// knows its own loop's requests: it would answer EAGAIN
+			// and the kernel would requeue the interrupt for as long
+			// as the request runs. An interrupt needs no reply.
+			continue
+		}
+		rb := reqPool.Get().(*reqBufs)
 		if n <= smallReq {
-			rb.in[0] = rb.small[:copy(rb.small[:], big.b[:n])]
-			l.big.put(big)
+			rb.in[0] = rb.small[:copy(rb.small[:], c.rd.b[:n])]
 		} else if med, ok := getMed(n); ok {
-			rb.in[0] = (*med)[:copy(*med, big.b[:n])]
+			rb.in[0] = (*med)[:copy(*med, c.rd.b[:n])]
 			rb.med = med
-			l.big.put(big)
 		} else {
-			rb.in[0] = big.b[:n]
-			rb.big = big
+			rb.in[0] = c.rd.b[:n]
+			rb.big = c.rd
+			c.rd = nil
 		}
-		return rb, true
+		c.inflight++
+		c.loop.Go(c.serveFn, rb)
 	}
+}
+
+// end stops reading: the connection is gone. The conn ends when its last
+// request has been answered.
+func (c *conn) end() {
+	c.gone = true
+	c.loop.Unwatch(c.fd)
+	if c.rd != nil {
+		c.s.big.put(c.rd)
+		c.rd = nil
+	}
+	c.maybeDone()
+}
+
+func (c *conn) maybeDone() {
+	if c.gone && c.inflight == 0 {
+		unix.Close(c.fd)
+		c.fd = -1
+		c.s.wg.Done()
+	}
+}
+
+// serve is a request's coroutine.
+func (c *conn) serve(co *coroutine.Co, arg any) {
+	rb := arg.(*reqBufs)
+	c.rfs.co = co
+	c.handle(rb)
+	c.release(rb)
+	c.inflight--
+	c.maybeDone()
 }
 
 // release returns a served request's buffers.
-func (l *serveLoop) release(rb *reqBufs) {
+func (c *conn) release(rb *reqBufs) {
 	rb.in[0] = nil
 	if rb.med != nil {
 		putMed(rb.med)
 		rb.med = nil
 	}
 	if rb.big != nil {
-		l.big.put(rb.big)
+		c.s.big.put(rb.big)
 		rb.big = nil
 	}
 	reqPool.Put(rb)
 }
 
-// handle serves one request and writes its reply.
-func (l *serveLoop) handle(rb *reqBufs) {
+// handle serves one request and writes its reply. A reply to /dev/fuse
+// never blocks: the kernel takes it or refuses it at once.
+func (c *conn) handle(rb *reqBufs) {
 	in := rb.in[0]
 	if len(in) < inHeaderSize {
-		l.log.Printf("fusefs: short request (%d bytes)", len(in))
+		c.s.log.Printf("fusefs: short request (%d bytes)", len(in))
 		return
 	}
 	h := (*fuse.InHeader)(unsafe.Pointer(&in[0]))
@@ -485,7 +514,7 @@ func (l *serveLoop) handle(rb *reqBufs) {
 	defer putOut(outBuf)
 	rb.out[0] = rb.hdr[:]
 	rb.out[1] = *outBuf
-	n, st := l.ps.HandleRequest(rb.in[:], rb.out[:])
+	n, st := c.ps.HandleRequest(rb.in[:], rb.out[:])
 	switch {
 	case !st.Ok():
 		// Malformed, or a reply larger than we made room for: answer
@@ -503,11 +532,10 @@ func (l *serveLoop) handle(rb *reqBufs) {
 		return // FORGET and friends: no reply
 	}
 	rb.out[1] = rb.out[1][:n-outHeaderSize]
-	if _, err := unix.Writev(l.fd, rb.out[:]); err != nil && err != unix.ENOENT && err != unix.ENODEV {
+	if _, err := unix.Writev(c.fd, rb.out[:]); err != nil && err != unix.ENOENT && err != unix.ENODEV {
 		// ENOENT: the request was interrupted meanwhile; ENODEV: the
 		// connection is gone. Anything else is a bug worth a line.
-		l.log.Printf("fusefs: reply to opcode %d: %v", h.Opcode, err)
+		c.s.log.Printf("fusefs: reply to opcode %d: %v", h.Opcode, err)
 	}
 	rb.out[1] = nil
-	rb.in[0] = nil
 }

@@ -163,7 +163,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		// before passthrough existed.
 		mopts.DisabledCapabilities = fuse.CAP_PASSTHROUGH
 	}
-	srv, fd, err := newServer(fsys, abs, mopts)
+	srv, fd, err := newServer(&reqFS{diskFS: fsys}, abs, mopts)
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", abs, err)
 	}
@@ -180,19 +180,17 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		fsys.backingID, s.why = registerBacking(srv, fb)
 		s.passthrough = fsys.backingID != 0
 	}
-	loop, err := startLoop(srv, fd, fsys, mopts)
+	serving, err := startLoops(srv, fd, fsys, mopts)
 	if err != nil {
-		s.Mode = "go-fuse reader threads (" + err.Error() + ")"
-	} else {
-		s.Mode = "netpoller"
+		_ = srv.Unmount()
+		return nil, fmt.Errorf("fusefs: mount %s: serving from event loops: %w", abs, err)
 	}
+	s.Mode = fmt.Sprintf("event loops (%d)", len(serving.conns))
 	go func() {
-		if loop != nil {
-			loop.wait()
-		}
-		// Without our loop this serves the mount; with it, it only
-		// finds the connection gone and releases go-fuse's descriptor,
-		// which Unmount waits for.
+		serving.wait()
+		// go-fuse's server reads nothing while the loops serve; now it
+		// only finds the connection gone and releases go-fuse's
+		// descriptor, which Unmount waits for.
 		srv.Serve()
 		close(s.served)
 	}()

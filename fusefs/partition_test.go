@@ -62,7 +62,7 @@ func TestOpenFlagsPartition(t *testing.T) {
 			fs := newDiskFS(newMemDriver(make([]byte, 65536)), Options{Name: "disk", ReadOnly: c.readOnly}, true, parts)
 			fs.backingID = 7 // the disk is passed through; its partitions never
 			var out fuse.OpenOut
-			st := fs.Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: firstPartIno}, Flags: c.flags}, &out)
+			st := onLoop(fs).Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: firstPartIno}, Flags: c.flags}, &out)
 			if st != c.status {
 				t.Fatalf("status %v, want %v", st, c.status)
 			}

@@ -1,6 +1,8 @@
 package fusefs
 
 import (
+	"imgfuse/coroutine"
+
 	"fmt"
 	"io"
 	"log"
@@ -226,6 +228,18 @@ func (fs *diskFS) noteWrite(off, n int64) {
 func (fs *diskFS) readTable() {
 	parts, fp := readPartitions(fs.d, fs.logger)
 	fs.table.Store(newPartTable(fs.name, fs.diskIno, nil, parts, fp, &fs.nextIno))
+}
+
+// settle is settleTable from a request's coroutine. Re-reading the table
+// reads through the driver with coroutine.Run, waits for ioMu and may wait
+// for the kernel (notifications): all of it leaves the loop through a
+// worker. The check that nothing changed, the common case, stays here.
+func (fs *diskFS) settle(co *coroutine.Co, wait bool) (changed bool) {
+	if !fs.tableDirty.Load() {
+		return false
+	}
+	coroutine.RunInWorker(co, func() { changed = fs.settleTable(wait) })
+	return changed
 }
 
 // settleTable re-reads the partition table if a write touched it since the

@@ -1,6 +1,8 @@
 package fusefs
 
 import (
+	"imgfuse/coroutine"
+
 	"bytes"
 	"errors"
 	"log"
@@ -219,12 +221,12 @@ func TestNoteWrite(t *testing.T) {
 			fs := newDiskFS(newMemDriver(mbrDisk(1<<20)), Options{Name: "disk", Logger: log.New(&syncBuffer{}, "", 0)}, true, nil)
 			fs.readTable()
 			if c.zero {
-				st := fs.Fallocate(nil, &fuse.FallocateIn{InHeader: fuse.InHeader{NodeId: c.ino}, Offset: c.off, Length: c.n,
+				st := onLoop(fs).Fallocate(nil, &fuse.FallocateIn{InHeader: fuse.InHeader{NodeId: c.ino}, Offset: c.off, Length: c.n,
 					Mode: unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE})
 				if st != fuse.OK {
 					t.Fatal(st)
 				}
-			} else if n, st := fs.Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: c.ino}, Offset: c.off}, make([]byte, c.n)); st != fuse.OK || uint64(n) != c.n {
+			} else if n, st := onLoop(fs).Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: c.ino}, Offset: c.off}, make([]byte, c.n)); st != fuse.OK || uint64(n) != c.n {
 				t.Fatal(n, st)
 			}
 			if got := fs.tableDirty.Load(); got != c.dirty {
@@ -234,7 +236,7 @@ func TestNoteWrite(t *testing.T) {
 	}
 	// A regular-file mountpoint has no partitions to follow.
 	fs := newDiskFS(newMemDriver(mbrDisk(1<<20)), Options{}, false, nil)
-	if _, st := fs.Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}}, make([]byte, 512)); st != fuse.OK || fs.tableDirty.Load() {
+	if _, st := onLoop(fs).Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}}, make([]byte, 512)); st != fuse.OK || fs.tableDirty.Load() {
 		t.Errorf("file mount: %v, dirty %v", st, fs.tableDirty.Load())
 	}
 }
@@ -288,15 +290,21 @@ func TestTableChecksAllocateNothing(t *testing.T) {
 	fs := newDiskFS(newMemDriver(mbrDisk(1<<20)), Options{Name: "disk", Logger: log.New(&syncBuffer{}, "", 0)}, true, nil)
 	fs.readTable()
 	p5 := fs.table.Load().byName["part5"]
-	allocs := testing.AllocsPerRun(200, func() {
-		fs.noteWrite(64*512, 4096)
-		fs.noteWrite(256*512, 512)
-		_, _, _, ok, locked := fs.window(p5)
-		if !ok || !locked {
-			t.Fatal("part5 has no window")
-		}
-		fs.ioMu.RUnlock()
+	var allocs float64
+	var ok, locked bool
+	coroutine.Run(func(co *coroutine.Co) {
+		allocs = testing.AllocsPerRun(200, func() {
+			fs.noteWrite(64*512, 4096)
+			fs.noteWrite(256*512, 512)
+			_, _, _, ok, locked = fs.window(co, p5)
+			if ok && locked {
+				fs.ioMu.RUnlock()
+			}
+		})
 	})
+	if !ok || !locked {
+		t.Fatal("part5 has no window")
+	}
 	if allocs != 0 {
 		t.Errorf("%v allocations per write check and partition lookup", allocs)
 	}

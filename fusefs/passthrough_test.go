@@ -51,7 +51,7 @@ func TestOpenFlagsPassthrough(t *testing.T) {
 			fs := newDiskFS(newMemDriver(make([]byte, 4096)), Options{Name: "disk", ReadOnly: c.readOnly}, true, nil)
 			fs.backingID = c.backingID
 			var out fuse.OpenOut
-			st := fs.Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: diskDirIno}, Flags: c.flags}, &out)
+			st := onLoop(fs).Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: diskDirIno}, Flags: c.flags}, &out)
 			if st != c.status {
 				t.Fatalf("status %v, want %v", st, c.status)
 			}
@@ -80,9 +80,9 @@ func (c *countingRaw) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error)
 	return c.Driver.ReadAt(co, p, off)
 }
 
-func (c *countingRaw) ReadDirect(p []byte, off int64) (int, bool, error) {
+func (c *countingRaw) ReadDirect(co *coroutine.Co, p []byte, off int64) (int, bool, error) {
 	c.reads.Add(1)
-	return c.Driver.ReadDirect(p, off)
+	return c.Driver.ReadDirect(co, p, off)
 }
 
 var (

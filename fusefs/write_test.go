@@ -256,12 +256,14 @@ func (b *barrierDriver) WriteAt(co *coroutine.Co, p []byte, off int64) (int, err
 		close(b.reached)
 	}
 	b.bmu.Unlock()
-	// Blocking the goroutine is fine here: a Run coroutine runs on the
-	// request's own goroutine, and nothing else waits for this one.
-	select {
-	case <-b.reached:
-	case <-time.After(time.Until(b.deadline)):
-	}
+	// Wait off the loop: the other writes reach the driver through the
+	// same loops.
+	coroutine.RunInWorker(co, func() {
+		select {
+		case <-b.reached:
+		case <-time.After(time.Until(b.deadline)):
+		}
+	})
 	n, err := b.memDriver.WriteAt(co, p, off)
 	b.bmu.Lock()
 	b.inside--

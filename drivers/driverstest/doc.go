@@ -27,7 +27,8 @@
 // IMGFUSE_REQUIRE_E2E=1 or CI=true (see Required).
 //
 // Concurrency: the suite drives the driver the way fusefs does, from many
-// goroutines, each request in its own coroutine (coroutine.Run). It owns no
+// goroutines, each request in its own coroutine (coroutine.Run, on the
+// process's event loops). It owns no
 // locks of its own; run it under the race detector.
 //
 // Numbers: random reads span 1 byte to 3 MiB because 3 MiB crosses at

@@ -264,7 +264,10 @@ func CheckDirect(t *testing.T, dr drivers.DirectReader, ref []byte, seed int64) 
 				for j := range buf {
 					buf[j] = 0xa5
 				}
-				got, ok, err := dr.ReadDirect(buf, off)
+				var got int
+				var ok bool
+				var err error
+				coroutine.Run(func(co *coroutine.Co) { got, ok, err = dr.ReadDirect(co, buf, off) })
 				if !ok {
 					if err != nil || got != 0 {
 						t.Errorf("ReadDirect(len %d, off %d) declined but returned %d, %v", n, off, got, err)

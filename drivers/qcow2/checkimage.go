@@ -50,7 +50,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	rc := img.rc
 	if rc == nil {
 		var err error
-		if rc, err = openRefcounts(img.file, img.h, img.fileSize, nil); err != nil {
+		if rc, err = openRefcounts(co, img.file, img.h, img.fileSize, nil); err != nil {
 			res.CheckErrors++
 			return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
 		}

@@ -73,7 +73,7 @@ func (img *image) metadataPrealloc(co *coroutine.Co) bool {
 		img.mu.Lock(co)
 		rc := img.rc
 		if rc == nil {
-			if r, err := openRefcounts(img.file, img.h, img.fileSize, nil); err == nil {
+			if r, err := openRefcounts(co, img.file, img.h, img.fileSize, nil); err == nil {
 				r.mu = &img.mu
 				rc = r
 			}

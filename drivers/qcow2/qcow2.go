@@ -574,7 +574,7 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 		return fmt.Errorf("qcow2: %s: lazy refcounts need a version 3 image (compat=1.1): %w",
 			img.path, drivers.ErrUnsupported)
 	}
-	rc, err := openRefcounts(img.file, h, img.fileSize, img.l2)
+	rc, err := openRefcounts(nil, img.file, h, img.fileSize, img.l2)
 	if err != nil {
 		return fmt.Errorf("qcow2: %s: %w", img.path, err)
 	}

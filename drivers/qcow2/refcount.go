@@ -117,7 +117,7 @@ func refcountTables(clusterSize int64) int {
 //
 // Reftable entries are validated when used (reserved bits, alignment, past
 // the end of the file), as L1 entries are.
-func openRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*refcounts, error) {
+func openRefcounts(co *coroutine.Co, f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*refcounts, error) {
 	r, err := newRefcounts(f, h, fileSize, l2)
 	if err != nil {
 		return nil, err
@@ -134,7 +134,13 @@ func openRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*re
 			h.ReftableOffset, n, fileSize)
 	}
 	buf := make([]byte, n)
-	if err := f.Pread(buf, int64(h.ReftableOffset)); err != nil {
+	// co is nil at open (a plain caller); check and map call from a
+	// coroutine, where only PreadCo may wait.
+	read := f.Pread
+	if co != nil {
+		read = func(p []byte, off int64) error { return f.PreadCo(co, p, off) }
+	}
+	if err := read(buf, int64(h.ReftableOffset)); err != nil {
 		return nil, fmt.Errorf("reading the refcount table at %#x: %w", h.ReftableOffset, err)
 	}
 	r.reftable = make([]uint64, n/8)

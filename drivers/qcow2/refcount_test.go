@@ -134,7 +134,7 @@ func openRefcountErr(t testing.TB, path string) (*testImage, error) {
 	if ti.snaps, err = readSnapshotTable(read, ti.h); err != nil {
 		return nil, err
 	}
-	if ti.rc, err = openRefcounts(f, ti.h, size, nil); err != nil {
+	if ti.rc, err = openRefcounts(nil, f, ti.h, size, nil); err != nil {
 		return nil, err
 	}
 	ti.rc.mu = &ti.mu
@@ -552,7 +552,7 @@ func TestRefcountOrdering(t *testing.T) {
 	}
 	probe := &probeBackend{t: t, path: path}
 	l2 := cache.New("probe L2", 4, int(h.clusterSize()), probe)
-	rc, err := openRefcounts(f, h, size, l2)
+	rc, err := openRefcounts(nil, f, h, size, l2)
 	if err != nil {
 		t.Fatal(err)
 	}

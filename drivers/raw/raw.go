@@ -110,16 +110,15 @@ func (d *Driver) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// ReadDirect is the coroutine-free read path. It reports ok=false, having
-// done nothing, when aio cannot serve the request directly (misaligned
-// buffer, offset or length, or out of range: ReadAt then reports the
-// error). It must not be called from a coroutine: it blocks the goroutine
-// until the read completes.
-func (d *Driver) ReadDirect(p []byte, off int64) (n int, ok bool, err error) {
+// ReadDirect is the read fast path: one iocb straight into p. It reports
+// ok=false, having done nothing, when aio cannot serve the request directly
+// (misaligned buffer, offset or length, or out of range: ReadAt then
+// reports the error).
+func (d *Driver) ReadDirect(co *coroutine.Co, p []byte, off int64) (n int, ok bool, err error) {
 	if !inRange(off, int64(len(p)), d.Size()) {
 		return 0, false, nil
 	}
-	ok, err = d.f.PreadAligned(p, off)
+	ok, err = d.f.PreadAlignedCo(co, p, off)
 	if !ok {
 		return 0, false, nil
 	}

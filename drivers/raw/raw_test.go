@@ -172,7 +172,9 @@ func TestOutOfRange(t *testing.T) {
 		if n, err := readAt(d, make([]byte, tc.n), tc.off); n != 0 || !errors.Is(err, syscall.EINVAL) {
 			t.Errorf("%s: ReadAt = %d, %v; want EINVAL", tc.name, n, err)
 		}
-		if _, ok, _ := d.ReadDirect(aio.AlignedBuffer(tc.n), tc.off); ok {
+		var ok bool
+		coroutine.Run(func(co *coroutine.Co) { _, ok, _ = d.ReadDirect(co, aio.AlignedBuffer(tc.n), tc.off) })
+		if ok {
 			t.Errorf("%s: ReadDirect served an out-of-range read", tc.name)
 		}
 	}
@@ -551,7 +553,10 @@ func TestReadDirect(t *testing.T) {
 				{"unaligned offset", 700, 100, false},
 			} {
 				p := aio.AlignedBuffer(tc.n)
-				n, ok, err := d.ReadDirect(p, tc.off)
+				var n int
+				var ok bool
+				var err error
+				coroutine.Run(func(co *coroutine.Co) { n, ok, err = d.ReadDirect(co, p, tc.off) })
 				if tc.mustBeOK && !ok {
 					t.Errorf("%s: ReadDirect declined an aligned read", tc.name)
 				}
