@@ -3,6 +3,7 @@ package fusefs
 import (
 	"bytes"
 	"fmt"
+	"imgfuse/coroutine"
 	"log"
 	"strings"
 	"syscall"
@@ -27,7 +28,10 @@ func TestIOErrorsCounted(t *testing.T) {
 	ino := uint64(fuse.FUSE_ROOT_ID)
 	buf := make([]byte, 4096)
 	read := func(off uint64) fuse.Status {
-		_, st := fs.Read(nil, &fuse.ReadIn{InHeader: fuse.InHeader{NodeId: ino}, Offset: off, Size: 4096}, buf)
+		var st fuse.Status
+		onReq(fs, func(r *reqFS) {
+			_, st = r.Read(nil, &fuse.ReadIn{InHeader: fuse.InHeader{NodeId: ino}, Offset: off, Size: 4096}, buf)
+		})
 		return st
 	}
 
@@ -35,7 +39,11 @@ func TestIOErrorsCounted(t *testing.T) {
 		t.Fatalf("read: %v", st)
 	}
 	// A write past the end: ENOSPC, not an I/O error.
-	if _, st := fs.Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: ino}, Offset: 1 << 20}, []byte("x")); st != fuse.Status(syscall.ENOSPC) {
+	var st fuse.Status
+	onReq(fs, func(r *reqFS) {
+		_, st = r.Write(nil, &fuse.WriteIn{InHeader: fuse.InHeader{NodeId: ino}, Offset: 1 << 20}, []byte("x"))
+	})
+	if st != fuse.Status(syscall.ENOSPC) {
 		t.Fatalf("write past the end: %v, want ENOSPC", st)
 	}
 	if got := fs.errs.stats(); got.Count != 0 {
@@ -78,7 +86,8 @@ func TestIOErrorsCounted(t *testing.T) {
 	d.mu.Lock()
 	d.flushErr = fmt.Errorf("disk on fire: %w", syscall.EIO)
 	d.mu.Unlock()
-	if st := fs.Fsync(nil, &fuse.FsyncIn{InHeader: fuse.InHeader{NodeId: ino}}); st != fuse.EIO {
+	onReq(fs, func(r *reqFS) { st = r.Fsync(nil, &fuse.FsyncIn{InHeader: fuse.InHeader{NodeId: ino}}) })
+	if st != fuse.EIO {
 		t.Fatalf("fsync: %v, want EIO", st)
 	}
 	if got := fs.errs.stats(); got.Count != 16 || got.Last.Op != "flush" || got.Last.Offset != -1 || !strings.Contains(got.Last.Cause, "disk on fire") {
@@ -98,11 +107,21 @@ func TestIOErrorsPartitionOffset(t *testing.T) {
 	d := newMemDriver(make([]byte, 1<<20))
 	d.readErr = fmt.Errorf("bad: %w", drivers.ErrCorrupt)
 	fs := newDiskFS(d, Options{Name: "disk"}, true, []partition.Partition{{Number: 1, Start: 8192, Size: 65536}})
-	_, st := fs.Read(nil, &fuse.ReadIn{InHeader: fuse.InHeader{NodeId: firstPartIno}, Offset: 4096, Size: 512}, make([]byte, 512))
+	var st fuse.Status
+	onReq(fs, func(r *reqFS) {
+		_, st = r.Read(nil, &fuse.ReadIn{InHeader: fuse.InHeader{NodeId: firstPartIno}, Offset: 4096, Size: 512}, make([]byte, 512))
+	})
 	if st != fuse.EIO {
 		t.Fatalf("read: %v, want EIO", st)
 	}
 	if got := fs.errs.stats(); got.Count != 1 || got.Last.Offset != 8192+4096 {
 		t.Errorf("stats: %+v, want one error at disk offset %#x", got, 8192+4096)
 	}
+}
+
+// onReq runs fn with fs as a request's handler sees it: paired with the
+// coroutine of the request, on an event loop (diskFS alone answers
+// ENOSYS to the request operations).
+func onReq(fs *diskFS, fn func(r *reqFS)) {
+	coroutine.Run(func(co *coroutine.Co) { fn(&reqFS{fs, co}) })
 }
