@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -75,17 +76,7 @@ func TestLocking(t *testing.T) {
 
 	t.Run("refused-while-qemu-writes", func(t *testing.T) {
 		img, _ := smallQcow2(t)
-		cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 20000", img)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() { cmd.Process.Kill(); cmd.Wait() }()
-		if !waitFor(5*time.Second, func() bool {
-			out, err := exec.Command("qemu-img", "info", img).CombinedOutput()
-			return err != nil && lockMsg.Match(out)
-		}) {
-			t.Fatal("qemu-io never took its locks")
-		}
+		defer startQemuWriter(t, img)()
 		r := imgfuse(t, nil, "mount", img, newMountpoint(t, false))
 		if r.code == 0 {
 			t.Fatalf("mount succeeded while qemu-io writes the image")
@@ -206,4 +197,63 @@ func TestLockQSD(t *testing.T) {
 		compareFiles(t, exported, disk)
 		unmount(t, mp)
 	})
+}
+
+// startQemuWriter starts qemu-io holding img open for writing and returns
+// once it holds QEMU's write-permission lock (byte 101: 100 plus the bit
+// of BLK_PERM_WRITE), and a function that stops it. It watches
+// /proc/locks rather than probing with qemu-img info: a probe opens the
+// image and takes locks of its own that refuse a writer, and one that
+// races qemu-io's start makes qemu-io fail with "Failed to get write lock".
+func startQemuWriter(t *testing.T, img string) (stop func()) {
+	t.Helper()
+	fi, err := os.Stat(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ino := fmt.Sprintf(":%d", fi.Sys().(*syscall.Stat_t).Ino)
+	var out bytes.Buffer
+	cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 20000", img)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stop = func() { cmd.Process.Kill(); <-exited }
+	writeLocked := func() bool {
+		locks, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			return false
+		}
+		for _, l := range strings.Split(string(locks), "\n") {
+			// "4: OFDLCK ADVISORY READ -1 fe:00:1234 100 101": the
+			// kernel merges adjacent ranges of one descriptor.
+			f := strings.Fields(l)
+			if len(f) < 8 || f[1] != "OFDLCK" || !strings.HasSuffix(f[5], ino) {
+				continue
+			}
+			start, err1 := strconv.ParseInt(f[6], 10, 64)
+			end, err2 := strconv.ParseInt(f[7], 10, 64)
+			if err1 == nil && err2 == nil && start <= 101 && 101 <= end {
+				return true
+			}
+		}
+		return false
+	}
+	// Generous: on a loaded machine qemu-io takes a while to start.
+	for deadline := time.Now().Add(30 * time.Second); !writeLocked(); {
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("qemu-io exited before taking its locks: %v\n%s", err, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("qemu-io never took its write lock on %s\n%s", img, out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return stop
 }

@@ -2,7 +2,6 @@ package tests
 
 import (
 	"encoding/json"
-	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -243,36 +242,7 @@ func TestOverlay(t *testing.T) {
 		// leaves no overlay behind.
 		base, _ := overlayBase(t)
 		tmp := t.TempDir()
-		qioOut, err := os.Create(filepath.Join(t.TempDir(), "qemu-io.out"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer qioOut.Close()
-		cmd := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 20000", base)
-		cmd.Stdout, cmd.Stderr = qioOut, qioOut
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		defer func() { cmd.Process.Kill(); <-exited }()
-		// Generous: on a loaded machine qemu-io takes a while to start.
-		var info []byte
-		if !waitFor(30*time.Second, func() bool {
-			var err error
-			info, err = exec.Command("qemu-img", "info", base).CombinedOutput()
-			return err != nil && lockMsg.Match(info)
-		}) {
-			state := "still running"
-			select {
-			case err := <-exited:
-				state = fmt.Sprintf("exited: %v", err)
-				exited <- err
-			default:
-			}
-			out, _ := os.ReadFile(qioOut.Name())
-			t.Fatalf("qemu-io never took its locks (qemu-io %s, output %q; last qemu-img info: %s)", state, out, info)
-		}
+		defer startQemuWriter(t, base)()
 		r := imgfuse(t, []string{"TMPDIR=" + tmp}, "mount", "--overlay", base, newMountpoint(t, false))
 		if r.code != 4 || !strings.Contains(r.stderr, base) || strings.Contains(r.stderr, "force-share") {
 			t.Errorf("--overlay over an image QEMU writes: %v, want exit 4 naming the image, without suggesting --force-share", r)
