@@ -89,6 +89,27 @@
 // Run round trip. A loop that readied one gives its P away (Gosched) before
 // it sleeps: 20–30 µs. Requests never pay either.
 //
+// Even with a P to spare, a loop that sleeps through the runtime's
+// epoll_wait (entersyscall/exitsyscall) woke sysmon about once per QD1
+// request. So an idle loop first waits up to 5 ms in a raw epoll_wait the
+// runtime does not see, then in an ordinary one (Loop.wait). Measured on a
+// quiet machine, fio 4 KiB random reads at QD1 on a 1 GiB qcow2 (per
+// thread from /proc/PID/task/*/status and stat):
+//
+//	                          ctxsw/IO   sysmon's   CPU µs/IO   idle daemon
+//	runtime epoll_wait       3.33-3.47   0.73-0.86    107-108   0 wakes/s
+//	raw for up to 5 ms       2.94-2.96   0.35-0.36     94-108   0 wakes/s
+//	raw only                 2.63-2.76   0.12-0.16      79-95   516 wakes/s, 1% CPU
+//
+// Raw only is cheapest per request but an idle daemon never frees its P,
+// and sysmon then preempts each loop by signal every 10 ms: not kept. What
+// is left above QEMU's 2.0 is mostly the second loop: a request that
+// arrives while the loop that served the last one is between its reply
+// and its next epoll_wait wakes the other loop (EPOLLEXCLUSIVE wakes one
+// loop that is waiting), which then often finds the queue empty (~0.55
+// switches and ~8 µs per I/O). QEMU 11's multi-queue export pays the same
+// (2.9-3.0 switches per I/O at QD1 in bench/run, against 2.0 single-queue).
+//
 // # Lock order
 //
 // CoMutex is a lock for coroutines and may be held across Yields. The
