@@ -18,16 +18,7 @@ import (
 func foreignImages(t *testing.T, dir string) map[string]string {
 	t.Helper()
 	path := func(name string) string { return filepath.Join(dir, name) }
-	create := func(name, format string, opts ...string) string {
-		args := append([]string{"create", "-q", "-f", format}, opts...)
-		driverstest.Cmd(t, "qemu-img", append(args, path(name), "4M")...)
-		return path(name)
-	}
-	src := create("src.raw", "raw")
-	if err := os.WriteFile(src, bytes.Repeat([]byte("guest data"), 4<<20/10), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	driverstest.Cmd(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, path("stream.vmdk"))
+	_, create := driverstest.ForeignSource(t, dir)
 	return map[string]string{
 		create("sparse.vmdk", "vmdk"): "a VMDK image",
 		path("stream.vmdk"):           "a VMDK image",

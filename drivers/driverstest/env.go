@@ -94,3 +94,26 @@ func DirState(t testing.TB, dir string) map[string]string {
 	}
 	return out
 }
+
+// ForeignSource makes in dir the images of formats other than qcow2 and
+// raw that tests of probing and refusal share: a 4 MiB raw file src.raw
+// full of data and, converted from it, a streamOptimized VMDK
+// stream.vmdk (qemu-img creates that subformat only by conversion). It
+// returns src.raw's path and a function that runs qemu-img create -f
+// format [opts] name 4M in dir and returns the new image's path.
+func ForeignSource(t testing.TB, dir string) (src string, create func(name, format string, opts ...string) string) {
+	t.Helper()
+	create = func(name, format string, opts ...string) string {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		args := append([]string{"create", "-q", "-f", format}, opts...)
+		Cmd(t, "qemu-img", append(args, path, "4M")...)
+		return path
+	}
+	src = create("src.raw", "raw")
+	if err := os.WriteFile(src, bytes.Repeat([]byte("guest data"), 4<<20/10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	Cmd(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, filepath.Join(dir, "stream.vmdk"))
+	return src, create
+}

@@ -50,16 +50,7 @@ func TestProbeQemuImages(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	path := func(name string) string { return filepath.Join(dir, name) }
-	create := func(name, format string, opts ...string) string {
-		args := append([]string{"create", "-q", "-f", format}, opts...)
-		driverstest.Cmd(t, "qemu-img", append(args, path(name), "4M")...)
-		return path(name)
-	}
-	src := create("src.raw", "raw")
-	if err := os.WriteFile(src, bytes.Repeat([]byte("some data"), 4<<20/9), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	driverstest.Cmd(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, path("stream.vmdk"))
+	src, create := driverstest.ForeignSource(t, dir)
 	for _, tt := range []struct {
 		path string
 		want string // "" for what qemu-img says
