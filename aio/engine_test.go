@@ -81,15 +81,7 @@ func TestBatchSubmit(t *testing.T) {
 	l := testLoop(t)
 	e := loopEngine(t, l)
 	before := stats(e)
-	bufs := blockBufs(n)
-	for i, err := range readAll(l, f, bufs) {
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(bufs[i], data[i*4096:(i+1)*4096]) {
-			t.Fatalf("block %d differs", i)
-		}
-	}
+	readAllCheck(t, l, f, data, n)
 	after := stats(e)
 	calls, subs := after.submitCalls-before.submitCalls, after.submitted-before.submitted
 	if calls != 1 || subs != n {
@@ -171,15 +163,7 @@ func TestBackPressure(t *testing.T) {
 	f := openCase(t, engineCase{dir: d, wantDirect: true}, createFile(t, d, data))
 	l := testLoop(t)
 	e := loopEngine(t, l)
-	bufs := blockBufs(n)
-	for i, err := range readAll(l, f, bufs) {
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(bufs[i], data[i*4096:(i+1)*4096]) {
-			t.Fatalf("block %d differs", i)
-		}
-	}
+	readAllCheck(t, l, f, data, n)
 	st := stats(e)
 	t.Logf("io_submit calls %d for %d iocbs; max queued %d, max in flight %d",
 		st.submitCalls, st.submitted, st.maxQueued, st.maxInflight)
@@ -219,5 +203,20 @@ func TestLoopsHaveTheirOwnContexts(t *testing.T) {
 	wg.Wait()
 	if s1, s2 := stats(e1), stats(e2); s1.submitted != n || s2.submitted != n {
 		t.Fatalf("contexts submitted %d and %d, want %d each", s1.submitted, s2.submitted, n)
+	}
+}
+
+// readAllCheck reads the first n 4 KiB blocks of f at once on l and
+// checks each against data.
+func readAllCheck(t *testing.T, l *coroutine.Loop, f *File, data []byte, n int) {
+	t.Helper()
+	bufs := blockBufs(n)
+	for i, err := range readAll(l, f, bufs) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(bufs[i], data[i*4096:(i+1)*4096]) {
+			t.Fatalf("block %d differs", i)
+		}
 	}
 }

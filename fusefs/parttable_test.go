@@ -95,17 +95,7 @@ func TestPartitionTableFollowsWrites(t *testing.T) {
 	putMBREntry(mbr, 0, 0x83, 8, 16)
 	putMBREntry(mbr, 1, 0x83, 64, 32)
 	putMBREntry(mbr, 3, 0x83, 512, 256)
-	disk, err := os.OpenFile(path("disk"), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer disk.Close()
-	if _, err := disk.WriteAt(mbr, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := disk.Sync(); err != nil {
-		t.Fatal(err)
-	}
+	writeSynced(t, path("disk"), mbr, 0)
 
 	if got := dirNames(t, mp); !slices.Equal(got, []string{"disk", "part1", "part2", "part4"}) {
 		t.Errorf("directory after the new table %v", got)
@@ -351,17 +341,7 @@ func TestPartitionTableUnderLoad(t *testing.T) {
 	}
 	mbr := d.snapshot()[:512]
 	putMBREntry(mbr, 1, 0x83, 128, 64) // part2 moves just past its old end
-	disk, err := os.OpenFile(filepath.Join(mp, "disk"), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer disk.Close()
-	if _, err := disk.WriteAt(mbr, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := disk.Sync(); err != nil {
-		t.Fatal(err)
-	}
+	writeSynced(t, filepath.Join(mp, "disk"), mbr, 0)
 	after := d.snapshot()[old.off:old.end]
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
@@ -381,5 +361,22 @@ func TestPartitionTableUnderLoad(t *testing.T) {
 	}
 	if !bytes.Equal(d.snapshot()[128*512:192*512], mbrDisk(1 << 20)[128*512:192*512]) {
 		t.Error("the new part2 range was written through an old handle")
+	}
+}
+
+// writeSynced writes p at off of the file at path and fsyncs it, as a
+// partitioning tool does.
+func writeSynced(t *testing.T, path string, p []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
 	}
 }
