@@ -3,9 +3,12 @@ package coroutine
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -57,7 +60,8 @@ type Loop struct {
 	// readied is set when the loop made a goroutine runnable (a worker
 	// started, a Run caller answered); see yieldP.
 	readied bool
-	hooks   []func()
+	hooks   []*func()
+	polls   []*func() bool
 	closes  []func()
 	values  []loopValue
 	evs     [64]unix.EpollEvent
@@ -248,7 +252,36 @@ func (l *Loop) Unwatch(fd int) {
 // OnIdle adds a hook the loop calls every time it has run everything
 // queued, before it sleeps: aio submits the iteration's batch of iocbs
 // there. A hook may wake coroutines. Loop thread only.
-func (l *Loop) OnIdle(fn func()) { l.hooks = append(l.hooks, fn) }
+// The returned function removes the hook (loop thread only).
+func (l *Loop) OnIdle(fn func()) (remove func()) {
+	p := &fn
+	l.hooks = append(l.hooks, p)
+	return func() { l.hooks = removePtr(l.hooks, p) }
+}
+
+// removePtr returns s without p.
+func removePtr[T any](s []*T, p *T) []*T {
+	for i, q := range s {
+		if q == p {
+			return append(s[:i:i], s[i+1:]...)
+		}
+	}
+	return s
+}
+
+// OnPoll adds a poller the loop calls every iteration, after it has run
+// everything queued and before the idle hooks: a source of work that can
+// be looked at without a system call (an io_uring completion queue) and
+// that the kernel may fill without making any descriptor readable first
+// (its task work runs when the loop returns from epoll_wait with EINTR).
+// fn reports whether it found work; the loop then runs what it queued
+// before it polls again. The returned function removes the poller. Loop
+// thread only.
+func (l *Loop) OnPoll(fn func() bool) (remove func()) {
+	p := &fn
+	l.polls = append(l.polls, p)
+	return func() { l.polls = removePtr(l.polls, p) }
+}
 
 // OnClose adds a hook the loop calls when it stops (Close), after the last
 // coroutine has terminated. Loop thread only.
@@ -370,8 +403,11 @@ func (l *Loop) run() {
 	defer l.shutdown()
 	for {
 		l.runQueued()
+		for l.poll() {
+			l.runQueued()
+		}
 		for _, h := range l.hooks {
-			h()
+			(*h)()
 		}
 		l.sleeping.Store(true)
 		l.mu.Lock()
@@ -430,6 +466,20 @@ func (l *Loop) wait(timeout int) (int, error) {
 	if timeout == 0 {
 		return rawEpollWait(l.epfd, l.evs[:], 0)
 	}
+	if timeout < 0 && spinFor > 0 {
+		deadline := time.Now().Add(spinFor)
+		for {
+			if n, err := rawEpollWait(l.epfd, l.evs[:], 0); n != 0 || err != nil {
+				return n, err
+			}
+			if l.poll() {
+				return 0, nil
+			}
+			if time.Now().After(deadline) {
+				break
+			}
+		}
+	}
 	if timeout < 0 {
 		if n, err := rawEpollWait(l.epfd, l.evs[:], quietWaitMs); n != 0 || err != nil {
 			return n, err
@@ -438,6 +488,12 @@ func (l *Loop) wait(timeout int) (int, error) {
 	return unix.EpollWait(l.epfd, l.evs[:], timeout)
 }
 
+// spinFor is how long an idle loop polls before it sleeps.
+var spinFor = func() time.Duration {
+	us, _ := strconv.Atoi(os.Getenv("IMGFUSE_SPIN_US"))
+	return time.Duration(us) * time.Microsecond
+}()
+
 // rawEpollWait is epoll_wait without entersyscall (see wait).
 func rawEpollWait(epfd int, evs []unix.EpollEvent, msec int) (int, error) {
 	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&evs[0])), uintptr(len(evs)), uintptr(msec), 0, 0)
@@ -445,6 +501,17 @@ func rawEpollWait(epfd int, evs []unix.EpollEvent, msec int) (int, error) {
 		return 0, e
 	}
 	return int(r), nil
+}
+
+// poll calls the pollers and reports whether any found work.
+func (l *Loop) poll() bool {
+	found := false
+	for _, p := range l.polls {
+		if (*p)() {
+			found = true
+		}
+	}
+	return found
 }
 
 // runQueued runs posts, starts Run coroutines and enters woken ones until

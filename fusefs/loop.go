@@ -312,6 +312,9 @@ type conn struct {
 	// connection is gone (gone), the last one to finish ends the conn.
 	inflight int
 	gone     bool
+	// u is the loop's FUSE-over-io_uring ring, or nil; the conn ends
+	// once it has closed too (uring.go).
+	u *uringLoop
 }
 
 // serving is a mounted connection served by every loop.
@@ -459,7 +462,7 @@ func (c *conn) end() {
 }
 
 func (c *conn) maybeDone() {
-	if c.gone && c.inflight == 0 {
+	if c.gone && c.inflight == 0 && (c.u == nil || c.u.ring == nil) {
 		unix.Close(c.fd)
 		c.fd = -1
 		c.s.wg.Done()
@@ -490,8 +493,9 @@ func (c *conn) release(rb *reqBufs) {
 	reqPool.Put(rb)
 }
 
-// handle serves one request and writes its reply. A reply to /dev/fuse
-// never blocks: the kernel takes it or refuses it at once.
+// handle serves one request read from /dev/fuse and writes its reply. A
+// reply to /dev/fuse never blocks: the kernel takes it or refuses it at
+// once.
 func (c *conn) handle(rb *reqBufs) {
 	in := rb.in[0]
 	if len(in) < inHeaderSize {
@@ -514,21 +518,9 @@ func (c *conn) handle(rb *reqBufs) {
 	defer putOut(outBuf)
 	rb.out[0] = rb.hdr[:]
 	rb.out[1] = *outBuf
-	n, st := c.ps.HandleRequest(rb.in[:], rb.out[:])
-	switch {
-	case !st.Ok():
-		// Malformed, or a reply larger than we made room for: answer
-		// with the error rather than leave the caller waiting.
-		switch h.Opcode {
-		case opForget, opBatchForget, opNotifyReply:
-			return
-		}
-		*(*fuse.OutHeader)(unsafe.Pointer(&rb.hdr[0])) = fuse.OutHeader{
-			Length: uint32(outHeaderSize), Status: -int32(st), Unique: h.Unique,
-		}
+	n := c.answer(rb.in[:], h, &rb.out)
+	if n == 0 {
 		rb.out[1] = nil
-		n = outHeaderSize
-	case n == 0:
 		return // FORGET and friends: no reply
 	}
 	rb.out[1] = rb.out[1][:n-outHeaderSize]
@@ -538,4 +530,29 @@ func (c *conn) handle(rb *reqBufs) {
 		c.s.log.Printf("fusefs: reply to opcode %d: %v", h.Opcode, err)
 	}
 	rb.out[1] = nil
+}
+
+// answer runs one request through the loop's protocol server: in is the
+// request (its header is h), out[0] the room for the reply's header
+// (outHeaderSize bytes) and out[1] for the rest. It returns the reply's
+// length, header included, or 0 if the request takes none.
+func (c *conn) answer(in [][]byte, h *fuse.InHeader, out *[2][]byte) int {
+	hdr := out[0]
+	n, st := c.ps.HandleRequest(in, out[:])
+	switch {
+	case !st.Ok():
+		// Malformed, or a reply larger than we made room for: answer
+		// with the error rather than leave the caller waiting.
+		switch h.Opcode {
+		case opForget, opBatchForget, opNotifyReply:
+			return 0
+		}
+		*(*fuse.OutHeader)(unsafe.Pointer(&hdr[0])) = fuse.OutHeader{
+			Length: uint32(outHeaderSize), Status: -int32(st), Unique: h.Unique,
+		}
+		return outHeaderSize
+	case n == 0:
+		return 0
+	}
+	return n
 }

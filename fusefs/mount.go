@@ -46,6 +46,9 @@ type Options struct {
 	// could use it (drivers.FileBacked): every read and write then reaches
 	// the driver. Server.Passthrough says what a mount got.
 	NoPassthrough bool
+	// IOURing serves requests through FUSE-over-io_uring when the
+	// kernel offers it (URingAvailable), /dev/fuse otherwise.
+	IOURing bool
 	// Logger receives the one line about an ignored partition table or a
 	// clamped or skipped partition (at mount and at each re-read), one
 	// line per change of the table through the mount, and the I/O errors
@@ -157,6 +160,10 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		// filesystem is stacked as deep as the FUSE mount may be.
 		MaxStackDepth: 2,
 	}
+	useURing := (opts.IOURing || os.Getenv("IMGFUSE_IO_URING") == "1") && URingAvailable()
+	if useURing {
+		mopts.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+	}
 	fb, _ := d.(drivers.FileBacked)
 	if opts.NoPassthrough || fb == nil {
 		// Not even negotiated: the mount is then exactly what it was
@@ -186,6 +193,16 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: mount %s: serving from event loops: %w", abs, err)
 	}
 	s.Mode = fmt.Sprintf("event loops (%d)", len(serving.conns))
+	if useURing {
+		// Until every CPU's queue has an entry the kernel holds new
+		// requests back; a refused registration hands them to
+		// /dev/fuse.
+		if err := serving.startURing(writePayloadOff + mopts.MaxWrite); err != nil {
+			opts.Logger.Printf("fusefs: FUSE-over-io_uring not used: %v", err)
+		} else {
+			s.Mode += ", io_uring"
+		}
+	}
 	go func() {
 		serving.wait()
 		// go-fuse's server reads nothing while the loops serve; now it

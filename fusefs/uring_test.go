@@ -1,0 +1,210 @@
+package fusefs
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"imgfuse/internal/testenv"
+)
+
+// enableURing turns the fuse module's enable_uring on for the test and
+// back to what it was afterwards. imgfuse itself never changes it.
+func enableURing(t *testing.T) {
+	t.Helper()
+	requireFUSE(t)
+	old, err := os.ReadFile(uringParamPath)
+	if err != nil {
+		testenv.Skip(t, "this kernel has no FUSE-over-io_uring: %v", err)
+	}
+	if os.Geteuid() != 0 {
+		testenv.Skip(t, "setting %s needs root", uringParamPath)
+	}
+	if err := os.WriteFile(uringParamPath, []byte("Y"), 0); err != nil {
+		t.Fatalf("enabling FUSE-over-io_uring: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.WriteFile(uringParamPath, bytes.TrimSpace(old), 0); err != nil {
+			t.Errorf("restoring %s: %v", uringParamPath, err)
+		}
+	})
+}
+
+// openFDs counts the process's open descriptors.
+func openFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestURingServes reads and writes through a mount served by
+// FUSE-over-io_uring from every CPU (each CPU has its own queue, served by
+// the loop that registered it), with 4 KiB, odd-sized and 1 MiB requests
+// (the largest payload an entry holds), and checks every byte against a
+// model.
+func TestURingServes(t *testing.T) {
+	enableURing(t)
+	const size = 8 << 20
+	data := pattern(size, 21)
+	d := newMemDriver(slices.Clone(data))
+	mp := t.TempDir()
+	s := mountT(t, mp, d, Options{IOURing: true})
+	if !strings.Contains(s.Mode, "io_uring") {
+		t.Fatalf("serving mode %q: FUSE-over-io_uring not in use", s.Mode)
+	}
+	path := filepath.Join(mp, "disk")
+
+	cpus := runtime.NumCPU()
+	var wg sync.WaitGroup
+	errs := make(chan string, 64)
+	// Each worker owns a stripe of the disk, so the model needs no lock.
+	stripe := size / cpus / (1 << 20) * (1 << 20)
+	for w := range cpus {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			var set unix.CPUSet
+			set.Set(w)
+			_ = unix.SchedSetaffinity(0, &set)
+			fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			defer unix.Close(fd)
+			r := rand.New(rand.NewPCG(uint64(w), 7))
+			base := w * stripe
+			buf := alignedBuf(1 << 20)
+			for i := range 200 {
+				n := 4096 << r.IntN(9) // 4 KiB .. 1 MiB
+				off := base + r.IntN(stripe/4096-n/4096+1)*4096
+				if i%2 == 0 {
+					p := pattern(n, uint64(w*1000+i))
+					copy(buf, p)
+					if m, err := unix.Pwrite(fd, buf[:n], int64(off)); m != n || err != nil {
+						errs <- "pwrite: " + errString(err)
+						return
+					}
+					copy(data[off:], p)
+					continue
+				}
+				if m, err := unix.Pread(fd, buf[:n], int64(off)); m != n || err != nil {
+					errs <- "pread: " + errString(err)
+					return
+				}
+				if !bytes.Equal(buf[:n], data[off:off+n]) {
+					errs <- "read back differs from the model"
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	// Buffered, unaligned I/O takes other requests (the kernel's
+	// page-cache path, FLUSH at close).
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	odd := pattern(12345, 99)
+	if _, err := f.WriteAt(odd, 777); err != nil {
+		t.Fatal(err)
+	}
+	copy(data[777:], odd)
+	if err := f.Sync(); err != nil {
+		t.Errorf("fsync: %v", err)
+	}
+	f.Close()
+	got, err := os.ReadFile(path)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Errorf("read back through the page cache: %d bytes, %v", len(got), err)
+	}
+	if !bytes.Equal(d.snapshot(), data) {
+		t.Error("driver contents differ from the model")
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "short"
+	}
+	return err.Error()
+}
+
+// TestURingUnmountReleases mounts and unmounts repeatedly, with requests in
+// flight at the unmount: every ring, its buffers and its clones are
+// released (the descriptor count returns to where it was) and Wait
+// returns.
+func TestURingUnmountReleases(t *testing.T) {
+	enableURing(t)
+	before := -1
+	for i := range 5 {
+		mp := t.TempDir()
+		s, err := Mount(mp, newMemDriver(make([]byte, 4<<20)), Options{IOURing: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(s.Mode, "io_uring") {
+			t.Fatalf("serving mode %q", s.Mode)
+		}
+		if i == 0 {
+			// The first mount starts the process's loops, which
+			// keep their descriptors.
+			if err := s.Unmount(); err != nil {
+				t.Fatal(err)
+			}
+			waitT(t, s)
+			before = openFDs(t)
+			continue
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				f, err := os.Open(filepath.Join(mp, "disk"))
+				if err != nil {
+					return
+				}
+				defer f.Close()
+				buf := make([]byte, 65536)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if _, err := f.ReadAt(buf, 0); err != nil {
+						return
+					}
+				}
+			}()
+		}
+		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+			t.Fatal(err)
+		}
+		close(stop)
+		wg.Wait()
+		waitT(t, s)
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("open descriptors %d after the mounts, %d before", after, before)
+	}
+}
