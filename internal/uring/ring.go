@@ -45,9 +45,9 @@ const (
 // params is struct io_uring_params.
 type params struct {
 	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFd uint32
-	resv                                                                [3]uint32
-	sqOff                                                               sqOffsets
-	cqOff                                                               cqOffsets
+	resv                                                                   [3]uint32
+	sqOff                                                                  sqOffsets
+	cqOff                                                                  cqOffsets
 }
 
 type sqOffsets struct {
