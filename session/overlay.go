@@ -1,14 +1,14 @@
-package main
+package session
 
 import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"imgfuse/drivers"
 	"imgfuse/drivers/qcow2"
+	"imgfuse/imgtool"
+	"imgfuse/mounts"
 )
 
 // Throw-away writes (mount --overlay, like qemu-nbd -s). The daemon opens
@@ -26,11 +26,6 @@ import (
 // cannot remove it: its path is in the state file, and `imgfuse unmount`
 // of the dead mount removes it. --overlay-keep FILE creates the overlay at
 // FILE instead and keeps it.
-
-// overlayPrefix starts the name of every temporary overlay: a state file
-// naming anything else as a temporary overlay is not trusted with a
-// removal.
-const overlayPrefix = "imgfuse-overlay-"
 
 // overlayTempDir is $TMPDIR, or /var/tmp as QEMU's get_tmp_filename uses
 // (disk-backed, unlike a tmpfs /tmp, and writable by every user), or the
@@ -58,7 +53,7 @@ func createOverlay(base, baseFormat string, size int64, keep string) (string, er
 		f.Close()
 		path = keep
 	} else {
-		f, err := os.CreateTemp(overlayTempDir(), overlayPrefix+"*.qcow2")
+		f, err := os.CreateTemp(overlayTempDir(), mounts.OverlayPrefix+"*.qcow2")
 		if err != nil {
 			return "", fmt.Errorf("create overlay: %w", err)
 		}
@@ -73,61 +68,50 @@ func createOverlay(base, baseFormat string, size int64, keep string) (string, er
 	return path, nil
 }
 
-// isTempOverlay reports whether path may be removed as a temporary
-// overlay recorded in a state file.
-func isTempOverlay(path string) bool {
-	return filepath.IsAbs(path) && strings.HasPrefix(filepath.Base(path), overlayPrefix) &&
-		strings.HasSuffix(path, ".qcow2")
-}
-
-// removeStaleState removes the state file of a server that is gone, its
-// --pidfile if that still holds its pid (a stale pid file could make a
-// script signal whatever process gets the pid next), and the temporary
-// overlay it recorded; it returns the overlay removed, if any.
-func removeStaleState(dir, mp string, st daemonState) string {
-	os.Remove(statePath(dir, mp))
-	if st.PIDFile != "" {
-		if b, err := os.ReadFile(st.PIDFile); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(st.PID) {
-			os.Remove(st.PIDFile)
-		}
-	}
-	if st.OverlayTemporary && isTempOverlay(st.Overlay) && os.Remove(st.Overlay) == nil {
-		return st.Overlay
-	}
-	return ""
-}
-
 // openOverlay opens the image read-only (so that lock conflicts, missing
 // files and corruption are reported against the image), creates the
 // overlay over it and opens that writable. The image's own descriptor is
-// closed once the overlay holds the image through its backing chain. On
-// failure nothing is left: no overlay file, no open image.
-func openOverlay(o *mountOptions, format string, opts drivers.OpenOptions) (drivers.Driver, string, error) {
+// closed once the overlay holds the image through its backing chain. The
+// overlay is removed by the clean-up stack: a temporary one always, a kept
+// one (--overlay-keep) when the mount never answered.
+func (s *session) openOverlay(format string, opts drivers.OpenOptions) error {
+	o := s.o
 	bopts := opts
 	bopts.ReadOnly, bopts.Growable, bopts.LazyRefcounts = true, false, false
-	base, _, err := drivers.Open(o.image, format, bopts)
+	base, _, err := drivers.Open(o.Image, format, bopts)
 	if err != nil {
-		// --force-share cannot help: the overlay needs an image that
-		// nobody changes under it.
-		msg := strings.Replace(describeOpenError(o.image, err).Error(), forceShareHint,
-			" (--overlay needs an image no other process writes)", 1)
-		return nil, "", openError(fmt.Errorf("%s%w", msg, sentinelOf(err)))
+		e := imgtool.OpenFailed(o.Image, err)
+		if e.Hint != "" {
+			// --force-share cannot help: the overlay needs an image
+			// that nobody changes under it.
+			e.Hint = "--overlay needs an image no other process writes"
+		}
+		return e
 	}
 	defer base.Close()
-	absImage := o.absImage
+	absImage := o.AbsImage
 	if absImage == "" {
-		if absImage, err = filepath.Abs(o.image); err != nil {
-			return nil, "", err
+		if absImage, err = filepath.Abs(o.Image); err != nil {
+			return err
 		}
 	}
-	path, err := createOverlay(absImage, format, base.Size(), o.overlayKeep)
+	path, err := createOverlay(absImage, format, base.Size(), o.OverlayKeep)
 	if err != nil {
-		return nil, "", err
+		return err
 	}
+	s.overlay = path
+	s.undo.push(func(err error) error {
+		if o.OverlayKeep == "" || !s.ready {
+			if rerr := os.Remove(path); rerr != nil && o.OverlayKeep == "" {
+				s.log.Printf("remove overlay: %v", rerr)
+			}
+		}
+		return err
+	})
 	d, _, err := drivers.Open(path, "qcow2", opts)
 	if err != nil {
-		os.Remove(path)
-		return nil, "", openError(describeOpenError(path, err))
+		return imgtool.OpenFailed(path, err)
 	}
-	return d, path, nil
+	s.d = d
+	return nil
 }
