@@ -69,6 +69,9 @@ func (o *Options) CheckFlags() error {
 	if err := imgtool.CheckFormatFlag(o.Format); err != nil {
 		return err
 	}
+	if o.Overlay && o.OverlayKeep != "" {
+		return imgtool.Usagef("--overlay and --overlay-keep exclude each other (--overlay-keep FILE is --overlay with the overlay kept at FILE)")
+	}
 	if err := o.checkWriteFlags(); err != nil {
 		return err
 	}

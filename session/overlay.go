@@ -1,6 +1,7 @@
 package session
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -20,24 +21,39 @@ import (
 // refused to others), so `qemu-img info` and other read-only mounts work
 // meanwhile and no writer can change the image under the overlay.
 //
-// The temporary overlay lives in overlayTempDir, the directory QEMU uses
+// The temporary overlay lives in one of overlayTempDirs, the directory QEMU uses
 // for its own temporary overlays, and is removed when the daemon exits
 // (unmount, signal, or a failed mount). A daemon killed with SIGKILL
 // cannot remove it: its path is in the state file, and `imgfuse unmount`
 // of the dead mount removes it. --overlay-keep FILE creates the overlay at
 // FILE instead and keeps it.
 
-// overlayTempDir is $TMPDIR, or /var/tmp as QEMU's get_tmp_filename uses
-// (disk-backed, unlike a tmpfs /tmp, and writable by every user), or the
-// system temp dir if there is no /var/tmp.
-func overlayTempDir() string {
+// overlayTempDirs are the directories a temporary overlay may go to, in
+// turn: $TMPDIR, then /var/tmp as QEMU's get_tmp_filename uses
+// (disk-backed, unlike a tmpfs /tmp, and writable by every user), then the
+// system temp dir. A $TMPDIR that is missing or not writable is passed
+// over, not fatal.
+func overlayTempDirs() []string {
+	var dirs []string
 	if d := os.Getenv("TMPDIR"); d != "" {
-		return d
+		dirs = append(dirs, d)
 	}
-	if fi, err := os.Stat("/var/tmp"); err == nil && fi.IsDir() {
-		return "/var/tmp"
+	return append(dirs, "/var/tmp", "/tmp")
+}
+
+// createTempOverlay creates an empty temporary overlay file in the first
+// of overlayTempDirs that takes it.
+func createTempOverlay() (string, error) {
+	var errs []error
+	for _, dir := range overlayTempDirs() {
+		f, err := os.CreateTemp(dir, mounts.OverlayPrefix+"*.qcow2")
+		if err == nil {
+			f.Close()
+			return f.Name(), nil
+		}
+		errs = append(errs, err)
 	}
-	return os.TempDir()
+	return "", fmt.Errorf("create overlay: no temporary directory takes it: %w", errors.Join(errs...))
 }
 
 // createOverlay creates the overlay over base (absolute path, in format
@@ -53,12 +69,10 @@ func createOverlay(base, baseFormat string, size int64, keep string) (string, er
 		f.Close()
 		path = keep
 	} else {
-		f, err := os.CreateTemp(overlayTempDir(), mounts.OverlayPrefix+"*.qcow2")
-		if err != nil {
-			return "", fmt.Errorf("create overlay: %w", err)
+		var err error
+		if path, err = createTempOverlay(); err != nil {
+			return "", err
 		}
-		f.Close()
-		path = f.Name()
 	}
 	err := qcow2.Create(path, qcow2.CreateOptions{Size: size, BackingFile: base, BackingFormat: baseFormat})
 	if err != nil {

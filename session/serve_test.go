@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -12,6 +14,7 @@ import (
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/imgtool"
+	"imgfuse/mounts"
 )
 
 // closeDriver is a drivers.Driver that only records Flush and Close.
@@ -123,5 +126,35 @@ func TestExplainWritableOpen(t *testing.T) {
 	opts.ReadOnly = true
 	if got := explainWritableOpen("x.img", "picky", opts, failed("x.img")); strings.Contains(got.Error(), "--read-only mounts") {
 		t.Errorf("hint for a read-only open: %v", got)
+	}
+}
+
+// TestOverlayTempDirFallback: a $TMPDIR that does not exist is passed
+// over for /var/tmp, and the overlay made there is a qcow2 image over the
+// base.
+func TestOverlayTempDirFallback(t *testing.T) {
+	base := filepath.Join(t.TempDir(), "base.raw")
+	if err := os.WriteFile(base, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TMPDIR", filepath.Join(t.TempDir(), "missing"))
+	path, err := createOverlay(base, "raw", 1<<20, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(path)
+	if filepath.Dir(path) != "/var/tmp" || !mounts.IsTempOverlay(path) {
+		t.Errorf("overlay at %s, want a temporary overlay in /var/tmp", path)
+	}
+	f, err := drivers.ProbeFile(imgtool.Formats(), path)
+	if err != nil || f.Name() != "qcow2" {
+		t.Errorf("overlay probes as %v, %v", f, err)
+	}
+	// And $TMPDIR first when it works.
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", dir)
+	path, err = createOverlay(base, "raw", 1<<20, "")
+	if err != nil || filepath.Dir(path) != dir {
+		t.Errorf("overlay at %s (%v), want it in $TMPDIR %s", path, err, dir)
 	}
 }

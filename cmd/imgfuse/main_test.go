@@ -65,6 +65,7 @@ func TestUsageErrors(t *testing.T) {
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, imgtool.ExitUsage, "--timeout must be positive"},
 		{"demo extra arg", []string{"demo", "x"}, imgtool.ExitUsage, "demo takes no arguments"},
 		{"help hint", []string{"mount"}, imgtool.ExitUsage, "Run 'imgfuse mount --help' for usage."},
+		{"overlay and overlay-keep", []string{"mount", "--overlay", "--overlay-keep", "k.qcow2", "a", "b"}, imgtool.ExitUsage, "--overlay and --overlay-keep exclude each other"},
 		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, imgtool.ExitUsage, "--growable needs a writable mount, not --read-only"},
 		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, imgtool.ExitUsage, "--snapshot is read-only"},
 		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, imgtool.ExitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
