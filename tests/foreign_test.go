@@ -164,7 +164,8 @@ func TestForeignBacking(t *testing.T) {
 			{"map", img},
 		} {
 			r := imgfuse(t, nil, args...)
-			want := "imgfuse: open " + img + `: backing file "base.vmdk": is a VMDK image: not supported` + "\n"
+			// The driver names the image it was opening: "qcow2: IMG: ...".
+			want := "imgfuse: qcow2: " + img + `: backing file "base.vmdk": is a VMDK image: not supported` + "\n"
 			if r.code != 5 || r.stderr != want {
 				t.Errorf("imgfuse %s: want exit 5 and\n%s%v", strings.Join(args, " "), want, r)
 			}

@@ -96,7 +96,7 @@ func TestTruncatedImage(t *testing.T) {
 	// Writable: refused before anything is mounted or written.
 	mp := newMountpoint(t, false)
 	r := imgfuse(t, nil, "mount", img, mp)
-	if r.code != 6 || !strings.Contains(r.stderr, "imgfuse: open "+img+": "+reason) || strings.Count(r.stderr, "\n") != 1 {
+	if r.code != 6 || !strings.Contains(r.stderr, img+": "+reason) || strings.Count(r.stderr, img) != 1 || strings.Count(r.stderr, "\n") != 1 {
 		t.Errorf("writable mount of a truncated image: %v; want exit 6 and one line naming %q", r, reason)
 	}
 	if mounted(t, mp) {

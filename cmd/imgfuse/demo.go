@@ -13,6 +13,10 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"imgfuse/imgtool"
+	"imgfuse/mounts"
+	"imgfuse/session"
 )
 
 // The demo images, built by sample/make-sample.sh: an ext4 filesystem in
@@ -87,10 +91,10 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 	mnt := filepath.Join(dir, "mnt")
 	// Never rewrite images under a live mount of a previous demo, nor a
 	// user's files.
-	if mp, err := canonicalPath(mnt); err == nil {
-		if _, mounted, _ := findMount(mp); mounted {
+	if mp, err := mounts.CanonicalPath(mnt); err == nil {
+		if _, mounted, _ := mounts.Find(mp); mounted {
 			cleanup()
-			return fmt.Errorf("demo: %s is already mounted; run '%s unmount %s' first", mnt, demoCommand(), shellQuote(mnt))
+			return fmt.Errorf("demo: %s is already mounted; run '%s unmount %s' first", mnt, demoCommand(), imgtool.ShellQuote(mnt))
 		}
 	}
 	if err := checkDemoDir(dir); err != nil {
@@ -124,25 +128,25 @@ func runDemo(dir string, foreground bool, stdout, stderr io.Writer) error {
 		return fmt.Errorf("demo: %w", err)
 	}
 
-	o := &mountOptions{
-		image:        filepath.Join(dir, "overlay.qcow2"),
-		mountpoint:   mnt,
-		format:       "auto",
-		readOnly:     true,
-		foreground:   foreground,
-		removeOnExit: created,
+	o := &session.Options{
+		Image:        filepath.Join(dir, "overlay.qcow2"),
+		Mountpoint:   mnt,
+		Format:       "auto",
+		ReadOnly:     true,
+		Foreground:   foreground,
+		RemoveOnExit: created,
 	}
-	if err := o.validate(); err != nil {
+	if err := o.Validate(); err != nil {
 		cleanup()
 		return err
 	}
 	if foreground {
 		logger := log.New(stderr, "imgfuse: ", 0)
-		return serve(o, logger, func() {
+		return session.Serve(o, logger, func() {
 			printDemoNext(stdout, dir, true, rootless)
 		})
 	}
-	if err := startDaemon(o); err != nil {
+	if err := session.Start(o); err != nil {
 		cleanup()
 		return err
 	}
@@ -211,13 +215,13 @@ func writeSample(dir string) ([]string, error) {
 func printDemoNext(w io.Writer, dir string, foreground, rootless bool) {
 	mnt := filepath.Join(dir, "mnt")
 	self := demoCommand()
-	overlay := shellQuote(filepath.Join(dir, "overlay.qcow2"))
-	disk := shellQuote(filepath.Join(mnt, "disk"))
+	overlay := imgtool.ShellQuote(filepath.Join(dir, "overlay.qcow2"))
+	disk := imgtool.ShellQuote(filepath.Join(mnt, "disk"))
 	fmt.Fprintf(w, `Mounted %s (qcow2: compressed and zero clusters, backing file backing.qcow2)
 read-only on %s. The disk holds an ext4 filesystem. Next:
 
-`, overlay, shellQuote(mnt))
-	fsmnt := shellQuote(filepath.Join(dir, "fs"))
+`, overlay, imgtool.ShellQuote(mnt))
+	fsmnt := imgtool.ShellQuote(filepath.Join(dir, "fs"))
 	umount := "umount " + fsmnt
 	if rootless {
 		umount = "fusermount3 -u " + fsmnt
@@ -228,11 +232,11 @@ read-only on %s. The disk holds an ext4 filesystem. Next:
 	fmt.Fprintf(w, `  cat %s/README.txt %s/layer.txt
   %s info %s
   %s && %s unmount %s
-`, fsmnt, fsmnt, self, overlay, umount, self, shellQuote(mnt))
+`, fsmnt, fsmnt, self, overlay, umount, self, imgtool.ShellQuote(mnt))
 	if foreground {
 		fmt.Fprintf(w, "\nServing in the foreground: Ctrl-C (after %s) stops it.\n", umount)
 	} else {
-		fmt.Fprintf(w, "\nUnmounting removes the sample files (and %s, if the demo created it).\n", shellQuote(dir))
+		fmt.Fprintf(w, "\nUnmounting removes the sample files (and %s, if the demo created it).\n", imgtool.ShellQuote(dir))
 	}
 }
 
@@ -266,12 +270,12 @@ func chooseDemoCommand(exe, wd, onPath, root string) string {
 		case root == wd:
 			return "go run ./cmd/imgfuse"
 		}
-		return "go run -C " + shellQuote(root) + " ./cmd/imgfuse"
+		return "go run -C " + imgtool.ShellQuote(root) + " ./cmd/imgfuse"
 	}
 	if onPath != "" && sameFile(onPath, exe) {
 		return "imgfuse"
 	}
-	return shellQuote(exe)
+	return imgtool.ShellQuote(exe)
 }
 
 func sameFile(a, b string) bool {

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"imgfuse/drivers"
+	"imgfuse/imgtool"
 )
 
 func TestDemoSampleValid(t *testing.T) {
@@ -29,18 +30,18 @@ func TestDemoSampleValid(t *testing.T) {
 		t.Fatal(err)
 	}
 	overlay := filepath.Join(dir, "overlay.qcow2")
-	f, err := drivers.ProbeFile(imageFormats(), overlay)
+	f, err := drivers.ProbeFile(imgtool.Formats(), overlay)
 	if err != nil || f.Name() != "qcow2" {
 		t.Fatalf("overlay probes as %v, %v", f, err)
 	}
-	links, err := imageChain(overlay, "auto", true)
+	links, err := imgtool.ImageChain(overlay, "auto", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(links) != 2 || links[1].info.Format != "qcow2" {
+	if len(links) != 2 || links[1].Info.Format != "qcow2" {
 		t.Fatalf("overlay chain: %+v", links)
 	}
-	backing := links[1].info.Filename
+	backing := links[1].Info.Filename
 	if _, err := os.Stat(backing); err != nil {
 		t.Errorf("backing file: %v", err)
 	}
@@ -50,7 +51,7 @@ func TestDemoSampleValid(t *testing.T) {
 
 	// The chain must read as an ext4 filesystem: superblock magic 0xEF53 at
 	// byte 1024+56, and layer.txt's text from the overlay, not the backing.
-	d, _, err := drivers.Open(overlay, "auto", drivers.OpenOptions{ReadOnly: true, Formats: imageFormats()})
+	d, _, err := drivers.Open(overlay, "auto", drivers.OpenOptions{ReadOnly: true, Formats: imgtool.Formats()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +109,7 @@ func TestDemoRefusesToOverwrite(t *testing.T) {
 				t.Fatal(err)
 			}
 			code, _, stderr := runCLI(t, "demo", "--dir", dir)
-			if code == exitOK || !strings.Contains(stderr, tc.want) {
+			if code == imgtool.ExitOK || !strings.Contains(stderr, tc.want) {
 				t.Errorf("demo --dir over %s: exit %d, %q; want a refusal with %q", tc.file, code, stderr, tc.want)
 			}
 			if b, err := os.ReadFile(p); err != nil || string(b) != "mine" {

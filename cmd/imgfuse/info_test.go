@@ -6,35 +6,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"imgfuse/imgtool"
 )
-
-func TestHumanSize(t *testing.T) {
-	tests := []struct {
-		n    int64
-		want string
-	}{
-		{0, "0 B"},
-		{512, "512 B"},
-		{999, "999 B"},
-		{1000, "0.977 KiB"},
-		{1024, "1 KiB"},
-		{82343, "80.4 KiB"},
-		{8 << 20, "8 MiB"},
-		{10<<30 + 512<<20, "10.5 GiB"},
-		{1 << 40, "1 TiB"},
-	}
-	for _, tt := range tests {
-		if got := humanSize(tt.n); got != tt.want {
-			t.Errorf("humanSize(%d) = %q, want %q", tt.n, got, tt.want)
-		}
-	}
-}
-
-func TestVMClock(t *testing.T) {
-	if got := vmClock(3723_004_000_000); got != "01:02:03.004" {
-		t.Errorf("vmClock = %q", got)
-	}
-}
 
 // infoChain builds raw <- qcow2 (with a snapshot) <- qcow2 with qemu-img.
 func infoChain(t *testing.T) (dir, top string) {
@@ -52,7 +26,7 @@ func infoChain(t *testing.T) (dir, top string) {
 func TestInfoText(t *testing.T) {
 	_, top := infoChain(t)
 	code, out, stderr := runCLI(t, "info", top)
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
 	blocks := strings.Split(out, "\n\n")
@@ -80,7 +54,7 @@ func TestInfoText(t *testing.T) {
 func TestInfoJSON(t *testing.T) {
 	_, top := infoChain(t)
 	code, out, stderr := runCLI(t, "info", "--json", top)
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
 	var got map[string]any
@@ -123,7 +97,7 @@ func TestInfoMissingBacking(t *testing.T) {
 	qemuImg(t, dir, "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "top.qcow2", "32M")
 	top := filepath.Join(dir, "top.qcow2")
 	code, out, stderr := runCLI(t, "info", "--output=json", top)
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
 	var got map[string]any
@@ -137,11 +111,11 @@ func TestInfoMissingBacking(t *testing.T) {
 		t.Errorf("imgfuse.backing-error missing: %v", got["imgfuse"])
 	}
 	code, out, _ = runCLI(t, "info", top)
-	if code != exitOK || !strings.Contains(out, "cannot open") {
+	if code != imgtool.ExitOK || !strings.Contains(out, "cannot open") {
 		t.Errorf("human info: exit %d\n%s", code, out)
 	}
-	if code, _, _ := runCLI(t, "info", "--backing-chain", "--output=json", top); code != exitOpen {
-		t.Errorf("--backing-chain with a missing backing file: exit %d, want %d", code, exitOpen)
+	if code, _, _ := runCLI(t, "info", "--backing-chain", "--output=json", top); code != imgtool.ExitOpen {
+		t.Errorf("--backing-chain with a missing backing file: exit %d, want %d", code, imgtool.ExitOpen)
 	}
 }
 
@@ -149,24 +123,12 @@ func TestInfoRawAndErrors(t *testing.T) {
 	img := tempPath(t, "disk.img")
 	writeFile(t, img, 3<<20)
 	code, out, stderr := runCLI(t, "info", img)
-	if code != exitOK || !strings.Contains(out, "file format: raw") || !strings.Contains(out, "virtual size: 3 MiB (3145728 bytes)") {
+	if code != imgtool.ExitOK || !strings.Contains(out, "file format: raw") || !strings.Contains(out, "virtual size: 3 MiB (3145728 bytes)") {
 		t.Errorf("raw info: exit %d\n%s%s", code, out, stderr)
 	}
 	code, _, stderr = runCLI(t, "info", img+".missing")
-	if code != exitOpen || !strings.Contains(stderr, "imgfuse: open "+img+".missing") {
+	if code != imgtool.ExitOpen || !strings.Contains(stderr, "imgfuse: open "+img+".missing") {
 		t.Errorf("missing image: exit %d, %q", code, stderr)
-	}
-}
-
-func TestWriteJSONTreeKeepsOrder(t *testing.T) {
-	var b strings.Builder
-	raw := `{"zeta":1,"alpha":{"bits":3,"names":["dirty","corrupt"]},"nested":{"b-c":true,"a":[1,2]},"empty":{"bits":0}}`
-	if err := writeJSONTree(&b, []byte(raw), 1); err != nil {
-		t.Fatal(err)
-	}
-	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
-	if b.String() != want {
-		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
 	}
 }
 
@@ -175,10 +137,10 @@ func TestInfoJSONFlagsAgree(t *testing.T) {
 	_, top := infoChain(t)
 	c1, a, _ := runCLI(t, "info", "--json", top)
 	c2, b, _ := runCLI(t, "info", "--output=json", top)
-	if c1 != exitOK || c2 != exitOK || a != b || a == "" {
+	if c1 != imgtool.ExitOK || c2 != imgtool.ExitOK || a != b || a == "" {
 		t.Errorf("--json (exit %d) and --output=json (exit %d) differ:\n%s\n%s", c1, c2, a, b)
 	}
-	if code, _, stderr := runCLI(t, "info", "--output=yaml", top); code != exitUsage || !strings.Contains(stderr, "--output") {
+	if code, _, stderr := runCLI(t, "info", "--output=yaml", top); code != imgtool.ExitUsage || !strings.Contains(stderr, "--output") {
 		t.Errorf("--output=yaml: exit %d, %s", code, stderr)
 	}
 }

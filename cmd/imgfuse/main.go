@@ -8,53 +8,44 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"imgfuse/imgtool"
+	"imgfuse/session"
 )
 
 // version is set at build time with -ldflags "-X main.version=v1.2.3".
 var version = "0.1.0-dev"
 
 func main() {
+	if o, ok := session.DaemonChild(); ok {
+		os.Exit(imgtool.Code(session.RunDaemon(o)))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// usageError marks an error in the command line itself; it exits with
-// exitUsage.
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
-
-func usagef(format string, args ...any) error {
-	return usageError{fmt.Errorf(format, args...)}
-}
-
-// exitError carries an exit code chosen by a command (the daemon's, for
-// instance) without printing anything more.
-type exitError struct{ code int }
-
-func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
-
 // run executes the command line args and returns the process exit code.
+// It is the edge where errors are rendered: once, on one line of stderr.
 func run(args []string, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdout, stderr)
 	root.SetArgs(args)
 	cmd, err := root.ExecuteC()
 	if err == nil {
-		return exitOK
+		return imgtool.ExitOK
 	}
-	var ee exitError
-	if errors.As(err, &ee) {
-		return ee.code
+	var es imgtool.ExitStatus
+	if errors.As(err, &es) && es.Err == nil {
+		return es.Code // said already
 	}
 	fmt.Fprintf(stderr, "imgfuse: %v\n", err)
-	code := exitCode(err)
-	if code == exitUsage {
+	code := imgtool.Code(err)
+	var ue imgtool.UsageError
+	if errors.As(err, &ue) {
 		if cmd == nil {
 			cmd = root
 		}
 		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 		if cmd.Name() == "check" {
-			return checkExitFailed // qemu-img check: 1 for a bad command line
+			return imgtool.CheckFailed // qemu-img check: 1 for a bad command line
 		}
 	}
 	return code
@@ -76,7 +67,7 @@ unmount, and leaves the image unchanged; 'imgfuse status' lists the mounts.
 
 No image at hand? 'imgfuse demo' mounts a small sample.
 
-` + exitCodesHelp
+` + imgtool.ExitCodesHelp
 
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
@@ -90,22 +81,22 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 		// unknown command; we want exit 2 instead.
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 0 {
-				return usagef("unknown command %q", args[0])
+				return imgtool.Usagef("unknown command %q", args[0])
 			}
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cmd.SetOut(stderr)
 			_ = cmd.Usage()
-			return usagef("missing command")
+			return imgtool.Usagef("missing command")
 		},
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetVersionTemplate("imgfuse {{.Version}}\n")
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return imgtool.UsageError{Err: err} })
 	root.CompletionOptions.HiddenDefaultCmd = false
-	root.AddCommand(newMountCmd(), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
+	root.AddCommand(newMountCmd(&session.Options{}), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
 		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout))
 	strictBuiltins(root)
 	return root
@@ -125,7 +116,7 @@ func strictBuiltins(root *cobra.Command) {
 			c.Run = nil
 			c.RunE = func(cmd *cobra.Command, args []string) error {
 				if target, rest, err := cmd.Root().Find(args); target == nil || err != nil || len(rest) > 0 {
-					return usagef("unknown help topic %q", strings.Join(args, " "))
+					return imgtool.Usagef("unknown help topic %q", strings.Join(args, " "))
 				}
 				show(cmd, args)
 				return nil
@@ -139,9 +130,9 @@ func strictBuiltins(root *cobra.Command) {
 			c.Args = cobra.ArbitraryArgs
 			c.RunE = func(cmd *cobra.Command, args []string) error {
 				if len(args) == 0 {
-					return usagef("completion needs a shell: %s", strings.Join(shells, ", "))
+					return imgtool.Usagef("completion needs a shell: %s", strings.Join(shells, ", "))
 				}
-				return usagef("unknown shell %q (want one of: %s)", args[0], strings.Join(shells, ", "))
+				return imgtool.Usagef("unknown shell %q (want one of: %s)", args[0], strings.Join(shells, ", "))
 			}
 		}
 	}
@@ -164,10 +155,10 @@ func newVersionCmd(stdout io.Writer) *cobra.Command {
 func exactArgs(names ...string) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) != len(names) && len(names) == 0 {
-			return usagef("%s takes no arguments (got %q)", cmd.Name(), args)
+			return imgtool.Usagef("%s takes no arguments (got %q)", cmd.Name(), args)
 		}
 		if len(args) != len(names) {
-			return usagef("%s needs %d argument(s): %s (got %d)",
+			return imgtool.Usagef("%s needs %d argument(s): %s (got %d)",
 				cmd.Name(), len(names), strings.Join(names, " "), len(args))
 		}
 		return nil

@@ -2,25 +2,38 @@ package main
 
 import (
 	"bytes"
-	"imgfuse/internal/testenv"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/spf13/pflag"
+
+	"imgfuse/imgtool"
+	"imgfuse/internal/testenv"
+	"imgfuse/session"
 )
 
 // TestMain lets the test binary stand in for imgfuse when `mount` re-execs
 // /proc/self/exe as its daemon, so mount tests need no separate build.
 func TestMain(m *testing.M) {
-	if _, ok := os.LookupEnv(daemonEnv); ok {
+	if o, ok := session.DaemonChild(); ok {
 		if os.Getenv("IMGFUSE_TEST_DAEMON_CRASH") != "" {
 			os.Exit(3) // a daemon that dies before reporting
 		}
+		os.Exit(imgtool.Code(session.RunDaemon(o)))
+	}
+	if os.Getenv(asCLIEnv) == "1" {
 		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
 }
+
+// asCLIEnv makes the test binary act as imgfuse itself, for tests that
+// need a separate process.
+const asCLIEnv = "IMGFUSE_TEST_AS_CLI"
 
 // runCLI runs the command line in-process.
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -37,30 +50,31 @@ func TestUsageErrors(t *testing.T) {
 		code int
 		want string // in stderr
 	}{
-		{"no command", nil, exitUsage, "imgfuse: missing command"},
-		{"unknown command", []string{"frobnicate"}, exitUsage, `imgfuse: unknown command "frobnicate"`},
-		{"unknown flag", []string{"mount", "--bogus", "a", "b"}, exitUsage, "imgfuse: unknown flag: --bogus"},
-		{"mount one arg", []string{"mount", "a"}, exitUsage, "imgfuse: mount needs 2 argument(s): IMAGE MOUNTPOINT (got 1)"},
-		{"mount three args", []string{"mount", "a", "b", "c"}, exitUsage, "got 3"},
-		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, exitUsage, `imgfuse: invalid --format "vmdk"`},
-		{"info no arg", []string{"info"}, exitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
-		{"info bad format", []string{"info", "--format", "vdi", "x"}, exitUsage, "invalid --format"},
-		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, exitUsage,
+		{"no command", nil, imgtool.ExitUsage, "imgfuse: missing command"},
+		{"unknown command", []string{"frobnicate"}, imgtool.ExitUsage, `imgfuse: unknown command "frobnicate"`},
+		{"unknown flag", []string{"mount", "--bogus", "a", "b"}, imgtool.ExitUsage, "imgfuse: unknown flag: --bogus"},
+		{"mount one arg", []string{"mount", "a"}, imgtool.ExitUsage, "imgfuse: mount needs 2 argument(s): IMAGE MOUNTPOINT (got 1)"},
+		{"mount three args", []string{"mount", "a", "b", "c"}, imgtool.ExitUsage, "got 3"},
+		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, imgtool.ExitUsage, `imgfuse: invalid --format "vmdk"`},
+		{"info no arg", []string{"info"}, imgtool.ExitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
+		{"info bad format", []string{"info", "--format", "vdi", "x"}, imgtool.ExitUsage, "invalid --format"},
+		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, imgtool.ExitUsage,
 			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw)`},
-		{"unmount two args", []string{"unmount", "a", "b"}, exitUsage, "unmount needs 1 argument(s)"},
-		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, exitUsage, `invalid argument "soon"`},
-		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, exitUsage, "--timeout must be positive"},
-		{"demo extra arg", []string{"demo", "x"}, exitUsage, "demo takes no arguments"},
-		{"help hint", []string{"mount"}, exitUsage, "Run 'imgfuse mount --help' for usage."},
-		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, exitUsage, "--growable needs a writable mount, not --read-only"},
-		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, exitUsage, "--snapshot is read-only"},
-		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, exitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
-		{"completion without shell", []string{"completion"}, exitUsage, "imgfuse: completion needs a shell: bash, fish, powershell, zsh"},
-		{"completion unknown shell", []string{"completion", "tcsh"}, exitUsage, `imgfuse: unknown shell "tcsh"`},
-		{"completion extra arg", []string{"completion", "bash", "x"}, exitUsage, "bash takes no arguments"},
-		{"help unknown topic", []string{"help", "frobnicate"}, exitUsage, `imgfuse: unknown help topic "frobnicate"`},
-		{"log in a missing directory", []string{"mount", "--log", "/nonexistent-imgfuse-dir/x.log", "a", "b"}, exitUsage, "imgfuse: --log /nonexistent-imgfuse-dir/x.log: no such directory /nonexistent-imgfuse-dir"},
-		{"debug detached without log", []string{"mount", "--debug", "a", "b"}, exitUsage, "--debug needs --log FILE (or --foreground"},
+		{"unmount two args", []string{"unmount", "a", "b"}, imgtool.ExitUsage, "unmount needs 1 argument(s)"},
+		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, imgtool.ExitUsage, `invalid argument "soon"`},
+		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, imgtool.ExitUsage, "--timeout must be positive"},
+		{"demo extra arg", []string{"demo", "x"}, imgtool.ExitUsage, "demo takes no arguments"},
+		{"help hint", []string{"mount"}, imgtool.ExitUsage, "Run 'imgfuse mount --help' for usage."},
+		{"overlay and overlay-keep", []string{"mount", "--overlay", "--overlay-keep", "k.qcow2", "a", "b"}, imgtool.ExitUsage, "--overlay and --overlay-keep exclude each other"},
+		{"growable read-only", []string{"mount", "--growable", "--read-only", "a", "b"}, imgtool.ExitUsage, "--growable needs a writable mount, not --read-only"},
+		{"growable snapshot", []string{"mount", "--growable", "--snapshot", "s", "a", "b"}, imgtool.ExitUsage, "--snapshot is read-only"},
+		{"lazy refcounts force-share", []string{"mount", "--lazy-refcounts", "-U", "a", "b"}, imgtool.ExitUsage, "--lazy-refcounts needs a writable mount; --force-share"},
+		{"completion without shell", []string{"completion"}, imgtool.ExitUsage, "imgfuse: completion needs a shell: bash, fish, powershell, zsh"},
+		{"completion unknown shell", []string{"completion", "tcsh"}, imgtool.ExitUsage, `imgfuse: unknown shell "tcsh"`},
+		{"completion extra arg", []string{"completion", "bash", "x"}, imgtool.ExitUsage, "bash takes no arguments"},
+		{"help unknown topic", []string{"help", "frobnicate"}, imgtool.ExitUsage, `imgfuse: unknown help topic "frobnicate"`},
+		{"log in a missing directory", []string{"mount", "--log", "/nonexistent-imgfuse-dir/x.log", "a", "b"}, imgtool.ExitUsage, "imgfuse: --log /nonexistent-imgfuse-dir/x.log: no such directory /nonexistent-imgfuse-dir"},
+		{"debug detached without log", []string{"mount", "--debug", "a", "b"}, imgtool.ExitUsage, "--debug needs --log FILE (or --foreground"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -77,11 +91,11 @@ func TestUsageErrors(t *testing.T) {
 
 func TestVersionAndHelp(t *testing.T) {
 	code, out, _ := runCLI(t, "--version")
-	if code != exitOK || out != "imgfuse "+version+"\n" {
+	if code != imgtool.ExitOK || out != "imgfuse "+version+"\n" {
 		t.Errorf("--version: exit %d, output %q", code, out)
 	}
 	code, out, _ = runCLI(t, "mount", "--help")
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Errorf("mount --help: exit %d", code)
 	}
 	for _, flag := range []string{"--read-only", "--foreground", "--format", "--snapshot", "--name",
@@ -91,39 +105,54 @@ func TestVersionAndHelp(t *testing.T) {
 		}
 	}
 	code, out, _ = runCLI(t, "--help")
-	if code != exitOK || !strings.Contains(out, "Exit codes:") {
+	if code != imgtool.ExitOK || !strings.Contains(out, "Exit codes:") {
 		t.Errorf("--help: exit %d, no exit codes documented:\n%s", code, out)
 	}
 }
 
 func TestFormatChoices(t *testing.T) {
-	got := strings.Join(formatChoices(), ",")
+	got := strings.Join(imgtool.FormatChoices(), ",")
 	if got != "auto,qcow2,raw" {
 		t.Errorf("formatChoices = %s", got)
 	}
 }
 
-func TestChildArgs(t *testing.T) {
-	o := &mountOptions{format: "qcow2", readOnly: true, snapshot: "s 1", name: "d",
-		allowOther: true, noDirectIO: true, forceShare: true, growable: true, lazyRefcnt: true, noPassthru: true, debug: true,
-		absImage: "/i/x.qcow2", absMountpoint: "/m"}
-	got := strings.Join(childArgs(o), "|")
-	want := "mount|--foreground|--format|qcow2|--read-only|--snapshot|s 1|--name|d|--allow-other|--no-direct-io|--force-share|--growable|--lazy-refcounts|--no-passthrough|--debug|--|/i/x.qcow2|/m"
-	if got != want {
-		t.Errorf("childArgs =\n%s\nwant\n%s", got, want)
-	}
-	// The child must parse what the parent built.
-	cmd := newMountCmd()
-	if err := cmd.ParseFlags(childArgs(o)[1:]); err != nil {
+// TestDaemonOptionsCarryEveryFlag: every flag of mount reaches the daemon
+// child, which receives its session.Options as JSON: each flag, set alone,
+// changes what the child decodes.
+func TestDaemonOptionsCarryEveryFlag(t *testing.T) {
+	zero, err := json.Marshal(&session.Options{})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if a := cmd.Flags().Args(); len(a) != 2 || a[0] != "/i/x.qcow2" || a[1] != "/m" {
-		t.Errorf("child parses args %q", a)
-	}
-	for _, name := range []string{"read-only", "force-share", "growable", "lazy-refcounts", "no-direct-io", "no-passthrough"} {
-		if v, err := cmd.Flags().GetBool(name); err != nil || !v {
-			t.Errorf("child's --%s = %v, %v", name, v, err)
+	n := 0
+	newMountCmd(&session.Options{}).Flags().VisitAll(func(f *pflag.Flag) {
+		n++
+		o := &session.Options{}
+		cmd := newMountCmd(o)
+		value := "x"
+		if f.Value.Type() == "bool" {
+			value = "true"
 		}
+		if err := cmd.Flags().Set(f.Name, value); err != nil {
+			t.Fatalf("--%s: %v", f.Name, err)
+		}
+		js, err := json.Marshal(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv(session.DaemonEnv, string(js))
+		child, ok := session.DaemonChild()
+		if !ok {
+			t.Fatalf("--%s: the child cannot decode %s", f.Name, js)
+		}
+		got, _ := json.Marshal(child)
+		if string(got) == string(zero) && f.Name != "help" {
+			t.Errorf("--%s does not reach the daemon child", f.Name)
+		}
+	})
+	if n < 15 {
+		t.Errorf("only %d flags seen", n)
 	}
 }
 
@@ -142,7 +171,8 @@ func TestMountReadOnlyDecision(t *testing.T) {
 		{true, "snap", true, true},
 	}
 	for _, tt := range tests {
-		if got := mountReadOnly(tt.flag, tt.snapshot, tt.forceShare); got != tt.want {
+		o := &session.Options{ReadOnly: tt.flag, Snapshot: tt.snapshot, ForceShare: tt.forceShare}
+		if got := o.ReadOnlyMount(); got != tt.want {
 			t.Errorf("mountReadOnly(%v, %q, %v) = %v, want %v", tt.flag, tt.snapshot, tt.forceShare, got, tt.want)
 		}
 	}

@@ -15,17 +15,19 @@ import (
 	"golang.org/x/sys/unix"
 
 	"imgfuse/drivers/driverstest"
+	"imgfuse/imgtool"
 	"imgfuse/internal/testenv"
+	"imgfuse/mounts"
 )
 
 // assertNotMounted fails if anything is mounted at path.
 func assertNotMounted(t *testing.T, path string) {
 	t.Helper()
-	mp, err := canonicalPath(path)
+	mp, err := mounts.CanonicalPath(path)
 	if err != nil {
 		return // gone: certainly not mounted
 	}
-	if e, ok, err := findMount(mp); err != nil || ok {
+	if e, ok, err := mounts.Find(mp); err != nil || ok {
 		t.Errorf("%s is mounted (%+v, %v)", path, e, err)
 		if ok {
 			_ = unix.Unmount(mp, unix.MNT_DETACH)
@@ -62,16 +64,16 @@ func TestMountValidationErrors(t *testing.T) {
 		want       string
 		code       int
 	}{
-		{"missing image", []string{"mount", raw + ".nope", mnt}, mnt, "imgfuse: open " + raw + ".nope: no such file or directory", exitOpen},
-		{"image is a directory", []string{"mount", dir, mnt}, mnt, "is a directory", exitOpen},
-		{"missing mountpoint", []string{"mount", raw, mnt + "2"}, mnt + "2", "mountpoint " + mnt + "2 does not exist", exitMount},
-		{"fifo mountpoint", []string{"mount", raw, fifo}, fifo, "neither a directory nor a regular file", exitMount},
-		{"non-empty mountpoint", []string{"mount", raw, full}, full, "mountpoint " + full + " is not empty (it holds etc); the mount would hide its files: choose an empty directory, or give --nonempty", exitMount},
-		{"snapshot on raw", []string{"mount", "--snapshot", "s1", raw, mnt}, mnt, "is a raw image, which has no snapshots", exitFailure},
-		{"snapshot on forced raw", []string{"mount", "--format", "raw", "--snapshot", "1", bad, mnt}, mnt, "raw image", exitFailure},
-		{"qcow2 format on a raw file", []string{"mount", "-f", "qcow2", raw, mnt}, mnt, "imgfuse: open " + raw + ": not a qcow2 image", exitOpen},
+		{"missing image", []string{"mount", raw + ".nope", mnt}, mnt, "imgfuse: open " + raw + ".nope: no such file or directory", imgtool.ExitOpen},
+		{"image is a directory", []string{"mount", dir, mnt}, mnt, "is a directory", imgtool.ExitOpen},
+		{"missing mountpoint", []string{"mount", raw, mnt + "2"}, mnt + "2", "mountpoint " + mnt + "2 does not exist", imgtool.ExitMount},
+		{"fifo mountpoint", []string{"mount", raw, fifo}, fifo, "neither a directory nor a regular file", imgtool.ExitMount},
+		{"non-empty mountpoint", []string{"mount", raw, full}, full, "mountpoint " + full + " is not empty (it holds etc); the mount would hide its files: choose an empty directory, or give --nonempty", imgtool.ExitMount},
+		{"snapshot on raw", []string{"mount", "--snapshot", "s1", raw, mnt}, mnt, "is a raw image, which has no snapshots", imgtool.ExitFailure},
+		{"snapshot on forced raw", []string{"mount", "--format", "raw", "--snapshot", "1", bad, mnt}, mnt, "raw image", imgtool.ExitFailure},
+		{"qcow2 format on a raw file", []string{"mount", "-f", "qcow2", raw, mnt}, mnt, "imgfuse: open " + raw + ": not a qcow2 image", imgtool.ExitOpen},
 		// Passes validation: the daemon reports the open error.
-		{"corrupt image (daemon)", []string{"mount", "--format", "qcow2", bad, mnt}, mnt, "imgfuse: open " + bad + ": ", exitCorrupt},
+		{"corrupt image (daemon)", []string{"mount", "--format", "qcow2", bad, mnt}, mnt, "imgfuse: qcow2: " + bad + ": ", imgtool.ExitCorrupt},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -103,15 +105,15 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = unix.Unmount(mnt, 0) })
 	code, _, stderr := runCLI(t, "mount", raw, mnt)
-	if code != exitMount || !strings.Contains(stderr, "is already a mount (tmpfs, type tmpfs)") {
+	if code != imgtool.ExitMount || !strings.Contains(stderr, "is already a mount (tmpfs, type tmpfs)") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 	// unmount refuses a mount that is not ours.
 	code, _, stderr = runCLI(t, "unmount", mnt)
-	if code != exitFailure || !strings.Contains(stderr, "busy mnt is a tmpfs mount (tmpfs), not imgfuse's; use umount(8)") {
+	if code != imgtool.ExitFailure || !strings.Contains(stderr, "busy mnt is a tmpfs mount (tmpfs), not imgfuse's; use umount(8)") {
 		t.Errorf("unmount tmpfs: exit %d, stderr %q", code, stderr)
 	}
-	if _, ok, _ := findMount(mnt); !ok {
+	if _, ok, _ := mounts.Find(mnt); !ok {
 		t.Error("tmpfs was unmounted")
 	}
 }
@@ -119,11 +121,11 @@ func TestMountpointAlreadyMounted(t *testing.T) {
 func TestUnmountNotMounted(t *testing.T) {
 	dir := t.TempDir()
 	code, _, stderr := runCLI(t, "unmount", dir)
-	if code != exitFailure || !strings.Contains(stderr, "imgfuse: "+dir+" is not mounted") {
+	if code != imgtool.ExitFailure || !strings.Contains(stderr, "imgfuse: "+dir+" is not mounted") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 	code, _, stderr = runCLI(t, "unmount", filepath.Join(dir, "a", "b"))
-	if code != exitFailure || !strings.Contains(stderr, "imgfuse: unmount ") {
+	if code != imgtool.ExitFailure || !strings.Contains(stderr, "imgfuse: unmount ") {
 		t.Errorf("missing parent: exit %d, stderr %q", code, stderr)
 	}
 }
@@ -163,8 +165,8 @@ func mountRaw(t *testing.T) (img, mnt string, pattern []byte) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if mp, err := canonicalPath(mnt); err == nil {
-			if _, ok, _ := findMount(mp); ok {
+		if mp, err := mounts.CanonicalPath(mnt); err == nil {
+			if _, ok, _ := mounts.Find(mp); ok {
 				_ = unix.Unmount(mp, unix.MNT_DETACH)
 			}
 		}
@@ -174,11 +176,11 @@ func mountRaw(t *testing.T) (img, mnt string, pattern []byte) {
 
 func serverPID(t *testing.T, mnt string) int {
 	t.Helper()
-	mp, err := canonicalPath(mnt)
+	mp, err := mounts.CanonicalPath(mnt)
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := readState(stateDir(), mp)
+	st, err := mounts.ReadState(mounts.StateDir(), mp)
 	if err != nil {
 		t.Fatalf("state file: %v", err)
 	}
@@ -188,15 +190,15 @@ func serverPID(t *testing.T, mnt string) int {
 func TestMountReadWriteUnmountRaw(t *testing.T) {
 	requireFUSE(t)
 	img, mnt, pattern := mountRaw(t)
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "mount", img, mnt); code != imgtool.ExitOK {
 		t.Fatalf("mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
-	if !daemonRunning(pid) {
+	if !mounts.ServerRunning(pid) {
 		t.Fatalf("server %d not running", pid)
 	}
 	// Mount again on the same place: refused.
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitMount || !strings.Contains(stderr, "already a mount") {
+	if code, _, stderr := runCLI(t, "mount", img, mnt); code != imgtool.ExitMount || !strings.Contains(stderr, "already a mount") {
 		t.Errorf("second mount: exit %d, %q", code, stderr)
 	}
 
@@ -216,18 +218,18 @@ func TestMountReadWriteUnmountRaw(t *testing.T) {
 	f.Close()
 
 	code, _, stderr := runCLI(t, "unmount", mnt)
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Fatalf("unmount: exit %d: %s", code, stderr)
 	}
 	// unmount returns only after the server exited (it may linger as our
 	// zombie: we started it).
-	if daemonRunning(pid) {
+	if mounts.ServerRunning(pid) {
 		t.Error("server still running after unmount returned")
 	}
 	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
 	assertNotMounted(t, mnt)
-	mp, _ := canonicalPath(mnt)
-	if _, err := os.Stat(statePath(stateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
+	mp, _ := mounts.CanonicalPath(mnt)
+	if _, err := os.Stat(mounts.StatePath(mounts.StateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state file left behind: %v", err)
 	}
 	data, err := os.ReadFile(img)
@@ -242,7 +244,7 @@ func TestMountReadWriteUnmountRaw(t *testing.T) {
 func TestMountReadOnlyRefusesWrite(t *testing.T) {
 	requireFUSE(t)
 	img, mnt, _ := mountRaw(t)
-	if code, _, stderr := runCLI(t, "mount", "--read-only", "--name", "img", img, mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "mount", "--read-only", "--name", "img", img, mnt); code != imgtool.ExitOK {
 		t.Fatalf("mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
@@ -250,7 +252,7 @@ func TestMountReadOnlyRefusesWrite(t *testing.T) {
 	if !errors.Is(err, syscall.EROFS) {
 		t.Errorf("open O_RDWR on a read-only mount: %v, want EROFS", err)
 	}
-	if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "unmount", mnt); code != imgtool.ExitOK {
 		t.Errorf("unmount: exit %d: %s", code, stderr)
 	}
 	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
@@ -261,7 +263,7 @@ func TestUnmountDeadMount(t *testing.T) {
 	requireFUSE(t)
 	img, mnt, _ := mountRaw(t)
 	pidFile := filepath.Join(t.TempDir(), "pid")
-	if code, _, stderr := runCLI(t, "mount", "--pidfile", pidFile, img, mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "mount", "--pidfile", pidFile, img, mnt); code != imgtool.ExitOK {
 		t.Fatalf("mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
@@ -271,24 +273,24 @@ func TestUnmountDeadMount(t *testing.T) {
 	if _, err := unix.Wait4(pid, nil, 0, nil); err != nil {
 		t.Fatal(err)
 	}
-	if !isDeadMount(mnt) {
+	if !mounts.IsDead(mnt) {
 		t.Fatal("mount is not dead after kill -9 of its server")
 	}
 	// mount refuses a dead mountpoint with a pointer to unmount.
-	if code, _, stderr := runCLI(t, "mount", img, mnt); code != exitMount || !strings.Contains(stderr, "dead mount") {
+	if code, _, stderr := runCLI(t, "mount", img, mnt); code != imgtool.ExitMount || !strings.Contains(stderr, "dead mount") {
 		t.Errorf("mount on a dead mount: exit %d, %q", code, stderr)
 	}
 	code, _, stderr := runCLI(t, "unmount", mnt)
-	if code != exitOK || !strings.Contains(stderr, "was a dead mount") {
+	if code != imgtool.ExitOK || !strings.Contains(stderr, "was a dead mount") {
 		t.Errorf("unmount dead mount: exit %d, %q", code, stderr)
 	}
 	assertNotMounted(t, mnt)
-	mp, _ := canonicalPath(mnt)
-	if _, err := os.Stat(statePath(stateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
+	mp, _ := mounts.CanonicalPath(mnt)
+	if _, err := os.Stat(mounts.StatePath(mounts.StateDir(), mp)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stale state file left behind: %v", err)
 	}
 	// Its default log stays, and unmount points at it.
-	if logPath := defaultLogPath(stateDir(), mp); !strings.Contains(stderr, "the dead server's log, which may say why it died: "+logPath) {
+	if logPath := mounts.DefaultLogPath(mounts.StateDir(), mp); !strings.Contains(stderr, "the dead server's log, which may say why it died: "+logPath) {
 		t.Errorf("unmount of the dead mount does not name the log %s: %q", logPath, stderr)
 	} else if b, err := os.ReadFile(logPath); err != nil || !strings.Contains(string(b), "serving ") {
 		t.Errorf("the dead server's default log: %v\n%s", err, b)
@@ -305,15 +307,15 @@ func TestForegroundSignal(t *testing.T) {
 	img, mnt, _ := mountRaw(t)
 	var stderr bytes.Buffer
 	c := exec.Command(os.Args[0], "mount", "--foreground", img, mnt)
-	c.Env = append(os.Environ(), daemonEnv+"=none") // act as imgfuse, not a daemon child
+	c.Env = append(os.Environ(), asCLIEnv+"=1") // act as imgfuse, not a daemon child
 	c.Stderr = &stderr
 	if err := c.Start(); err != nil {
 		t.Fatal(err)
 	}
-	mp, _ := canonicalPath(mnt)
+	mp, _ := mounts.CanonicalPath(mnt)
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		if _, ok, _ := findMount(mp); ok {
+		if _, ok, _ := mounts.Find(mp); ok {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -350,7 +352,7 @@ func TestDaemonDiesBeforeReporting(t *testing.T) {
 	img, mnt, _ := mountRaw(t)
 	t.Setenv("IMGFUSE_TEST_DAEMON_CRASH", "1")
 	code, _, stderr := runCLI(t, "mount", img, mnt)
-	if code != exitFailure || !strings.Contains(stderr, "imgfuse: mount daemon exited before reporting (exit status 3)") {
+	if code != imgtool.ExitFailure || !strings.Contains(stderr, "imgfuse: mount daemon exited before reporting (exit status 3)") {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 	assertNotMounted(t, mnt)
@@ -361,12 +363,12 @@ func TestDemoMountsSample(t *testing.T) {
 	dir := t.TempDir()
 	mnt := filepath.Join(dir, "mnt")
 	t.Cleanup(func() {
-		if _, ok, _ := findMount(mnt); ok {
+		if _, ok, _ := mounts.Find(mnt); ok {
 			_ = unix.Unmount(mnt, unix.MNT_DETACH)
 		}
 	})
 	code, out, stderr := runCLI(t, "demo", "--dir", dir)
-	if code != exitOK {
+	if code != imgtool.ExitOK {
 		t.Fatalf("demo: exit %d: %s", code, stderr)
 	}
 	self := demoCommand()
@@ -393,11 +395,11 @@ func TestDemoMountsSample(t *testing.T) {
 		t.Errorf("open O_RDWR on the demo disk: %v, want EROFS", err)
 	}
 	// A second demo in the same directory must not touch the live images.
-	if code, _, stderr := runCLI(t, "demo", "--dir", dir); code != exitFailure || !strings.Contains(stderr, "already mounted") {
+	if code, _, stderr := runCLI(t, "demo", "--dir", dir); code != imgtool.ExitFailure || !strings.Contains(stderr, "already mounted") {
 		t.Errorf("second demo: exit %d, %q", code, stderr)
 	}
 	pid := serverPID(t, mnt)
-	if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "unmount", mnt); code != imgtool.ExitOK {
 		t.Errorf("unmount: exit %d: %s", code, stderr)
 	}
 	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
@@ -421,7 +423,7 @@ func TestMountGrowable(t *testing.T) {
 			if growable {
 				args = []string{"mount", "--growable", img, mnt}
 			}
-			if code, _, stderr := runCLI(t, args...); code != exitOK {
+			if code, _, stderr := runCLI(t, args...); code != imgtool.ExitOK {
 				t.Fatalf("mount: exit %d: %s", code, stderr)
 			}
 			pid := serverPID(t, mnt)
@@ -444,7 +446,7 @@ func TestMountGrowable(t *testing.T) {
 			} else if !errors.Is(werr, syscall.ENOSPC) {
 				t.Errorf("write past the end without --growable: %v, want ENOSPC", werr)
 			}
-			if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+			if code, _, stderr := runCLI(t, "unmount", mnt); code != imgtool.ExitOK {
 				t.Fatalf("unmount: exit %d: %s", code, stderr)
 			}
 			_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)
@@ -475,17 +477,17 @@ func TestMountUnwritableImage(t *testing.T) {
 	t.Cleanup(func() { exec.Command("chattr", "-i", img).Run() })
 
 	code, _, stderr := runCLI(t, "mount", img, mnt)
-	if code != exitOpen || !strings.Contains(stderr, "imgfuse: open "+img+": ") ||
+	if code != imgtool.ExitOpen || !strings.Contains(stderr, "open "+img+": ") ||
 		!strings.Contains(stderr, "--read-only mounts it read-only") {
 		t.Errorf("writable mount of an immutable image: exit %d, %q", code, stderr)
 	}
 	assertNotMounted(t, mnt)
 
-	if code, _, stderr := runCLI(t, "mount", "--read-only", img, mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "mount", "--read-only", img, mnt); code != imgtool.ExitOK {
 		t.Fatalf("--read-only mount: exit %d: %s", code, stderr)
 	}
 	pid := serverPID(t, mnt)
-	if code, _, stderr := runCLI(t, "unmount", mnt); code != exitOK {
+	if code, _, stderr := runCLI(t, "unmount", mnt); code != imgtool.ExitOK {
 		t.Errorf("unmount: exit %d: %s", code, stderr)
 	}
 	_, _ = unix.Wait4(pid, nil, unix.WNOHANG, nil)

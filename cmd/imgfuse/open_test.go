@@ -12,6 +12,7 @@ import (
 
 	"imgfuse/drivers"
 	"imgfuse/drivers/driverstest"
+	"imgfuse/imgtool"
 )
 
 // TestOpenErrorMessages provokes every way an image can fail to open with
@@ -69,48 +70,48 @@ func TestOpenErrorMessages(t *testing.T) {
 		code  codes
 	}{
 		{"missing file", "nope.qcow2", nil, ": no such file or directory",
-			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"directory", "dir.qcow2", nil, ": is a directory, not a regular file or block device",
-			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"wrong format", "disk.raw", []string{"-f", "qcow2"}, ": not a qcow2 image (its contents look like raw)",
-			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"corrupt header", "corrupt.qcow2", nil, ": cluster_bits 0 below the minimum 9: image is corrupt",
-			codes{"mount": exitCorrupt, "info": exitCorrupt, "check": checkExitFailed, "map": exitCorrupt}},
+			codes{"mount": imgtool.ExitCorrupt, "info": imgtool.ExitCorrupt, "check": imgtool.CheckFailed, "map": imgtool.ExitCorrupt}},
 		{"missing backing file", "orphan.qcow2", nil, `: backing file "gone.qcow2": no such file or directory`,
-			codes{"mount": exitOpen, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "map": imgtool.ExitOpen}},
 		{"missing backing file, info --backing-chain", "orphan.qcow2", []string{"--backing-chain"}, "gone.qcow2: no such file or directory",
-			codes{"info": exitOpen}},
+			codes{"info": imgtool.ExitOpen}},
 		{"backing loop", "loop1.qcow2", nil, `: backing file "loop2.qcow2": backing file "loop1.qcow2": backing chain loop: the file appears twice in the chain`,
-			codes{"mount": exitCorrupt, "map": exitCorrupt}},
+			codes{"mount": imgtool.ExitCorrupt, "map": imgtool.ExitCorrupt}},
 		{"backing loop, info --backing-chain", "loop1.qcow2", []string{"--backing-chain"}, "backing chain loop: the file appears twice in the chain",
-			codes{"info": exitCorrupt}},
+			codes{"info": imgtool.ExitCorrupt}},
 		{"unsupported feature", "unsupported.qcow2", nil, ": unsupported qcow2 feature(s): unknown incompatible feature bit 20",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.CheckFailed, "map": imgtool.ExitUnsupported}},
 		{"LUKS container", "disk.luks", nil, ": is a LUKS-encrypted image: not supported (--format raw exposes its encrypted bytes)",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
 		// Formats imgfuse recognises and cannot read: refused by name,
 		// exit 5 from every command (check too: nothing was checked).
 		{"VHDX image", "disk.vhdx", nil, " is a VHDX image; imgfuse reads qcow2 and raw (-f raw exposes the file's own bytes)\n",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
 		{"VMDK image", "disk.vmdk", nil, " is a VMDK image; imgfuse reads qcow2 and raw (-f raw exposes the file's own bytes)\n",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": exitUnsupported, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
 		{"VHDX image as qcow2", "disk.vhdx", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a VHDX image)",
-			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"VMDK backing file, named", "over-vmdk.qcow2", nil, `: backing file "disk.vmdk": is a VMDK image: not supported`,
-			codes{"mount": exitUnsupported, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
 		{"VMDK backing file, info --backing-chain", "over-vmdk.qcow2", []string{"--backing-chain"}, " is a VMDK image; imgfuse reads qcow2 and raw",
-			codes{"info": exitUnsupported}},
+			codes{"info": imgtool.ExitUnsupported}},
 		{"LUKS container as qcow2", "disk.luks", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a LUKS-encrypted image)",
-			codes{"mount": exitOpen, "info": exitOpen, "check": checkExitFailed, "map": exitOpen}},
+			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"LUKS-encrypted qcow2", "luks.qcow2", nil, ": LUKS-encrypted qcow2 images are not supported",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.CheckFailed, "map": imgtool.ExitUnsupported}},
 		{"AES-encrypted qcow2", "aes.qcow2", nil, ": AES-encrypted qcow2 images are not supported",
-			codes{"mount": exitUnsupported, "info": exitUnsupported, "check": checkExitFailed, "map": exitUnsupported}},
+			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.CheckFailed, "map": imgtool.ExitUnsupported}},
 		// The reason and the way out once: no second read-only hint.
 		{"marked corrupt", "marked.qcow2", nil, ": the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): image is corrupt\n",
-			codes{"mount": exitCorrupt}},
+			codes{"mount": imgtool.ExitCorrupt}},
 		{"no such snapshot", "ok.qcow2", []string{"--snapshot", "nope"}, `: no such snapshot "nope" (the image has: first (id 1))`,
-			codes{"mount": exitOpen}},
+			codes{"mount": imgtool.ExitOpen}},
 	}
 	for _, tt := range tests {
 		for _, cmd := range []string{"mount", "info", "check", "map"} {
@@ -138,15 +139,15 @@ func TestOpenErrorMessages(t *testing.T) {
 	// file description locks, so this process's own conflicts too).
 	t.Run("locked", func(t *testing.T) {
 		image := path("ok.qcow2")
-		d, _, err := drivers.Open(image, "qcow2", drivers.OpenOptions{Formats: imageFormats()})
+		d, _, err := drivers.Open(image, "qcow2", drivers.OpenOptions{Formats: imgtool.Formats()})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer d.Close()
 		code, _, stderr := runCLI(t, "mount", image, mnt)
-		checkOneLine(t, stderr, image, `: failed to get "write" lock: is another process using it? (to read it while another process writes it, use --force-share / -U)`)
-		if code != exitLocked {
-			t.Errorf("exit %d, want %d", code, exitLocked)
+		checkOneLine(t, stderr, image, `: failed to get "write" lock: is another process using the image `+image+`? (to read it while another process writes it, use --force-share / -U)`)
+		if code != imgtool.ExitLocked {
+			t.Errorf("exit %d, want %d", code, imgtool.ExitLocked)
 		}
 		assertNotMounted(t, mnt)
 	})
@@ -164,9 +165,9 @@ func TestOpenErrorMessages(t *testing.T) {
 			}
 			code, stderr := runUnprivileged(t, args...)
 			checkOneLine(t, stderr, image, ": permission denied")
-			want := exitOpen
+			want := imgtool.ExitOpen
 			if cmd == "check" {
-				want = checkExitFailed
+				want = imgtool.CheckFailed
 			}
 			if code != want {
 				t.Errorf("%s: exit %d, want %d", cmd, code, want)
@@ -176,10 +177,11 @@ func TestOpenErrorMessages(t *testing.T) {
 }
 
 // checkOneLine checks an error message: one line, one "imgfuse: " prefix,
-// image named exactly once (as "open IMAGE: " or "... of IMAGE: "), and
-// the reason want.
+// image named exactly once, at most one driver prefix (the driver that
+// names the image: "qcow2: IMAGE: ..."), and the reason want.
 func checkOneLine(t *testing.T, stderr, image, want string) {
 	t.Helper()
+	prefixes := strings.Count(stderr, " qcow2: ") + strings.Count(stderr, " raw: ") + strings.Count(stderr, " luks: ")
 	switch {
 	case strings.Count(stderr, "\n") != 1 || !strings.HasSuffix(stderr, "\n"):
 		t.Errorf("not one line: %q", stderr)
@@ -187,8 +189,8 @@ func checkOneLine(t *testing.T, stderr, image, want string) {
 		t.Errorf("not one 'imgfuse: ' prefix: %q", stderr)
 	case strings.Count(stderr, image) != 1:
 		t.Errorf("names %s %d times: %q", image, strings.Count(stderr, image), stderr)
-	case strings.Contains(stderr, " qcow2: ") || strings.Contains(stderr, " raw: ") || strings.Contains(stderr, " luks: "):
-		t.Errorf("a driver prefix shows: %q", stderr)
+	case prefixes > 1:
+		t.Errorf("%d driver prefixes: %q", prefixes, stderr)
 	case !strings.Contains(stderr, want):
 		t.Errorf("%q does not say %q", stderr, want)
 	}
@@ -227,7 +229,7 @@ func runUnprivileged(t *testing.T, args ...string) (code int, stderr string) {
 	}
 	var errb bytes.Buffer
 	c := exec.Command(bin, args...)
-	c.Env = append(os.Environ(), daemonEnv+"=none") // act as imgfuse, not as a test or a daemon
+	c.Env = append(os.Environ(), asCLIEnv+"=1") // act as imgfuse, not as a test or a daemon
 	c.Stderr = &errb
 	c.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	err = c.Run()

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"imgfuse/mounts"
 )
 
 // TestStatusStale: a state file whose server is gone is listed as dead
@@ -15,10 +17,10 @@ import (
 func TestStatusStale(t *testing.T) {
 	dir := t.TempDir()
 	mp := "/no/such/mount point"
-	ov := "/var/tmp/" + overlayPrefix + "1.qcow2"
-	st := daemonState{PID: 1 << 30, Image: "/img.qcow2", Mountpoint: mp, Format: "qcow2",
+	ov := "/var/tmp/" + mounts.OverlayPrefix + "1.qcow2"
+	st := mounts.State{PID: 1 << 30, Image: "/img.qcow2", Mountpoint: mp, Format: "qcow2",
 		Passthrough: "off: --no-passthrough", Overlay: ov, OverlayTemporary: true, Started: time.Unix(0, 0).UTC()}
-	if _, err := writeState(dir, st); err != nil {
+	if _, err := mounts.WriteState(dir, st); err != nil {
 		t.Fatal(err)
 	}
 	// Not ours: a file named like a state file for another mountpoint,
@@ -29,7 +31,7 @@ func TestStatusStale(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "junk.json"), []byte("{"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	entries, err := listStatus(dir)
+	entries, err := mounts.List(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,40 +54,14 @@ func TestStatusStale(t *testing.T) {
 		}
 	}
 	var out bytes.Buffer
-	if err := printStatus(&out, entries); err != nil {
+	if err := mounts.PrintStatus(&out, entries); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(out.String(), "run 'imgfuse unmount '/no/such/mount point''") {
 		t.Errorf("table lacks the hint:\n%s", out.String())
 	}
 	// No state dir at all: no mounts, not an error.
-	if entries, err := listStatus(filepath.Join(dir, "none")); err != nil || len(entries) != 0 {
+	if entries, err := mounts.List(filepath.Join(dir, "none")); err != nil || len(entries) != 0 {
 		t.Errorf("missing state dir: %v, %v", entries, err)
-	}
-}
-
-func TestIsTempOverlay(t *testing.T) {
-	for path, want := range map[string]bool{
-		"/var/tmp/imgfuse-overlay-123.qcow2": true,
-		"imgfuse-overlay-123.qcow2":          false,
-		"/home/me/disk.qcow2":                false,
-		"/var/tmp/imgfuse-overlay-123.raw":   false,
-	} {
-		if got := isTempOverlay(path); got != want {
-			t.Errorf("isTempOverlay(%q) = %v", path, got)
-		}
-	}
-}
-
-func TestShellQuote(t *testing.T) {
-	for in, want := range map[string]string{
-		"/tmp/a-b_c.d": "/tmp/a-b_c.d",
-		"/a b":         "'/a b'",
-		"it's":         `'it'\''s'`,
-		"":             "''",
-	} {
-		if got := shellQuote(in); got != want {
-			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
-		}
 	}
 }

@@ -1,4 +1,4 @@
-package main
+package imgtool
 
 import (
 	"errors"
@@ -11,13 +11,13 @@ import (
 	"imgfuse/drivers/raw"
 )
 
-// imageFormats is every format imgfuse knows, handed to drivers.Open for
+// Formats is every format imgfuse knows, handed to drivers.Open for
 // probing the image and its backing files. Order does not matter for
 // probing (the highest score wins); it is the order shown in help. The
 // foreign formats open nothing: they are there so that a VMDK, VHDX, LUKS
 // ... file is refused by name instead of probing as raw
 // (drivers/foreign).
-func imageFormats() []drivers.Format {
+func Formats() []drivers.Format {
 	return append([]drivers.Format{qcow2.Format{}, raw.Format{}}, foreign.Formats()...)
 }
 
@@ -27,11 +27,11 @@ func refuseOnly(f drivers.Format) (*foreign.Format, bool) {
 	return ff, ok
 }
 
-// readableFormats is the names of the formats imgfuse can open: "qcow2",
+// ReadableFormats is the names of the formats imgfuse can open: "qcow2",
 // "raw".
-func readableFormats() []string {
+func ReadableFormats() []string {
 	var names []string
-	for _, f := range imageFormats() {
+	for _, f := range Formats() {
 		if _, ok := refuseOnly(f); !ok {
 			names = append(names, f.Name())
 		}
@@ -39,28 +39,28 @@ func readableFormats() []string {
 	return names
 }
 
-// formatChoices is the valid values of --format: "auto" and each format
+// FormatChoices is the valid values of --format: "auto" and each format
 // that can be opened.
-func formatChoices() []string {
-	return append([]string{"auto"}, readableFormats()...)
+func FormatChoices() []string {
+	return append([]string{"auto"}, ReadableFormats()...)
 }
 
-// checkFormatFlag rejects a --format value that names no format it can
+// CheckFormatFlag rejects a --format value that names no format it can
 // open. A format known only to refuse is named as such.
-func checkFormatFlag(name string) error {
-	for _, c := range formatChoices() {
+func CheckFormatFlag(name string) error {
+	for _, c := range FormatChoices() {
 		if name == c {
 			return nil
 		}
 	}
-	choices := strings.Join(formatChoices(), ", ")
-	if f, err := drivers.Lookup(imageFormats(), name); err == nil {
+	choices := strings.Join(FormatChoices(), ", ")
+	if f, err := drivers.Lookup(Formats(), name); err == nil {
 		if ff, ok := refuseOnly(f); ok {
-			return usagef("invalid --format %q: imgfuse recognises %s but cannot read it (want one of: %s)",
+			return Usagef("invalid --format %q: imgfuse recognises %s but cannot read it (want one of: %s)",
 				name, ff.What(), choices)
 		}
 	}
-	return usagef("invalid --format %q (want one of: %s)", name, choices)
+	return Usagef("invalid --format %q (want one of: %s)", name, choices)
 }
 
 // refusal is the error of a command given image, whose format f imgfuse
@@ -92,7 +92,7 @@ func (e refusalError) Error() string {
 		}
 		return msg
 	}
-	msg := fmt.Sprintf("%s is %s; imgfuse reads %s", e.image, f.What(), inWords(readableFormats()))
+	msg := fmt.Sprintf("%s is %s; imgfuse reads %s", e.image, f.What(), InWords(ReadableFormats()))
 	if !e.backing {
 		msg += " (-f raw exposes the file's own bytes)"
 	}
@@ -101,9 +101,9 @@ func (e refusalError) Error() string {
 
 func (e refusalError) Unwrap() error { return e.err }
 
-// asBacking words err, the failure to open a backing file, as such: a
+// AsBacking words err, the failure to open a backing file, as such: a
 // refusal drops the --format hint, which applies to the top image only.
-func asBacking(err error) error {
+func AsBacking(err error) error {
 	var re refusalError
 	if errors.As(err, &re) && error(re) == err {
 		re.backing = true
@@ -112,8 +112,8 @@ func asBacking(err error) error {
 	return err
 }
 
-// inWords joins names as a sentence does: "a", "a and b", "a, b and c".
-func inWords(names []string) string {
+// InWords joins names as a sentence does: "a", "a and b", "a, b and c".
+func InWords(names []string) string {
 	if len(names) < 2 {
 		return strings.Join(names, "")
 	}

@@ -1,4 +1,4 @@
-package main
+package imgtool
 
 import (
 	"bytes"
@@ -12,93 +12,40 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/spf13/cobra"
-
 	"imgfuse/drivers"
 )
 
-func newInfoCmd(stdout io.Writer) *cobra.Command {
-	var asJSON, chain, forceShare bool
-	var format, output string
-	cmd := &cobra.Command{
-		Use:   "info [flags] IMAGE",
-		Short: "Describe an image and its backing chain",
-		Long: `Describe IMAGE like 'qemu-img info --backing-chain': format, sizes, format
-details (qcow2: version, cluster size, feature bits, dirty/corrupt state,
-compression type), internal snapshots, and every backing file down the chain
-that can be opened (a missing backing file is named, not an error).
-
---output=json (or --json) prints what 'qemu-img info --output=json' prints,
-key for key: filename, format, virtual-size, actual-size (allocated bytes),
-dirty-flag, cluster-size, backing-filename, full-backing-filename,
-backing-filename-format, format-specific {type, data}, snapshots, and no
-other key. imgfuse's own fields (feature names, the apparent file size, the
-partition table: number, partN file, start, size, type, GPT name and UUID,
-and the image below, described the same way, as "backing-image") are under
-"imgfuse". With --backing-chain the output is
-a JSON array with one object per image, top first, as qemu-img prints it;
-then every backing file must open.
-
-info takes no image locks (it only reads the header and the snapshot table),
-so it works on a mounted image; -U is accepted for qemu-img habits.`,
-		Args: exactArgs("IMAGE"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkFormatFlag(format); err != nil {
-				return err
-			}
-			jsonOut, err := outputFlag(output, asJSON)
-			if err != nil {
-				return err
-			}
-			infos, err := imageChain(args[0], format, chain)
-			if err != nil {
-				return err
-			}
-			if jsonOut {
-				return writeInfoJSON(stdout, infos, chain)
-			}
-			return writeInfoText(stdout, infos)
-		},
-	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON (same as --output=json)")
-	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
-	cmd.Flags().BoolVar(&chain, "backing-chain", false, "describe every image of the chain (JSON: an array); fail if one cannot be opened")
-	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (info never takes any)")
-	addFormatFlag(cmd, &format)
-	return cmd
-}
-
-// outputFlag validates --output and folds --json into it.
-func outputFlag(output string, asJSON bool) (jsonOut bool, err error) {
+// OutputFlag validates --output and folds --json into it.
+func OutputFlag(output string, asJSON bool) (jsonOut bool, err error) {
 	switch output {
 	case "json":
 		return true, nil
 	case "human":
 		return asJSON, nil
 	}
-	return false, usagef("invalid --output %q (want human or json)", output)
+	return false, Usagef("invalid --output %q (want human or json)", output)
 }
 
-// chainLink is one image of a backing chain as info describes it; err is
+// ChainLink is one image of a backing chain as info describes it; err is
 // set (and info only names the file) when the image could not be opened.
-type chainLink struct {
-	info drivers.ImageInfo
-	err  error
-	// parts is the top image's partition table (nil below it).
-	parts *partitionList
+type ChainLink struct {
+	Info drivers.ImageInfo
+	Err  error
+	// Parts is the top image's partition table (nil below it).
+	Parts *partitionList
 }
 
-// imageChain opens image and then each backing file in turn, each without
+// ImageChain opens image and then each backing file in turn, each without
 // its own backing file (as qemu-img info does), so that a missing or
 // broken backing file still lets the images above it be described. With
 // strict set, such a backing file is an error; otherwise it ends the chain
 // with a link that carries the error.
-func imageChain(image, format string, strict bool) ([]chainLink, error) {
-	info, err := describeImage(image, format)
+func ImageChain(image, format string, strict bool) ([]ChainLink, error) {
+	info, err := DescribeImage(image, format)
 	if err != nil {
 		return nil, err
 	}
-	links := []chainLink{{info: info, parts: readPartitionList(image, format)}}
+	links := []ChainLink{{Info: info, Parts: readPartitionList(image, format)}}
 	seen := map[[2]uint64]bool{}
 	fileID := func(path string) ([2]uint64, bool) {
 		var st syscall.Stat_t
@@ -111,9 +58,9 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 		seen[id] = true
 	}
 	for depth := 0; info.BackingFilename != ""; depth++ {
-		next := pathCombine(info.Filename, info.BackingFilename)
+		next := PathCombine(info.Filename, info.BackingFilename)
 		if depth >= 64 {
-			return nil, fmt.Errorf("%s: backing chain deeper than 64 images%w", image, sentinelOf(drivers.ErrCorrupt))
+			return nil, Errorf("open", image, ExitCorrupt, "backing chain deeper than 64 images")
 		}
 		bfmt := info.BackingFormat
 		if bfmt == "" {
@@ -122,30 +69,30 @@ func imageChain(image, format string, strict bool) ([]chainLink, error) {
 		id, ok := fileID(next)
 		if ok && seen[id] {
 			// QEMU: "Backing file '...' creates an infinite loop".
-			err = fmt.Errorf("open %s: backing chain loop: the file appears twice in the chain%w", next, sentinelOf(drivers.ErrCorrupt))
+			err = Errorf("open", next, ExitCorrupt, "backing chain loop: the file appears twice in the chain")
 		} else {
 			if ok {
 				seen[id] = true
 			}
-			info, err = describeImage(next, bfmt)
-			err = asBacking(err)
+			info, err = DescribeImage(next, bfmt)
+			err = AsBacking(err)
 		}
 		if err != nil {
 			if strict {
-				return nil, fmt.Errorf("backing file of %s: %w", links[len(links)-1].info.Filename, err)
+				return nil, fmt.Errorf("backing file of %s: %w", links[len(links)-1].Info.Filename, err)
 			}
-			links = append(links, chainLink{info: drivers.ImageInfo{Filename: next, Format: info.BackingFormat}, err: err})
+			links = append(links, ChainLink{Info: drivers.ImageInfo{Filename: next, Format: info.BackingFormat}, Err: err})
 			break
 		}
-		links = append(links, chainLink{info: info})
+		links = append(links, ChainLink{Info: info})
 	}
 	return links, nil
 }
 
-// describeImage opens image read-only without its backing file and
+// DescribeImage opens image read-only without its backing file and
 // without image locks, and describes it.
-func describeImage(image, format string) (drivers.ImageInfo, error) {
-	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true, NoBacking: true, NoDataFile: true})
+func DescribeImage(image, format string) (drivers.ImageInfo, error) {
+	d, f, err := OpenForInspect(image, format, drivers.OpenOptions{ForceShare: true, NoBacking: true, NoDataFile: true})
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -166,25 +113,25 @@ func describeImage(image, format string) (drivers.ImageInfo, error) {
 	}
 	info.Filename = image
 	info.Backing = nil
-	info.VirtualSize = qemuVirtualSize(info.Format, info.VirtualSize)
+	info.VirtualSize = QemuVirtualSize(info.Format, info.VirtualSize)
 	return info, nil
 }
 
-// qemuVirtualSize is the virtual size QEMU gives an image of format and
+// QemuVirtualSize is the virtual size QEMU gives an image of format and
 // size: a raw file's is rounded up to whole 512-byte sectors (QEMU's block
 // layer counts sectors), which info, map and create -b report as qemu-img
 // does. The mount exposes the file's own size.
-func qemuVirtualSize(format string, size int64) int64 {
+func QemuVirtualSize(format string, size int64) int64 {
 	if format == "raw" {
 		return (size + 511) &^ 511
 	}
 	return size
 }
 
-// pathCombine resolves a file name stored in an image relative to the
+// PathCombine resolves a file name stored in an image relative to the
 // image's own name, as QEMU's path_combine does: absolute names stay, and
 // a relative one replaces the last component of base.
-func pathCombine(base, name string) string {
+func PathCombine(base, name string) string {
 	if strings.HasPrefix(name, "/") {
 		return name
 	}
@@ -253,7 +200,7 @@ func toQemuInfo(info drivers.ImageInfo) qemuInfo {
 		Imgfuse:               &imgfuseExtra{FileSize: info.FileSize, Details: info.Extra},
 	}
 	if info.BackingFilename != "" {
-		q.FullBackingFilename = pathCombine(info.Filename, info.BackingFilename)
+		q.FullBackingFilename = PathCombine(info.Filename, info.BackingFilename)
 	}
 	if du, ok := diskUsage(info.Filename); ok {
 		q.ActualSize = &du
@@ -273,29 +220,29 @@ func toQemuInfo(info drivers.ImageInfo) qemuInfo {
 	return q
 }
 
-// writeInfoJSON prints the chain as qemu-img info --output=json does: an
+// WriteInfoJSON prints the chain as qemu-img info --output=json does: an
 // array of objects with --backing-chain, else the top image alone, the
 // images below nested under imgfuse.backing-image.
-func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
+func WriteInfoJSON(w io.Writer, links []ChainLink, chain bool) error {
 	var v any
 	if chain {
 		arr := make([]qemuInfo, len(links))
 		for i, l := range links {
-			arr[i] = toQemuInfo(l.info)
-			arr[i].Imgfuse.Partitions = l.parts
+			arr[i] = toQemuInfo(l.Info)
+			arr[i].Imgfuse.Partitions = l.Parts
 		}
 		v = arr
 	} else {
 		var below *qemuInfo
 		for i := len(links) - 1; i >= 0; i-- {
-			if links[i].err != nil {
+			if links[i].Err != nil {
 				continue // named by the image above, under imgfuse.backing-error
 			}
-			q := toQemuInfo(links[i].info)
-			q.Imgfuse.Partitions = links[i].parts
+			q := toQemuInfo(links[i].Info)
+			q.Imgfuse.Partitions = links[i].Parts
 			q.Imgfuse.BackingImage = below
-			if i+1 < len(links) && links[i+1].err != nil {
-				q.Imgfuse.BackingError = links[i+1].err.Error()
+			if i+1 < len(links) && links[i+1].Err != nil {
+				q.Imgfuse.BackingError = links[i+1].Err.Error()
 			}
 			below = &q
 		}
@@ -309,20 +256,20 @@ func writeInfoJSON(w io.Writer, links []chainLink, chain bool) error {
 	return err
 }
 
-// writeInfoText prints each image of the chain as a block, blocks separated
+// WriteInfoText prints each image of the chain as a block, blocks separated
 // by a blank line, in the shape of `qemu-img info --backing-chain`.
-func writeInfoText(w io.Writer, links []chainLink) error {
+func WriteInfoText(w io.Writer, links []ChainLink) error {
 	var b strings.Builder
 	for i, l := range links {
 		if i > 0 {
 			b.WriteString("\n")
 		}
-		if l.err != nil {
-			fmt.Fprintf(&b, "image: %s\ncannot open: %v\n", l.info.Filename, l.err)
+		if l.Err != nil {
+			fmt.Fprintf(&b, "image: %s\ncannot open: %v\n", l.Info.Filename, l.Err)
 			continue
 		}
-		writeInfoBlock(&b, &l.info)
-		writePartitionsText(&b, l.parts)
+		writeInfoBlock(&b, &l.Info)
+		writePartitionsText(&b, l.Parts)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -331,16 +278,16 @@ func writeInfoText(w io.Writer, links []chainLink) error {
 func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 	fmt.Fprintf(b, "image: %s\n", info.Filename)
 	fmt.Fprintf(b, "file format: %s\n", info.Format)
-	fmt.Fprintf(b, "virtual size: %s (%d bytes)\n", humanSize(info.VirtualSize), info.VirtualSize)
-	fmt.Fprintf(b, "file size: %s (%d bytes)\n", humanSize(info.FileSize), info.FileSize)
+	fmt.Fprintf(b, "virtual size: %s (%d bytes)\n", HumanSize(info.VirtualSize), info.VirtualSize)
+	fmt.Fprintf(b, "file size: %s (%d bytes)\n", HumanSize(info.FileSize), info.FileSize)
 	if du, ok := diskUsage(info.Filename); ok {
-		fmt.Fprintf(b, "disk size: %s\n", humanSize(du))
+		fmt.Fprintf(b, "disk size: %s\n", HumanSize(du))
 	}
 	if info.ClusterSize != 0 {
 		fmt.Fprintf(b, "cluster_size: %d\n", info.ClusterSize)
 	}
 	if info.BackingFilename != "" {
-		full := pathCombine(info.Filename, info.BackingFilename)
+		full := PathCombine(info.Filename, info.BackingFilename)
 		fmt.Fprintf(b, "backing file: %s", info.BackingFilename)
 		if full != info.BackingFilename {
 			fmt.Fprintf(b, " (actual path: %s)", full)
@@ -372,16 +319,16 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 			if s.Icount != -1 {
 				icount = strconv.FormatInt(s.Icount, 10)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Name, humanSize(s.VMStateSize), date,
-				vmClock(s.VMClock), icount, humanSize(s.DiskSize))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Name, HumanSize(s.VMStateSize), date,
+				vmClock(s.VMClock), icount, HumanSize(s.DiskSize))
 		}
 		tw.Flush()
 	}
 }
 
-// humanSize renders n like QEMU's size_to_str: three significant digits in
+// HumanSize renders n like QEMU's size_to_str: three significant digits in
 // the largest binary unit that keeps the number below 1000.
-func humanSize(n int64) string {
+func HumanSize(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
 	if n < 0 {
 		return strconv.FormatInt(n, 10) + " B"

@@ -1,4 +1,4 @@
-package main
+package mounts
 
 import (
 	"fmt"
@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"imgfuse/imgtool"
 )
 
 // Who keeps a mount busy. When umount fails with EBUSY, `unmount` (and the
@@ -33,7 +35,7 @@ type holder struct {
 type holderScan struct {
 	proc, sys string // "/proc", "/sys"
 	self      int    // a pid to skip (ours)
-	mounts    []*mountEntry
+	mounts    []*Entry
 }
 
 // maxHolders bounds how many holders a message names.
@@ -41,7 +43,7 @@ const maxHolders = 6
 
 // busyHolders returns the holders of the mount e, one of s.mounts.
 // show turns a path under the mount into the user's spelling.
-func (s holderScan) busyHolders(e *mountEntry, show func(string) string) []holder {
+func (s holderScan) busyHolders(e *Entry, show func(string) string) []holder {
 	mp := e.Mountpoint
 	var out []holder
 	out = append(out, s.loopHolders(mp, show)...)
@@ -49,7 +51,7 @@ func (s holderScan) busyHolders(e *mountEntry, show func(string) string) []holde
 		if under(m.Mountpoint, mp) && m.Mountpoint != mp {
 			out = append(out, holder{
 				what: fmt.Sprintf("a %s filesystem (%s) is mounted on %s", m.FSType, m.Source, show(m.Mountpoint)),
-				fix:  "umount " + shellQuote(m.Mountpoint),
+				fix:  "umount " + imgtool.ShellQuote(m.Mountpoint),
 			})
 		}
 	}
@@ -92,7 +94,7 @@ func (s holderScan) loopHolders(mp string, show func(string) string) []holder {
 		case len(on) > 0:
 			h.what += " (mounted on " + strings.Join(on, ", ") + ")"
 			for _, m := range on {
-				fix = append(fix, "umount "+shellQuote(m))
+				fix = append(fix, "umount "+imgtool.ShellQuote(m))
 			}
 		case len(users) > 0:
 			var u []string
@@ -113,7 +115,7 @@ func (s holderScan) loopHolders(mp string, show func(string) string) []holder {
 
 // processHolders lists the processes with a file under e open or mapped,
 // or with their working or root directory there.
-func (s holderScan) processHolders(e *mountEntry, show func(string) string) []holder {
+func (s holderScan) processHolders(e *Entry, show func(string) string) []holder {
 	ents, err := os.ReadDir(s.proc)
 	if err != nil {
 		return nil

@@ -1,4 +1,4 @@
-package main
+package imgtool
 
 import (
 	"fmt"
@@ -36,7 +36,7 @@ type partitionJSON struct {
 // no table or the disk cannot be opened with its backing chain (info names
 // that problem elsewhere).
 func readPartitionList(image, format string) *partitionList {
-	d, _, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
+	d, _, err := OpenForInspect(image, format, drivers.OpenOptions{ForceShare: true})
 	if err != nil {
 		return nil
 	}
@@ -74,7 +74,7 @@ func writePartitionsText(b *strings.Builder, l *partitionList) {
 	tw := tabwriter.NewWriter(b, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "    FILE\tSTART\tSIZE\tTYPE\tNAME\tUUID")
 	for _, p := range l.Partitions {
-		fmt.Fprintf(tw, "    %s\t%d\t%s (%d bytes)\t%s\t%s\t%s\n", p.File, p.Start, humanSize(p.Size), p.Size, p.Type, p.Name, p.UUID)
+		fmt.Fprintf(tw, "    %s\t%d\t%s (%d bytes)\t%s\t%s\t%s\n", p.File, p.Start, HumanSize(p.Size), p.Size, p.Type, p.Name, p.UUID)
 	}
 	tw.Flush()
 }

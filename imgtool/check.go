@@ -1,4 +1,4 @@
-package main
+package imgtool
 
 import (
 	"encoding/json"
@@ -9,83 +9,15 @@ import (
 	"time"
 
 	"github.com/schollz/progressbar/v3"
-	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	"imgfuse/drivers"
 	"imgfuse/drivers/foreign"
 )
 
-// Exit codes of `imgfuse check`: qemu-img check's.
-const (
-	checkExitClean       = 0  // no corruption, no leak
-	checkExitFailed      = 1  // the check could not be run (open error, I/O error, bad command line); 5 (exitUnsupported) for a format imgfuse cannot read
-	checkExitCorrupt     = 2  // corruptions (perhaps leaks too)
-	checkExitLeaks       = 3  // leaks only
-	checkExitUnsupported = 63 // the format has nothing to check (raw)
-)
-
 // progressMinSize is the virtual size from which check shows a progress
 // bar on a terminal: smaller images are checked in well under a second.
 const progressMinSize = 4 << 30
-
-func newCheckCmd(stdout, stderr io.Writer) *cobra.Command {
-	var format, output, repair string
-	var forceShare bool
-	cmd := &cobra.Command{
-		Use:   "check [flags] IMAGE",
-		Short: "Check an image's consistency (and repair it), as qemu-img check does",
-		Long: `Check the refcounts and tables of a qcow2 IMAGE: clusters whose refcount is
-below their references are corruptions (the space could be handed out twice),
-clusters whose refcount exceeds them are leaks (space lost, nothing else).
-The output, human or --output=json, is qemu-img check's; problems are listed
-on stderr. Backing files are not opened.
-
--r leaks lowers leaked refcounts; -r all also raises refcounts that are too
-low, rebuilds a damaged refcount structure and fixes COPIED flags. The image
-is then checked again and that result reported. Repairs open the image
-read-write (and take its locks); a check alone opens it read-only, and -U
-skips the locks.
-
-A raw image has nothing to check: like qemu-img, check says so and exits 63.
-An image in a format imgfuse recognises but cannot read (VMDK, VHDX, VHD,
-VDI, ...) is refused by name with exit 5, as by the other commands.
-On a terminal, images of 4 GiB and more show a progress bar on stderr.
-
-Exit codes (qemu-img check's): 0 clean, 1 the check failed (cannot open, I/O
-error, usage error), 2 corruptions, 3 leaks only, 63 format without checks;
-and imgfuse's 5 for a format it cannot read.`,
-		Args: exactArgs("IMAGE"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkFormatFlag(format); err != nil {
-				return err
-			}
-			jsonOut, err := outputFlag(output, false)
-			if err != nil {
-				return err
-			}
-			mode := drivers.CheckOnly
-			switch repair {
-			case "":
-			case "leaks":
-				mode = drivers.RepairLeaks
-			case "all":
-				mode = drivers.RepairAll
-			default:
-				return usagef("invalid -r %q (want leaks or all)", repair)
-			}
-			if forceShare && mode != drivers.CheckOnly {
-				return usagef("-U (--force-share) cannot be used with -r: a repair writes the image")
-			}
-			return runCheck(stdout, stderr, args[0], format, mode, forceShare, jsonOut)
-		},
-	}
-	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
-	cmd.Flags().StringVarP(&repair, "repair", "r", "", "repair `leaks` or `all` errors")
-	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (check only)")
-	addFormatFlag(cmd, &format)
-	return cmd
-}
 
 // qemuCheck is qemu-img check's JSON (QEMU's ImageCheck): the optional
 // counts are left out when zero, as qemu-img leaves them out.
@@ -104,31 +36,32 @@ type qemuCheck struct {
 	CompressedClusters int64  `json:"compressed-clusters,omitempty"`
 }
 
-func runCheck(stdout, stderr io.Writer, image, format string, mode drivers.CheckMode, forceShare, jsonOut bool) error {
+// Check checks (or, with mode, repairs) image as qemu-img check does,
+// printing its report on stdout and the problems on stderr. The error
+// carries the exit code.
+func Check(stdout, stderr io.Writer, image, format string, mode drivers.CheckMode, forceShare, jsonOut bool) error {
 	opts := drivers.OpenOptions{ForceShare: forceShare, NoBacking: true}
 	var d drivers.Driver
 	var f drivers.Format
 	var err error
 	if mode == drivers.CheckOnly {
-		d, f, err = openForInspect(image, format, opts)
+		d, f, err = OpenForInspect(image, format, opts)
 	} else {
 		d, f, err = openForRepair(image, format, opts)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "imgfuse: %v\n", err)
 		// An image in a format imgfuse cannot read is refused as by
 		// every other command (exit 5): there was nothing to check,
 		// which is not a check that failed.
 		if fe := (*foreign.Error)(nil); errors.As(err, &fe) {
-			return exitError{exitUnsupported}
+			return ExitStatus{ExitUnsupported, err}
 		}
-		return exitError{checkExitFailed}
+		return ExitStatus{CheckFailed, err}
 	}
 	defer d.Close()
 	c, ok := d.(drivers.Checker)
 	if !ok {
-		fmt.Fprintf(stderr, "imgfuse: check %s: the %s format does not support checks\n", image, f.Name())
-		return exitError{checkExitUnsupported}
+		return ExitStatus{CheckUnsupported, Errorf("check", image, 0, "the %s format does not support checks", f.Name())}
 	}
 	var progress func(done, total int64)
 	if file, ok := stderr.(*os.File); ok && term.IsTerminal(int(file.Fd())) && d.Size() >= progressMinSize {
@@ -143,8 +76,7 @@ func runCheck(stdout, stderr io.Writer, image, format string, mode drivers.Check
 		fmt.Fprintln(stderr, m)
 	}
 	if cerr != nil {
-		fmt.Fprintf(stderr, "imgfuse: check %s: %v\n", image, trimPathError(cerr, image))
-		return exitError{checkExitFailed}
+		return ExitStatus{CheckFailed, DriverError("check", image, 0, cerr)}
 	}
 	q := qemuCheck{
 		Filename: image, Format: f.Name(), CheckErrors: res.CheckErrors,
@@ -166,25 +98,25 @@ func runCheck(stdout, stderr io.Writer, image, format string, mode drivers.Check
 	}
 	switch {
 	case res.CheckErrors > 0:
-		return exitError{checkExitFailed}
+		return ExitStatus{Code: CheckFailed}
 	case res.Corruptions > 0:
-		return exitError{checkExitCorrupt}
+		return ExitStatus{Code: CheckCorrupt}
 	case res.Leaks > 0:
-		return exitError{checkExitLeaks}
+		return ExitStatus{Code: CheckLeaks}
 	}
 	return nil
 }
 
 // openForRepair opens image read-write, without its backing file.
 func openForRepair(image, format string, opts drivers.OpenOptions) (drivers.Driver, drivers.Format, error) {
-	if err := checkFormat(image, format); err != nil {
+	if err := CheckFormat(image, format); err != nil {
 		return nil, nil, err
 	}
-	opts.Formats = imageFormats()
+	opts.Formats = Formats()
 	opts.Repair = true
 	d, f, err := drivers.Open(image, format, opts)
 	if err != nil {
-		return nil, nil, openError(describeOpenError(image, err))
+		return nil, nil, OpenFailed(image, err)
 	}
 	return d, f, nil
 }

@@ -1,6 +1,7 @@
-package main
+package mounts
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,23 +11,52 @@ import (
 	"time"
 
 	"github.com/moby/sys/mountinfo"
+
+	"imgfuse/imgtool"
 )
+
+// TestServerCloseError: a close error recorded in the state file is
+// reported by unmount once, and only for the server that recorded it.
+func TestServerCloseError(t *testing.T) {
+	dir := t.TempDir()
+	st := State{PID: 4242, Image: "/i.qcow2", Mountpoint: "/mnt/x", Started: time.Now()}
+	if _, err := WriteState(dir, st); err != nil {
+		t.Fatal(err)
+	}
+	if err := serverCloseError(dir, "/mnt/x", 4242, "mnt/x"); err != nil {
+		t.Errorf("no close error recorded, got %v", err)
+	}
+	st.CloseError = "flush /i.qcow2: input/output error"
+	if _, err := WriteState(dir, st); err != nil {
+		t.Fatal(err)
+	}
+	if err := serverCloseError(dir, "/mnt/x", 99, "mnt/x"); err != nil {
+		t.Errorf("another server's error reported: %v", err)
+	}
+	err := serverCloseError(dir, "/mnt/x", 4242, "mnt/x")
+	if err == nil || imgtool.Code(err) != imgtool.ExitFlush || !strings.Contains(err.Error(), "unmounted mnt/x, but its server failed to write the image back: flush /i.qcow2: input/output error") {
+		t.Errorf("serverCloseError = %v", err)
+	}
+	if _, err := os.Stat(StatePath(dir, "/mnt/x")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state file left after reporting: %v", err)
+	}
+}
 
 func TestStateRoundTrip(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
-	st := daemonState{PID: 4242, Image: "/img/a b.qcow2", Mountpoint: "/mnt/with space",
+	st := State{PID: 4242, Image: "/img/a b.qcow2", Mountpoint: "/mnt/with space",
 		Format: "qcow2", ReadOnly: true, Started: time.Unix(1700000000, 0).UTC()}
-	path, err := writeState(dir, st)
+	path, err := WriteState(dir, st)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if path != statePath(dir, st.Mountpoint) || !strings.HasSuffix(path, ".json") {
+	if path != StatePath(dir, st.Mountpoint) || !strings.HasSuffix(path, ".json") {
 		t.Errorf("state path %s", path)
 	}
 	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Errorf("state dir mode: %v %v", fi.Mode(), err)
 	}
-	got, err := readState(dir, st.Mountpoint)
+	got, err := ReadState(dir, st.Mountpoint)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,26 +65,26 @@ func TestStateRoundTrip(t *testing.T) {
 	}
 	// Overwrite (a new server on the same mountpoint) leaves one file.
 	st.PID = 4343
-	if _, err := writeState(dir, st); err != nil {
+	if _, err := WriteState(dir, st); err != nil {
 		t.Fatal(err)
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Errorf("%d files in state dir, want 1", len(ents))
 	}
-	if got, _ := readState(dir, st.Mountpoint); got.PID != 4343 {
+	if got, _ := ReadState(dir, st.Mountpoint); got.PID != 4343 {
 		t.Errorf("pid %d after overwrite", got.PID)
 	}
-	if _, err := readState(dir, "/other"); !os.IsNotExist(err) {
+	if _, err := ReadState(dir, "/other"); !os.IsNotExist(err) {
 		t.Errorf("state of another mountpoint: %v", err)
 	}
 	// A file whose content names another mountpoint is rejected.
-	if err := os.Rename(path, statePath(dir, "/elsewhere")); err != nil {
+	if err := os.Rename(path, StatePath(dir, "/elsewhere")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := readState(dir, "/elsewhere"); err == nil {
+	if _, err := ReadState(dir, "/elsewhere"); err == nil {
 		t.Error("mismatched state file accepted")
 	}
-	if statePath(dir, "/a") == statePath(dir, "/b") {
+	if StatePath(dir, "/a") == StatePath(dir, "/b") {
 		t.Error("state paths collide")
 	}
 }
@@ -78,7 +108,7 @@ func TestImgfuseMountCmdline(t *testing.T) {
 	}
 	// This test process is no mount server; pid 0 and a dead pid neither.
 	for _, pid := range []int{os.Getpid(), 0, -1, 1 << 30} {
-		if daemonRunning(pid) {
+		if ServerRunning(pid) {
 			t.Errorf("daemonRunning(%d) = true", pid)
 		}
 	}
@@ -112,11 +142,11 @@ func TestMountTableEscapes(t *testing.T) {
 			t.Errorf("entry %d: %+v, want %+v", i, g, w)
 		}
 	}
-	if !isImgfuseMount(got[1]) || isImgfuseMount(got[2]) || isImgfuseMount(got[0]) {
+	if !IsImgfuse(got[1]) || IsImgfuse(got[2]) || IsImgfuse(got[0]) {
 		t.Error("isImgfuseMount misclassifies")
 	}
 	// The live table has at least the root mount, found by findMount.
-	if e, ok, err := findMount("/"); err != nil || !ok || e.Mountpoint != "/" {
+	if e, ok, err := Find("/"); err != nil || !ok || e.Mountpoint != "/" {
 		t.Errorf("findMount(/) = %+v, %v, %v", e, ok, err)
 	}
 }
@@ -136,7 +166,7 @@ func TestCanonicalPath(t *testing.T) {
 		{link, filepath.Join(rdir, "real")},
 		{filepath.Join(link, "gone"), filepath.Join(rdir, "real", "gone")}, // unresolvable leaf
 	} {
-		if got, err := canonicalPath(tt.in); err != nil || got != tt.want {
+		if got, err := CanonicalPath(tt.in); err != nil || got != tt.want {
 			t.Errorf("canonicalPath(%s) = %s, %v; want %s", tt.in, got, err, tt.want)
 		}
 	}
@@ -146,7 +176,7 @@ func TestCanonicalPath(t *testing.T) {
 // (the per-user one under /tmp can be made by anyone) is refused for
 // writing, reading and listing; a missing one lists no mounts.
 func TestStateDirNotOurs(t *testing.T) {
-	st := daemonState{PID: 4242, Image: "/img.qcow2", Mountpoint: "/mnt/x", Format: "qcow2"}
+	st := State{PID: 4242, Image: "/img.qcow2", Mountpoint: "/mnt/x", Format: "qcow2"}
 	base := t.TempDir()
 
 	open := filepath.Join(base, "open")
@@ -176,37 +206,21 @@ func TestStateDirNotOurs(t *testing.T) {
 		bad[foreign] = "belongs to uid 65534"
 	}
 	for dir, want := range bad {
-		if _, err := writeState(dir, st); err == nil || !strings.Contains(err.Error(), want) {
+		if _, err := WriteState(dir, st); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("writeState(%s): %v, want %q", dir, err, want)
 		}
-		if _, err := readState(dir, st.Mountpoint); err == nil || !strings.Contains(err.Error(), want) {
+		if _, err := ReadState(dir, st.Mountpoint); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("readState(%s): %v, want %q", dir, err, want)
 		}
-		if _, err := listStatus(dir); err == nil || !strings.Contains(err.Error(), want) {
+		if _, err := List(dir); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("listStatus(%s): %v, want %q", dir, err, want)
 		}
 	}
-	if _, err := writeState(own, st); err != nil {
+	if _, err := WriteState(own, st); err != nil {
 		t.Errorf("writeState in our own directory: %v", err)
 	}
-	if e, err := listStatus(filepath.Join(base, "missing")); err != nil || len(e) != 0 {
+	if e, err := List(filepath.Join(base, "missing")); err != nil || len(e) != 0 {
 		t.Errorf("listStatus of a missing directory: %v, %v", e, err)
-	}
-}
-
-// TestUserSpelling: the parent names the image and the failed mount's
-// mountpoint as the user spelled them, not as the child saw them.
-func TestUserSpelling(t *testing.T) {
-	o := &mountOptions{image: "a.qcow2", absImage: "/home/u/a.qcow2", mountpoint: "mnt", absMountpoint: "/home/u/mnt"}
-	for _, tc := range []struct{ in, want string }{
-		{"E7 mount /home/u/mnt: fusermount3: user has no write access to mountpoint /home/u/mnt",
-			"E7 mount mnt: fusermount3: user has no write access to mountpoint /home/u/mnt"},
-		{"E3 open /home/u/a.qcow2: permission denied", "E3 open a.qcow2: permission denied"},
-		{"E7 fusefs: mount /home/u/mntx: other", "E7 fusefs: mount /home/u/mntx: other"},
-	} {
-		if got := userSpelling(tc.in, o); got != tc.want {
-			t.Errorf("userSpelling(%q) = %q, want %q", tc.in, got, tc.want)
-		}
 	}
 }
 
@@ -238,7 +252,7 @@ func TestStateDirFor(t *testing.T) {
 		{uid, "", filepath.Join(mine, "imgfuse")},
 		{uid + 1, "", fmt.Sprintf("/tmp/imgfuse-%d", uid+1)}, // no /run/user/UID
 	} {
-		if got := stateDirFor(tc.uid, tc.xdg, runUser); got != tc.want {
+		if got := StateDirFor(tc.uid, tc.xdg, runUser); got != tc.want {
 			t.Errorf("stateDirFor(%d, %q) = %s, want %s", tc.uid, tc.xdg, got, tc.want)
 		}
 	}
@@ -247,7 +261,60 @@ func TestStateDirFor(t *testing.T) {
 	if err := os.Mkdir(other, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := stateDirFor(uid+2, "", runUser), fmt.Sprintf("/tmp/imgfuse-%d", uid+2); got != want {
+	if got, want := StateDirFor(uid+2, "", runUser), fmt.Sprintf("/tmp/imgfuse-%d", uid+2); got != want {
 		t.Errorf("stateDirFor with a foreign /run/user dir = %s, want %s", got, want)
+	}
+}
+
+// TestPruneDefaultLogs: old logs of mountpoints without a server go; a
+// recent one, one whose server has a state file, and files that are not
+// logs stay.
+func TestPruneDefaultLogs(t *testing.T) {
+	dir := t.TempDir()
+	old := time.Now().Add(-8 * 24 * time.Hour)
+	files := map[string]bool{ // name: kept
+		"aaaa.log": false, "aaaa.log.1": false, // old, no server
+		"bbbb.log": true, "bbbb.json": true, // old, but its server's state is there
+		"cccc.log": true,                     // recent
+		"dddd.txt": true, "eeee.log.2": true, // not ours
+	}
+	for name := range files {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if name != "cccc.log" {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	pruneDefaultLogs(dir, time.Now().Add(-defaultLogKeep))
+	for name, kept := range files {
+		_, err := os.Stat(filepath.Join(dir, name))
+		if (err == nil) != kept {
+			t.Errorf("%s: kept %v, want %v", name, err == nil, kept)
+		}
+	}
+}
+
+func TestIsTempOverlay(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/var/tmp/imgfuse-overlay-123.qcow2": true,
+		"imgfuse-overlay-123.qcow2":          false,
+		"/home/me/disk.qcow2":                false,
+		"/var/tmp/imgfuse-overlay-123.raw":   false,
+	} {
+		if got := IsTempOverlay(path); got != want {
+			t.Errorf("isTempOverlay(%q) = %v", path, got)
+		}
+	}
+}
+
+func TestArticle(t *testing.T) {
+	for fstype, want := range map[string]string{"ext4": "an", "xfs": "an", "overlay": "an", "tmpfs": "a", "btrfs": "a", "": "a"} {
+		if got := article(fstype); got != want {
+			t.Errorf("article(%q) = %q, want %q", fstype, got, want)
+		}
 	}
 }

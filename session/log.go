@@ -1,12 +1,8 @@
-package main
+package session
 
 import (
-	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,62 +19,6 @@ import (
 // so that mounts at ever new places (a CI machine's temporary
 // directories) do not fill it meanwhile, each mount also removes the logs
 // of mountpoints without a server that nobody wrote for defaultLogKeep.
-
-// defaultLogMax is the size at which the default log is rotated.
-const defaultLogMax = 1 << 20
-
-// defaultLogKeep is how long the log of a server that is gone is kept
-// when nothing mounts at its mountpoint again.
-const defaultLogKeep = 7 * 24 * time.Hour
-
-// defaultLogPath names the default log of a canonical mountpoint.
-func defaultLogPath(dir, mountpoint string) string {
-	return strings.TrimSuffix(statePath(dir, mountpoint), ".json") + ".log"
-}
-
-// openDefaultLog makes the state directory if needed and starts the
-// default log of mountpoint afresh (removing the rotated one), for the
-// parent to hand to the daemon as its stdout and stderr.
-func openDefaultLog(mountpoint string) (*os.File, string, error) {
-	dir := stateDir()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, "", fmt.Errorf("state dir: %w", err)
-	}
-	if err := checkStateDir(dir); err != nil {
-		return nil, "", err
-	}
-	pruneDefaultLogs(dir, time.Now().Add(-defaultLogKeep))
-	path := defaultLogPath(dir, mountpoint)
-	os.Remove(path + ".1")
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, "", err
-	}
-	return f, path, nil
-}
-
-// pruneDefaultLogs removes the default logs (and rotated logs) in dir last
-// written before cutoff whose mountpoint has no state file: their server
-// is gone and 'imgfuse unmount' has cleared what it left.
-func pruneDefaultLogs(dir string, cutoff time.Time) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		name := e.Name()
-		base, ok := strings.CutSuffix(strings.TrimSuffix(name, ".1"), ".log")
-		if !ok || !e.Type().IsRegular() {
-			continue
-		}
-		if _, err := os.Lstat(filepath.Join(dir, base+".json")); err == nil {
-			continue // a server (live, or dead and not yet cleared) owns it
-		}
-		if fi, err := e.Info(); err == nil && fi.ModTime().Before(cutoff) {
-			os.Remove(filepath.Join(dir, name))
-		}
-	}
-}
 
 // boundedLog writes the daemon's log to f, rotating the file at path once
 // it would pass max bytes. With dupTo set (the daemon's stdout and

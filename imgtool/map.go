@@ -1,69 +1,18 @@
-package main
+package imgtool
 
 import (
 	"bufio"
 	"fmt"
 	"io"
 
-	"github.com/spf13/cobra"
-
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 )
 
-func newMapCmd(stdout io.Writer) *cobra.Command {
-	var format, output string
-	var forceShare bool
-	var startArg, maxLenArg string
-	cmd := &cobra.Command{
-		Use:   "map [flags] IMAGE",
-		Short: "Print the allocation map of an image and its backing chain, as qemu-img map does",
-		Long: `Print which ranges of IMAGE's virtual disk hold data, read as zeros, or come
-from a backing file, and where they are stored.
-
---output=json prints exactly what 'qemu-img map --output=json' prints: one
-object per run with start, length, depth (0: IMAGE itself, 1: its backing
-file, ...), present (allocated at that depth), zero, data and, where the run
-has a plain location in that layer's file, offset (compressed clusters have
-none). The human output is qemu-img map's: the runs with data that is not
-known to read as zeros and an offset, with the file that holds them.
-
-map takes no image locks (-U is accepted for qemu-img habits).`,
-		Args: exactArgs("IMAGE"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkFormatFlag(format); err != nil {
-				return err
-			}
-			jsonOut, err := outputFlag(output, false)
-			if err != nil {
-				return err
-			}
-			// Sizes as qemu-img takes them (1M, 0x1000); a
-			// --max-length of 0 maps nothing, as qemu-img's does.
-			start, maxLen := int64(0), int64(-1)
-			if startArg != "" {
-				if start, err = parseSize(startArg); err != nil {
-					return usagef("invalid --start-offset %q: %v", startArg, err)
-				}
-			}
-			if maxLenArg != "" {
-				if maxLen, err = parseSize(maxLenArg); err != nil {
-					return usagef("invalid --max-length %q: %v", maxLenArg, err)
-				}
-			}
-			return runMap(stdout, args[0], format, start, maxLen, jsonOut)
-		},
-	}
-	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
-	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (map never takes any)")
-	cmd.Flags().StringVar(&startArg, "start-offset", "", "first byte of the virtual disk to map (a size: 0, 1M, 0x1000)")
-	cmd.Flags().StringVar(&maxLenArg, "max-length", "", "bytes to map from --start-offset (default: to the end)")
-	addFormatFlag(cmd, &format)
-	return cmd
-}
-
-func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bool) error {
-	d, f, err := openForInspect(image, format, drivers.OpenOptions{ForceShare: true})
+// Map prints the allocation map of image from start, at most maxLen
+// bytes (-1: to the end), as qemu-img map does.
+func Map(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bool) error {
+	d, f, err := OpenForInspect(image, format, drivers.OpenOptions{ForceShare: true})
 	if err != nil {
 		return err
 	}
@@ -71,7 +20,7 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 	// QEMU sees a raw file as whole sectors: the tail after its last
 	// byte maps as zeros at depth 0 (see qemuVirtualSize).
 	size := d.Size()
-	end := qemuVirtualSize(f.Name(), size)
+	end := QemuVirtualSize(f.Name(), size)
 	if maxLen >= 0 {
 		end = min(end, start+maxLen)
 	}
@@ -139,7 +88,7 @@ func runMap(stdout io.Writer, image, format string, start, maxLen int64, jsonOut
 		return err
 	}
 	if merr != nil {
-		return fmt.Errorf("map %s: %v%w", image, trimPathError(merr, image), sentinelOf(merr))
+		return DriverError("map", image, ExitFailure, merr)
 	}
 	return nil
 }
@@ -172,7 +121,7 @@ func layerNames(d drivers.Driver, image string) []string {
 			info := in.Info()
 			name = info.Filename
 			if info.DataFile != "" {
-				name = pathCombine(info.Filename, info.DataFile)
+				name = PathCombine(info.Filename, info.DataFile)
 			}
 		}
 		names = append(names, name)

@@ -1,4 +1,4 @@
-package main
+package session
 
 import (
 	"bytes"
@@ -6,13 +6,15 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/imgtool"
+	"imgfuse/mounts"
 )
 
 // closeDriver is a drivers.Driver that only records Flush and Close.
@@ -53,7 +55,8 @@ func TestCloseImage(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			d := &closeDriver{flushErr: tc.flush, closeErr: tc.close}
 			var logBuf bytes.Buffer
-			err := closeImage(d, "img.qcow2", log.New(&logBuf, "", 0))
+			s := &session{o: &Options{Image: "img.qcow2"}, log: log.New(&logBuf, "", 0), d: d}
+			err := s.closeImage()
 			if strings.Join(d.calls, ",") != "flush,close" {
 				t.Errorf("calls %v, want flush then close", d.calls)
 			}
@@ -75,42 +78,20 @@ func TestCloseImage(t *testing.T) {
 	}
 }
 
-// TestServerCloseError: a close error recorded in the state file is
-// reported by unmount once, and only for the server that recorded it.
-func TestServerCloseError(t *testing.T) {
-	dir := t.TempDir()
-	st := daemonState{PID: 4242, Image: "/i.qcow2", Mountpoint: "/mnt/x", Started: time.Now()}
-	if _, err := writeState(dir, st); err != nil {
-		t.Fatal(err)
-	}
-	if err := serverCloseError(dir, "/mnt/x", 4242, "mnt/x"); err != nil {
-		t.Errorf("no close error recorded, got %v", err)
-	}
-	st.CloseError = "flush /i.qcow2: input/output error"
-	if _, err := writeState(dir, st); err != nil {
-		t.Fatal(err)
-	}
-	if err := serverCloseError(dir, "/mnt/x", 99, "mnt/x"); err != nil {
-		t.Errorf("another server's error reported: %v", err)
-	}
-	err := serverCloseError(dir, "/mnt/x", 4242, "mnt/x")
-	if err == nil || exitCode(err) != exitFlush || !strings.Contains(err.Error(), "unmounted mnt/x, but its server failed to write the image back: flush /i.qcow2: input/output error") {
-		t.Errorf("serverCloseError = %v", err)
-	}
-	if _, err := os.Stat(statePath(dir, "/mnt/x")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("state file left after reporting: %v", err)
-	}
-}
-
 // pickyFormat opens anything read-only and refuses to open it for writing,
 // like the qcow2 driver with a corrupt image.
 type pickyFormat struct{}
 
-func (pickyFormat) Name() string                 { return "picky" }
+func (pickyFormat) Name() string { return "picky" }
+
 func (pickyFormat) Probe(drivers.ProbeInput) int { return 0 }
+
 func (pickyFormat) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
 	if !opts.ReadOnly {
-		return nil, fmt.Errorf("picky: %s: the corrupt bit is set: %w", path, drivers.ErrCorrupt)
+		if strings.Contains(path, "marked") {
+			return nil, fmt.Errorf("picky: %s: the corrupt bit is set; open it read-only: %w", path, drivers.ErrCorrupt)
+		}
+		return nil, &drivers.DamageError{Format: "picky", Path: path, Err: fmt.Errorf("L1 table past the end of the file: %w", drivers.ErrCorrupt)}
 	}
 	return &closeDriver{}, nil
 }
@@ -120,21 +101,60 @@ func (pickyFormat) Open(path string, opts drivers.OpenOptions) (drivers.Driver, 
 // they are.
 func TestExplainWritableOpen(t *testing.T) {
 	opts := drivers.OpenOptions{Formats: []drivers.Format{pickyFormat{}}, Growable: true}
-	_, _, err := drivers.Open("x.img", "picky", opts)
-	if err == nil {
-		t.Fatal("writable open succeeded")
+	wopts := opts
+	failed := func(image string) *imgtool.Error {
+		t.Helper()
+		_, _, err := drivers.Open(image, "picky", wopts)
+		if err == nil {
+			t.Fatal("writable open succeeded")
+		}
+		return imgtool.OpenFailed(image, err)
 	}
-	got := explainWritableOpen("x.img", "picky", opts, err)
-	if !errors.Is(got, drivers.ErrCorrupt) || !strings.Contains(got.Error(), "the corrupt bit is set") ||
+	got := explainWritableOpen("x.img", "picky", opts, failed("x.img"))
+	if !errors.Is(got, drivers.ErrCorrupt) || !strings.Contains(got.Error(), "L1 table past the end") ||
 		!strings.Contains(got.Error(), "--read-only mounts it read-only") {
 		t.Errorf("explained: %v", got)
 	}
+	// No second hint when the driver explains its refusal itself.
+	if got := explainWritableOpen("marked.img", "picky", opts, failed("marked.img")); strings.Contains(got.Error(), "--read-only mounts") {
+		t.Errorf("hint on an explained refusal: %v", got)
+	}
 	// No hint when the read-only open fails too, or was what failed.
-	if got := explainWritableOpen("x.img", "nope", opts, err); got != err {
+	if got := explainWritableOpen("x.img", "nope", opts, failed("x.img")); strings.Contains(got.Error(), "--read-only mounts") {
 		t.Errorf("hint without a working read-only open: %v", got)
 	}
 	opts.ReadOnly = true
-	if got := explainWritableOpen("x.img", "picky", opts, err); got != err {
+	if got := explainWritableOpen("x.img", "picky", opts, failed("x.img")); strings.Contains(got.Error(), "--read-only mounts") {
 		t.Errorf("hint for a read-only open: %v", got)
+	}
+}
+
+// TestOverlayTempDirFallback: a $TMPDIR that does not exist is passed
+// over for /var/tmp, and the overlay made there is a qcow2 image over the
+// base.
+func TestOverlayTempDirFallback(t *testing.T) {
+	base := filepath.Join(t.TempDir(), "base.raw")
+	if err := os.WriteFile(base, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TMPDIR", filepath.Join(t.TempDir(), "missing"))
+	path, err := createOverlay(base, "raw", 1<<20, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(path)
+	if filepath.Dir(path) != "/var/tmp" || !mounts.IsTempOverlay(path) {
+		t.Errorf("overlay at %s, want a temporary overlay in /var/tmp", path)
+	}
+	f, err := drivers.ProbeFile(imgtool.Formats(), path)
+	if err != nil || f.Name() != "qcow2" {
+		t.Errorf("overlay probes as %v, %v", f, err)
+	}
+	// And $TMPDIR first when it works.
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", dir)
+	path, err = createOverlay(base, "raw", 1<<20, "")
+	if err != nil || filepath.Dir(path) != dir {
+		t.Errorf("overlay at %s (%v), want it in $TMPDIR %s", path, err, dir)
 	}
 }

@@ -1,0 +1,123 @@
+package imgtool
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"/tmp/a-b_c.d": "/tmp/a-b_c.d",
+		"/a b":         "'/a b'",
+		"it's":         `'it'\''s'`,
+		"":             "''",
+	} {
+		if got := ShellQuote(in); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"0", 0, true}, {"512", 512, true}, {"64k", 64 << 10, true}, {"64K", 64 << 10, true},
+		{"10G", 10 << 30, true}, {"1.5M", 3 << 19, true}, {"2T", 2 << 40, true}, {"100b", 100, true},
+		{"", 0, false}, {"-1", 0, false}, {"k", 0, false}, {"1x", 0, false}, {"9E", 0, false},
+		// As qemu-img: hexadecimal without suffix, no exponent, no
+		// fraction of bytes.
+		{"0x1000", 4096, true}, {"0X1f", 31, true}, {"0x10k", 0, false}, {"0x1.5", 0, false},
+		{"1e3", 0, false}, {"1.5", 0, false}, {"1.5b", 0, false}, {"1 G", 0, false}, {"+1", 0, false},
+		{"0.5M", 1 << 19, true}, {"1.", 1, true}, {"512.0", 512, true}, {"1.k", 1024, true},
+		{"1.3k", 1331, true}, {"1.99999k", 2048, true}, // rounded to the nearest byte
+	} {
+		got, err := ParseSize(tt.in)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d, ok=%v", tt.in, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestCreateOptionsParse(t *testing.T) {
+	o, err := ParseCreateOptions("cluster_size=4k,refcount_bits=8,lazy_refcounts=on,extended_l2=off,compression_type=zstd,compat=1.1,preallocation=off")
+	if err != nil || o.ClusterSize != 4096 || o.RefcountBits != 8 || !o.LazyRefcounts || o.ExtendedL2 || o.CompressionType != "zstd" || o.Compat != "1.1" {
+		t.Errorf("parse: %+v, %v", o, err)
+	}
+	if o, err := ParseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1000 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
+		t.Errorf("size/backing options: %+v, %v", o, err)
+	}
+	if o, _ := ParseCreateOptions(""); o.Size != -1 {
+		t.Errorf("no size option: Size %d, want -1", o.Size)
+	}
+	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=full", "cluster_size=x"} {
+		if _, err := ParseCreateOptions(bad); Code(err) != ExitUsage {
+			t.Errorf("%q: err %v is not a usage error", bad, err)
+		}
+	}
+}
+
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"0", "64k", "1.5G", "9E", "-1", "1e3", "NaN", "Inf"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseSize(s)
+		if err == nil && n < 0 {
+			t.Fatalf("parseSize(%q) = %d", s, n)
+		}
+	})
+}
+
+func FuzzCreateOptions(f *testing.F) {
+	f.Add("cluster_size=4k,refcount_bits=8")
+	f.Add("compat=0.10,lazy_refcounts=on")
+	f.Add(",=,")
+	f.Fuzz(func(t *testing.T, s string) {
+		if _, err := ParseCreateOptions(s); err != nil && Code(err) != ExitUsage {
+			t.Fatalf("%q: %v is not a usage error", s, err)
+		}
+	})
+}
+
+func TestHumanSize(t *testing.T) {
+	tests := []struct {
+		n    int64
+		want string
+	}{
+		{0, "0 B"},
+		{512, "512 B"},
+		{999, "999 B"},
+		{1000, "0.977 KiB"},
+		{1024, "1 KiB"},
+		{82343, "80.4 KiB"},
+		{8 << 20, "8 MiB"},
+		{10<<30 + 512<<20, "10.5 GiB"},
+		{1 << 40, "1 TiB"},
+	}
+	for _, tt := range tests {
+		if got := HumanSize(tt.n); got != tt.want {
+			t.Errorf("humanSize(%d) = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestVMClock(t *testing.T) {
+	if got := vmClock(3723_004_000_000); got != "01:02:03.004" {
+		t.Errorf("vmClock = %q", got)
+	}
+}
+
+func TestWriteJSONTreeKeepsOrder(t *testing.T) {
+	var b strings.Builder
+	raw := `{"zeta":1,"alpha":{"bits":3,"names":["dirty","corrupt"]},"nested":{"b-c":true,"a":[1,2]},"empty":{"bits":0}}`
+	if err := writeJSONTree(&b, []byte(raw), 1); err != nil {
+		t.Fatal(err)
+	}
+	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
+	if b.String() != want {
+		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}
