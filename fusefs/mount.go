@@ -160,7 +160,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		// filesystem is stacked as deep as the FUSE mount may be.
 		MaxStackDepth: 2,
 	}
-	useURing := (opts.IOURing || os.Getenv("IMGFUSE_IO_URING") == "1") && URingAvailable()
+	useURing := opts.IOURing && URingAvailable()
 	if useURing {
 		mopts.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
 	}

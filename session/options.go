@@ -33,6 +33,7 @@ type Options struct {
 	ForceShare    bool   `json:"force-share"`
 	Growable      bool   `json:"growable"`
 	NoPassthrough bool   `json:"no-passthrough"`
+	IOURing       bool   `json:"io-uring"`
 	LazyRefcounts bool   `json:"lazy-refcounts"`
 	CacheSize     string `json:"cache-size"`
 	Debug         bool   `json:"debug"`

@@ -391,6 +391,7 @@ func (s *session) mount() error {
 		Logger:     s.log,
 
 		NoPassthrough: o.NoPassthrough,
+		IOURing:       o.IOURing,
 	})
 	if err != nil {
 		// fusermount3's own words (fusefs.FusermountError) are the

@@ -123,6 +123,7 @@ func newMountCmd(o *session.Options) *cobra.Command {
 	f.BoolVarP(&o.ForceShare, "force-share", "U", false, "take no image locks, as qemu-img -U: mount an image another process may be writing (implies --read-only)")
 	f.BoolVar(&o.Growable, "growable", false, "let a write past the end of the disk grow it instead of failing with ENOSPC")
 	f.BoolVar(&o.NoPassthrough, "no-passthrough", false, "never let the kernel serve a raw image's reads itself (FUSE passthrough); every read then goes through imgfuse")
+	f.BoolVar(&o.IOURing, "io-uring", false, "serve FUSE requests through io_uring (FUSE-over-io_uring, Linux 6.14+) where the kernel offers it (the fuse module's enable_uring parameter); through /dev/fuse otherwise. 'imgfuse status' shows which")
 	f.BoolVar(&o.LazyRefcounts, "lazy-refcounts", false, "qcow2 v3: use lazy refcounts for this mount (fewer metadata writes; a crash then needs a refcount rebuild, done by the next writable mount)")
 	f.StringVar(&o.CacheSize, "cache-size", "", "most memory for each image's metadata cache, e.g. 8M or 256M (qcow2 L2 tables; default: enough to map the disk, at most 32M)")
 	f.BoolVar(&o.Debug, "debug", false, "log every FUSE request (needs --log FILE, or --foreground to log to stderr)")
