@@ -16,26 +16,12 @@ import (
 	"imgfuse/internal/testenv"
 )
 
-// enableURing turns the fuse module's enable_uring on for the test and
-// back to what it was afterwards. imgfuse itself never changes it.
+// enableURing turns FUSE-over-io_uring on for the test (imgfuse itself
+// never does).
 func enableURing(t *testing.T) {
 	t.Helper()
 	requireFUSE(t)
-	old, err := os.ReadFile(uringParamPath)
-	if err != nil {
-		testenv.Skip(t, "this kernel has no FUSE-over-io_uring: %v", err)
-	}
-	if os.Geteuid() != 0 {
-		testenv.Skip(t, "setting %s needs root", uringParamPath)
-	}
-	if err := os.WriteFile(uringParamPath, []byte("Y"), 0); err != nil {
-		t.Fatalf("enabling FUSE-over-io_uring: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := os.WriteFile(uringParamPath, bytes.TrimSpace(old), 0); err != nil {
-			t.Errorf("restoring %s: %v", uringParamPath, err)
-		}
-	})
+	testenv.EnableFUSEURing(t)
 }
 
 // openFDs counts the process's open descriptors.

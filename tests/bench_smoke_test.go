@@ -70,6 +70,9 @@ func TestBenchSmoke(t *testing.T) {
 	}
 }
 
+// uringParam is the fuse module's FUSE-over-io_uring switch.
+const uringParam = "/sys/module/fuse/parameters/enable_uring"
+
 // benchTools are the commands bench/run --smoke needs.
 var benchTools = []string{"go", "fio", "jq", "qemu-storage-daemon", "fusermount3", "mkfs.ext4", "fsck.ext4", "losetup"}
 
@@ -94,7 +97,10 @@ var benchSmoke = sync.OnceValue(func() benchRun {
 	out := filepath.Join(dir, "table.md")
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", "../bench/run", "--smoke", "--out", out)
+	// --io-uring: the script's FUSE-over-io_uring column too (it turns
+	// the module parameter on for the run; only mounts made with
+	// --io-uring use it, so the tests running beside it are unaffected).
+	cmd := exec.CommandContext(ctx, "bash", "../bench/run", "--smoke", "--io-uring", "--out", out)
 	cmd.WaitDelay = 10 * time.Second
 	var r benchRun
 	r.output, r.err = cmd.CombinedOutput()
@@ -147,12 +153,27 @@ func checkBenchTable(t *testing.T, table string) {
 	}
 	hdr := lines[0]
 	n := len(hdr)
-	if n < 6 || hdr[0] != "workload" || hdr[1] != "metric" || hdr[n-2] != "imgfuse/best QSD" || hdr[n-1] != "imgfuse/file" {
+	// Two ratio columns, four when the io_uring column is there.
+	nr := 2
+	if n >= 8 && hdr[n-2] == "io_uring/best QSD" && hdr[n-1] == "io_uring/file" {
+		nr = 4
+	}
+	if n < 4+nr || hdr[0] != "workload" || hdr[1] != "metric" || hdr[n-nr] != "imgfuse/best QSD" || hdr[n-nr+1] != "imgfuse/file" {
 		t.Fatalf("unexpected header %q", hdr)
 	}
-	targets := hdr[2 : n-2]
-	if targets[0] != "imgfuse" || targets[len(targets)-1] != "file" || !strings.HasPrefix(targets[1], "QSD ") {
+	targets := hdr[2 : n-nr]
+	qsd := 1
+	if nr == 4 {
+		if targets[1] != "imgfuse io_uring" {
+			t.Fatalf("targets %q: want imgfuse, imgfuse io_uring, QSD x.y..., file", targets)
+		}
+		qsd = 2
+	}
+	if targets[0] != "imgfuse" || targets[len(targets)-1] != "file" || !strings.HasPrefix(targets[qsd], "QSD ") {
 		t.Fatalf("targets %q: want imgfuse, QSD x.y..., file", targets)
+	}
+	if _, err := os.Stat(uringParam); err == nil && nr != 4 {
+		t.Errorf("this kernel has FUSE-over-io_uring but the table has no io_uring column")
 	}
 	number := func(cell string) (float64, bool) {
 		v, err := strconv.ParseFloat(cell, 64)
@@ -175,7 +196,7 @@ func checkBenchTable(t *testing.T, table string) {
 					t.Errorf("%s on %s: %q, want a positive number", cells[0], tg, cells[2+i])
 				}
 			}
-			for _, r := range cells[n-2:] {
+			for _, r := range cells[n-nr:] {
 				if v, ok := number(r); !ok || v <= 0 {
 					t.Errorf("%s: ratio %q, want a positive number", cells[0], r)
 				}
