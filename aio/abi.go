@@ -3,7 +3,6 @@
 package aio
 
 import (
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -122,25 +121,4 @@ func ioGetEventsNow(ctx aioContext, evs []ioEvent) (int, error) {
 		return 0, e
 	}
 	return int(n), nil
-}
-
-// aioRing is the head of the completion ring the kernel maps at the
-// context's address (fs/aio.c, struct aio_ring): the kernel advances tail
-// as it posts events, io_getevents advances head.
-type aioRing struct {
-	id, nr, head, tail uint32
-}
-
-// ring returns the context's completion ring header. The context is the
-// ring's address in our memory (outside the Go heap), reinterpreted
-// without a uintptr conversion.
-func (ctx aioContext) ring() *aioRing {
-	return *(**aioRing)(unsafe.Pointer(&ctx))
-}
-
-// completionsWaiting reports, without a system call, whether the kernel
-// has posted events that io_getevents has not returned.
-func (ctx aioContext) completionsWaiting() bool {
-	r := ctx.ring()
-	return atomic.LoadUint32(&r.tail) != atomic.LoadUint32(&r.head)
 }

@@ -155,7 +155,6 @@ func newEngine(l *coroutine.Loop) (*engine, error) {
 		return nil, err
 	}
 	l.OnIdle(e.submit)
-	l.OnSpin(e.spin)
 	l.OnClose(e.destroy)
 	return e, nil
 }
@@ -256,15 +255,6 @@ func errnoOf(err error) unix.Errno {
 		return en
 	}
 	return unix.EIO
-}
-
-// spin tells a loop about to sleep whether requests are in flight (worth
-// polling for) and whether a completion is already in the ring.
-func (e *engine) spin() (busy, ready bool) {
-	if len(e.free) == maxInflight {
-		return false, false
-	}
-	return true, e.ctx.completionsWaiting()
 }
 
 // reap is the eventfd's handler: it empties the completion ring with

@@ -62,7 +62,6 @@ type Loop struct {
 	readied bool
 	hooks   []*func()
 	polls   []*func() bool
-	spins   []func() (busy, ready bool)
 	closes  []func()
 	values  []loopValue
 	evs     [64]unix.EpollEvent
@@ -284,12 +283,6 @@ func (l *Loop) OnPoll(fn func() bool) (remove func()) {
 	return func() { l.polls = removePtr(l.polls, p) }
 }
 
-// OnSpin adds a source a loop about to sleep polls for up to spinFor
-// while it reports busy (I/O of the loop in flight), instead of sleeping
-// at once; ready says an event is due (its descriptor is, or is about to
-// be, readable). Loop thread only.
-func (l *Loop) OnSpin(fn func() (busy, ready bool)) { l.spins = append(l.spins, fn) }
-
 // OnClose adds a hook the loop calls when it stops (Close), after the last
 // coroutine has terminated. Loop thread only.
 func (l *Loop) OnClose(fn func()) { l.closes = append(l.closes, fn) }
@@ -474,8 +467,17 @@ func (l *Loop) wait(timeout int) (int, error) {
 		return rawEpollWait(l.epfd, l.evs[:], 0)
 	}
 	if timeout < 0 && spinFor > 0 {
-		if n, ok := l.spin(); ok {
-			return n, nil
+		deadline := time.Now().Add(spinFor)
+		for {
+			if n, err := rawEpollWait(l.epfd, l.evs[:], 0); n != 0 || err != nil {
+				return n, err
+			}
+			if l.poll() {
+				return 0, nil
+			}
+			if time.Now().After(deadline) {
+				break
+			}
 		}
 	}
 	if timeout < 0 {
@@ -484,32 +486,6 @@ func (l *Loop) wait(timeout int) (int, error) {
 		}
 	}
 	return unix.EpollWait(l.epfd, l.evs[:], timeout)
-}
-
-// spin polls the spin sources for up to spinFor while one is busy. It
-// returns the events of the epoll_wait made once one is ready.
-func (l *Loop) spin() (int, bool) {
-	var deadline time.Time
-	for i := 0; ; i++ {
-		busy := false
-		for _, fn := range l.spins {
-			b, r := fn()
-			if r {
-				if n, err := rawEpollWait(l.epfd, l.evs[:], 0); n > 0 && err == nil {
-					return n, true
-				}
-			}
-			busy = busy || b
-		}
-		if !busy || !l.sleeping.Load() {
-			return 0, !l.sleeping.Load()
-		}
-		if i == 0 {
-			deadline = time.Now().Add(spinFor)
-		} else if i%16 == 0 && time.Now().After(deadline) {
-			return 0, false
-		}
-	}
 }
 
 // spinFor is how long an idle loop polls before it sleeps.
