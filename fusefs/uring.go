@@ -128,15 +128,7 @@ func (s *serving) startURing(payload int) error {
 		for q := i; q < nq; q += len(s.conns) {
 			qids = append(qids, uint16(q))
 		}
-		cpu := i
-		c.loop.Post(func() {
-			if os.Getenv("IMGFUSE_PIN") == "1" {
-				var set unix.CPUSet
-				set.Set(cpu)
-				_ = unix.SchedSetaffinity(0, &set)
-			}
-			errs <- c.startURing(qids, payload)
-		})
+		c.loop.Post(func() { errs <- c.startURing(qids, payload) })
 	}
 	var first error
 	for range s.conns {
