@@ -3,11 +3,12 @@
 // lock or a worker and resume (Wake) on their loop, plus the
 // coroutine-aware CoMutex and CoQueue.
 //
-// It owns: Loop (NewLoop, Loops, Run, Go, Post, Watch, OnIdle, OnClose,
-// Value), Co (Yield, Wake, Loop), each loop's pool of idle coroutines,
+// It owns: Loop (NewLoop, Loops, Run, Go, Post, Watch, OnPoll, OnIdle,
+// OnClose, Value), Co (Yield, Wake, Loop), each loop's pool of idle coroutines,
 // RunInWorker, CoMutex and CoQueue. It knows nothing about images: aio
 // keeps its AIO context in a loop (Value, Watch, OnIdle), fusefs its
-// /dev/fuse descriptor (Watch).
+// /dev/fuse descriptor (Watch) and, with FUSE-over-io_uring, its ring
+// (Watch, OnPoll, OnIdle).
 //
 // # Model: one event loop per CPU
 //
@@ -20,10 +21,19 @@
 //
 //	for {
 //		run posts, Run starts and woken coroutines until none is left
-//		idle hooks (aio: one io_submit for the iteration's iocbs)
-//		epoll_wait (a /dev/fuse clone, AIO eventfds, the loop's eventfd)
+//		pollers, then run what they started, until they find nothing
+//		        (an io_uring completion queue: requests that arrived)
+//		idle hooks (aio: one io_submit for the iteration's iocbs;
+//		        io_uring: one io_uring_enter for the iteration's replies)
+//		epoll_wait (a /dev/fuse clone, AIO eventfds, a ring, the loop's eventfd)
 //		handlers (read requests until EAGAIN and Go each; reap completions)
 //	}
+//
+// Pollers exist for io_uring's task work: the kernel fills a request into
+// the loop's ring only when the loop's thread runs in the kernel, so it
+// interrupts epoll_wait (EINTR) to do it, and the completion is waiting in
+// memory when epoll_wait returns; the poller finds it without another
+// system call.
 //
 // A coroutine that waits arranges exactly one Wake from whoever completes
 // the wait and calls Yield, which switches back to its loop:
