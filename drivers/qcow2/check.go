@@ -67,8 +67,11 @@ type refcountCalc struct {
 
 // refWalker walks an image's metadata, counting references.
 type refWalker struct {
-	read     func(off int64, p []byte) error
-	h        *header
+	read func(off int64, p []byte) error
+	h    *header
+	// f decodes L2 entries as the image does (the walker may have no
+	// image: a header is enough).
+	f        l2Format
 	cb       uint32
 	cs       int64
 	fileSize int64
@@ -118,7 +121,7 @@ func computeRefcounts(read func(off int64, p []byte) error, h *header, fileSize 
 // (reftable and blocks) unless withRefcounts is set.
 func walkRefcounts(read func(off int64, p []byte) error, h *header, fileSize int64, snaps []snapshotEntry, withRefcounts bool) (*refcountCalc, error) {
 	cs := h.clusterSize()
-	w := &refWalker{read: read, h: h, cb: h.ClusterBits, cs: cs, fileSize: fileSize, c: &refcountCalc{}}
+	w := &refWalker{read: read, h: h, f: newL2Format(h), cb: h.ClusterBits, cs: cs, fileSize: fileSize, c: &refcountCalc{}}
 	w.c.counts = make([]uint64, (fileSize+cs-1)/cs)
 
 	w.inc(0, cs)
@@ -191,28 +194,20 @@ func (w *refWalker) l1(off uint64, n uint32, what string) error {
 		if err := w.read(l2Off, l2); err != nil {
 			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
 		}
-		w.l2(l2)
+		s := w.f.tableSlice(i, l2Off, l2)
+		w.l2(&s)
 	}
 	return nil
 }
 
 // l2 counts the clusters an L2 table references.
-func (w *refWalker) l2(tb []byte) {
+func (w *refWalker) l2(s *l2Slice) {
 	h := w.h
 	extL2 := h.extendedL2()
-	entryBytes := int64(8)
-	if extL2 {
-		entryBytes = 16
-	}
-	x := 62 - (w.cb - 8) // compressed descriptor: offset bits 0..x-1
-	for i := int64(0); i < int64(len(tb)); i += entryBytes {
-		e := binary.BigEndian.Uint64(tb[i:])
-		var bitmap uint64
-		if extL2 {
-			bitmap = binary.BigEndian.Uint64(tb[i+8:])
-		}
+	for i := range s.n {
+		e, bitmap := s.entry(i)
 		if e&oflagCompressed != 0 {
-			coff := int64(e & (1<<x - 1))
+			coff, csize := w.f.compressedRange(e)
 			if e&oflagCopied != 0 {
 				w.c.res.corruption("ERROR: coffset=%#x: copied flag must never be set for compressed clusters", coff)
 			}
@@ -224,8 +219,7 @@ func (w *refWalker) l2(tb []byte) {
 				w.c.res.corruption("ERROR compressed cluster with non-zero subcluster allocation bitmap, entry=%#x", e)
 				continue
 			}
-			sectors := int64((e>>x)&(1<<(w.cb-8)-1)) + 1
-			w.inc(coff, sectors*512-coff&511)
+			w.inc(coff, csize)
 			continue
 		}
 		if e&l2eStdReservedMk != 0 {
@@ -412,10 +406,7 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 	if err := read(int64(h.L1Offset), l1); err != nil {
 		return fmt.Errorf("qcow2: check: reading the L1 table: %w", err)
 	}
-	entryBytes := int64(8)
-	if h.extendedL2() {
-		entryBytes = 16
-	}
+	f := newL2Format(h)
 	tb := make([]byte, r.clusterSize)
 	for i := range n {
 		e := binary.BigEndian.Uint64(l1[i*8:])
@@ -433,8 +424,9 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 		if err := read(l2Off, tb); err != nil {
 			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
 		}
-		for j := int64(0); j < int64(len(tb)); j += entryBytes {
-			le := binary.BigEndian.Uint64(tb[j:])
+		s := f.tableSlice(i, l2Off, tb)
+		for j := range s.n {
+			le, _ := s.entry(j)
 			if le&oflagCompressed != 0 {
 				continue
 			}
@@ -541,6 +533,12 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 					setRefcount(blk, r.order, j, v)
 				}
 			}
+		}
+		// Checked like every metadata write. The old refcount blocks
+		// are being replaced (the cache was emptied, they are read no
+		// more), so landing on one is no overlap; anything else is.
+		if err := r.check(co, (start+b)*cs, nb*cs, olRefcountBlock); err != nil {
+			return fmt.Errorf("qcow2: rebuild: writing refcount blocks: %w", err)
 		}
 		if err := r.file.PwriteCo(co, p, (start+b)*cs); err != nil {
 			return fmt.Errorf("qcow2: rebuild: writing refcount blocks: %w", err)

@@ -91,17 +91,9 @@ type image struct {
 	// size is the virtual disk size: the header's, or the selected
 	// snapshot's. Read without the lock (Size, bounds checks); changed
 	// only by a grow, under mu.
-	size        atomic.Int64
-	clusterBits uint32
-	clusterSize int64
-	// l2Bits is log2 of the entries per L2 table; l2EntryBytes is 8, or
-	// 16 with extended L2.
-	l2Bits       uint32
-	l2EntryBytes int64
-	// scBits is log2 of the subcluster size; scPerCluster is 32 with
-	// extended L2 and 1 otherwise (a cluster is its own only subcluster).
-	scBits       uint32
-	scPerCluster int
+	size atomic.Int64
+	// l2Format is the cluster geometry and how L2 entries decode.
+	l2Format
 	// backing is the next layer down, nil if none; backingSize its size.
 	backing     drivers.Driver
 	backingSize int64
@@ -252,20 +244,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	img.h = h
 	img.extData = h.hasDataFile()
 	img.size.Store(int64(h.Size))
-	img.clusterBits = h.ClusterBits
-	img.clusterSize = h.clusterSize()
-	img.l2EntryBytes = 8
-	img.scPerCluster = 1
-	img.scBits = h.ClusterBits
-	if h.extendedL2() {
-		img.l2EntryBytes = 16
-		img.scPerCluster = 32
-		img.scBits = h.ClusterBits - 5
-	}
-	img.l2Bits = h.ClusterBits - 3
-	if h.extendedL2() {
-		img.l2Bits = h.ClusterBits - 4
-	}
+	img.l2Format = newL2Format(h)
 
 	if h.NbSnapshots > 0 {
 		read := func(off int64, p []byte) error { return f.Pread(p, off) }

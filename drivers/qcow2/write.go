@@ -60,24 +60,6 @@ const (
 	wNew
 )
 
-// l2Entry returns entry idx of an L2 table and, with extended L2, its
-// subcluster bitmap.
-func (img *image) l2Entry(tb []byte, idx int64) (e, bitmap uint64) {
-	e = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes:])
-	if img.scPerCluster > 1 {
-		bitmap = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes+8:])
-	}
-	return e, bitmap
-}
-
-// setL2Entry sets entry idx (and its bitmap with extended L2).
-func (img *image) setL2Entry(tb []byte, idx int64, e, bitmap uint64) {
-	binary.BigEndian.PutUint64(tb[idx*img.l2EntryBytes:], e)
-	if img.scPerCluster > 1 {
-		binary.BigEndian.PutUint64(tb[idx*img.l2EntryBytes+8:], bitmap)
-	}
-}
-
 // hostCluster returns the host cluster of a standard L2 entry and whether
 // it has one (a compressed entry has none in this sense). With an external
 // data file, guest cluster 0 lives at host offset 0: COPIED tells it from
