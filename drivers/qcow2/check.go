@@ -174,7 +174,7 @@ func (w *refWalker) l1(off uint64, n uint32, what string) error {
 	w.inc(int64(off), size)
 	buf := make([]byte, size)
 	if err := w.read(int64(off), buf); err != nil {
-		return fmt.Errorf("qcow2: check: reading %s L1 table at %#x: %w", what, off, err)
+		return fmt.Errorf("check: reading %s L1 table at %#x: %w", what, off, err)
 	}
 	l2 := make([]byte, w.cs)
 	for i := range int64(n) {
@@ -192,7 +192,7 @@ func (w *refWalker) l1(off uint64, n uint32, what string) error {
 			continue
 		}
 		if err := w.read(l2Off, l2); err != nil {
-			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
+			return fmt.Errorf("check: reading L2 table at %#x: %w", l2Off, err)
 		}
 		s := w.f.tableSlice(i, l2Off, l2)
 		w.l2(&s)
@@ -260,7 +260,7 @@ func (w *refWalker) refblocks() error {
 	}
 	buf := make([]byte, n)
 	if err := w.read(int64(w.h.ReftableOffset), buf); err != nil {
-		return fmt.Errorf("qcow2: check: reading the refcount table: %w", err)
+		return fmt.Errorf("check: reading the refcount table: %w", err)
 	}
 	nbClusters := (w.fileSize + w.cs - 1) / w.cs
 	for i := range n / 8 {
@@ -306,7 +306,7 @@ func (w *refWalker) bitmaps() error {
 	w.inc(dirOff, dirSize)
 	dir := make([]byte, dirSize)
 	if err := w.read(dirOff, dir); err != nil {
-		return fmt.Errorf("qcow2: check: reading the bitmap directory: %w", err)
+		return fmt.Errorf("check: reading the bitmap directory: %w", err)
 	}
 	const entryLen = 24 // fixed part of a directory entry
 	for p, k := int64(0), uint32(0); k < h.NbBitmaps; k++ {
@@ -329,7 +329,7 @@ func (w *refWalker) bitmaps() error {
 		w.inc(tOff, tSize*8)
 		tb := make([]byte, tSize*8)
 		if err := w.read(tOff, tb); err != nil {
-			return fmt.Errorf("qcow2: check: reading bitmap table at %#x: %w", tOff, err)
+			return fmt.Errorf("check: reading bitmap table at %#x: %w", tOff, err)
 		}
 		for j := int64(0); j < tSize; j++ {
 			e := binary.BigEndian.Uint64(tb[j*8:])
@@ -404,7 +404,7 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 	}
 	l1 := make([]byte, n*8)
 	if err := read(int64(h.L1Offset), l1); err != nil {
-		return fmt.Errorf("qcow2: check: reading the L1 table: %w", err)
+		return fmt.Errorf("check: reading the L1 table: %w", err)
 	}
 	f := newL2Format(h)
 	tb := make([]byte, r.clusterSize)
@@ -422,7 +422,7 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 			res.corruption("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, rc)
 		}
 		if err := read(l2Off, tb); err != nil {
-			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
+			return fmt.Errorf("check: reading L2 table at %#x: %w", l2Off, err)
 		}
 		s := f.tableSlice(i, l2Off, tb)
 		for j := range s.n {
@@ -538,10 +538,10 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 		// are being replaced (the cache was emptied, they are read no
 		// more), so landing on one is no overlap; anything else is.
 		if err := r.check(co, (start+b)*cs, nb*cs, olRefcountBlock); err != nil {
-			return fmt.Errorf("qcow2: rebuild: writing refcount blocks: %w", err)
+			return fmt.Errorf("rebuild: writing refcount blocks: %w", err)
 		}
 		if err := r.file.PwriteCo(co, p, (start+b)*cs); err != nil {
-			return fmt.Errorf("qcow2: rebuild: writing refcount blocks: %w", err)
+			return fmt.Errorf("rebuild: writing refcount blocks: %w", err)
 		}
 	}
 	if err := r.file.FdatasyncCo(co); err != nil {
@@ -557,7 +557,7 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 	r.freeClusterIndex = 0
 	r.end = max(r.end, endCluster*cs)
 	if calc.res.Corruptions > 0 {
-		return fmt.Errorf("qcow2: rebuild: %d corruptions in the image metadata (first: %s): %w",
+		return fmt.Errorf("rebuild: %d corruptions in the image metadata (first: %s): %w",
 			calc.res.Corruptions, calc.res.Errors[0], drivers.ErrCorrupt)
 	}
 	return nil

@@ -18,11 +18,11 @@ var _ drivers.Checker = (*image)(nil)
 
 // Check implements drivers.Checker. It must not be called from a
 // coroutine, nor with requests in flight.
-func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (_ drivers.CheckResult, err error) {
+	defer img.nameErr(&err)
 	var res drivers.CheckResult
-	var err error
 	if img.snapshot != nil {
-		return res, fmt.Errorf("qcow2: %s: check: opened on a snapshot: %w", img.path, drivers.ErrUnsupported)
+		return res, fmt.Errorf("check: opened on a snapshot: %w", drivers.ErrUnsupported)
 	}
 	if mode != drivers.CheckOnly && !img.writable {
 		return res, img.readOnly("repair")
@@ -32,8 +32,7 @@ func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)
 		// the clusters they map as leaked, or a clean image: the check
 		// cannot be run, as when such an image could not be opened.
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path,
-			l1PastEOF("L1 table", uint64(img.l1Off), img.l1Size*8, img.fileSize))
+		return res, fmt.Errorf("check: %w", l1PastEOF("L1 table", uint64(img.l1Off), img.l1Size*8, img.fileSize))
 	}
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)
@@ -51,7 +50,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		var err error
 		if rc, err = openRefcounts(co, img.file, img.h, img.fileSize, nil); err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+			return res, fmt.Errorf("check: %w", err)
 		}
 		rc.mu = &img.mu
 	}
@@ -59,7 +58,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	r, err := rc.checkLocked(co, read, img.snaps)
 	if err != nil {
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		return res, fmt.Errorf("check: %w", err)
 	}
 	res.Messages = r.Errors
 	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
@@ -76,11 +75,11 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read, note)
 		if err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: repair: %w", img.path, err)
+			return res, fmt.Errorf("repair: %w", err)
 		}
 		if r, err = rc.checkLocked(co, read, img.snaps); err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
+			return res, fmt.Errorf("check after repair: %w", err)
 		}
 		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
 		if mode != drivers.RepairAll {
@@ -107,7 +106,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	res.TotalClusters = (img.size.Load() + cs - 1) / cs
 	if err := img.blockStats(read, &res); err != nil {
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		return res, fmt.Errorf("check: %w", err)
 	}
 	return res, nil
 }

@@ -144,6 +144,9 @@ func TestRepairWriteOverlapRefused(t *testing.T) {
 				!strings.Contains(fmt.Sprint(err), tc.hit) {
 				t.Fatalf("check -r all = %+v, %v; want a refused write overlapping %s", res, err, tc.hit)
 			}
+			if msg := err.Error(); strings.Count(" "+msg, " qcow2: ") != 1 || strings.Count(msg, p) != 1 {
+				t.Errorf("the error does not name the image once: %s", msg)
+			}
 			if res.CheckErrors == 0 {
 				t.Errorf("check -r all: no check error counted: %+v", res)
 			}

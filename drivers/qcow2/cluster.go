@@ -253,7 +253,7 @@ func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l
 	}
 	s.l2Off = int64(l2Off)
 	if s.t, err = img.l2.Get(co, s.l2Off); err != nil {
-		return s, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
+		return s, fmt.Errorf("L2 table at %#x: %w", l2Off, err)
 	}
 	s.tb = s.t.Bytes()
 	return s, nil
@@ -334,8 +334,7 @@ func (s *l2Slice) typeAt(i int64, sc int) (clusterType, int, uint64, error) {
 
 // errorf names the entry of cluster i in err.
 func (s *l2Slice) errorf(i int64, err error) error {
-	return fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-		s.img.path, s.l2Off, s.first+i, s.guest(i), err)
+	return fmt.Errorf("L2 table at %#x, entry %d (guest offset %#x): %w", s.l2Off, s.first+i, s.guest(i), err)
 }
 
 // l2OffsetLocked returns the L2 table offset of L1 entry l1Index, 0 if the
@@ -346,27 +345,24 @@ func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error
 		return 0, nil
 	}
 	if img.l1Short && l1Index >= img.l1Avail {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d lies past the end of the file (%d bytes): truncated image: %w",
-			img.path, l1Index, img.fileSize, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d lies past the end of the file (%d bytes): truncated image: %w", l1Index, img.fileSize, drivers.ErrCorrupt)
 	}
 	e, err := img.l1EntryLocked(co, l1Index)
 	if err != nil {
 		return 0, err
 	}
 	if e&l1eReservedMask != 0 {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d (%#x) has reserved bits set: %w",
-			img.path, l1Index, e, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d (%#x) has reserved bits set: %w", l1Index, e, drivers.ErrCorrupt)
 	}
 	off := e & l1eOffsetMask
 	if off == 0 {
 		return 0, nil
 	}
 	if off&uint64(img.clusterSize-1) != 0 {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is not cluster-aligned: %w",
-			img.path, l1Index, off, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d: L2 table offset %#x is not cluster-aligned: %w", l1Index, off, drivers.ErrCorrupt)
 	}
 	if pastEOF(off, uint64(img.clusterSize), img.fileSize) {
-		return 0, fmt.Errorf("qcow2: %s: %w", img.path, l2PastEOF(l1Index, off, img.fileSize))
+		return 0, fmt.Errorf("%w", l2PastEOF(l1Index, off, img.fileSize))
 	}
 	return off, nil
 }

@@ -32,6 +32,9 @@
 //     read from the image file passes.
 //   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
 //     and table growth), the consistency check and the refcount rebuild.
+//   - errors.go: how errors name the image: once, "qcow2: PATH: ", put in
+//     front by the exported methods and the open (named); code inside the
+//     driver returns bare context.
 //   - compress.go: deflate and zstd decompression of one cluster.
 //   - snapshot.go: the internal snapshot table.
 //   - info.go: the format-specific part of Info (QEMU's ImageInfoSpecific
