@@ -247,6 +247,19 @@ func TestReadOnly(t *testing.T) {
 	if err := os.Truncate(path, 4096); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("truncate = %v, want EROFS", err)
 	}
+	// The mount itself is read-only, so the kernel refuses what the
+	// handlers would let through: SetAttr accepts and ignores a mode
+	// change on any mount.
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs(mp, &sfs); err != nil {
+		t.Fatal(err)
+	}
+	if sfs.Flags&unix.ST_RDONLY == 0 {
+		t.Errorf("statfs flags %#x: no ST_RDONLY", sfs.Flags)
+	}
+	if err := os.Chmod(path, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("chmod = %v, want EROFS from the kernel", err)
+	}
 	got, err := os.ReadFile(path)
 	if err != nil || !bytes.Equal(got, data) {
 		t.Errorf("read on a read-only mount: %d bytes, %v", len(got), err)
@@ -256,6 +269,24 @@ func TestReadOnly(t *testing.T) {
 		t.Errorf("driver saw writes %v truncates %v", d.writes, d.truncates)
 	}
 	d.mu.Unlock()
+}
+
+// TestWritableMountNotReadOnly: the control of TestReadOnly's statfs and
+// chmod checks: a writable mount is not ST_RDONLY and takes (and ignores)
+// a mode change.
+func TestWritableMountNotReadOnly(t *testing.T) {
+	mp := t.TempDir()
+	mountT(t, mp, newMemDriver(make([]byte, diskSize)), Options{})
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs(mp, &sfs); err != nil {
+		t.Fatal(err)
+	}
+	if sfs.Flags&unix.ST_RDONLY != 0 {
+		t.Errorf("statfs flags %#x: ST_RDONLY on a writable mount", sfs.Flags)
+	}
+	if err := os.Chmod(filepath.Join(mp, "disk"), 0o644); err != nil {
+		t.Errorf("chmod on a writable mount: %v", err)
+	}
 }
 
 func TestModTime(t *testing.T) {

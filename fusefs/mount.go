@@ -21,9 +21,11 @@ type Options struct {
 	// Name is the disk's file name when the mountpoint is a directory;
 	// default "disk". Ignored for a regular-file mountpoint.
 	Name string
-	// ReadOnly exposes the disk with mode 0444 and refuses every open for
-	// writing with EROFS, even for root, so that `mount -o loop` falls
-	// back to a read-only mount by itself.
+	// ReadOnly mounts read-only ("ro" in /proc/mounts): the kernel then
+	// refuses every open for writing, truncate, chmod and utimes with
+	// EROFS itself, even for root, so that `mount -o loop` falls back to
+	// a read-only mount by itself. The disk has mode 0444, and the
+	// handlers refuse writes too (EROFS), should a request get through.
 	ReadOnly bool
 	// AllowOther lets users other than the mounter reach the mount
 	// (needs user_allow_other in /etc/fuse.conf when not root). The
@@ -163,6 +165,13 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	useURing := opts.IOURing && URingAvailable()
 	if useURing {
 		mopts.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+	}
+	if opts.ReadOnly {
+		// MS_RDONLY for mount(2), which makes both the superblock and
+		// the mount read-only (go-fuse's default flags kept); "ro" for
+		// fusermount3, which turns it into the same flag.
+		mopts.DirectMountFlags = syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_RDONLY
+		mopts.Options = append(mopts.Options, "ro")
 	}
 	fb, _ := d.(drivers.FileBacked)
 	if opts.NoPassthrough || fb == nil {

@@ -8,8 +8,6 @@ import (
 	"hash/crc32"
 	"io"
 	"unicode/utf16"
-
-	"imgfuse/drivers"
 )
 
 // SectorSize is the only sector size read.
@@ -46,9 +44,16 @@ type Table struct {
 	Warnings []string
 }
 
+// ErrMalformed is wrapped by the errors of a partition table that is
+// there (it has the signature) but breaks its format's rules: a bad GPT
+// with no good backup, an extended chain that loops or runs too long. The
+// table is guest data, not the image format's: the image itself may be
+// perfectly sound, so this is not drivers.ErrCorrupt.
+var ErrMalformed = errors.New("malformed partition table")
+
 // Read reads the partition table of a disk of size bytes. It returns nil
 // and no error when the disk holds no table, and an error wrapping
-// drivers.ErrCorrupt when the table is malformed.
+// ErrMalformed when the table is malformed.
 func Read(r io.ReaderAt, size int64) (*Table, error) {
 	if size < SectorSize {
 		return nil, nil
@@ -86,7 +91,7 @@ func readFull(r io.ReaderAt, p []byte, off int64) error {
 }
 
 func corrupt(format string, args ...any) error {
-	return fmt.Errorf("partition: %s: %w", fmt.Sprintf(format, args...), drivers.ErrCorrupt)
+	return fmt.Errorf("partition: %s: %w", fmt.Sprintf(format, args...), ErrMalformed)
 }
 
 func hasMagic(sec []byte) bool { return sec[510] == 0x55 && sec[511] == 0xAA }

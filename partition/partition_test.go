@@ -14,7 +14,6 @@ import (
 	"strings"
 	"testing"
 
-	"imgfuse/drivers"
 	"imgfuse/internal/testenv"
 )
 
@@ -206,7 +205,7 @@ func TestGPTBackup(t *testing.T) {
 
 	corruptAt(t, path, size-512+60) // the backup header too
 	tab, err = readFile(t, path)
-	if !errors.Is(err, drivers.ErrCorrupt) || tab != nil {
+	if !errors.Is(err, ErrMalformed) || tab != nil {
 		t.Errorf("both headers bad: %v, %v; want ErrCorrupt", tab, err)
 	}
 }
@@ -216,7 +215,7 @@ func TestGPTEntryArrayCRC(t *testing.T) {
 	path := sfdiskImage(t, size, gptScript)
 	corruptAt(t, path, 1024+56) // primary entry 1's name
 	corruptAt(t, path, size-33*512+56)
-	if tab, err := readFile(t, path); !errors.Is(err, drivers.ErrCorrupt) {
+	if tab, err := readFile(t, path); !errors.Is(err, ErrMalformed) {
 		t.Errorf("both entry arrays bad: %v, %v; want ErrCorrupt", tab, err)
 	}
 }
@@ -246,7 +245,7 @@ func TestMBRChainLoop(t *testing.T) {
 	if _, err := f.WriteAt(sec, int64(second)*512); err != nil {
 		t.Fatal(err)
 	}
-	if tab, err := readFile(t, path); !errors.Is(err, drivers.ErrCorrupt) || !strings.Contains(fmt.Sprint(err), "loops") {
+	if tab, err := readFile(t, path); !errors.Is(err, ErrMalformed) || !strings.Contains(fmt.Sprint(err), "loops") {
 		t.Errorf("looping chain: %v, %v; want ErrCorrupt", tab, err)
 	}
 }

@@ -54,7 +54,8 @@ func under(dir, prefix string) bool { return dir == prefix || strings.HasPrefix(
 // TestImportRules enforces the package boundaries of the design: go-fuse
 // only in fusefs and cmd; the drivers package never imports a format (the
 // list of formats is handed in from above); coroutine, aio and cache know
-// nothing about images.
+// nothing about images; partition reads a table from any io.ReaderAt and
+// imports no imgfuse package.
 func TestImportRules(t *testing.T) {
 	files, _ := parseModule(t)
 	if len(files) == 0 {
@@ -88,6 +89,13 @@ func TestImportRules(t *testing.T) {
 			func(imp string) bool {
 				return strings.HasPrefix(imp, "imgfuse/drivers") || strings.HasPrefix(imp, "imgfuse/fusefs")
 			},
+		},
+		{
+			// A partition table is guest data: the package reads any
+			// io.ReaderAt and has its own error, ErrMalformed.
+			"an imgfuse package imported by partition",
+			func(sf sourceFile) bool { return under(sf.dir, "partition") && !sf.test },
+			func(imp string) bool { return strings.HasPrefix(imp, "imgfuse/") },
 		},
 		{
 			"fusefs imported by a driver",

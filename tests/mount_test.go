@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -138,6 +139,87 @@ func TestReadOnlySemantics(t *testing.T) {
 			}
 			if !st1.ModTime().Equal(old) {
 				t.Errorf("mtime %v, want the image's %v", st1.ModTime(), old)
+			}
+		})
+	}
+}
+
+// procMountOptions returns the options /proc/mounts lists for mountpoint
+// mp (the last mount on it), as `findmnt` and scripts read them.
+func procMountOptions(t *testing.T, mp string) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var opts []string
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		// Spaces and the like in a mountpoint are octal escapes; test
+		// mountpoints have none.
+		if len(f) >= 4 && f[1] == mp {
+			opts, found = strings.Split(f[3], ","), true
+		}
+	}
+	if !found {
+		t.Fatalf("%s is not in /proc/self/mounts:\n%s", mp, b)
+	}
+	return opts
+}
+
+// TestReadOnlyMountOption: a read-only mount is read-only to the kernel,
+// so /proc/mounts and findmnt say "ro" and the kernel refuses a mode
+// change with EROFS (the daemon would accept and ignore it); a writable
+// mount says "rw" and takes it.
+func TestReadOnlyMountOption(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	qimg, _ := smallQcow2(t)
+	rimg, _ := randomRawImage(t, 3)
+	cases := []struct {
+		name   string
+		img    string
+		fileMP bool
+		flags  []string
+		ro     bool
+	}{
+		{"qcow2-read-only", qimg, false, []string{"--read-only"}, true},
+		{"qcow2-force-share", qimg, false, []string{"--force-share"}, true},
+		{"raw-read-only", rimg, false, []string{"--read-only"}, true},
+		{"raw-read-only-file-mountpoint", rimg, true, []string{"--read-only"}, true},
+		{"qcow2-writable", qimg, false, nil, false},
+		{"raw-writable", rimg, false, nil, false},
+	}
+	findmnt, _ := exec.LookPath("findmnt")
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			// Not parallel: the writable cases share their image with
+			// a read-only one, and the image lock would refuse them.
+			mp, disk := mount(t, c.img, c.fileMP, c.flags...)
+			want, other := "rw", "ro"
+			if c.ro {
+				want, other = "ro", "rw"
+			}
+			opts := procMountOptions(t, mp)
+			if !slices.Contains(opts, want) || slices.Contains(opts, other) {
+				t.Errorf("/proc/mounts options of %s: %v, want %q", mp, opts, want)
+			}
+			if findmnt != "" {
+				out, err := exec.Command(findmnt, "-no", "OPTIONS", mp).Output()
+				if err != nil {
+					t.Fatalf("findmnt -no OPTIONS %s: %v", mp, err)
+				}
+				if got := strings.Split(strings.TrimSpace(string(out)), ","); !slices.Contains(got, want) {
+					t.Errorf("findmnt -no OPTIONS %s = %q, want %q among them", mp, out, want)
+				}
+			}
+			err := os.Chmod(disk, 0o600)
+			switch {
+			case c.ro && !errors.Is(err, syscall.EROFS):
+				t.Errorf("chmod of the disk on a read-only mount: %v, want EROFS", err)
+			case !c.ro && err != nil:
+				t.Errorf("chmod of the disk on a writable mount: %v", err)
 			}
 		})
 	}

@@ -54,8 +54,8 @@ func (ch *chain) charge(img *image, l2Tables int) error {
 	n += rt
 	ch.meta += n
 	if ch.meta > maxChainMetadata {
-		return fmt.Errorf("qcow2: %s: the backing chain would keep %d MiB of metadata in memory (limit %d MiB): %w",
-			img.path, ch.meta>>20, maxChainMetadata>>20, drivers.ErrUnsupported)
+		return fmt.Errorf("the backing chain would keep %d MiB of metadata in memory (limit %d MiB): %w",
+			ch.meta>>20, maxChainMetadata>>20, drivers.ErrUnsupported)
 	}
 	return nil
 }
@@ -66,21 +66,20 @@ func (ch *chain) charge(img *image, l2Tables int) error {
 // it) would recurse for ever.
 func (ch *chain) enter(path string) error {
 	if ch.depth >= maxChainDepth {
-		return fmt.Errorf("qcow2: %s: backing chain deeper than %d images: %w", path, maxChainDepth, drivers.ErrCorrupt)
+		return fmt.Errorf("backing chain deeper than %d images: %w", maxChainDepth, drivers.ErrCorrupt)
 	}
 	fi, err := os.Stat(path)
 	if err != nil {
-		return fmt.Errorf("qcow2: %w", err)
+		return &imageError{err: err}
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
-		return fmt.Errorf("qcow2: %s: cannot identify the file: %w", path, drivers.ErrUnsupported)
+		return fmt.Errorf("cannot identify the file: %w", drivers.ErrUnsupported)
 	}
 	id := fileID{dev: uint64(st.Dev), ino: st.Ino}
 	for _, s := range ch.seen {
 		if s == id {
-			return fmt.Errorf("qcow2: %s: backing chain loop: the file appears twice in the chain: %w",
-				path, drivers.ErrCorrupt)
+			return fmt.Errorf("backing chain loop: the file appears twice in the chain: %w", drivers.ErrCorrupt)
 		}
 	}
 	ch.depth++
@@ -105,7 +104,7 @@ func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
 	}
 	path := img.resolve(img.h.BackingFile)
 	wrap := func(err error) error {
-		return fmt.Errorf("qcow2: %s: backing file %q: %w", img.path, img.h.BackingFile, backingCause(err, path))
+		return fmt.Errorf("backing file %q: %w", img.h.BackingFile, backingCause(err, path))
 	}
 	formats := withSelf(opts.Formats)
 	var f drivers.Format
@@ -192,8 +191,7 @@ func (img *image) openDataFile(opts drivers.OpenOptions) error {
 		return nil
 	}
 	if img.h.DataFile == "" {
-		return fmt.Errorf("qcow2: %s: the image needs an external data file but names none: %w",
-			img.path, drivers.ErrCorrupt)
+		return fmt.Errorf("the image needs an external data file but names none: %w", drivers.ErrCorrupt)
 	}
 	path := img.resolve(img.h.DataFile)
 	// The data file is written with the image: guest data lives there.
@@ -201,11 +199,11 @@ func (img *image) openDataFile(opts drivers.OpenOptions) error {
 	if err != nil && opts.NoDataFile && !img.writable {
 		img.data = nil
 		img.dataPath = path
-		img.dataErr = fmt.Errorf("qcow2: %s: external data file: %v: %w", img.path, err, syscall.EIO)
+		img.dataErr = fmt.Errorf("external data file: %v: %w", err, syscall.EIO)
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: external data file: %w", img.path, err)
+		return fmt.Errorf("external data file: %w", err)
 	}
 	img.data = f
 	img.dataPath = path
@@ -238,8 +236,7 @@ func (img *image) backingStatus(co *coroutine.Co, off, n int64) (drivers.Extent,
 		return drivers.Extent{}, err
 	}
 	if e.Len <= 0 || e.Off != off {
-		return drivers.Extent{}, fmt.Errorf("qcow2: %s: backing block status at %#x returned [%#x,+%#x)",
-			img.path, off, e.Off, e.Len)
+		return drivers.Extent{}, fmt.Errorf("backing block status at %#x returned [%#x,+%#x)", off, e.Off, e.Len)
 	}
 	e.Len = min(e.Len, n, img.backingSize-off)
 	return e, nil

@@ -67,8 +67,11 @@ type refcountCalc struct {
 
 // refWalker walks an image's metadata, counting references.
 type refWalker struct {
-	read     func(off int64, p []byte) error
-	h        *header
+	read func(off int64, p []byte) error
+	h    *header
+	// f decodes L2 entries as the image does (the walker may have no
+	// image: a header is enough).
+	f        l2Format
 	cb       uint32
 	cs       int64
 	fileSize int64
@@ -118,7 +121,7 @@ func computeRefcounts(read func(off int64, p []byte) error, h *header, fileSize 
 // (reftable and blocks) unless withRefcounts is set.
 func walkRefcounts(read func(off int64, p []byte) error, h *header, fileSize int64, snaps []snapshotEntry, withRefcounts bool) (*refcountCalc, error) {
 	cs := h.clusterSize()
-	w := &refWalker{read: read, h: h, cb: h.ClusterBits, cs: cs, fileSize: fileSize, c: &refcountCalc{}}
+	w := &refWalker{read: read, h: h, f: newL2Format(h), cb: h.ClusterBits, cs: cs, fileSize: fileSize, c: &refcountCalc{}}
 	w.c.counts = make([]uint64, (fileSize+cs-1)/cs)
 
 	w.inc(0, cs)
@@ -171,7 +174,7 @@ func (w *refWalker) l1(off uint64, n uint32, what string) error {
 	w.inc(int64(off), size)
 	buf := make([]byte, size)
 	if err := w.read(int64(off), buf); err != nil {
-		return fmt.Errorf("qcow2: check: reading %s L1 table at %#x: %w", what, off, err)
+		return fmt.Errorf("check: reading %s L1 table at %#x: %w", what, off, err)
 	}
 	l2 := make([]byte, w.cs)
 	for i := range int64(n) {
@@ -189,30 +192,22 @@ func (w *refWalker) l1(off uint64, n uint32, what string) error {
 			continue
 		}
 		if err := w.read(l2Off, l2); err != nil {
-			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
+			return fmt.Errorf("check: reading L2 table at %#x: %w", l2Off, err)
 		}
-		w.l2(l2)
+		s := w.f.tableSlice(i, l2Off, l2)
+		w.l2(&s)
 	}
 	return nil
 }
 
 // l2 counts the clusters an L2 table references.
-func (w *refWalker) l2(tb []byte) {
+func (w *refWalker) l2(s *l2Slice) {
 	h := w.h
 	extL2 := h.extendedL2()
-	entryBytes := int64(8)
-	if extL2 {
-		entryBytes = 16
-	}
-	x := 62 - (w.cb - 8) // compressed descriptor: offset bits 0..x-1
-	for i := int64(0); i < int64(len(tb)); i += entryBytes {
-		e := binary.BigEndian.Uint64(tb[i:])
-		var bitmap uint64
-		if extL2 {
-			bitmap = binary.BigEndian.Uint64(tb[i+8:])
-		}
+	for i := range s.n {
+		e, bitmap := s.entry(i)
 		if e&oflagCompressed != 0 {
-			coff := int64(e & (1<<x - 1))
+			coff, csize := w.f.compressedRange(e)
 			if e&oflagCopied != 0 {
 				w.c.res.corruption("ERROR: coffset=%#x: copied flag must never be set for compressed clusters", coff)
 			}
@@ -224,8 +219,7 @@ func (w *refWalker) l2(tb []byte) {
 				w.c.res.corruption("ERROR compressed cluster with non-zero subcluster allocation bitmap, entry=%#x", e)
 				continue
 			}
-			sectors := int64((e>>x)&(1<<(w.cb-8)-1)) + 1
-			w.inc(coff, sectors*512-coff&511)
+			w.inc(coff, csize)
 			continue
 		}
 		if e&l2eStdReservedMk != 0 {
@@ -266,7 +260,7 @@ func (w *refWalker) refblocks() error {
 	}
 	buf := make([]byte, n)
 	if err := w.read(int64(w.h.ReftableOffset), buf); err != nil {
-		return fmt.Errorf("qcow2: check: reading the refcount table: %w", err)
+		return fmt.Errorf("check: reading the refcount table: %w", err)
 	}
 	nbClusters := (w.fileSize + w.cs - 1) / w.cs
 	for i := range n / 8 {
@@ -312,7 +306,7 @@ func (w *refWalker) bitmaps() error {
 	w.inc(dirOff, dirSize)
 	dir := make([]byte, dirSize)
 	if err := w.read(dirOff, dir); err != nil {
-		return fmt.Errorf("qcow2: check: reading the bitmap directory: %w", err)
+		return fmt.Errorf("check: reading the bitmap directory: %w", err)
 	}
 	const entryLen = 24 // fixed part of a directory entry
 	for p, k := int64(0), uint32(0); k < h.NbBitmaps; k++ {
@@ -335,7 +329,7 @@ func (w *refWalker) bitmaps() error {
 		w.inc(tOff, tSize*8)
 		tb := make([]byte, tSize*8)
 		if err := w.read(tOff, tb); err != nil {
-			return fmt.Errorf("qcow2: check: reading bitmap table at %#x: %w", tOff, err)
+			return fmt.Errorf("check: reading bitmap table at %#x: %w", tOff, err)
 		}
 		for j := int64(0); j < tSize; j++ {
 			e := binary.BigEndian.Uint64(tb[j*8:])
@@ -410,12 +404,9 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 	}
 	l1 := make([]byte, n*8)
 	if err := read(int64(h.L1Offset), l1); err != nil {
-		return fmt.Errorf("qcow2: check: reading the L1 table: %w", err)
+		return fmt.Errorf("check: reading the L1 table: %w", err)
 	}
-	entryBytes := int64(8)
-	if h.extendedL2() {
-		entryBytes = 16
-	}
+	f := newL2Format(h)
 	tb := make([]byte, r.clusterSize)
 	for i := range n {
 		e := binary.BigEndian.Uint64(l1[i*8:])
@@ -431,10 +422,11 @@ func (r *refcounts) checkCopiedLocked(co *coroutine.Co, read func(off int64, p [
 			res.corruption("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, rc)
 		}
 		if err := read(l2Off, tb); err != nil {
-			return fmt.Errorf("qcow2: check: reading L2 table at %#x: %w", l2Off, err)
+			return fmt.Errorf("check: reading L2 table at %#x: %w", l2Off, err)
 		}
-		for j := int64(0); j < int64(len(tb)); j += entryBytes {
-			le := binary.BigEndian.Uint64(tb[j:])
+		s := f.tableSlice(i, l2Off, tb)
+		for j := range s.n {
+			le, _ := s.entry(j)
 			if le&oflagCompressed != 0 {
 				continue
 			}
@@ -542,8 +534,14 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 				}
 			}
 		}
+		// Checked like every metadata write. The old refcount blocks
+		// are being replaced (the cache was emptied, they are read no
+		// more), so landing on one is no overlap; anything else is.
+		if err := r.check(co, (start+b)*cs, nb*cs, olRefcountBlock); err != nil {
+			return fmt.Errorf("rebuild: writing refcount blocks: %w", err)
+		}
 		if err := r.file.PwriteCo(co, p, (start+b)*cs); err != nil {
-			return fmt.Errorf("qcow2: rebuild: writing refcount blocks: %w", err)
+			return fmt.Errorf("rebuild: writing refcount blocks: %w", err)
 		}
 	}
 	if err := r.file.FdatasyncCo(co); err != nil {
@@ -559,7 +557,7 @@ func (r *refcounts) rebuildLocked(co *coroutine.Co, read func(off int64, p []byt
 	r.freeClusterIndex = 0
 	r.end = max(r.end, endCluster*cs)
 	if calc.res.Corruptions > 0 {
-		return fmt.Errorf("qcow2: rebuild: %d corruptions in the image metadata (first: %s): %w",
+		return fmt.Errorf("rebuild: %d corruptions in the image metadata (first: %s): %w",
 			calc.res.Corruptions, calc.res.Errors[0], drivers.ErrCorrupt)
 	}
 	return nil

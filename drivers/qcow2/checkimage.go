@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"encoding/binary"
 	"fmt"
 	"slices"
 	"strings"
@@ -19,11 +18,11 @@ var _ drivers.Checker = (*image)(nil)
 
 // Check implements drivers.Checker. It must not be called from a
 // coroutine, nor with requests in flight.
-func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
+func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)) (_ drivers.CheckResult, err error) {
+	defer img.nameErr(&err)
 	var res drivers.CheckResult
-	var err error
 	if img.snapshot != nil {
-		return res, fmt.Errorf("qcow2: %s: check: opened on a snapshot: %w", img.path, drivers.ErrUnsupported)
+		return res, fmt.Errorf("check: opened on a snapshot: %w", drivers.ErrUnsupported)
 	}
 	if mode != drivers.CheckOnly && !img.writable {
 		return res, img.readOnly("repair")
@@ -33,8 +32,7 @@ func (img *image) Check(mode drivers.CheckMode, progress func(done, total int64)
 		// the clusters they map as leaked, or a clean image: the check
 		// cannot be run, as when such an image could not be opened.
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path,
-			l1PastEOF("L1 table", uint64(img.l1Off), img.l1Size*8, img.fileSize))
+		return res, fmt.Errorf("check: %w", l1PastEOF("L1 table", uint64(img.l1Off), img.l1Size*8, img.fileSize))
 	}
 	coroutine.Run(func(co *coroutine.Co) {
 		img.mu.Lock(co)
@@ -52,7 +50,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		var err error
 		if rc, err = openRefcounts(co, img.file, img.h, img.fileSize, nil); err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+			return res, fmt.Errorf("check: %w", err)
 		}
 		rc.mu = &img.mu
 	}
@@ -60,7 +58,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	r, err := rc.checkLocked(co, read, img.snaps)
 	if err != nil {
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		return res, fmt.Errorf("check: %w", err)
 	}
 	res.Messages = r.Errors
 	if mode != drivers.CheckOnly && (r.Leaks > 0 || r.Corruptions > 0) {
@@ -77,11 +75,11 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 		fixedLeaks, fixedCorrupt, err := img.repairCheckedLocked(co, mode, read, note)
 		if err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: repair: %w", img.path, err)
+			return res, fmt.Errorf("repair: %w", err)
 		}
 		if r, err = rc.checkLocked(co, read, img.snaps); err != nil {
 			res.CheckErrors++
-			return res, fmt.Errorf("qcow2: %s: check after repair: %w", img.path, err)
+			return res, fmt.Errorf("check after repair: %w", err)
 		}
 		res.LeaksFixed, res.CorruptionsFixed = fixedLeaks, fixedCorrupt
 		if mode != drivers.RepairAll {
@@ -108,7 +106,7 @@ func (img *image) checkLocked(co *coroutine.Co, mode drivers.CheckMode, progress
 	res.TotalClusters = (img.size.Load() + cs - 1) / cs
 	if err := img.blockStats(read, &res); err != nil {
 		res.CheckErrors++
-		return res, fmt.Errorf("qcow2: %s: check: %w", img.path, err)
+		return res, fmt.Errorf("check: %w", err)
 	}
 	return res, nil
 }
@@ -150,7 +148,7 @@ func (img *image) blockStats(read func(off int64, p []byte) error, res *drivers.
 	h := img.h
 	cs := img.clusterSize
 	tb := make([]byte, cs)
-	for _, l1e := range img.l1 {
+	for i, l1e := range img.l1 {
 		l2Off := int64(l1e & l1eOffsetMask)
 		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
 			continue // counted as a corruption by the check
@@ -158,9 +156,10 @@ func (img *image) blockStats(read func(off int64, p []byte) error, res *drivers.
 		if err := read(l2Off, tb); err != nil {
 			return fmt.Errorf("reading L2 table at %#x: %w", l2Off, err)
 		}
+		s := img.tableSlice(int64(i), l2Off, tb)
 		var next int64
-		for j := int64(0); j < cs; j += img.l2EntryBytes {
-			e := binary.BigEndian.Uint64(tb[j:])
+		for j := range s.n {
+			e, _ := s.entry(j)
 			host := int64(e & l2eOffsetMask)
 			switch {
 			case e&oflagCompressed != 0:
@@ -259,7 +258,7 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 		}
 	}
 	if mode == drivers.RepairAll {
-		n, err := img.fixCopiedLocked(co, rc, read, note)
+		n, err := img.fixCopiedLocked(co, rc, note)
 		corruptions += n
 		if err != nil {
 			return leaks, corruptions, err
@@ -273,65 +272,64 @@ func (img *image) repairCheckedLocked(co *coroutine.Co, mode drivers.CheckMode, 
 
 // fixCopiedLocked sets the COPIED flag of every active L1 and L2 entry
 // whose cluster has refcount 1 and clears it elsewhere (QEMU's
-// check_oflag_copied with BDRV_FIX_ERRORS). The L2 cache is written back
-// and emptied first, then the tables are patched on disk. It returns the
-// entries fixed.
-func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, read func(off int64, p []byte) error, note func(string)) (int, error) {
+// check_oflag_copied with BDRV_FIX_ERRORS). It changes the L2 tables
+// through the L2 cache, written back at the end, and the L1 entries with
+// writeL1EntryLocked: every write passes the overlap check, as every
+// other metadata write does, so a table that overlaps other metadata (a
+// damaged L1 entry naming the L1 table, say) is not written over it, and
+// the image is marked corrupt instead. It returns the entries fixed.
+func (img *image) fixCopiedLocked(co *coroutine.Co, rc *refcounts, note func(string)) (int, error) {
 	img.mu.AssertHeld(co)
-	if err := img.l2.Write(co); err != nil {
-		return 0, err
-	}
-	if err := img.l2.Invalidate(); err != nil {
-		return 0, err
-	}
 	cs := img.clusterSize
 	fixed := 0
-	l1Changed := false
-	tb := make([]byte, cs)
-	for i, l1e := range img.l1 {
+	for i := range int64(len(img.l1)) {
+		l1e := img.l1[i]
 		l2Off := int64(l1e & l1eOffsetMask)
 		if l2Off == 0 || l2Off&(cs-1) != 0 || l2Off >= img.fileSize {
 			continue
 		}
 		if r, err := rc.getLocked(co, l2Off>>img.clusterBits); err == nil && (r == 1) != (l1e&oflagCopied != 0) {
 			note(fmt.Sprintf("Repairing OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, l1e, r))
-			img.l1[i] = l1e ^ oflagCopied
-			l1Changed = true
-			fixed++
-		}
-		if err := read(l2Off, tb); err != nil {
-			return fixed, err
-		}
-		changed := false
-		for j := int64(0); j < cs; j += img.l2EntryBytes {
-			e := binary.BigEndian.Uint64(tb[j:])
-			host := int64(e & l2eOffsetMask)
-			if e&oflagCompressed != 0 || img.extData || host == 0 || host&(cs-1) != 0 {
-				continue
-			}
-			r, err := rc.getLocked(co, host>>img.clusterBits)
-			if err != nil || (r == 1) == (e&oflagCopied != 0) {
-				continue
-			}
-			note(fmt.Sprintf("Repairing OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", e, r))
-			binary.BigEndian.PutUint64(tb[j:], e^oflagCopied)
-			changed = true
-			fixed++
-		}
-		if changed {
-			if err := img.file.PwriteCo(co, tb, l2Off); err != nil {
+			if err := img.writeL1EntryLocked(co, i, l1e^oflagCopied); err != nil {
 				return fixed, err
 			}
+			fixed++
 		}
-	}
-	if l1Changed {
-		buf := make([]byte, len(img.l1)*8)
-		for i, e := range img.l1 {
-			binary.BigEndian.PutUint64(buf[i*8:], e)
-		}
-		if err := img.file.PwriteCo(co, buf, int64(img.h.L1Offset)); err != nil {
+		n, err := img.fixCopiedL2Locked(co, rc, i, l2Off, note)
+		fixed += n
+		if err != nil {
 			return fixed, err
 		}
+	}
+	if err := img.l2.Write(co); err != nil {
+		return fixed, fmt.Errorf("writing the repaired L2 tables: %w", err)
+	}
+	return fixed, nil
+}
+
+// fixCopiedL2Locked is fixCopiedLocked for the entries of the L2 table of
+// L1 entry l1Index, at l2Off.
+func (img *image) fixCopiedL2Locked(co *coroutine.Co, rc *refcounts, l1Index, l2Off int64, note func(string)) (int, error) {
+	img.mu.AssertHeld(co)
+	s, err := img.tableSliceLocked(co, l1Index, l2Off)
+	if err != nil {
+		return 0, err
+	}
+	defer s.close()
+	fixed := 0
+	for j := range s.n {
+		e, bitmap := s.entry(j)
+		host := int64(e & l2eOffsetMask)
+		if e&oflagCompressed != 0 || img.extData || host == 0 || host&(img.clusterSize-1) != 0 {
+			continue
+		}
+		r, err := rc.getLocked(co, host>>img.clusterBits)
+		if err != nil || (r == 1) == (e&oflagCopied != 0) {
+			continue
+		}
+		note(fmt.Sprintf("Repairing OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", e, r))
+		s.set(j, e^oflagCopied, bitmap)
+		fixed++
 	}
 	return fixed, nil
 }

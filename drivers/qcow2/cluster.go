@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math/bits"
 
@@ -50,6 +51,60 @@ func (t clusterType) readsBacking() bool {
 	return t == ctUnallocated || t == ctUnallocatedAlloc
 }
 
+// l2Format is the cluster geometry of an image and how its L2 entries
+// are laid out and decoded. It is derived from the header alone, so the
+// checker, which may work from a header without an open image, decodes
+// entries as the image does; the image embeds it. Immutable.
+type l2Format struct {
+	clusterBits uint32
+	clusterSize int64
+	// l2Bits is log2 of the entries per L2 table; l2EntryBytes is 8, or
+	// 16 with extended L2.
+	l2Bits       uint32
+	l2EntryBytes int64
+	// scBits is log2 of the subcluster size; scPerCluster is 32 with
+	// extended L2 and 1 otherwise (a cluster is its own only subcluster).
+	scBits       uint32
+	scPerCluster int
+	// version and dataFile are the header's: a zero flag is invalid in
+	// v2, and with an external data file host offset 0 with COPIED is
+	// guest cluster 0.
+	version  uint32
+	dataFile bool
+}
+
+func newL2Format(h *header) l2Format {
+	f := l2Format{
+		clusterBits: h.ClusterBits, clusterSize: h.clusterSize(),
+		l2Bits: h.ClusterBits - 3, l2EntryBytes: 8,
+		scBits: h.ClusterBits, scPerCluster: 1,
+		version: h.Version, dataFile: h.hasDataFile(),
+	}
+	if h.extendedL2() {
+		f.l2Bits, f.l2EntryBytes = h.ClusterBits-4, 16
+		f.scBits, f.scPerCluster = h.ClusterBits-5, 32
+	}
+	return f
+}
+
+// l2Entry returns entry idx of an L2 table and, with extended L2, its
+// subcluster bitmap.
+func (f *l2Format) l2Entry(tb []byte, idx int64) (e, bitmap uint64) {
+	e = binary.BigEndian.Uint64(tb[idx*f.l2EntryBytes:])
+	if f.scPerCluster > 1 {
+		bitmap = binary.BigEndian.Uint64(tb[idx*f.l2EntryBytes+8:])
+	}
+	return e, bitmap
+}
+
+// setL2Entry sets entry idx (and its bitmap with extended L2).
+func (f *l2Format) setL2Entry(tb []byte, idx int64, e, bitmap uint64) {
+	binary.BigEndian.PutUint64(tb[idx*f.l2EntryBytes:], e)
+	if f.scPerCluster > 1 {
+		binary.BigEndian.PutUint64(tb[idx*f.l2EntryBytes+8:], bitmap)
+	}
+}
+
 // hostRun is the result of a lookup: a run of guest bytes with one type.
 type hostRun struct {
 	typ clusterType
@@ -81,7 +136,7 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 	}
 	defer s.close()
 	n = s.end - off // a run stops at the end of the L2 table
-	if s.t == nil {
+	if s.tb == nil {
 		return hostRun{typ: ctUnallocated, n: n}, nil
 	}
 	cs := img.clusterSize
@@ -134,13 +189,19 @@ func (img *image) mapLocked(co *coroutine.Co, off, n int64) (hostRun, error) {
 // l2_slice with get_l2_entry, get_l2_bitmap and
 // qcow2_get_subcluster_range_type). It pins the table once; the caller
 // defers close. mapLocked, planWriteLocked, zeroStepLocked and linkLocked
-// all walk L2 through it, so entries are decoded, validated and reported
-// in one way.
+// all walk L2 through it, and so do the check (tableSlice) and its repairs
+// (tableSliceLocked), so entries are decoded, validated and reported in
+// one way.
 type l2Slice struct {
+	// img is the image the table belongs to; nil for a table the
+	// checker read itself (l2Format.tableSlice), whose cursor only
+	// decodes: entry and guest, not typeAt, set or touched.
 	img *image
+	f   *l2Format
 	// t is the pinned table, nil when the L1 entry has none (every entry
-	// then reads as 0).
+	// then reads as 0) or the table is not the cache's; tb is its bytes.
 	t     *cache.Table
+	tb    []byte
 	l2Off int64
 	// first is the table index of the slice's cluster 0, whose guest
 	// offset is cstart.
@@ -176,7 +237,7 @@ func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l
 	img.mu.AssertHeld(co)
 	l1Index, l2Index, n := img.l2Slot(off, n)
 	inCluster := off & (img.clusterSize - 1)
-	s := l2Slice{img: img, first: l2Index, cstart: off - inCluster, off: off, end: off + n,
+	s := l2Slice{img: img, f: &img.l2Format, first: l2Index, cstart: off - inCluster, off: off, end: off + n,
 		n: (inCluster + n + img.clusterSize - 1) >> img.clusterBits, mode: mode}
 	var l2Off uint64
 	var err error
@@ -192,8 +253,36 @@ func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l
 	}
 	s.l2Off = int64(l2Off)
 	if s.t, err = img.l2.Get(co, s.l2Off); err != nil {
-		return s, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, l2Off, err)
+		return s, fmt.Errorf("L2 table at %#x: %w", l2Off, err)
 	}
+	s.tb = s.t.Bytes()
+	return s, nil
+}
+
+// tableSlice returns a cursor over every entry of the L2 table of L1
+// entry l1Index, at l2Off, whose bytes the caller read into tb itself:
+// the checker's walk over the tables of the active and the snapshot L1
+// tables, which reads the file, not the cache, and may have no image.
+func (f *l2Format) tableSlice(l1Index, l2Off int64, tb []byte) l2Slice {
+	n := int64(1) << f.l2Bits
+	cstart := l1Index << (f.clusterBits + f.l2Bits)
+	return l2Slice{f: f, tb: tb, l2Off: l2Off, cstart: cstart, off: cstart, end: cstart + n<<f.clusterBits, n: n, mode: sliceRead}
+}
+
+// tableSliceLocked returns a cursor over every entry of the L2 table of
+// L1 entry l1Index, at l2Off, pinned in the L2 cache: for the repairs,
+// which change entries with set and leave the writing to the cache, that
+// is to the overlap-checked write of every L2 table (l2Backend). The
+// caller has validated l2Off; the caller defers close.
+func (img *image) tableSliceLocked(co *coroutine.Co, l1Index, l2Off int64) (l2Slice, error) {
+	img.mu.AssertHeld(co)
+	s := img.l2Format.tableSlice(l1Index, l2Off, nil)
+	s.img, s.mode = img, sliceUpdate
+	t, err := img.l2.Get(co, l2Off)
+	if err != nil {
+		return s, fmt.Errorf("L2 table at %#x: %w", l2Off, err)
+	}
+	s.t, s.tb = t, t.Bytes()
 	return s, nil
 }
 
@@ -201,28 +290,28 @@ func (img *image) sliceLocked(co *coroutine.Co, off, n int64, mode sliceMode) (l
 func (s *l2Slice) close() {
 	if s.t != nil {
 		s.img.l2.Put(s.t)
-		s.t = nil
+		s.t, s.tb = nil, nil
 	}
 }
 
 // entry returns the L2 entry of cluster i of the slice and, with extended
 // L2, its subcluster bitmap.
 func (s *l2Slice) entry(i int64) (e, bitmap uint64) {
-	if s.t == nil {
+	if s.tb == nil {
 		return 0, 0
 	}
-	return s.img.l2Entry(s.t.Bytes(), s.first+i)
+	return s.f.l2Entry(s.tb, s.first+i)
 }
 
 // set sets the entry (and bitmap) of cluster i and marks the table dirty.
-// The slice was opened for a write, so the table exists.
+// The slice was opened for a write, so the table exists in the cache.
 func (s *l2Slice) set(i int64, e, bitmap uint64) {
-	s.img.setL2Entry(s.t.Bytes(), s.first+i, e, bitmap)
+	s.f.setL2Entry(s.tb, s.first+i, e, bitmap)
 	s.img.l2.MarkDirty(s.t)
 }
 
 // guest returns the guest offset of cluster i.
-func (s *l2Slice) guest(i int64) int64 { return s.cstart + i<<s.img.clusterBits }
+func (s *l2Slice) guest(i int64) int64 { return s.cstart + i<<s.f.clusterBits }
 
 // touched returns the subclusters [scA, scB) of cluster i inside the step.
 func (s *l2Slice) touched(i int64) (int, int) { return s.img.touched(s.guest(i), s.off, s.end) }
@@ -245,8 +334,7 @@ func (s *l2Slice) typeAt(i int64, sc int) (clusterType, int, uint64, error) {
 
 // errorf names the entry of cluster i in err.
 func (s *l2Slice) errorf(i int64, err error) error {
-	return fmt.Errorf("qcow2: %s: L2 table at %#x, entry %d (guest offset %#x): %w",
-		s.img.path, s.l2Off, s.first+i, s.guest(i), err)
+	return fmt.Errorf("L2 table at %#x, entry %d (guest offset %#x): %w", s.l2Off, s.first+i, s.guest(i), err)
 }
 
 // l2OffsetLocked returns the L2 table offset of L1 entry l1Index, 0 if the
@@ -257,27 +345,24 @@ func (img *image) l2OffsetLocked(co *coroutine.Co, l1Index int64) (uint64, error
 		return 0, nil
 	}
 	if img.l1Short && l1Index >= img.l1Avail {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d lies past the end of the file (%d bytes): truncated image: %w",
-			img.path, l1Index, img.fileSize, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d lies past the end of the file (%d bytes): truncated image: %w", l1Index, img.fileSize, drivers.ErrCorrupt)
 	}
 	e, err := img.l1EntryLocked(co, l1Index)
 	if err != nil {
 		return 0, err
 	}
 	if e&l1eReservedMask != 0 {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d (%#x) has reserved bits set: %w",
-			img.path, l1Index, e, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d (%#x) has reserved bits set: %w", l1Index, e, drivers.ErrCorrupt)
 	}
 	off := e & l1eOffsetMask
 	if off == 0 {
 		return 0, nil
 	}
 	if off&uint64(img.clusterSize-1) != 0 {
-		return 0, fmt.Errorf("qcow2: %s: L1 entry %d: L2 table offset %#x is not cluster-aligned: %w",
-			img.path, l1Index, off, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 entry %d: L2 table offset %#x is not cluster-aligned: %w", l1Index, off, drivers.ErrCorrupt)
 	}
 	if pastEOF(off, uint64(img.clusterSize), img.fileSize) {
-		return 0, fmt.Errorf("qcow2: %s: %w", img.path, l2PastEOF(l1Index, off, img.fileSize))
+		return 0, fmt.Errorf("%w", l2PastEOF(l1Index, off, img.fileSize))
 	}
 	return off, nil
 }
@@ -308,11 +393,11 @@ func (img *image) checkHostCluster(typ clusterType, host uint64, guest int64, eo
 // qcow2_get_subcluster_range_type). It returns the type and how many
 // subclusters from sc to the end of the cluster have that type (at least
 // 1). Without extended L2 a cluster is a single subcluster.
-func (img *image) entryRange(e, bitmap uint64, sc int) (clusterType, int, error) {
-	extL2 := img.scPerCluster > 1
-	rest := img.scPerCluster - sc
+func (f *l2Format) entryRange(e, bitmap uint64, sc int) (clusterType, int, error) {
+	extL2 := f.scPerCluster > 1
+	rest := f.scPerCluster - sc
 	if e&oflagCompressed != 0 {
-		if img.h.hasDataFile() {
+		if f.dataFile {
 			return 0, 0, fmt.Errorf("compressed cluster %#x in an image with an external data file: %w",
 				e, drivers.ErrCorrupt)
 		}
@@ -329,12 +414,12 @@ func (img *image) entryRange(e, bitmap uint64, sc int) (clusterType, int, error)
 	// Offset 0 is ambiguous with an external data file, where guest
 	// cluster 0 lives at host offset 0; there every allocated cluster has
 	// refcount 1, so COPIED tells them apart.
-	unallocated := host == 0 && !(img.h.hasDataFile() && e&oflagCopied != 0)
+	unallocated := host == 0 && !(f.dataFile && e&oflagCopied != 0)
 	if e&oflagZero != 0 {
 		// "With version 2 or with extended L2 entries, this is always 0."
-		if img.h.Version < 3 || extL2 {
+		if f.version < 3 || extL2 {
 			return 0, 0, fmt.Errorf("L2 entry %#x has the zero flag, invalid in this image (v%d, extended L2 %t): %w",
-				e, img.h.Version, extL2, drivers.ErrCorrupt)
+				e, f.version, extL2, drivers.ErrCorrupt)
 		}
 		if host != 0 {
 			return ctZeroAlloc, 1, nil
@@ -383,10 +468,10 @@ func zerosFrom(b uint32, i int) int { return min(bits.TrailingZeros32(b>>i), 32-
 // the host byte offset of the compressed stream and how many bytes to read
 // from it. The stream need not fill them: the tail sector may hold the next
 // cluster's stream, and the range may run past the end of the file.
-func (img *image) compressedRange(e uint64) (coff, csize int64) {
-	x := 62 - (img.clusterBits - 8) // bits 0..x-1: offset; x..61: sectors-1
+func (f *l2Format) compressedRange(e uint64) (coff, csize int64) {
+	x := 62 - (f.clusterBits - 8) // bits 0..x-1: offset; x..61: sectors-1
 	coff = int64(e & (1<<x - 1))
-	sectors := int64((e>>x)&(1<<(img.clusterBits-8)-1)) + 1
+	sectors := int64((e>>x)&(1<<(f.clusterBits-8)-1)) + 1
 	csize = sectors*512 - coff&511
 	return coff, csize
 }

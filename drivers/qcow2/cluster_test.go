@@ -17,12 +17,7 @@ func geometryImage(version uint32, clusterBits uint32, extL2, dataFile bool) *im
 	if dataFile {
 		h.Incompatible |= incompatDataFile
 	}
-	img := &image{h: h, clusterBits: clusterBits, clusterSize: 1 << clusterBits, scPerCluster: 1, scBits: clusterBits}
-	if extL2 {
-		img.scPerCluster = 32
-		img.scBits = clusterBits - 5
-	}
-	return img
+	return &image{h: h, l2Format: newL2Format(h)}
 }
 
 func TestEntryRange(t *testing.T) {

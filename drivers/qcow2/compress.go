@@ -109,7 +109,7 @@ func decompressCluster(typ uint8, src, dst []byte) error {
 	case compressionZstd:
 		var d *zstd.Decoder
 		if d, err = getZstd(); err != nil {
-			return fmt.Errorf("qcow2: zstd decoder: %w", err)
+			return fmt.Errorf("zstd decoder: %w", err)
 		}
 		if err = d.Reset(bytes.NewReader(src)); err == nil {
 			_, err = io.ReadFull(d, dst)

@@ -32,6 +32,9 @@
 //     read from the image file passes.
 //   - refcount.go, check.go: refcounts (allocation, updates, refcount blocks
 //     and table growth), the consistency check and the refcount rebuild.
+//   - errors.go: how errors name the image: once, "qcow2: PATH: ", put in
+//     front by the exported methods and the open (named); code inside the
+//     driver returns bare context.
 //   - compress.go: deflate and zstd decompression of one cluster.
 //   - snapshot.go: the internal snapshot table.
 //   - info.go: the format-specific part of Info (QEMU's ImageInfoSpecific
@@ -112,7 +115,11 @@
 // entry and set read and write an entry with its bitmap, touched gives the
 // subclusters a step covers, typeAt classifies and validates an entry
 // (type, span of subclusters with that type, host cluster), and errorf
-// names the table, entry and guest offset in every error. The callers keep
+// names the table, entry and guest offset in every error. The checker
+// walks every table through the same cursor: tableSlice over a table it
+// read from the file (entries decoded by the image's l2Format, which a
+// header alone gives, so a check needs no open image), tableSliceLocked
+// over a cached table for the COPIED repairs. The callers keep
 // only their decisions: the run a read maps, the class of a write step
 // (in place, keep, new), the zeroed entry (zeroEntry), the linked entry.
 // References an update drops are collected (releases) and released by one
@@ -160,7 +167,11 @@
 //   - cached tables: the L2 and refcount cache backends check every
 //     write-back (and refuse it once the image is corrupt);
 //   - direct writes: syncWriteLocked (L1 entries, new L1 tables, header
-//     fields) and rc.syncWriteLocked (reftable entries, new reftables).
+//     fields) and rc.syncWriteLocked (reftable entries, new reftables);
+//   - repairs (check -r): COPIED fixes change L2 tables in the cache and L1
+//     entries with writeL1EntryLocked, and a rebuild checks its new
+//     refcount blocks (the old ones excepted: it replaces them) before it
+//     writes them, so a repair never writes over metadata either.
 //
 // On a hit the error wraps drivers.ErrCorrupt ("preventing invalid write
 // ... (overlaps with the active L1 table at 0x30000)"), the corrupt bit is

@@ -18,20 +18,13 @@ import (
 // data file or not, and a 1 TiB file.
 func fuzzImage(clusterBits uint32, extL2, dataFile bool, version uint32) *image {
 	h := &header{Version: version, ClusterBits: clusterBits, RefcountOrder: 4}
-	img := &image{h: h, clusterBits: clusterBits, clusterSize: 1 << clusterBits,
-		l2EntryBytes: 8, scPerCluster: 1, scBits: clusterBits, fileSize: 1 << 40}
 	if extL2 {
 		h.Incompatible |= incompatExtendedL2
-		img.l2EntryBytes, img.scPerCluster, img.scBits = 16, 32, clusterBits-5
 	}
 	if dataFile {
 		h.Incompatible |= incompatDataFile
-		img.extData = true
 	}
-	img.l2Bits = clusterBits - 3
-	if extL2 {
-		img.l2Bits--
-	}
+	img := &image{h: h, l2Format: newL2Format(h), fileSize: 1 << 40, extData: dataFile}
 	return img
 }
 

@@ -95,7 +95,7 @@ func validateTable(name string, offset, entries, entryLen, maxBytes uint64, clus
 // QEMU's order where the order decides which error is reported.
 func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	if fileSize < 0 {
-		return nil, fmt.Errorf("qcow2: negative file size %d", fileSize)
+		return nil, fmt.Errorf("negative file size %d", fileSize)
 	}
 	if int64(len(buf)) > fileSize {
 		buf = buf[:fileSize]
@@ -140,7 +140,7 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	cs := uint64(1) << h.ClusterBits
 
 	if int64(len(buf)) < min(int64(cs), fileSize) {
-		return nil, fmt.Errorf("qcow2: header buffer holds %d bytes, need %d", len(buf), min(int64(cs), fileSize))
+		return nil, fmt.Errorf("header buffer holds %d bytes, need %d", len(buf), min(int64(cs), fileSize))
 	}
 	// Cluster 0 as QEMU sees it: past EOF reads as zeros. The header,
 	// extensions and backing name all live in it, so every later access
@@ -454,7 +454,7 @@ func qemuFeatureNames() map[uint16]string {
 // parseHeader fills.
 func marshalHeaderCluster(h *header) ([]byte, error) {
 	if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
-		return nil, fmt.Errorf("qcow2: marshal header: cluster_bits %d out of range", h.ClusterBits)
+		return nil, fmt.Errorf("marshal header: cluster_bits %d out of range", h.ClusterBits)
 	}
 	cs := 1 << h.ClusterBits
 	var hl int
@@ -462,7 +462,7 @@ func marshalHeaderCluster(h *header) ([]byte, error) {
 	case 2:
 		if h.Incompatible != 0 || h.Compatible != 0 || h.Autoclear != 0 || h.RefcountOrder != 4 ||
 			h.CompressionType != 0 || len(h.ExtraHeader) != 0 {
-			return nil, fmt.Errorf("qcow2: marshal header: version 2 cannot carry v3 fields")
+			return nil, fmt.Errorf("marshal header: version 2 cannot carry v3 fields")
 		}
 		hl = hdrV2Len
 	case 3:
@@ -473,18 +473,18 @@ func marshalHeaderCluster(h *header) ([]byte, error) {
 			hl = max(hdrV3DefaultLen, (hdrExtraOff+len(h.ExtraHeader)+7)&^7)
 		}
 	default:
-		return nil, fmt.Errorf("qcow2: marshal header: version %d", h.Version)
+		return nil, fmt.Errorf("marshal header: version %d", h.Version)
 	}
 	if len(h.BackingFile) > maxBackingName {
-		return nil, fmt.Errorf("qcow2: marshal header: backing file name of %d bytes (limit %d)", len(h.BackingFile), maxBackingName)
+		return nil, fmt.Errorf("marshal header: backing file name of %d bytes (limit %d)", len(h.BackingFile), maxBackingName)
 	}
 	if len(h.BackingFormat) > maxBackingFmtLen {
-		return nil, fmt.Errorf("qcow2: marshal header: backing format of %d bytes (limit %d)", len(h.BackingFormat), maxBackingFmtLen)
+		return nil, fmt.Errorf("marshal header: backing format of %d bytes (limit %d)", len(h.BackingFormat), maxBackingFmtLen)
 	}
 
 	out := make([]byte, cs)
 	if hl > cs {
-		return nil, fmt.Errorf("qcow2: marshal header: header of %d bytes exceeds the cluster", hl)
+		return nil, fmt.Errorf("marshal header: header of %d bytes exceeds the cluster", hl)
 	}
 	be.PutUint32(out[0:], magic)
 	be.PutUint32(out[4:], h.Version)
@@ -547,20 +547,20 @@ func marshalHeaderCluster(h *header) ([]byte, error) {
 	for _, e := range h.UnknownExts {
 		switch e.Type {
 		case extEnd, extBackingFmt, extFeatureTable, extBitmaps, extCrypto, extDataFile:
-			return nil, fmt.Errorf("qcow2: marshal header: unknown extension with known type %#08x", e.Type)
+			return nil, fmt.Errorf("marshal header: unknown extension with known type %#08x", e.Type)
 		}
 		add(e.Type, e.Data)
 	}
 	add(extEnd, nil)
 	if errFull {
-		return nil, fmt.Errorf("qcow2: marshal header: extensions do not fit in a %d-byte cluster", cs)
+		return nil, fmt.Errorf("marshal header: extensions do not fit in a %d-byte cluster", cs)
 	}
 	if h.BackingFile != "" {
 		if strings.IndexByte(h.BackingFile, 0) >= 0 {
-			return nil, fmt.Errorf("qcow2: marshal header: NUL in backing file name")
+			return nil, fmt.Errorf("marshal header: NUL in backing file name")
 		}
 		if off+len(h.BackingFile) > cs {
-			return nil, fmt.Errorf("qcow2: marshal header: backing file name does not fit in cluster 0")
+			return nil, fmt.Errorf("marshal header: backing file name does not fit in cluster 0")
 		}
 		be.PutUint64(out[8:], uint64(off))
 		be.PutUint32(out[16:], uint32(len(h.BackingFile)))

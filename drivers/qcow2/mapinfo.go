@@ -20,11 +20,11 @@ var _ drivers.LayerMapper = (*image)(nil)
 // zeros (with the offset of a preallocated cluster), and unallocated ones
 // are left to the backing layer (an extended-L2 cluster whose subclusters
 // are unallocated still has an offset).
-func (img *image) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, error) {
+func (img *image) LayerStatus(co *coroutine.Co, off int64) (_ drivers.LayerStatus, err error) {
+	defer img.nameErr(&err)
 	size := img.size.Load()
 	if off < 0 || off >= size {
-		return drivers.LayerStatus{}, fmt.Errorf("qcow2: %s: block status at %#x outside the %d-byte disk: %w",
-			img.path, off, size, io.ErrUnexpectedEOF)
+		return drivers.LayerStatus{}, fmt.Errorf("block status at %#x outside the %d-byte disk: %w", off, size, io.ErrUnexpectedEOF)
 	}
 	img.mu.Lock(co)
 	run, err := img.mapLocked(co, off, size-off)

@@ -115,8 +115,7 @@ func (img *image) checkWriteLocked(co *coroutine.Co, off, n int64, ign metaKind)
 	if k == 0 {
 		return nil
 	}
-	err := fmt.Errorf("qcow2: %s: preventing invalid write of [%#x, +%#x) on metadata (overlaps with %s at %#x): %w",
-		img.path, off, n, k, at, drivers.ErrCorrupt)
+	err := fmt.Errorf("preventing invalid write of [%#x, +%#x) on metadata (overlaps with %s at %#x): %w", off, n, k, at, drivers.ErrCorrupt)
 	return img.signalCorruptionLocked(co, err)
 }
 
@@ -175,11 +174,11 @@ func (img *image) checkReadLocked(co *coroutine.Co, run *hostRun, pos int64) err
 			n = at - off // host and guest bytes correspond one to one
 			continue
 		}
-		err := fmt.Errorf("qcow2: %s: L2 table at %#x maps guest %#x to host [%#x, +%#x), which overlaps %s at %#x, not guest data: %w",
-			img.path, run.l2Off, pos, off, n, k, at, drivers.ErrCorrupt)
+		err := fmt.Errorf("L2 table at %#x maps guest %#x to host [%#x, +%#x), which overlaps %s at %#x, not guest data: %w",
+			run.l2Off, pos, off, n, k, at, drivers.ErrCorrupt)
 		if !img.readHitLogged && img.logf != nil {
 			img.readHitLogged = true
-			img.logf("%v (reads of such ranges fail with EIO; logged once)", err)
+			img.logf("%v (reads of such ranges fail with EIO; logged once)", img.named(err))
 		}
 		if img.writable {
 			return img.signalCorruptionLocked(co, err)
@@ -225,7 +224,7 @@ func (img *image) readMetaLocked(co *coroutine.Co) error {
 		for i := int64(0); i < rtBytes; i += int64(len(buf)) {
 			p := buf[:min(int64(len(buf)), rtBytes-i)]
 			if err := img.file.PreadCo(co, p, rtOff+i); err != nil {
-				return fmt.Errorf("qcow2: %s: reading the refcount table at %#x: %w", img.path, rtOff, err)
+				return fmt.Errorf("reading the refcount table at %#x: %w", rtOff, err)
 			}
 			for j := 0; j+8 <= len(p); j += 8 {
 				if b := int64(binary.BigEndian.Uint64(p[j:]) & reftOffsetMask); b != 0 {

@@ -210,8 +210,8 @@ func firstDifference(a, b []byte) int {
 // with 64 KiB clusters, fully mapped) and a write that hits nothing.
 func BenchmarkOverlapCheck(b *testing.B) {
 	const cs = 65536
-	img := &image{h: &header{L1Offset: 3 * cs, L1Size: 16384, ReftableOffset: cs, ReftableClusters: 1},
-		clusterSize: cs, clusterBits: 16, rc: &refcounts{}}
+	h := &header{ClusterBits: 16, L1Offset: 3 * cs, L1Size: 16384, ReftableOffset: cs, ReftableClusters: 1}
+	img := &image{h: h, l2Format: newL2Format(h), rc: &refcounts{}}
 	for i := range int64(16384) {
 		img.l2Set = append(img.l2Set, (100+2*i)*cs)
 	}

@@ -91,17 +91,9 @@ type image struct {
 	// size is the virtual disk size: the header's, or the selected
 	// snapshot's. Read without the lock (Size, bounds checks); changed
 	// only by a grow, under mu.
-	size        atomic.Int64
-	clusterBits uint32
-	clusterSize int64
-	// l2Bits is log2 of the entries per L2 table; l2EntryBytes is 8, or
-	// 16 with extended L2.
-	l2Bits       uint32
-	l2EntryBytes int64
-	// scBits is log2 of the subcluster size; scPerCluster is 32 with
-	// extended L2 and 1 otherwise (a cluster is its own only subcluster).
-	scBits       uint32
-	scPerCluster int
+	size atomic.Int64
+	// l2Format is the cluster geometry and how L2 entries decode.
+	l2Format
 	// backing is the next layer down, nil if none; backingSize its size.
 	backing     drivers.Driver
 	backingSize int64
@@ -224,13 +216,14 @@ const maxChainDepth = 64
 // openImage opens the qcow2 image at path as one layer of a chain. It must
 // not be called from a coroutine.
 func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err error) {
+	defer func() { err = named(path, err) }()
 	if err := ch.enter(path); err != nil {
 		return nil, err
 	}
 	writable := !opts.ReadOnly && opts.Snapshot == ""
 	f, err := aio.Open(path, aio.Options{ReadOnly: !writable, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare && !writable})
 	if err != nil {
-		return nil, fmt.Errorf("qcow2: %w", err)
+		return nil, &imageError{err: err}
 	}
 	img := &image{path: path, file: f, data: f, dataPath: path, writable: writable, growable: opts.Growable, logf: opts.Logf}
 	defer func() {
@@ -239,38 +232,25 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 		}
 	}()
 	if img.fileSize, err = f.Size(); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
+		return nil, err
 	}
 	buf := make([]byte, min(int64(headerReadSize), img.fileSize))
 	if err := f.Pread(buf, 0); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: reading the header: %w", path, err)
+		return nil, fmt.Errorf("reading the header: %w", err)
 	}
 	h, err := parseHeader(buf, img.fileSize)
 	if err != nil {
-		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
+		return nil, err
 	}
 	img.h = h
 	img.extData = h.hasDataFile()
 	img.size.Store(int64(h.Size))
-	img.clusterBits = h.ClusterBits
-	img.clusterSize = h.clusterSize()
-	img.l2EntryBytes = 8
-	img.scPerCluster = 1
-	img.scBits = h.ClusterBits
-	if h.extendedL2() {
-		img.l2EntryBytes = 16
-		img.scPerCluster = 32
-		img.scBits = h.ClusterBits - 5
-	}
-	img.l2Bits = h.ClusterBits - 3
-	if h.extendedL2() {
-		img.l2Bits = h.ClusterBits - 4
-	}
+	img.l2Format = newL2Format(h)
 
 	if h.NbSnapshots > 0 {
 		read := func(off int64, p []byte) error { return f.Pread(p, off) }
 		if img.snaps, err = readSnapshotTable(read, h); err != nil {
-			return nil, fmt.Errorf("qcow2: %s: %w", path, err)
+			return nil, err
 		}
 		img.snapTableBytes = snapshotTableBytes(img.snaps)
 	}
@@ -278,19 +258,19 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	if opts.Snapshot != "" {
 		s, err := findSnapshot(img.snaps, opts.Snapshot)
 		if err != nil {
-			return nil, fmt.Errorf("qcow2: %s: %w", path, err)
+			return nil, err
 		}
 		img.snapshot = s
 		l1Off, l1Size = s.L1Offset, s.L1Size
 		if s.DiskSize != 0 {
 			if s.DiskSize > 1<<62 {
-				return nil, fmt.Errorf("qcow2: %s: snapshot %q has disk size %d: %w", path, s.Name, s.DiskSize, drivers.ErrCorrupt)
+				return nil, fmt.Errorf("snapshot %q has disk size %d: %w", s.Name, s.DiskSize, drivers.ErrCorrupt)
 			}
 			img.size.Store(int64(s.DiskSize))
 		}
 	}
 	if err := img.openL1(l1Off, l1Size); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: %w", path, err)
+		return nil, err
 	}
 	// A writable open of an image whose metadata points past the end of
 	// the file is refused before anything is written; a read-only one
@@ -304,7 +284,7 @@ func openImage(path string, opts drivers.OpenOptions, ch *chain) (d *image, err 
 	}
 	img.initAllocated()
 	l2Tables := ch.l2Share(img.l2CacheTables(opts.CacheSize), img.clusterSize, opts.CacheSize)
-	img.l2 = cache.New(path+" L2", l2Tables, int(img.clusterSize), l2Backend{img})
+	img.l2 = cache.New("L2", l2Tables, int(img.clusterSize), l2Backend{img})
 	if opts.CacheSize > 0 && img.logf != nil {
 		// The bound in force can differ from the one asked for (at
 		// least two tables, whole tables, the chain's share): say it.
@@ -358,7 +338,7 @@ func (img *image) openL1(off uint64, entries uint32) error {
 		}
 	}
 	if !img.writable && n > l1LoadMax {
-		img.l1c = cache.New(img.path+" L1", l1CacheChunks, l1Chunk, l1Backend{img})
+		img.l1c = cache.New("L1", l1CacheChunks, l1Chunk, l1Backend{img})
 		return nil
 	}
 	var err error
@@ -404,7 +384,7 @@ func (b l1Backend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
 }
 
 func (b l1Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
-	return fmt.Errorf("qcow2: %s: writing the L1 table at %#x: %w", b.img.path, off, drivers.ErrReadOnly)
+	return fmt.Errorf("writing the L1 table at %#x: %w", off, drivers.ErrReadOnly)
 }
 
 func (b l1Backend) Sync(co *coroutine.Co) error { return nil }
@@ -418,7 +398,7 @@ func (img *image) l1EntryLocked(co *coroutine.Co, i int64) (uint64, error) {
 	chunk := (i * 8) &^ (l1Chunk - 1)
 	t, err := img.l1c.Get(co, img.l1Off+chunk)
 	if err != nil {
-		return 0, fmt.Errorf("qcow2: %s: L1 table at %#x: %w", img.path, img.l1Off, err)
+		return 0, fmt.Errorf("L1 table at %#x: %w", img.l1Off, err)
 	}
 	e := binary.BigEndian.Uint64(t.Bytes()[i*8-chunk:])
 	img.l1c.Put(t)
@@ -454,7 +434,7 @@ func (b l2Backend) ReadTable(co *coroutine.Co, off int64, p []byte) error {
 
 func (b l2Backend) WriteTable(co *coroutine.Co, off int64, p []byte) error {
 	if !b.img.writable {
-		return fmt.Errorf("qcow2: writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
+		return fmt.Errorf("writing L2 table at %#x: %w", off, drivers.ErrReadOnly)
 	}
 	// Called under mu (the cache is only used with it held).
 	if err := b.img.guardLocked(co, off, int64(len(p)), olActiveL2); err != nil {
@@ -474,7 +454,7 @@ func (b l2Backend) Sync(co *coroutine.Co) error {
 func (img *image) Size() int64 { return img.size.Load() }
 
 func (img *image) readOnly(op string) error {
-	return fmt.Errorf("qcow2: %s: %s: %w", img.path, op, drivers.ErrReadOnly)
+	return fmt.Errorf("%s: %w", op, drivers.ErrReadOnly)
 }
 
 // Close implements drivers.Driver: it closes the backing chain and the
@@ -484,7 +464,8 @@ func (img *image) readOnly(op string) error {
 // that did not flush must not mark the image clean, and flushing here
 // makes that decision safe whatever the caller did before. Callers must
 // not have requests in flight.
-func (img *image) Close() error {
+func (img *image) Close() (err error) {
+	defer img.nameErr(&err)
 	var first error
 	keep := func(err error) {
 		if err != nil && first == nil {
@@ -558,25 +539,23 @@ func (img *image) Info() drivers.ImageInfo {
 func (img *image) openWritable(opts drivers.OpenOptions) error {
 	h := img.h
 	if h.Incompatible&incompatCorrupt != 0 && !opts.Repair {
-		return fmt.Errorf("qcow2: %s: the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): %w",
-			img.path, drivers.ErrCorrupt)
+		return fmt.Errorf("the image is marked corrupt; it can only be opened read-only (repair it with imgfuse check -r all): %w", drivers.ErrCorrupt)
 	}
 	if h.HasBitmaps {
 		// Writing without maintaining the bitmaps means clearing
 		// autoclear bit 0, after which QEMU drops them and their
 		// clusters leak (qemu-img check then reports leaks). Refusing
 		// keeps both the bitmaps and a clean image.
-		return fmt.Errorf("qcow2: %s: the image has persistent dirty bitmaps, which imgfuse does not maintain; open it read-only, or remove them first (qemu-img bitmap --remove): %w",
-			img.path, drivers.ErrUnsupported)
+		return fmt.Errorf("the image has persistent dirty bitmaps, which imgfuse does not maintain; open it read-only, or remove them first (qemu-img bitmap --remove): %w",
+			drivers.ErrUnsupported)
 	}
 	img.lazy = h.Compatible&compatLazyRefcounts != 0 || opts.LazyRefcounts
 	if opts.LazyRefcounts && h.Version < 3 {
-		return fmt.Errorf("qcow2: %s: lazy refcounts need a version 3 image (compat=1.1): %w",
-			img.path, drivers.ErrUnsupported)
+		return fmt.Errorf("lazy refcounts need a version 3 image (compat=1.1): %w", drivers.ErrUnsupported)
 	}
 	rc, err := openRefcounts(nil, img.file, h, img.fileSize, img.l2)
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: %w", img.path, err)
+		return err
 	}
 	rc.mu = &img.mu
 	rc.guard = img.guardLocked
@@ -616,7 +595,7 @@ func (img *image) openWritable(opts drivers.OpenOptions) error {
 func (img *image) repairLocked(co *coroutine.Co) error {
 	img.mu.AssertHeld(co)
 	if err := img.rebuildRefcountsLocked(co); err != nil {
-		return fmt.Errorf("qcow2: %s: rebuilding the refcounts of a dirty image: %w", img.path, err)
+		return fmt.Errorf("rebuilding the refcounts of a dirty image: %w", err)
 	}
 	img.fileSize = max(img.fileSize, img.rc.end)
 	return img.setIncompatibleLocked(co, img.h.Incompatible&^incompatDirty)
@@ -632,7 +611,7 @@ func (img *image) setIncompatibleLocked(co *coroutine.Co, v uint64) error {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
 	if err := img.syncWriteLocked(co, b[:], 72, olHeader); err != nil {
-		return fmt.Errorf("qcow2: %s: writing the incompatible feature bits: %w", img.path, err)
+		return fmt.Errorf("writing the incompatible feature bits: %w", err)
 	}
 	img.h.Incompatible = v
 	return nil
@@ -667,10 +646,10 @@ func (img *image) writeHeaderLocked(co *coroutine.Co) error {
 	img.mu.AssertHeld(co)
 	buf, err := marshalHeaderCluster(img.h)
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: %w", img.path, err)
+		return err
 	}
 	if err := img.syncWriteLocked(co, buf, 0, olHeader); err != nil {
-		return fmt.Errorf("qcow2: %s: writing the header: %w", img.path, err)
+		return fmt.Errorf("writing the header: %w", err)
 	}
 	return nil
 }
@@ -680,12 +659,13 @@ func (img *image) writeHeaderLocked(co *coroutine.Co) error {
 // dirty bit makes them optional (lazy refcounts), then the image file and
 // the data file are fdatasynced. Header updates are always synchronous, so
 // nothing else is pending.
-func (img *image) Flush(co *coroutine.Co) error {
+func (img *image) Flush(co *coroutine.Co) (err error) {
+	defer img.nameErr(&err)
 	if !img.writable {
 		return nil
 	}
 	img.mu.Lock(co)
-	err := img.broken
+	err = img.broken
 	if err == nil {
 		err = img.l2.Write(co)
 	}
@@ -694,7 +674,7 @@ func (img *image) Flush(co *coroutine.Co) error {
 	}
 	img.mu.Unlock(co)
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+		return fmt.Errorf("flush: %w", err)
 	}
 	return img.syncFiles(co)
 }
@@ -702,11 +682,11 @@ func (img *image) Flush(co *coroutine.Co) error {
 // syncFiles fdatasyncs the image file and the data file.
 func (img *image) syncFiles(co *coroutine.Co) error {
 	if err := img.file.FdatasyncCo(co); err != nil {
-		return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+		return fmt.Errorf("flush: %w", err)
 	}
 	if img.data != img.file {
 		if err := img.data.FdatasyncCo(co); err != nil {
-			return fmt.Errorf("qcow2: %s: flush: %w", img.path, err)
+			return fmt.Errorf("flush: %w", err)
 		}
 	}
 	return nil
@@ -734,7 +714,7 @@ func (img *image) closeClean(co *coroutine.Co) error {
 		err = img.setIncompatibleLocked(co, img.h.Incompatible&^incompatDirty)
 	}
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: close: %w", img.path, err)
+		return fmt.Errorf("close: %w", err)
 	}
 	return nil
 }
@@ -756,7 +736,7 @@ func (img *image) signalCorruptionLocked(co *coroutine.Co, err error) error {
 	if err == nil || !errors.Is(err, drivers.ErrCorrupt) || img.broken != nil {
 		return err
 	}
-	img.broken = fmt.Errorf("qcow2: %s: the image was marked corrupt and is no longer written: %w", img.path, err)
+	img.broken = fmt.Errorf("the image was marked corrupt and is no longer written: %w", err)
 	_ = img.setIncompatibleLocked(co, img.h.Incompatible|incompatCorrupt)
 	return err
 }

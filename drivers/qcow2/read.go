@@ -12,10 +12,10 @@ import (
 // ReadAt implements drivers.Driver. The request may be unaligned and span
 // any number of clusters. Each run is mapped under the metadata lock and
 // read after releasing it; p is not referenced once ReadAt returns.
-func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
+func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (_ int, err error) {
+	defer img.nameErr(&err)
 	if size := img.size.Load(); off < 0 || off > size || int64(len(p)) > size-off {
-		return 0, fmt.Errorf("qcow2: %s: read of %d bytes at %#x outside the %d-byte disk: %w",
-			img.path, len(p), off, size, io.ErrUnexpectedEOF)
+		return 0, fmt.Errorf("read of %d bytes at %#x outside the %d-byte disk: %w", len(p), off, size, io.ErrUnexpectedEOF)
 	}
 	done := 0
 	for done < len(p) {
@@ -37,7 +37,7 @@ func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 			}
 			err = img.data.PreadCo(co, chunk, run.host)
 			if err != nil {
-				err = fmt.Errorf("qcow2: %s: reading guest %#x from host %#x: %w", img.path, pos, run.host, err)
+				err = fmt.Errorf("reading guest %#x from host %#x: %w", pos, run.host, err)
 			}
 		case ctZeroPlain, ctZeroAlloc:
 			clear(chunk)
@@ -46,7 +46,7 @@ func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 		case ctCompressed:
 			err = img.readCompressed(co, chunk, pos, run.l2e)
 		default:
-			err = fmt.Errorf("qcow2: %s: cluster type %v at %#x: %w", img.path, run.typ, pos, drivers.ErrCorrupt)
+			err = fmt.Errorf("cluster type %v at %#x: %w", run.typ, pos, drivers.ErrCorrupt)
 		}
 		if err != nil {
 			return done, err
@@ -72,15 +72,14 @@ func (img *image) readCompressed(co *coroutine.Co, p []byte, off int64, e uint64
 	src := img.srcBuffer(csize)
 	defer img.srcPool.Put(&src)
 	if err := img.file.PreadCo(co, src, coff); err != nil {
-		return fmt.Errorf("qcow2: %s: reading compressed cluster at %#x: %w", img.path, coff, err)
+		return fmt.Errorf("reading compressed cluster at %#x: %w", coff, err)
 	}
 	dst := img.zcacheBuffer()
 	var err error
 	coroutine.RunInWorker(co, func() { err = decompressCluster(img.h.CompressionType, src, dst) })
 	if err != nil {
 		img.zcacheFree(dst)
-		return fmt.Errorf("qcow2: %s: compressed cluster at guest %#x (host %#x, %d bytes): %w",
-			img.path, off-inCluster, coff, csize, err)
+		return fmt.Errorf("compressed cluster at guest %#x (host %#x, %d bytes): %w", off-inCluster, coff, csize, err)
 	}
 	copy(p, dst[inCluster:])
 	img.zcachePut(e, dst)
@@ -104,11 +103,11 @@ func (img *image) srcBuffer(n int64) []byte {
 // stored data in this image (normal or compressed clusters) or below it,
 // ExtentZero for zero clusters and for unallocated ranges with nothing
 // below them, as `qemu-img map` reports them.
-func (img *image) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
+func (img *image) BlockStatus(co *coroutine.Co, off int64) (_ drivers.Extent, err error) {
+	defer img.nameErr(&err)
 	size := img.size.Load()
 	if off < 0 || off >= size {
-		return drivers.Extent{}, fmt.Errorf("qcow2: %s: block status at %#x outside the %d-byte disk: %w",
-			img.path, off, size, io.ErrUnexpectedEOF)
+		return drivers.Extent{}, fmt.Errorf("block status at %#x outside the %d-byte disk: %w", off, size, io.ErrUnexpectedEOF)
 	}
 	img.mu.Lock(co)
 	run, err := img.mapLocked(co, off, size-off)

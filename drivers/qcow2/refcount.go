@@ -28,7 +28,7 @@ const maxHostClusterOffset = 1<<56 - 1
 // errRetry says a new refcount block (or a new refcount area) was created
 // while updating refcounts: it may have taken the clusters the caller
 // found free, so the caller must search again (QEMU's -EAGAIN).
-var errRetry = errors.New("qcow2: refcount structure grew: search for free clusters again")
+var errRetry = errors.New("refcount structure grew: search for free clusters again")
 
 // maxRefblockDepth bounds the recursion of allocRefblockLocked: a refcount
 // block described by another block that does not exist yet. QEMU reasons
@@ -169,7 +169,7 @@ func newRefcounts(f *aio.File, h *header, fileSize int64, l2 *cache.Cache) (*ref
 		mu:          new(coroutine.CoMutex),
 		end:         (fileSize + cs - 1) &^ (cs - 1),
 	}
-	r.cache = cache.New(f.Name()+" refcounts", refcountTables(cs), int(cs), refcountBackend{r})
+	r.cache = cache.New("refcounts", refcountTables(cs), int(cs), refcountBackend{r})
 	return r, nil
 }
 
@@ -246,19 +246,19 @@ func (r *refcounts) blockOffsetLocked(co *coroutine.Co, ti int64) (int64, error)
 	}
 	e := r.reftable[ti]
 	if e&^reftOffsetMask != 0 {
-		return 0, fmt.Errorf("qcow2: refcount table entry %d (%#x) has reserved bits set: %w", ti, e, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("refcount table entry %d (%#x) has reserved bits set: %w", ti, e, drivers.ErrCorrupt)
 	}
 	if e == 0 {
 		return 0, nil
 	}
 	if e&uint64(r.clusterSize-1) != 0 || e > maxHostClusterOffset {
-		return 0, fmt.Errorf("qcow2: refcount block %d at %#x is not a valid cluster offset: %w", ti, e, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("refcount block %d at %#x is not a valid cluster offset: %w", ti, e, drivers.ErrCorrupt)
 	}
 	// A block past the end of the file would read as zeros and make
 	// used clusters look free. Blocks created here are written before
 	// the reftable points at them, so end covers them too.
 	if int64(e) >= r.end {
-		return 0, fmt.Errorf("qcow2: refcount block %d at %#x is past the end of the file (%d bytes): %w",
+		return 0, fmt.Errorf("refcount block %d at %#x is past the end of the file (%d bytes): %w",
 			ti, e, r.end, drivers.ErrCorrupt)
 	}
 	return int64(e), nil
@@ -269,7 +269,7 @@ func (r *refcounts) blockOffsetLocked(co *coroutine.Co, ti int64) (int64, error)
 func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 	r.mu.AssertHeld(co)
 	if cluster < 0 {
-		return 0, fmt.Errorf("qcow2: refcount of cluster %d: %w", cluster, drivers.ErrCorrupt)
+		return 0, fmt.Errorf("refcount of cluster %d: %w", cluster, drivers.ErrCorrupt)
 	}
 	off, err := r.blockOffsetLocked(co, cluster>>r.blockBits)
 	if err != nil || off == 0 {
@@ -277,7 +277,7 @@ func (r *refcounts) getLocked(co *coroutine.Co, cluster int64) (uint64, error) {
 	}
 	t, err := r.cache.Get(co, off)
 	if err != nil {
-		return 0, fmt.Errorf("qcow2: refcount block at %#x: %w", off, err)
+		return 0, fmt.Errorf("refcount block at %#x: %w", off, err)
 	}
 	v := getRefcount(t.Bytes(), r.order, cluster&(1<<r.blockBits-1))
 	r.cache.Put(t)
@@ -297,7 +297,7 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 	found := int64(0) // free clusters from start
 	for found < n {
 		if start+n > limit {
-			return 0, fmt.Errorf("qcow2: no room for %d clusters below the largest host offset: %w", n, drivers.ErrNoSpace)
+			return 0, fmt.Errorf("no room for %d clusters below the largest host offset: %w", n, drivers.ErrNoSpace)
 		}
 		c := start + found
 		ti := c >> r.blockBits
@@ -313,7 +313,7 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 		}
 		t, err := r.cache.Get(co, off)
 		if err != nil {
-			return 0, fmt.Errorf("qcow2: refcount block at %#x: %w", off, err)
+			return 0, fmt.Errorf("refcount block at %#x: %w", off, err)
 		}
 		b := t.Bytes()
 		for ; c < blockEnd && found < n; c++ {
@@ -343,7 +343,7 @@ func (r *refcounts) findFreeLocked(co *coroutine.Co, n int64) (int64, error) {
 func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 	r.mu.AssertHeld(co)
 	if n <= 0 || n > maxHostClusterOffset>>r.clusterBits {
-		return 0, fmt.Errorf("qcow2: allocating %d clusters: invalid count", n)
+		return 0, fmt.Errorf("allocating %d clusters: invalid count", n)
 	}
 	for try := 0; ; try++ {
 		off, err := r.findFreeLocked(co, n)
@@ -366,7 +366,7 @@ func (r *refcounts) allocLocked(co *coroutine.Co, n int64) (int64, error) {
 		if off == 0 {
 			// Unreachable: the search starts at cluster 1. Kept so
 			// no path can ever publish host offset 0.
-			return 0, fmt.Errorf("qcow2: allocation at offset 0: %w", drivers.ErrCorrupt)
+			return 0, fmt.Errorf("allocation at offset 0: %w", drivers.ErrCorrupt)
 		}
 		r.end = max(r.end, off+n<<r.clusterBits)
 		return off, nil
@@ -406,7 +406,7 @@ func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64
 		return nil
 	}
 	if off < 0 || length < 0 || off > maxHostClusterOffset || length > maxHostClusterOffset-off+1 {
-		return fmt.Errorf("qcow2: refcount update of [%#x, +%#x): invalid range", off, length)
+		return fmt.Errorf("refcount update of [%#x, +%#x): invalid range", off, length)
 	}
 	if delta < 0 && r.l2 != nil {
 		if err := r.cache.SetDependency(co, r.l2); err != nil {
@@ -455,13 +455,13 @@ func (r *refcounts) updateDepthLocked(co *coroutine.Co, off, length, delta int64
 		var v uint64
 		if delta < 0 {
 			if uint64(-delta) > old {
-				return fmt.Errorf("qcow2: refcount of cluster %#x is %d, cannot decrease it by %d: %w",
+				return fmt.Errorf("refcount of cluster %#x is %d, cannot decrease it by %d: %w",
 					c<<r.clusterBits, old, -delta, drivers.ErrCorrupt)
 			}
 			v = old - uint64(-delta)
 		} else {
 			if uint64(delta) > r.max-old {
-				return fmt.Errorf("qcow2: refcount of cluster %#x is %d, cannot raise it by %d past %d: %w",
+				return fmt.Errorf("refcount of cluster %#x is %d, cannot raise it by %d past %d: %w",
 					c<<r.clusterBits, old, delta, r.max, drivers.ErrUnsupported)
 			}
 			v = old + uint64(delta)
@@ -504,16 +504,16 @@ func (r *refcounts) blockLocked(co *coroutine.Co, c int64, create bool, depth in
 	if off != 0 {
 		t, err := r.cache.Get(co, off)
 		if err != nil {
-			return nil, fmt.Errorf("qcow2: refcount block at %#x: %w", off, err)
+			return nil, fmt.Errorf("refcount block at %#x: %w", off, err)
 		}
 		return t, nil
 	}
 	if !create {
-		return nil, fmt.Errorf("qcow2: cluster %#x has no refcount block (refcount 0), cannot decrease it: %w",
+		return nil, fmt.Errorf("cluster %#x has no refcount block (refcount 0), cannot decrease it: %w",
 			c<<r.clusterBits, drivers.ErrCorrupt)
 	}
 	if depth >= maxRefblockDepth {
-		return nil, fmt.Errorf("qcow2: refcount block allocation recursed %d times: %w", depth, drivers.ErrCorrupt)
+		return nil, fmt.Errorf("refcount block allocation recursed %d times: %w", depth, drivers.ErrCorrupt)
 	}
 	if ti >= int64(len(r.reftable)) {
 		// Everything from block ti's range on is free: build new
@@ -580,7 +580,7 @@ func (r *refcounts) newBlockLocked(co *coroutine.Co, ti int64, depth int) error 
 	binary.BigEndian.PutUint64(e[:], uint64(bOff))
 	if err := r.syncWriteLocked(co, e[:], int64(r.h.ReftableOffset)+ti*8, olRefcountTable); err != nil {
 		r.cache.Discard(bOff)
-		return fmt.Errorf("qcow2: writing refcount table entry %d: %w", ti, err)
+		return fmt.Errorf("writing refcount table entry %d: %w", ti, err)
 	}
 	r.reftable[ti] = uint64(bOff)
 	r.blocksStale = true
@@ -689,11 +689,11 @@ func (r *refcounts) areaLayout(startCluster, firstBlock, minEntries int64) (tota
 		total = (endCluster + perBlock - 1) / perBlock
 	}
 	if tableEntries*8 > maxReftableBytes {
-		return 0, 0, 0, fmt.Errorf("qcow2: refcount table would need %d bytes (limit %d): %w",
+		return 0, 0, 0, fmt.Errorf("refcount table would need %d bytes (limit %d): %w",
 			tableEntries*8, maxReftableBytes, drivers.ErrNoSpace)
 	}
 	if endCluster > maxHostClusterOffset>>r.clusterBits {
-		return 0, 0, 0, fmt.Errorf("qcow2: refcount structures would pass the largest host offset: %w", drivers.ErrNoSpace)
+		return 0, 0, 0, fmt.Errorf("refcount structures would pass the largest host offset: %w", drivers.ErrNoSpace)
 	}
 	return total, tableEntries, endCluster, nil
 }
@@ -709,14 +709,14 @@ func (r *refcounts) switchReftableLocked(co *coroutine.Co, table []uint64, table
 		binary.BigEndian.PutUint64(buf[i*8:], e)
 	}
 	if err := r.syncWriteLocked(co, buf, tableOff, 0); err != nil {
-		return fmt.Errorf("qcow2: writing the new refcount table at %#x: %w", tableOff, err)
+		return fmt.Errorf("writing the new refcount table at %#x: %w", tableOff, err)
 	}
 	clusters := uint32(int64(len(buf)) >> r.clusterBits)
 	var hdr [12]byte
 	binary.BigEndian.PutUint64(hdr[0:], uint64(tableOff))
 	binary.BigEndian.PutUint32(hdr[8:], clusters)
 	if err := r.syncWriteLocked(co, hdr[:], 48, olHeader); err != nil {
-		return fmt.Errorf("qcow2: switching the header to the new refcount table: %w", err)
+		return fmt.Errorf("switching the header to the new refcount table: %w", err)
 	}
 	r.reftable = table
 	r.blocksStale = true

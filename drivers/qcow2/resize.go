@@ -14,12 +14,13 @@ import (
 // up to a multiple of 512 bytes, as qcow2 virtual sizes are. Shrinking is
 // refused: the clusters past the new end would have to be freed, and QEMU
 // only does it on explicit request (qemu-img resize --shrink).
-func (img *image) Truncate(co *coroutine.Co, size int64) error {
+func (img *image) Truncate(co *coroutine.Co, size int64) (err error) {
+	defer img.nameErr(&err)
 	if !img.writable {
 		return img.readOnly("truncate")
 	}
 	if size < 0 {
-		return fmt.Errorf("qcow2: %s: truncate to %d bytes: invalid size", img.path, size)
+		return fmt.Errorf("truncate to %d bytes: invalid size", size)
 	}
 	size = (size + 511) &^ 511
 	cur := img.size.Load()
@@ -27,8 +28,7 @@ func (img *image) Truncate(co *coroutine.Co, size int64) error {
 		return nil
 	}
 	if size < cur {
-		return fmt.Errorf("qcow2: %s: shrinking a qcow2 disk is not supported (%d to %d bytes): %w",
-			img.path, cur, size, drivers.ErrUnsupported)
+		return fmt.Errorf("shrinking a qcow2 disk is not supported (%d to %d bytes): %w", cur, size, drivers.ErrUnsupported)
 	}
 	img.mu.Lock(co)
 	defer img.mu.Unlock(co)
@@ -53,12 +53,11 @@ func (img *image) growLocked(co *coroutine.Co, size int64) error {
 		return nil // a concurrent grow got there first
 	}
 	if size > maxDiskSize {
-		return fmt.Errorf("qcow2: %s: %d bytes is larger than the %d-byte limit: %w", img.path, size, int64(maxDiskSize), drivers.ErrNoSpace)
+		return fmt.Errorf("%d bytes is larger than the %d-byte limit: %w", size, int64(maxDiskSize), drivers.ErrNoSpace)
 	}
 	need := img.h.l1EntriesFor(uint64(size))
 	if need > maxL1Bytes/8 {
-		return fmt.Errorf("qcow2: %s: %d bytes would need an L1 table of %d entries (limit %d): %w",
-			img.path, size, need, maxL1Bytes/8, drivers.ErrNoSpace)
+		return fmt.Errorf("%d bytes would need an L1 table of %d entries (limit %d): %w", size, need, maxL1Bytes/8, drivers.ErrNoSpace)
 	}
 	if need > uint64(len(img.l1)) {
 		if err := img.growL1Locked(co, int64(need)); err != nil {
@@ -68,7 +67,7 @@ func (img *image) growLocked(co *coroutine.Co, size int64) error {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], uint64(size))
 	if err := img.syncWriteLocked(co, b[:], 24, olHeader); err != nil {
-		return fmt.Errorf("qcow2: %s: writing the new size: %w", img.path, err)
+		return fmt.Errorf("writing the new size: %w", err)
 	}
 	img.h.Size = uint64(size)
 	img.size.Store(size)
@@ -92,7 +91,7 @@ func (img *image) growL1Locked(co *coroutine.Co, need int64) error {
 	}
 	off, err := img.rc.allocLocked(co, clusters)
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: allocating a new L1 table: %w", img.path, err)
+		return fmt.Errorf("allocating a new L1 table: %w", err)
 	}
 	img.fileSize = max(img.fileSize, img.rc.end)
 	fail := func(err error) error {
@@ -109,7 +108,7 @@ func (img *image) growL1Locked(co *coroutine.Co, need int64) error {
 		}
 	}
 	if err := img.syncWriteLocked(co, buf, off, 0); err != nil {
-		return fail(fmt.Errorf("qcow2: %s: writing the new L1 table at %#x: %w", img.path, off, err))
+		return fail(fmt.Errorf("writing the new L1 table at %#x: %w", off, err))
 	}
 	var hdr [12]byte
 	binary.BigEndian.PutUint32(hdr[0:], uint32(entries))
@@ -117,7 +116,7 @@ func (img *image) growL1Locked(co *coroutine.Co, need int64) error {
 	if err := img.syncWriteLocked(co, hdr[:], 36, olHeader); err != nil {
 		// The header may point at either table; both are whole, and
 		// the old one is not freed.
-		return fmt.Errorf("qcow2: %s: switching the header to the new L1 table: %w", img.path, err)
+		return fmt.Errorf("switching the header to the new L1 table: %w", err)
 	}
 	oldOff, oldLen := int64(img.h.L1Offset), int64(len(img.l1))
 	l1 := make([]uint64, entries)
@@ -127,7 +126,7 @@ func (img *image) growL1Locked(co *coroutine.Co, need int64) error {
 	img.h.L1Offset = uint64(off)
 	if oldLen > 0 {
 		if err := img.rc.updateLocked(co, oldOff, oldLen*8, -1); err != nil {
-			return fmt.Errorf("qcow2: %s: freeing the old L1 table at %#x: %w", img.path, oldOff, err)
+			return fmt.Errorf("freeing the old L1 table at %#x: %w", oldOff, err)
 		}
 	}
 	return nil

@@ -112,7 +112,7 @@ func readSnapshotTable(read func(off int64, p []byte) error, h *header) ([]snaps
 		}
 		fixed, err := r.get(off, snapshotHeaderLen)
 		if err != nil {
-			return nil, fmt.Errorf("qcow2: reading snapshot %d at %#x: %w", i, off, err)
+			return nil, fmt.Errorf("reading snapshot %d at %#x: %w", i, off, err)
 		}
 		s := snapshotEntry{
 			L1Offset:    be.Uint64(fixed[0:]),
@@ -136,7 +136,7 @@ func readSnapshotTable(read func(off int64, p []byte) error, h *header) ([]snaps
 		}
 		v, err := r.get(off, varLen)
 		if err != nil {
-			return nil, fmt.Errorf("qcow2: reading snapshot %d at %#x: %w", i, off, err)
+			return nil, fmt.Errorf("reading snapshot %d at %#x: %w", i, off, err)
 		}
 		off += int64(varLen)
 		extra := v[:extraLen]
@@ -177,7 +177,7 @@ func findSnapshot(snaps []snapshotEntry, idOrName string) (*snapshotEntry, error
 			return &snaps[i], nil
 		}
 	}
-	return nil, fmt.Errorf("qcow2: %w %q", errNoSnapshot, idOrName)
+	return nil, fmt.Errorf("%w %q", errNoSnapshot, idOrName)
 }
 
 // info describes the snapshot for `imgfuse info`. DiskSize is 0 when the
@@ -218,10 +218,10 @@ func marshalSnapshotTable(snaps []snapshotEntry) ([]byte, error) {
 	for i := range snaps {
 		s := &snaps[i]
 		if len(s.Extra) > maxSnapshotExtra || len(s.ID) > math.MaxUint16 || len(s.Name) > math.MaxUint16 {
-			return nil, fmt.Errorf("qcow2: marshal %v: field too long", s)
+			return nil, fmt.Errorf("marshal %v: field too long", s)
 		}
 		if s.VMStateSize > math.MaxUint32 && len(s.Extra) < extraVMStateEnd {
-			return nil, fmt.Errorf("qcow2: marshal %v: a VM state of %d bytes needs vm_state_size_large in the extra data", s, s.VMStateSize)
+			return nil, fmt.Errorf("marshal %v: a VM state of %d bytes needs vm_state_size_large in the extra data", s, s.VMStateSize)
 		}
 		for len(out)%8 != 0 {
 			out = append(out, 0)
@@ -256,7 +256,7 @@ func marshalSnapshotTable(snaps []snapshotEntry) ([]byte, error) {
 		out = append(out, s.ID...)
 		out = append(out, s.Name...)
 		if len(out) > maxSnapshotsBytes {
-			return nil, fmt.Errorf("qcow2: marshal snapshot table: more than %d bytes", maxSnapshotsBytes)
+			return nil, fmt.Errorf("marshal snapshot table: more than %d bytes", maxSnapshotsBytes)
 		}
 	}
 	for len(out)%8 != 0 {

@@ -60,24 +60,6 @@ const (
 	wNew
 )
 
-// l2Entry returns entry idx of an L2 table and, with extended L2, its
-// subcluster bitmap.
-func (img *image) l2Entry(tb []byte, idx int64) (e, bitmap uint64) {
-	e = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes:])
-	if img.scPerCluster > 1 {
-		bitmap = binary.BigEndian.Uint64(tb[idx*img.l2EntryBytes+8:])
-	}
-	return e, bitmap
-}
-
-// setL2Entry sets entry idx (and its bitmap with extended L2).
-func (img *image) setL2Entry(tb []byte, idx int64, e, bitmap uint64) {
-	binary.BigEndian.PutUint64(tb[idx*img.l2EntryBytes:], e)
-	if img.scPerCluster > 1 {
-		binary.BigEndian.PutUint64(tb[idx*img.l2EntryBytes+8:], bitmap)
-	}
-}
-
 // hostCluster returns the host cluster of a standard L2 entry and whether
 // it has one (a compressed entry has none in this sense). With an external
 // data file, guest cluster 0 lives at host offset 0: COPIED tells it from
@@ -143,13 +125,14 @@ func (img *image) touched(cstart, off, end int64) (int, int) {
 // written in place with no metadata I/O; anything else gets an allocation
 // (new host clusters, or the kept one), is written with its COW head and
 // tail outside the lock, and is then linked into its L2 table.
-func (img *image) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
+func (img *image) WriteAt(co *coroutine.Co, p []byte, off int64) (_ int, err error) {
+	defer img.nameErr(&err)
 	if !img.writable {
 		return 0, img.readOnly("write")
 	}
 	end := off + int64(len(p))
 	if off < 0 || end < off {
-		return 0, fmt.Errorf("qcow2: %s: write of %d bytes at %#x: invalid range", img.path, len(p), off)
+		return 0, fmt.Errorf("write of %d bytes at %#x: invalid range", len(p), off)
 	}
 	if end > img.size.Load() {
 		if err := img.growForWrite(co, end); err != nil {
@@ -171,8 +154,7 @@ func (img *image) WriteAt(co *coroutine.Co, p []byte, off int64) (int, error) {
 // why not.
 func (img *image) growForWrite(co *coroutine.Co, end int64) error {
 	if !img.growable {
-		return fmt.Errorf("qcow2: %s: write up to %#x past the end of the %d-byte disk: %w",
-			img.path, end, img.size.Load(), drivers.ErrNoSpace)
+		return fmt.Errorf("write up to %#x past the end of the %d-byte disk: %w", end, img.size.Load(), drivers.ErrNoSpace)
 	}
 	img.mu.Lock(co)
 	defer img.mu.Unlock(co)
@@ -204,7 +186,7 @@ func (img *image) writeStep(co *coroutine.Co, p []byte, off int64) (int, error) 
 		err := img.data.PwriteCo(co, data, pl.host)
 		img.inPlaceDone()
 		if err != nil {
-			return 0, fmt.Errorf("qcow2: %s: writing guest %#x to host %#x: %w", img.path, off, pl.host, err)
+			return 0, fmt.Errorf("writing guest %#x to host %#x: %w", off, pl.host, err)
 		}
 		return int(pl.n), nil
 	}
@@ -295,7 +277,7 @@ func (img *image) planWriteLocked(co *coroutine.Co, off, n int64) (writePlan, bo
 	default:
 		host, err := img.rc.allocLocked(co, r.count)
 		if err != nil {
-			return writePlan{}, false, fmt.Errorf("qcow2: %s: allocating %d clusters: %w", img.path, r.count, err)
+			return writePlan{}, false, fmt.Errorf("allocating %d clusters: %w", r.count, err)
 		}
 		img.fileSize = max(img.fileSize, img.rc.end)
 		a.host, a.fresh = host, true
@@ -416,7 +398,7 @@ func (img *image) writeAllocation(co *coroutine.Co, a *allocation, data []byte, 
 	end := off + int64(len(data))
 	if !a.cow(off, int64(len(data))) {
 		if err := img.data.PwriteCo(co, data, a.host+(off-a.start)); err != nil {
-			return fmt.Errorf("qcow2: %s: writing guest %#x to host %#x: %w", img.path, off, a.host+(off-a.start), err)
+			return fmt.Errorf("writing guest %#x to host %#x: %w", off, a.host+(off-a.start), err)
 		}
 		return nil
 	}
@@ -431,7 +413,7 @@ func (img *image) writeAllocation(co *coroutine.Co, a *allocation, data []byte, 
 	}
 	host := a.host + (a.lo - a.start)
 	if err := img.data.PwriteCo(co, buf, host); err != nil {
-		return fmt.Errorf("qcow2: %s: writing guest %#x (with copy-on-write) to host %#x: %w", img.path, a.lo, host, err)
+		return fmt.Errorf("writing guest %#x (with copy-on-write) to host %#x: %w", a.lo, host, err)
 	}
 	return nil
 }
@@ -458,7 +440,7 @@ func (img *image) readForCOW(co *coroutine.Co, p []byte, off int64) error {
 		return nil
 	}
 	if _, err := img.ReadAt(co, p[:k], off); err != nil {
-		return fmt.Errorf("qcow2: %s: copy-on-write read at %#x: %w", img.path, off, err)
+		return fmt.Errorf("copy-on-write read at %#x: %w", off, err)
 	}
 	return nil
 }
@@ -560,7 +542,7 @@ func (img *image) releaseLocked(co *coroutine.Co, r *releases) error {
 	}
 	for _, f := range r.ext {
 		if err := img.rc.updateLocked(co, f[0], f[1], -1); err != nil {
-			return fmt.Errorf("qcow2: %s: freeing host cluster %#x: %w", img.path, f[0], err)
+			return fmt.Errorf("freeing host cluster %#x: %w", f[0], err)
 		}
 	}
 	return nil
@@ -587,8 +569,7 @@ func (img *image) abortLocked(co *coroutine.Co, a *allocation) {
 func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64, error) {
 	img.mu.AssertHeld(co)
 	if l1Index >= int64(len(img.l1)) {
-		return 0, fmt.Errorf("qcow2: %s: L1 index %d past the %d-entry L1 table: %w",
-			img.path, l1Index, len(img.l1), drivers.ErrCorrupt)
+		return 0, fmt.Errorf("L1 index %d past the %d-entry L1 table: %w", l1Index, len(img.l1), drivers.ErrCorrupt)
 	}
 	old, err := img.l2OffsetLocked(co, l1Index)
 	if err != nil {
@@ -605,7 +586,7 @@ func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64,
 	if old != 0 {
 		t, err := img.l2.Get(co, int64(old))
 		if err != nil {
-			return 0, fmt.Errorf("qcow2: %s: L2 table at %#x: %w", img.path, old, err)
+			return 0, fmt.Errorf("L2 table at %#x: %w", old, err)
 		}
 		saved = make([]byte, cs)
 		copy(saved, t.Bytes())
@@ -613,7 +594,7 @@ func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64,
 	}
 	off, err := img.rc.allocLocked(co, 1)
 	if err != nil {
-		return 0, fmt.Errorf("qcow2: %s: allocating an L2 table: %w", img.path, err)
+		return 0, fmt.Errorf("allocating an L2 table: %w", err)
 	}
 	img.fileSize = max(img.fileSize, img.rc.end)
 	fail := func(err error) (int64, error) {
@@ -636,14 +617,14 @@ func (img *image) l2TableForWriteLocked(co *coroutine.Co, l1Index int64) (int64,
 	img.l2.MarkDirty(t)
 	img.l2.Put(t)
 	if err := img.l2.Flush(co); err != nil {
-		return fail(fmt.Errorf("qcow2: %s: writing the new L2 table at %#x: %w", img.path, off, err))
+		return fail(fmt.Errorf("writing the new L2 table at %#x: %w", off, err))
 	}
 	if err := img.writeL1EntryLocked(co, l1Index, uint64(off)|oflagCopied); err != nil {
 		return fail(err)
 	}
 	if old != 0 {
 		if err := img.rc.updateLocked(co, int64(old), cs, -1); err != nil {
-			return 0, fmt.Errorf("qcow2: %s: releasing the shared L2 table at %#x: %w", img.path, old, err)
+			return 0, fmt.Errorf("releasing the shared L2 table at %#x: %w", old, err)
 		}
 	}
 	return off, nil
@@ -655,7 +636,7 @@ func (img *image) writeL1EntryLocked(co *coroutine.Co, i int64, e uint64) error 
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], e)
 	if err := img.syncWriteLocked(co, b[:], int64(img.h.L1Offset)+i*8, olActiveL1); err != nil {
-		return fmt.Errorf("qcow2: %s: writing L1 entry %d: %w", img.path, i, err)
+		return fmt.Errorf("writing L1 entry %d: %w", i, err)
 	}
 	img.setL1Locked(co, i, e)
 	return nil

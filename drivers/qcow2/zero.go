@@ -11,7 +11,8 @@ import (
 // Discard implements drivers.Driver: the range reads as zeros afterwards
 // and whole clusters give their host clusters back (WriteZeroes with
 // unmap).
-func (img *image) Discard(co *coroutine.Co, off, n int64) error {
+func (img *image) Discard(co *coroutine.Co, off, n int64) (err error) {
+	defer img.nameErr(&err)
 	return img.zeroRange(co, off, n, true, "discard")
 }
 
@@ -26,7 +27,8 @@ func (img *image) Discard(co *coroutine.Co, off, n int64) error {
 // zeros. Partial clusters are written with zeros through WriteAt. So are
 // images with an external data file, whose data file must keep reading as
 // the disk (it may be declared raw). Backing data never shows through.
-func (img *image) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
+func (img *image) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) (err error) {
+	defer img.nameErr(&err)
 	return img.zeroRange(co, off, n, unmap, "write zeroes")
 }
 
@@ -39,15 +41,14 @@ func (img *image) zeroRange(co *coroutine.Co, off, n int64, unmap bool, op strin
 	}
 	end := off + n
 	if off < 0 || n < 0 || end < off {
-		return fmt.Errorf("qcow2: %s: %s of %d bytes at %#x: invalid range", img.path, op, n, off)
+		return fmt.Errorf("%s of %d bytes at %#x: invalid range", op, n, off)
 	}
 	if n == 0 {
 		return nil
 	}
 	size := img.size.Load()
 	if end > size {
-		return fmt.Errorf("qcow2: %s: %s up to %#x past the end of the %d-byte disk: %w",
-			img.path, op, end, size, drivers.ErrNoSpace)
+		return fmt.Errorf("%s up to %#x past the end of the %d-byte disk: %w", op, end, size, drivers.ErrNoSpace)
 	}
 	if img.extData || (img.h.Version < 3 && img.backing != nil) {
 		return img.writeZeros(co, off, n)
