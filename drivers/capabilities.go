@@ -163,6 +163,25 @@ type Damaged interface {
 
 // DamageError is what Damage returns: the file found damaged (the image or
 // a file of its backing chain) and what is wrong with it.
+// FileError is an error of one image file, named once:
+// "FORMAT: PATH: ERR", or "FORMAT: ERR" when Err names the file itself (an
+// error of package os or aio opening it). Whoever reports a chain of files
+// can take a file's name off its error with errors.As and Path, never by
+// its text.
+type FileError struct {
+	Format, Path string
+	Err          error
+}
+
+func (e *FileError) Error() string {
+	if e.Path == "" {
+		return e.Format + ": " + e.Err.Error()
+	}
+	return e.Format + ": " + e.Path + ": " + e.Err.Error()
+}
+
+func (e *FileError) Unwrap() error { return e.Err }
+
 type DamageError struct {
 	Format, Path string
 	Err          error // wraps ErrCorrupt

@@ -4,7 +4,6 @@ import (
 	"go/ast"
 	"go/parser"
 	"go/token"
-	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -20,14 +19,6 @@ var textMatchers = map[string]bool{
 	"Cut": true, "CutPrefix": true, "CutSuffix": true, "TrimPrefix": true, "TrimSuffix": true,
 	"Replace": true, "ReplaceAll": true, "Split": true, "SplitN": true,
 	"MatchString": true, "Match": true, // regexp
-}
-
-// errorTextAllowed lists, by file and enclosing function, error text
-// surgery that another branch of work removes: drivers/qcow2 rewords its
-// backing file's error (issue 14, the qcow2 half). Not checked for
-// staleness, since that work deletes it.
-var errorTextAllowed = map[string]string{
-	"drivers/qcow2/backing.go:backingCause": "qcow2's own prefixes, reworked with qcow2's errors",
 }
 
 // errorTextMatches returns, as "file:line: func", every place in f where
@@ -131,10 +122,6 @@ func TestErrorsNotMatchedByText(t *testing.T) {
 		}
 		checked++
 		for _, hit := range errorTextMatches(fset, f) {
-			fn := hit[strings.LastIndex(hit, ": ")+2:]
-			if _, ok := errorTextAllowed[sf.dir+"/"+filepath.Base(sf.path)+":"+fn]; ok {
-				continue
-			}
 			t.Errorf("%s: an error recognised or cut by its text; match a sentinel or a type (errors.Is/As) instead", hit)
 		}
 	}

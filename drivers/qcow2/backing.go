@@ -2,9 +2,9 @@ package qcow2
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 
 	"imgfuse/aio"
@@ -143,25 +143,42 @@ func (img *image) openBacking(opts drivers.OpenOptions, ch *chain) error {
 }
 
 // backingCause is err, the failure to open the backing file at path,
-// worded to follow `backing file "NAME": `: the prefixes by which a driver
-// or package os names the file again ("qcow2: PATH: ", "stat PATH: ") are
-// dropped, so that a chain's message names each file once:
+// reworded without the names that the backing file's own layers put in
+// front (the driver's "FORMAT: PATH: ", the "open PATH: " of package os),
+// since the caller names the file itself, so that a chain's message names
+// each file once:
 //
 //	qcow2: /a/top: backing file "mid": backing file "top": backing chain loop: ...
 //
-// The errors err wraps stay matchable.
+// The layers are recognised by their types, never their text; the errors
+// err wraps stay matchable.
 func backingCause(err error, path string) error {
-	msg := err.Error()
-	prefixes := []string{"qcow2: ", "raw: ", path + ": ", "open " + path + ": ", "stat " + path + ": "}
-	for trimmed := true; trimmed; {
-		trimmed = false
-		for _, p := range prefixes {
-			if rest, ok := strings.CutPrefix(msg, p); ok {
-				msg, trimmed = rest, true
+	cause := err
+	for {
+		var next error
+		switch e := cause.(type) {
+		case *imageError:
+			if e.path == path || e.path == "" {
+				next = e.err
+			}
+		case *drivers.FileError:
+			if e.Path == path || e.Path == "" {
+				next = e.Err
+			}
+		case *fs.PathError:
+			if e.Path == path {
+				next = e.Err
 			}
 		}
+		if next == nil {
+			break
+		}
+		cause = next
 	}
-	return rewordedError{msg, err}
+	if cause == err {
+		return err
+	}
+	return rewordedError{cause.Error(), err}
 }
 
 // rewordedError is err with another message.

@@ -72,12 +72,12 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 	}
 	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
-		return nil, fmt.Errorf("raw: %w", err)
+		return nil, &drivers.FileError{Format: "raw", Err: err} // err names the file
 	}
 	size, err := f.Size()
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("raw: %w", err)
+		return nil, &drivers.FileError{Format: "raw", Err: err}
 	}
 	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, growable: opts.Growable, guard: newProbeGuard(opts)}
 	d.size.Store(size)
