@@ -3,6 +3,8 @@ package qcow2
 import (
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 
 	"imgfuse/aio"
 	"imgfuse/coroutine"
@@ -44,6 +46,17 @@ func (img *image) ReadAt(co *coroutine.Co, p []byte, off int64) (_ int, err erro
 		case ctUnallocated, ctUnallocatedAlloc:
 			err = img.readBacking(co, chunk, pos)
 		case ctCompressed:
+			if len(p)-done > int(run.n) {
+				// More clusters follow: read and decompress the
+				// compressed ones among them together.
+				var n int
+				n, err = img.readCompressedRun(co, p[done:], pos, run)
+				done += n
+				if err != nil {
+					return done, err
+				}
+				continue
+			}
 			err = img.readCompressed(co, chunk, pos, run.l2e)
 		default:
 			err = fmt.Errorf("cluster type %v at %#x: %w", run.typ, pos, drivers.ErrCorrupt)
@@ -83,6 +96,173 @@ func (img *image) readCompressed(co *coroutine.Co, p []byte, off int64, e uint64
 	}
 	copy(p, dst[inCluster:])
 	img.zcachePut(e, dst)
+	return nil
+}
+
+// zbatchMax bounds the compressed clusters read and decompressed together:
+// a 1 MiB request of 64 KiB clusters is one batch.
+const zbatchMax = 32
+
+// zpiece is one compressed cluster of a batch.
+type zpiece struct {
+	l2e        uint64
+	guest      int64 // guest offset of the part of p it fills
+	n          int64 // bytes of p it fills
+	coff       int64
+	csize      int64
+	dst        []byte // the whole decompressed cluster
+	whole      bool   // dst is the part of p it fills (no copy)
+	err        error
+	cached, ok bool
+}
+
+// readCompressedRun fills a prefix of p, starting at guest off whose
+// mapping is first (a compressed cluster), with as many consecutive
+// compressed clusters as follow (at most zbatchMax), and returns how many
+// bytes it filled. qemu-img convert -c and compressed writes lay a disk's
+// compressed clusters out one after the other, so their streams are read
+// with one request when they lie close together, and decompressed in one
+// trip to the workers, split across the CPUs, straight into p for whole
+// clusters. QEMU reads and decompresses a request's clusters in parallel
+// coroutines (qcow2_co_preadv_task); one cluster at a time, each with its
+// own read, worker and wake, ran 1 MiB reads of a zstd image at 0.88x its
+// speed.
+func (img *image) readCompressedRun(co *coroutine.Co, p []byte, off int64, first hostRun) (int, error) {
+	var pieces [zbatchMax]zpiece
+	np := 0
+	pos, left := off, int64(len(p))
+	run := first
+	img.mu.Lock(co)
+	for {
+		pieces[np] = zpiece{l2e: run.l2e, guest: pos, n: run.n}
+		np++
+		pos += run.n
+		left -= run.n
+		if left == 0 || np == zbatchMax {
+			break
+		}
+		next, err := img.mapLocked(co, pos, left)
+		if err == nil {
+			err = img.checkReadLocked(co, &next, pos)
+		}
+		if err != nil || next.typ != ctCompressed {
+			break // the caller maps it again and reports or reads it
+		}
+		run = next
+	}
+	img.mu.Unlock(co)
+
+	// The clusters still cached, and the range the others' streams span.
+	lo, hi, need := int64(-1), int64(0), int64(0)
+	for i := range pieces[:np] {
+		z := &pieces[i]
+		if buf := img.zcacheGet(z.l2e); buf != nil {
+			in := z.guest & (img.clusterSize - 1)
+			copy(p[z.guest-off:z.guest-off+z.n], buf[in:])
+			img.zcachePut(z.l2e, buf)
+			z.cached, z.ok = true, true
+			continue
+		}
+		z.coff, z.csize = img.compressedRange(z.l2e)
+		if lo < 0 || z.coff < lo {
+			lo = z.coff
+		}
+		hi = max(hi, z.coff+z.csize)
+		need += z.csize
+	}
+	if lo >= 0 {
+		if err := img.decompressPieces(co, p, off, pieces[:np], lo, hi, need); err != nil {
+			return 0, err
+		}
+	}
+	// Report the first failure after what was filled before it.
+	done := 0
+	for i := range pieces[:np] {
+		z := &pieces[i]
+		if !z.ok {
+			return done, fmt.Errorf("compressed cluster at guest %#x (host %#x, %d bytes): %w",
+				z.guest-z.guest&(img.clusterSize-1), z.coff, z.csize, z.err)
+		}
+		done += int(z.n)
+	}
+	return done, nil
+}
+
+// decompressPieces reads the streams of the pieces not cached, which lie in
+// [lo, hi) of the file and add up to need bytes, and decompresses them.
+func (img *image) decompressPieces(co *coroutine.Co, p []byte, off int64, pieces []zpiece, lo, hi, need int64) error {
+	// One read if the streams lie close together (a little more than they
+	// need, at most 4 MiB); otherwise one each.
+	var span []byte
+	if hi-lo <= max(need+need/4, 64<<10) && hi-lo <= 4<<20 {
+		span = img.srcBuffer(hi - lo)
+		defer img.srcPool.Put(&span)
+		if err := img.file.PreadCo(co, span, lo); err != nil {
+			return fmt.Errorf("reading compressed clusters at %#x: %w", lo, err)
+		}
+	}
+	srcs := make([][]byte, len(pieces))
+	for i := range pieces {
+		z := &pieces[i]
+		if z.cached {
+			continue
+		}
+		if span != nil {
+			srcs[i] = span[z.coff-lo : z.coff-lo+z.csize]
+		} else {
+			srcs[i] = img.srcBuffer(z.csize)
+			defer img.srcPool.Put(&srcs[i])
+			if err := img.file.PreadCo(co, srcs[i], z.coff); err != nil {
+				return fmt.Errorf("reading compressed cluster at %#x: %w", z.coff, err)
+			}
+		}
+		in := z.guest & (img.clusterSize - 1)
+		if in == 0 && z.n == img.clusterSize {
+			z.dst, z.whole = p[z.guest-off:z.guest-off+z.n], true
+		} else {
+			z.dst = img.zcacheBuffer()
+		}
+	}
+	decompress := func(from, step int) {
+		for i := from; i < len(pieces); i += step {
+			if z := &pieces[i]; !z.cached {
+				z.err = decompressCluster(img.h.CompressionType, srcs[i], z.dst)
+			}
+		}
+	}
+	coroutine.RunInWorker(co, func() {
+		// Every CPU but the one the loop needs decompresses its share.
+		workers := min(runtime.GOMAXPROCS(0)-1, (len(pieces)+1)/2)
+		if workers <= 1 {
+			decompress(0, 1)
+			return
+		}
+		var wg sync.WaitGroup
+		for w := 1; w < workers; w++ {
+			wg.Add(1)
+			go func() { defer wg.Done(); decompress(w, workers) }()
+		}
+		decompress(0, workers)
+		wg.Wait()
+	})
+	for i := range pieces {
+		z := &pieces[i]
+		if z.cached {
+			continue
+		}
+		if z.err != nil {
+			if !z.whole {
+				img.zcacheFree(z.dst)
+			}
+			continue
+		}
+		z.ok = true
+		if !z.whole {
+			in := z.guest & (img.clusterSize - 1)
+			copy(p[z.guest-off:z.guest-off+z.n], z.dst[in:])
+			img.zcachePut(z.l2e, z.dst)
+		}
+	}
 	return nil
 }
 
