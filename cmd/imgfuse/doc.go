@@ -92,12 +92,12 @@
 // (mountinfo.go): its parser handles the octal escapes and optional fields
 // the hand-written one did, and the end-to-end tests use the same.
 //
-// Formats (formats.go): qcow2, raw, and the formats of drivers/foreign
-// (every other format qemu-img probes: vmdk, vhdx, vpc, vdi, luks, ...),
+// Formats (formats.go): qcow2, raw, vdi, vpc, and the formats of
+// drivers/foreign (every other format qemu-img probes: vmdk, vhdx, luks, ...),
 // which open nothing; they are in the probe list so that such a file is
 // refused by name (checkFormat, before anything is opened: one line, exit
 // 5, for mount, info, check and map) rather than exposed as a raw disk,
-// and --format lists only qcow2 and raw.
+// and --format lists only the formats with a driver.
 // --debug without --log is refused for a detached server, whose stderr is
 // /dev/null.
 //

@@ -44,9 +44,9 @@ func TestUsageErrors(t *testing.T) {
 		{"mount three args", []string{"mount", "a", "b", "c"}, exitUsage, "got 3"},
 		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, exitUsage, `imgfuse: invalid --format "vmdk"`},
 		{"info no arg", []string{"info"}, exitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
-		{"info bad format", []string{"info", "--format", "vdi", "x"}, exitUsage, "invalid --format"},
+		{"info bad format", []string{"info", "--format", "qed", "x"}, exitUsage, "invalid --format"},
 		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, exitUsage,
-			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw)`},
+			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw, vdi, vpc)`},
 		{"unmount two args", []string{"unmount", "a", "b"}, exitUsage, "unmount needs 1 argument(s)"},
 		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, exitUsage, `invalid argument "soon"`},
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, exitUsage, "--timeout must be positive"},
@@ -98,7 +98,7 @@ func TestVersionAndHelp(t *testing.T) {
 
 func TestFormatChoices(t *testing.T) {
 	got := strings.Join(formatChoices(), ",")
-	if got != "auto,qcow2,raw" {
+	if got != "auto,qcow2,raw,vdi,vpc" {
 		t.Errorf("formatChoices = %s", got)
 	}
 }
