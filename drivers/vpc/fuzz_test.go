@@ -9,6 +9,7 @@ import (
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/drivers/vpc"
+	"imgfuse/internal/testenv"
 )
 
 // FuzzOpen: no file makes the driver panic, allocate without bound, or
@@ -19,7 +20,7 @@ func FuzzOpen(f *testing.F) {
 	for _, opts := range [][]string{nil, {"-o", "subformat=fixed"}} {
 		p := filepath.Join(dir, "seed.vhd")
 		if err := runQemuImg(append(append([]string{"create", "-q", "-f", "vpc"}, opts...), p, "3M")...); err != nil {
-			f.Skip("qemu-img:", err)
+			testenv.Skip(f, "qemu-img create for the seeds: %v", err)
 		}
 		b, _ := os.ReadFile(p)
 		f.Add(b)
