@@ -9,6 +9,8 @@ import (
 	"imgfuse/drivers/foreign"
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
+	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vpc"
 )
 
 // Formats is every format imgfuse knows, handed to drivers.Open for
@@ -18,7 +20,7 @@ import (
 // ... file is refused by name instead of probing as raw
 // (drivers/foreign).
 func Formats() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}}, foreign.Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vpc.Format{}}, foreign.Formats()...)
 }
 
 // refuseOnly returns f as a format known only to refuse, if it is one.
@@ -28,7 +30,7 @@ func refuseOnly(f drivers.Format) (*foreign.Format, bool) {
 }
 
 // ReadableFormats is the names of the formats imgfuse can open: "qcow2",
-// "raw".
+// "raw", "vdi", "vpc".
 func ReadableFormats() []string {
 	var names []string
 	for _, f := range Formats() {

@@ -79,9 +79,11 @@ is then checked again and that result reported. Repairs open the image
 read-write (and take its locks); a check alone opens it read-only, and -U
 skips the locks.
 
-A raw image has nothing to check: like qemu-img, check says so and exits 63.
-An image in a format imgfuse recognises but cannot read (VMDK, VHDX, VHD,
-VDI, ...) is refused by name with exit 5, as by the other commands.
+A raw or VHD (vpc) image has nothing to check: like qemu-img, check says so
+and exits 63. A VDI image is checked as qemu-img checks it (its block map);
+repairing one is refused. An image in a format imgfuse recognises but cannot
+read (VMDK, VHDX, ...) is refused by name with exit 5, as by the other
+commands.
 On a terminal, images of 4 GiB and more show a progress bar on stderr.
 
 Exit codes (qemu-img check's): 0 clean, 1 the check failed (cannot open, I/O

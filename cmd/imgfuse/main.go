@@ -72,7 +72,7 @@ No image at hand? 'imgfuse demo' mounts a small sample.
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "imgfuse",
-		Short:         "Mount qcow2 and raw disk images as a file through FUSE",
+		Short:         "Mount qcow2, raw, VDI and VHD disk images as a file through FUSE",
 		Long:          rootLong,
 		Version:       version,
 		SilenceErrors: true,

@@ -52,10 +52,16 @@ func Cmd(t testing.TB, name string, args ...string) []byte {
 // output, so the output is checked too.
 func QemuIO(t testing.TB, img string, cmds ...string) {
 	t.Helper()
+	QemuIOFormat(t, "qcow2", img, cmds...)
+}
+
+// QemuIOFormat is QemuIO on an image of the named format ("vdi", "vpc").
+func QemuIOFormat(t testing.TB, format, img string, cmds ...string) {
+	t.Helper()
 	if len(cmds) == 0 {
 		return
 	}
-	args := []string{"-f", "qcow2"}
+	args := []string{"-f", format}
 	for _, c := range cmds {
 		args = append(args, "-c", c)
 	}

@@ -295,8 +295,14 @@ func Catalogue(size int64) []Image {
 // reference every reader must match byte for byte.
 func ConvertRef(t testing.TB, img, snapshot, dir string) string {
 	t.Helper()
+	return ConvertRefFormat(t, "qcow2", img, snapshot, dir)
+}
+
+// ConvertRefFormat is ConvertRef for an image of the named format.
+func ConvertRefFormat(t testing.TB, format, img, snapshot, dir string) string {
+	t.Helper()
 	ref := filepath.Join(dir, "ref.raw")
-	args := []string{"convert", "-U", "-f", "qcow2"}
+	args := []string{"convert", "-U", "-f", format}
 	if snapshot != "" {
 		args = append(args, "-l", "snapshot.name="+snapshot)
 	}

@@ -1,7 +1,7 @@
 // Package foreign recognises the image formats imgfuse cannot read, in
 // order to refuse them by name. Every format qemu-img probes is here
-// except qcow2 and raw: qcow (version 1), QED, VMDK, VHDX, VHD (QEMU's
-// "vpc"), VDI, Parallels, DMG, cloop, Bochs and LUKS.
+// except those with a driver (qcow2, raw, VDI, VHD): qcow (version 1),
+// QED, VMDK, VHDX, Parallels, DMG, cloop, Bochs and LUKS.
 //
 // Why formats that open nothing: without them such a file probes as raw,
 // and a probing open exposes the container as if it were the disk. A VHDX
@@ -30,14 +30,8 @@
 // details, and the verification against qemu-img 7.2, are in
 // docs/formats.md §1.
 //
-// One probe goes beyond QEMU, where it is cheap and safe: a fixed VHD has
-// no header, only a 512-byte footer at the end of the file, and QEMU
-// probes it as raw (exposing the footer as the disk's last sector, and
-// letting a guest write it). The vpc probe also looks at the file's last
-// 512 bytes and claims them, with score 50, if they are a valid fixed-disk
-// footer: the cookie "conectix", disk type 2 and a correct checksum. 50
-// and not 100: a file that starts with another format's magic is that
-// format, whatever its last sector holds.
+// The fixed VHD probe that goes beyond QEMU (the footer in the file's
+// last 512 bytes, score 50) moved to drivers/vpc with the format.
 //
 // LUKS: the magic is "LUKS\xba\xbe" at offset 0 for LUKS1 and LUKS2.
 // QEMU's probe accepts only version 1, the one it can open; this one

@@ -26,10 +26,8 @@ var formats = []*Format{
 	{name: "parallels", what: "a Parallels image", probe: probeParallels},
 	{name: "qcow", what: "a qcow (version 1) image", probe: probeQcow},
 	{name: "qed", what: "a QED image", probe: probeQED},
-	{name: "vdi", what: "a VDI image", probe: probeVDI},
 	{name: "vhdx", what: "a VHDX image", probe: probeVHDX},
 	{name: "vmdk", what: "a VMDK image", probe: probeVMDK},
-	{name: "vpc", what: "a VHD image", probe: probeVPC},
 }
 
 // Formats returns every format imgfuse recognises and cannot read, for the

@@ -12,7 +12,8 @@ import (
 const (
 	magicScore = 100 // a magic number or signature
 	weakScore  = 2   // cloop's shell preamble, DMG's file name
-	// tailScore is the fixed VHD footer at the end of the file: below
+	// tailScore is drivers/vpc's score for a fixed VHD footer at the end
+	// of the file (FuzzProbe allows it): below
 	// every magic at the start, above the weak signs and raw (doc.go).
 	tailScore = 50
 )
@@ -49,15 +50,6 @@ func probeQED(in drivers.ProbeInput) int {
 // probeVHDX: the file type identifier "vhdxfile" (block/vhdx.c).
 func probeVHDX(in drivers.ProbeInput) int {
 	if string(head(in)[:8]) == "vhdxfile" {
-		return magicScore
-	}
-	return 0
-}
-
-// probeVDI: the signature 0xBEDA107F, little-endian at 0x40 (block/vdi.c).
-// The banner text before it is free.
-func probeVDI(in drivers.ProbeInput) int {
-	if binary.LittleEndian.Uint32(head(in)[0x40:]) == 0xbeda107f {
 		return magicScore
 	}
 	return 0
@@ -163,42 +155,4 @@ func vmdkDescriptor(h []byte) bool {
 		}
 	}
 	return false
-}
-
-// probeVPC: the cookie "conectix" at the start of the file (block/vpc.c:
-// dynamic and differencing disks keep a copy of their footer there), or a
-// fixed disk's footer as the last 512 bytes of the file (beyond QEMU,
-// doc.go).
-func probeVPC(in drivers.ProbeInput) int {
-	if string(head(in)[:8]) == "conectix" {
-		return magicScore
-	}
-	if fixedVHDFooter(in.Tail) {
-		return tailScore
-	}
-	return 0
-}
-
-// fixedVHDFooter reports whether f is a whole, valid VHD footer of a fixed
-// disk (Microsoft's "Virtual Hard Disk Image Format Specification"; all
-// fields big-endian):
-//
-//	0   8  cookie "conectix"
-//	60  4  disk type: 2 fixed, 3 dynamic, 4 differencing
-//	64  4  checksum: the ones' complement of the byte sum of the footer
-//	       taken with the checksum field zeroed
-//
-// The checksum and the type make data that merely starts a sector with
-// "conectix" not count.
-func fixedVHDFooter(f []byte) bool {
-	if len(f) != drivers.ProbeSize || string(f[:8]) != "conectix" || binary.BigEndian.Uint32(f[60:]) != 2 {
-		return false
-	}
-	var sum uint32
-	for i, b := range f {
-		if i < 64 || i >= 68 {
-			sum += uint32(b)
-		}
-	}
-	return ^sum == binary.BigEndian.Uint32(f[64:])
 }

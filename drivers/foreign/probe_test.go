@@ -13,11 +13,13 @@ import (
 	"imgfuse/drivers/driverstest"
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
+	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vpc"
 )
 
 // all is the list of formats cmd/imgfuse assembles: readable and foreign.
 func all() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}}, Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vpc.Format{}}, Formats()...)
 }
 
 func probeName(t *testing.T, in drivers.ProbeInput) string {
@@ -316,7 +318,7 @@ func FuzzProbe(f *testing.F) {
 // TestFormatsTable: names are unique, none is a readable format's, and
 // each refuses to open.
 func TestFormatsTable(t *testing.T) {
-	seen := map[string]bool{"qcow2": true, "raw": true}
+	seen := map[string]bool{"qcow2": true, "raw": true, "vdi": true, "vpc": true}
 	for _, f := range Formats() {
 		if seen[f.Name()] {
 			t.Errorf("format %q listed twice", f.Name())
@@ -326,12 +328,12 @@ func TestFormatsTable(t *testing.T) {
 			t.Errorf("%s: Open succeeded", f.Name())
 		}
 	}
-	want := "bochs cloop dmg luks parallels qcow qed vdi vhdx vmdk vpc"
+	want := "bochs cloop dmg luks parallels qcow qed vhdx vmdk"
 	var names []string
 	for _, f := range Formats() {
 		names = append(names, f.Name())
 	}
 	if got := strings.Join(names, " "); got != want {
-		t.Errorf("formats %q, want %q (every format qemu-img 7.2 probes but qcow2 and raw)", got, want)
+		t.Errorf("formats %q, want %q (every format qemu-img 7.2 probes but those with a driver)", got, want)
 	}
 }
