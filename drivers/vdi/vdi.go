@@ -342,11 +342,6 @@ func (d *Driver) Flush(co *coroutine.Co) error {
 	return nil
 }
 
-// zeroChunk bounds one zero write.
-const zeroChunk = 1 << 20
-
-var zeros = sync.OnceValue(func() []byte { return aio.AlignedBuffer(zeroChunk) })
-
 // Discard makes [off, off+n) read as zeros. VDI has no way to record a
 // discard QEMU reads back (the discarded entry, 0xFFFFFFFE, would leak the
 // block; QEMU never writes it), so allocated blocks get zeros written and
@@ -368,15 +363,12 @@ func (d *Driver) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
 		if err != nil || host < 0 {
 			return err
 		}
-		z := zeros()
-		for done := int64(0); done < pc.Len; {
-			c := min(pc.Len-done, zeroChunk)
-			if err := d.f.PwriteCo(co, z[:c], host+pc.In+done); err != nil {
+		return blocktab.WriteZeros(host+pc.In, pc.Len, func(z []byte, at int64) error {
+			if err := d.f.PwriteCo(co, z, at); err != nil {
 				return fmt.Errorf("vdi: %w", err)
 			}
-			done += c
-		}
-		return nil
+			return nil
+		})
 	})
 }
 

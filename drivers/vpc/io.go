@@ -2,12 +2,10 @@ package vpc
 
 import (
 	"fmt"
-	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
-	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
 	"imgfuse/drivers/blocktab"
@@ -218,11 +216,6 @@ func (d *Driver) Flush(co *coroutine.Co) error {
 	return nil
 }
 
-// zeroChunk bounds one zero write.
-const zeroChunk = 1 << 20
-
-var zeros = sync.OnceValue(func() []byte { return aio.AlignedBuffer(zeroChunk) })
-
 // Discard makes [off, off+n) read as zeros: VHD cannot record a discard
 // (QEMU's vpc has none), so it writes zeros as WriteZeroes does.
 func (d *Driver) Discard(co *coroutine.Co, off, n int64) error {
@@ -264,22 +257,18 @@ func (d *Driver) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
 
 // writeZeros writes zeros over [off, off+n) through WriteAt's path.
 func (d *Driver) writeZeros(co *coroutine.Co, off, n int64) error {
-	z := zeros()
-	for n > 0 {
-		c := min(n, zeroChunk-off%zeroChunk)
+	return blocktab.WriteZeros(off, n, func(z []byte, at int64) error {
 		var err error
 		if d.hdr == nil {
-			err = d.f.PwriteCo(co, z[:c], off)
+			err = d.f.PwriteCo(co, z, at)
 		} else {
-			_, err = d.WriteAt(co, z[:c], off)
+			_, err = d.WriteAt(co, z, at)
 		}
 		if err != nil {
 			return fmt.Errorf("vpc: %w", err)
 		}
-		off += c
-		n -= c
-	}
-	return nil
+		return nil
+	})
 }
 
 // statusRun bounds how many blocks one block status answer covers.
