@@ -49,6 +49,27 @@ func compressibleData(n int, seed uint64) []byte {
 	return out[:n]
 }
 
+// qemuCompressed writes src as a qcow2 image with `qemu-img convert -c`
+// (compression type typ, cluster size cs) and returns its path and what
+// `qemu-img convert -O raw` reads from it.
+func qemuCompressed(t *testing.T, src []byte, typ, cs string) (img string, ref []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	in := filepath.Join(dir, "in.raw")
+	if err := os.WriteFile(in, src, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img = filepath.Join(dir, "c.qcow2")
+	out := filepath.Join(dir, "out.raw")
+	qemuImg(t, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type="+typ+",cluster_size="+cs, in, img)
+	qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", img, out)
+	ref, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img, ref
+}
+
 // compressedCluster is one compressed L2 entry, decoded the way
 // qcow2.md §1.7 describes.
 type compressedCluster struct {
@@ -98,21 +119,8 @@ func TestDecompressQemuClusters(t *testing.T) {
 		for _, cs := range []string{"4k", "64k", "2M"} {
 			t.Run(typ+"/"+cs, func(t *testing.T) {
 				t.Parallel()
-				dir := t.TempDir()
-				in := filepath.Join(dir, "in.raw")
-				if err := os.WriteFile(in, src, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				img := filepath.Join(dir, "c.qcow2")
-				out := filepath.Join(dir, "out.raw")
-				driverstest.Cmd(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
-					"-o", "compression_type="+typ+",cluster_size="+cs, in, img)
-				driverstest.Cmd(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+				img, ref := qemuCompressed(t, src, typ, cs)
 				file, err := os.ReadFile(img)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ref, err := os.ReadFile(out)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -425,19 +433,9 @@ func TestReadCompressedRuns(t *testing.T) {
 		for _, cs := range []string{"4k", "64k"} {
 			t.Run(typ+"/"+cs, func(t *testing.T) {
 				t.Parallel()
-				dir := t.TempDir()
-				in := filepath.Join(dir, "in.raw")
-				if err := os.WriteFile(in, src, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				img := filepath.Join(dir, "c.qcow2")
-				out := filepath.Join(dir, "out.raw")
-				qemuImg(t, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type="+typ+",cluster_size="+cs, in, img)
-				qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", img, out)
-				ref, err := os.ReadFile(out)
-				if err != nil {
-					t.Fatal(err)
-				}
+				img, ref := qemuCompressed(t, src, typ, cs)
+				dir := filepath.Dir(img)
+				var err error
 				d := openTest(t, img, drivers.OpenOptions{})
 				r := rand.New(rand.NewPCG(3, 4))
 				buf := make([]byte, 3<<19)
