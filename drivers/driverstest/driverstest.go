@@ -562,3 +562,30 @@ func RunReadOnly(t *testing.T, fn OpenFunc) {
 		t.Error(msg)
 	}
 }
+
+// RunConformance runs Run, RunReadOnly and RunWritable on n images, each
+// read-only and writable, with O_DIRECT and, for the first buffered
+// images, without: open returns the OpenFunc of image i with opts. Each
+// case is named "NAME/direct=BOOL/read-only" or ".../writable".
+func RunConformance(t *testing.T, names []string, buffered int, open func(i int, opts drivers.OpenOptions) OpenFunc) {
+	for i, name := range names {
+		for _, direct := range []bool{true, false} {
+			if !direct && i >= buffered {
+				continue // the buffered engine on a few images is enough
+			}
+			name := fmt.Sprintf("%s/direct=%v", name, direct)
+			t.Run(name+"/read-only", func(t *testing.T) {
+				t.Parallel()
+				ro := open(i, drivers.OpenOptions{ReadOnly: true, NoDirectIO: !direct})
+				Run(t, ro)
+				RunReadOnly(t, ro)
+			})
+			t.Run(name+"/writable", func(t *testing.T) {
+				t.Parallel()
+				rw := open(i, drivers.OpenOptions{NoDirectIO: !direct})
+				Run(t, rw)
+				RunWritable(t, rw)
+			})
+		}
+	}
+}

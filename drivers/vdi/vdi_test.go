@@ -3,7 +3,6 @@ package vdi_test
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -65,25 +64,13 @@ func opener(img vdiImage, opts drivers.OpenOptions) driverstest.OpenFunc {
 // writable, with and without O_DIRECT: every read equals qemu-img
 // convert's output, writes read back as a model says.
 func TestConformance(t *testing.T) {
-	for i, img := range images {
-		for _, direct := range []bool{true, false} {
-			if !direct && i > 0 {
-				continue // the buffered engine once is enough
-			}
-			name := fmt.Sprintf("%s/direct=%v", img.name, direct)
-			t.Run(name+"/read-only", func(t *testing.T) {
-				t.Parallel()
-				driverstest.Run(t, opener(img, drivers.OpenOptions{ReadOnly: true, NoDirectIO: !direct}))
-				driverstest.RunReadOnly(t, opener(img, drivers.OpenOptions{ReadOnly: true, NoDirectIO: !direct}))
-			})
-			t.Run(name+"/writable", func(t *testing.T) {
-				t.Parallel()
-				open := opener(img, drivers.OpenOptions{NoDirectIO: !direct})
-				driverstest.Run(t, open)
-				driverstest.RunWritable(t, open)
-			})
-		}
+	var names []string
+	for _, img := range images {
+		names = append(names, img.name)
 	}
+	driverstest.RunConformance(t, names, 1, func(i int, opts drivers.OpenOptions) driverstest.OpenFunc {
+		return opener(images[i], opts)
+	})
 }
 
 func run(f func(co *coroutine.Co) error) (err error) {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -60,25 +59,13 @@ func opener(img vhdImage, opts drivers.OpenOptions) driverstest.OpenFunc {
 // TestConformance: every image reads as qemu-img convert says, read-only
 // and writable; writes read back as a model says.
 func TestConformance(t *testing.T) {
-	for i, img := range images {
-		for _, direct := range []bool{true, false} {
-			if !direct && i > 1 {
-				continue
-			}
-			name := fmt.Sprintf("%s/direct=%v", img.name, direct)
-			t.Run(name+"/read-only", func(t *testing.T) {
-				t.Parallel()
-				driverstest.Run(t, opener(img, drivers.OpenOptions{ReadOnly: true, NoDirectIO: !direct}))
-				driverstest.RunReadOnly(t, opener(img, drivers.OpenOptions{ReadOnly: true, NoDirectIO: !direct}))
-			})
-			t.Run(name+"/writable", func(t *testing.T) {
-				t.Parallel()
-				open := opener(img, drivers.OpenOptions{NoDirectIO: !direct})
-				driverstest.Run(t, open)
-				driverstest.RunWritable(t, open)
-			})
-		}
+	var names []string
+	for _, img := range images {
+		names = append(names, img.name)
 	}
+	driverstest.RunConformance(t, names, 2, func(i int, opts drivers.OpenOptions) driverstest.OpenFunc {
+		return opener(images[i], opts)
+	})
 }
 
 func run(f func(co *coroutine.Co) error) (err error) {
