@@ -66,7 +66,9 @@ type Server struct {
 
 	srv        *fuse.Server
 	mountpoint string
-	served     chan struct{}
+	// serving is the connection on the event loops.
+	serving *serving
+	served  chan struct{}
 	// passthrough is whether the kernel serves the disk's reads itself;
 	// why says why not. Immutable after Mount.
 	passthrough bool
@@ -201,6 +203,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: serving from event loops: %w", abs, err)
 	}
+	s.serving = serving
 	s.Mode = fmt.Sprintf("event loops (%d)", len(serving.conns))
 	if useURing {
 		// Until every CPU's queue has an entry the kernel holds new

@@ -99,7 +99,24 @@ type uringLoop struct {
 	serveFn func(co *coroutine.Co, arg any)
 	// unhook removes the loop's poller and idle hook for the ring.
 	unhook []func()
+	// fat counts entries whose payload buffer has more than
+	// uringThinPayload bytes resident (see trim).
+	fat int
 }
+
+// Payload memory. Every entry's payload buffer has room for the largest
+// request (1 MiB), but its pages are only resident once a request or reply
+// has used them; the kernel hands out the most recently re-armed entries
+// first, so a reader at QD8 keeps 8 of them busy, not 128. Up to
+// uringMaxFat entries of a loop keep more than uringThinPayload resident;
+// beyond that, an entry gives back what it used past it once its reply
+// is committed (madvise(MADV_DONTNEED), and page faults when it is used
+// again), so that a burst of 1 MiB writes (64 in flight) does not leave
+// 128 MiB resident.
+const (
+	uringThinPayload = 128 << 10
+	uringMaxFat      = 16
+)
 
 // uringEnt is one ring entry: its buffers and what serving it needs.
 type uringEnt struct {
@@ -110,6 +127,9 @@ type uringEnt struct {
 	iov     [2]unix.Iovec
 	in      [3][]byte
 	out     [2][]byte
+	// used is how much of payload may be resident: the most a request
+	// or reply has used since it was last trimmed.
+	used int
 }
 
 // startURing registers ring entries for every CPU queue of the
@@ -276,6 +296,7 @@ func (u *uringLoop) complete(cqe uring.CQE) {
 	e.in[0] = e.hdr.inOut[:inHeaderSize]
 	e.in[1] = e.hdr.opIn[:op]
 	e.in[2] = e.payload[:pl]
+	u.use(e, pl)
 	u.c.inflight++
 	u.c.loop.Go(u.serveFn, e)
 }
@@ -317,6 +338,7 @@ func (u *uringLoop) commit(e *uringEnt, payload int) {
 		return
 	}
 	e.hdr.payloadSz = uint32(payload)
+	u.trim(e, payload)
 	sqe, err := u.ring.Next()
 	if err == uring.ErrFull {
 		// More commits than entries cannot be pending; submit and
@@ -331,6 +353,37 @@ func (u *uringLoop) commit(e *uringEnt, payload int) {
 	sqe.SetOp(uring.OpURingCmd, int32(u.c.fd), e.id)
 	sqe.SetCmdOp(uringCmdCommitAndFetch)
 	setCmdReq(sqe, e.hdr.commitID, e.qid)
+}
+
+// use notes that n bytes of the entry's payload are in use (a request
+// or a reply), counting the entries that hold more than
+// uringThinPayload.
+func (u *uringLoop) use(e *uringEnt, n int) {
+	if n > e.used {
+		if e.used <= uringThinPayload && n > uringThinPayload {
+			u.fat++
+		}
+		e.used = n
+	}
+}
+
+// trim gives back the entry's payload memory past uringThinPayload, and
+// past its reply of reply bytes, if too many entries hold more (see
+// uringMaxFat). Called before the reply is committed: the reply's own
+// bytes stay.
+func (u *uringLoop) trim(e *uringEnt, reply int) {
+	u.use(e, reply)
+	if e.used <= uringThinPayload || u.fat <= uringMaxFat {
+		return
+	}
+	keep := (max(reply, uringThinPayload) + 4095) &^ 4095
+	if keep < e.used {
+		_ = unix.Madvise(e.payload[keep:e.used], unix.MADV_DONTNEED)
+		e.used = keep
+	}
+	if e.used <= uringThinPayload {
+		u.fat--
+	}
 }
 
 // submit is the loop's idle hook: the iteration's commits in one

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -192,5 +193,87 @@ func TestURingUnmountReleases(t *testing.T) {
 	}
 	if after := openFDs(t); after != before {
 		t.Errorf("open descriptors %d after the mounts, %d before", after, before)
+	}
+}
+
+// resident counts the resident bytes of every ring entry's payload.
+func resident(t *testing.T, s *Server) (total, used, fat int) {
+	t.Helper()
+	vec := make([]byte, (writePayloadOff+(1<<20))/4096+2)
+	for _, c := range s.serving.conns {
+		done := make(chan struct{})
+		c.loop.Post(func() {
+			defer close(done)
+			if c.u == nil {
+				return
+			}
+			for _, e := range c.u.ents {
+				if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&e.payload[0])), uintptr(len(e.payload)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+					t.Error(errno)
+					return
+				}
+				n := 0
+				for _, v := range vec[:(len(e.payload)+4095)/4096] {
+					n += int(v & 1)
+				}
+				total += n * 4096
+				if n > 0 {
+					used++
+				}
+				if n*4096 > uringThinPayload {
+					fat++
+				}
+			}
+		})
+		<-done
+	}
+	return total, used, fat
+}
+
+// TestURingPayloadMemory: a burst of 1 MiB writes from 64 threads uses
+// more ring entries than uringMaxFat per loop, and no more than that many
+// keep more than uringThinPayload resident.
+func TestURingPayloadMemory(t *testing.T) {
+	enableURing(t)
+	const size = 64 << 20
+	mp := t.TempDir()
+	s := mountT(t, mp, newMemDriver(make([]byte, size)), Options{IOURing: true})
+	path := filepath.Join(mp, "disk")
+	burst := func(n int) {
+		var wg sync.WaitGroup
+		for w := range 64 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				defer unix.Close(fd)
+				buf := alignedBuf(n)
+				for i := range 4 {
+					if _, err := unix.Pwrite(fd, buf, int64((w*4+i)*n%size)); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	burst(1 << 20)
+	total, used, fat := resident(t, s)
+	t.Logf("resident payload after 1 MiB writes: %d MiB; %d entries used, %d of them over %d KiB",
+		total>>20, used, fat, uringThinPayload>>10)
+	limit := len(s.serving.conns) * uringMaxFat
+	if used <= limit {
+		t.Fatalf("the 1 MiB burst used only %d entries: the test did not fill the ring", used)
+	}
+	if fat > limit {
+		t.Errorf("%d entries keep more than %d KiB, want at most %d", fat, uringThinPayload>>10, limit)
+	}
+	if bound := limit<<20 + used*uringThinPayload + used*4096; total > bound {
+		t.Errorf("%d bytes of payload resident, want at most %d", total, bound)
 	}
 }
