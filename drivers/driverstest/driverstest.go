@@ -589,3 +589,33 @@ func RunConformance(t *testing.T, names []string, buffered int, open func(i int,
 		}
 	}
 }
+
+// Poke reads a driver opened from fuzzed input at its start, middle and
+// end and walks its first block-status extents: a damaged image may fail
+// any of them, but never with a panic, a short read without an error or
+// an extent that does not start where it was asked for.
+func Poke(t testing.TB, d drivers.Driver) {
+	t.Helper()
+	buf := make([]byte, 64<<10)
+	coroutine.Run(func(co *coroutine.Co) {
+		for _, off := range []int64{0, d.Size() / 2, d.Size() - int64(len(buf))} {
+			if off < 0 {
+				continue
+			}
+			n := min(int64(len(buf)), d.Size()-off)
+			if got, err := d.ReadAt(co, buf[:n], off); err == nil && got != int(n) {
+				t.Fatalf("short read %d of %d without an error", got, n)
+			}
+		}
+		for off, k := int64(0), 0; off < d.Size() && k < 16; k++ {
+			st, err := d.BlockStatus(co, off)
+			if err != nil {
+				break
+			}
+			if st.Off != off || st.Len <= 0 {
+				t.Fatalf("block status at %d: %+v", off, st)
+			}
+			off += st.Len
+		}
+	})
+}

@@ -6,8 +6,8 @@ import (
 	"path/filepath"
 	"testing"
 
-	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/driverstest"
 	"imgfuse/drivers/vpc"
 	"imgfuse/internal/testenv"
 )
@@ -43,27 +43,6 @@ func FuzzOpen(f *testing.F) {
 		}
 		defer d.Close()
 		_ = d.Info()
-		buf := make([]byte, 64<<10)
-		coroutine.Run(func(co *coroutine.Co) {
-			for _, off := range []int64{0, d.Size() / 2, d.Size() - int64(len(buf))} {
-				if off < 0 {
-					continue
-				}
-				n := min(int64(len(buf)), d.Size()-off)
-				if got, err := d.ReadAt(co, buf[:n], off); err == nil && got != int(n) {
-					t.Fatalf("short read %d of %d without an error", got, n)
-				}
-			}
-			for off, k := int64(0), 0; off < d.Size() && k < 16; k++ {
-				st, err := d.BlockStatus(co, off)
-				if err != nil {
-					break
-				}
-				if st.Off != off || st.Len <= 0 {
-					t.Fatalf("block status at %d: %+v", off, st)
-				}
-				off += st.Len
-			}
-		})
+		driverstest.Poke(t, d)
 	})
 }
