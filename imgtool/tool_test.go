@@ -49,10 +49,15 @@ func TestCreateOptionsParse(t *testing.T) {
 	if o, err := ParseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1000 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
 		t.Errorf("size/backing options: %+v, %v", o, err)
 	}
+	for _, mode := range []string{"off", "metadata", "falloc", "full"} {
+		if o, err := ParseCreateOptions("preallocation=" + mode); err != nil || o.Preallocation != mode {
+			t.Errorf("preallocation=%s: %+v, %v", mode, o, err)
+		}
+	}
 	if o, _ := ParseCreateOptions(""); o.Size != -1 {
 		t.Errorf("no size option: Size %d, want -1", o.Size)
 	}
-	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=full", "cluster_size=x"} {
+	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=sparse", "cluster_size=x"} {
 		if _, err := ParseCreateOptions(bad); Code(err) != ExitUsage {
 			t.Errorf("%q: err %v is not a usage error", bad, err)
 		}
