@@ -41,6 +41,9 @@ func Create(w io.Writer, r CreateRequest) error {
 	if r.Image == "" {
 		return Usagef("create needs IMAGE and optionally SIZE")
 	}
+	if err := RefuseRemote(r.Image); err != nil {
+		return err
+	}
 	co, err := ParseCreateOptions(strings.Join(r.Options, ","))
 	if err != nil {
 		return err

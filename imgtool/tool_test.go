@@ -1,6 +1,9 @@
 package imgtool
 
 import (
+	"bytes"
+	"encoding/json"
+	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -124,5 +127,41 @@ func TestWriteJSONTreeKeepsOrder(t *testing.T) {
 	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
 	if b.String() != want {
 		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	bi := &debug.BuildInfo{GoVersion: "go1.99.1", Settings: []debug.BuildSetting{
+		{Key: "vcs", Value: "git"}, {Key: "vcs.revision", Value: "0123abcd"}, {Key: "vcs.modified", Value: "true"},
+	}}
+	var b bytes.Buffer
+	if err := WriteVersion(&b, VersionOf("1.2.3", bi), false); err != nil {
+		t.Fatal(err)
+	}
+	if want := "imgfuse 1.2.3\ncommit: 0123abcd (with uncommitted changes)\ngo: go1.99.1\n"; b.String() != want {
+		t.Errorf("version:\n%s\nwant:\n%s", b.String(), want)
+	}
+	b.Reset()
+	if err := WriteVersion(&b, VersionOf("1.2.3", bi), true); err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["version"] != "1.2.3" || got["commit"] != "0123abcd" || got["modified"] != true || got["go"] != "go1.99.1" || len(got) != 4 {
+		t.Errorf("version --output=json: %v", got)
+	}
+	// Built outside a repository: no commit, modified unknown.
+	b.Reset()
+	if err := WriteVersion(&b, VersionOf("1.2.3", &debug.BuildInfo{GoVersion: "go1.99.1"}), true); err != nil {
+		t.Fatal(err)
+	}
+	got = nil
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["commit"] != "" || got["modified"] != nil {
+		t.Errorf("version --output=json without VCS stamps: %v", got)
 	}
 }

@@ -62,6 +62,9 @@ func (o *Options) Validate() error {
 			o.LogFile = abs
 		}
 	}
+	if err := imgtool.RefuseRemote(o.Image); err != nil {
+		return err
+	}
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.Image)

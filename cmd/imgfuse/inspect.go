@@ -89,7 +89,7 @@ either.
 
 Exit codes (qemu-img check's): 0 clean, 1 the check failed (cannot open, I/O
 error, usage error), 2 corruptions, 3 leaks only, 63 format without checks;
-and imgfuse's 5 for a format it cannot read.`,
+and imgfuse's 5 for a format it cannot read or a URL (remote images).`,
 		Args: exactArgs("IMAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := imgtool.CheckFormatFlag(format); err != nil {
