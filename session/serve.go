@@ -418,7 +418,7 @@ func (s *session) mount() error {
 	s.log.Printf("passthrough: %s", passthrough)
 	s.log.Printf("serving requests: %s", srv.Mode)
 	s.state = mounts.State{
-		PID: os.Getpid(), Image: o.AbsImage, Mountpoint: s.mp,
+		PID: os.Getpid(), UID: mounts.UIDOf(os.Geteuid()), Image: o.AbsImage, Mountpoint: s.mp,
 		Format: s.format, ReadOnly: o.ReadOnlyMount(), Passthrough: passthrough,
 		Overlay: s.overlay, OverlayTemporary: s.overlay != "" && o.OverlayKeep == "",
 		ServingMode: srv.Mode, PIDFile: o.PIDFile,

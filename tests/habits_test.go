@@ -1,7 +1,10 @@
 package tests
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"imgfuse/drivers/driverstest"
 )
@@ -157,5 +161,183 @@ func TestManPages(t *testing.T) {
 	r := imgfuse(t, nil, "man")
 	if r.code != 0 || !strings.HasPrefix(r.stdout, ".nh\n.TH \"IMGFUSE\" \"1\"") || !strings.Contains(r.stdout, "imgfuse-mount(1)") {
 		t.Errorf("imgfuse man: %v", r)
+	}
+}
+
+// TestStatusOne: `status MOUNTPOINT` describes that mount alone (JSON:
+// one object); a path that is not an imgfuse mount exits 1 saying what is
+// there instead.
+func TestStatusOne(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	mp, disk := mount(t, img, false, "--read-only")
+	other, _ := mount(t, img, false, "--read-only")
+
+	r := imgfuse(t, nil, "status", "--output=json", mp)
+	var e map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &e); r.code != 0 || err != nil {
+		t.Fatalf("status --output=json %s: %v (%v)", mp, r, err)
+	}
+	if e["mountpoint"] != mp || e["state"] != "mounted" || e["read-only"] != true {
+		t.Errorf("status --output=json %s: %v", mp, e)
+	}
+	r = imgfuse(t, nil, "status", mp)
+	if r.code != 0 || !strings.Contains(r.stdout, mp) || strings.Contains(r.stdout, other) || strings.Count(r.stdout, "\n") != 2 {
+		t.Errorf("status %s: want the header and %s alone: %v", mp, mp, r)
+	}
+	for path, want := range map[string]string{
+		dir:                        dir + " is not an imgfuse mount: nothing is mounted there",
+		disk:                       disk + " is not an imgfuse mount: it is a file of the one at " + mp,
+		filepath.Join(dir, "nope"): "nope is not an imgfuse mount: nothing is mounted there",
+	} {
+		r := imgfuse(t, nil, "status", path)
+		if r.code != 1 || !strings.Contains(r.stderr, want) || r.stdout != "" {
+			t.Errorf("status %s: %v, want exit 1 and %q", path, r, want)
+		}
+	}
+	if r := imgfuse(t, nil, "status", mp, other); r.code != 2 {
+		t.Errorf("status with two mountpoints: %v, want exit 2", r)
+	}
+}
+
+// TestUnmountTimeoutBoundsBusy: --timeout bounds the whole wait of
+// unmount, the retries of a busy mount (5 s otherwise) included.
+func TestUnmountTimeoutBoundsBusy(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "img.raw")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "raw", img, "8M")
+	mp, disk := mount(t, img, false, "--read-only")
+	f, err := os.Open(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	r := imgfuse(t, nil, "unmount", "--timeout", "1s", mp)
+	took := time.Since(start)
+	f.Close()
+	if r.code != 1 || !strings.Contains(r.stderr, "target is busy") {
+		t.Errorf("unmount --timeout 1s of a busy mount: %v, want exit 1, busy", r)
+	}
+	if took > 3*time.Second {
+		t.Errorf("unmount --timeout 1s of a busy mount took %v", took)
+	}
+}
+
+// TestUnmountLazy: `unmount --lazy` detaches at once, as umount -l, while
+// a process still has the disk open: the mountpoint is free, the open
+// file keeps working, the image stays locked; when the file is closed the
+// server flushes, closes the image and releases its lock, and the image
+// is clean and holds the write.
+func TestUnmountLazy(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "img.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	mp, disk := mount(t, img, false)
+	pid := daemonPID(t, mp)
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	start := time.Now()
+	r := imgfuse(t, nil, "unmount", "--lazy", mp)
+	if r.code != 0 || !strings.Contains(r.stderr, "still in use") || time.Since(start) > 10*time.Second {
+		t.Fatalf("unmount --lazy with the disk open: %v (after %v)", r, time.Since(start))
+	}
+	if mounted(t, mp) {
+		t.Fatal("unmount --lazy returned, but the mount is still in the mount table")
+	}
+	if !alive(pid) || !imageLocked(t, img) {
+		t.Fatalf("after unmount --lazy with the disk open: server alive %v, image locked %v; want both", alive(pid), imageLocked(t, img))
+	}
+	p := bytes.Repeat([]byte("lazy"), 1024)
+	if _, err := f.WriteAt(p, 1<<20); err != nil {
+		t.Fatalf("write through the disk opened before unmount --lazy: %v", err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(20*time.Second, func() bool { return !alive(pid) }) {
+		t.Fatalf("the server (pid %d) still runs 20 s after the last user closed the disk", pid)
+	}
+	if imageLocked(t, img) {
+		t.Error("the image is still locked after the server exited")
+	}
+	requireClean(t, img)
+	got := driverstest.Cmd(t, "qemu-io", "-c", "read -P 0x6c 1048576 1", "-c", "read -P 0x61 1048577 1", img)
+	if !bytes.Contains(got, []byte("read 1/1 bytes")) || bytes.Contains(got, []byte("Pattern verification failed")) {
+		t.Errorf("the write through the lazily unmounted disk is not in the image:\n%s", got)
+	}
+
+	// Nothing holding it: --lazy waits for the server and returns once
+	// the image is closed, as a plain unmount does.
+	mp, _ = mount(t, img, false)
+	pid = daemonPID(t, mp)
+	if r := imgfuse(t, nil, "unmount", "-l", mp); r.code != 0 || r.stderr != "" || mounted(t, mp) {
+		t.Errorf("unmount -l of an idle mount: %v", r)
+	}
+	if alive(pid) || imageLocked(t, img) {
+		t.Errorf("unmount -l of an idle mount returned before its server closed the image (alive %v)", alive(pid))
+	}
+}
+
+// TestRootlessOwnMountsOnly: a user's status and unmount speak of that
+// user's mounts only. Root's mount is not listed by the user's status,
+// not named by their unmount of an unmounted path, and status of it says
+// whose it is (exit 1); a state file in the user's directory that records
+// another owner is not listed; the user's own mount is.
+func TestRootlessOwnMountsOnly(t *testing.T) {
+	t.Parallel()
+	e := requireRootless(t)
+	// Root's mount, in a directory the user can traverse.
+	rootImg := filepath.Join(e.dir, "root.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", rootImg, "8M")
+	rootMP := e.path("rootmnt")
+	if err := os.Mkdir(rootMP, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	registerMountpoint(t, rootMP)
+	if r := imgfuse(t, nil, "mount", "--read-only", rootImg, rootMP); r.code != 0 {
+		t.Fatalf("imgfuse mount as root: %v", r)
+	}
+	t.Cleanup(func() { imgfuse(t, nil, "unmount", rootMP) })
+
+	e.must(t, nil, "truncate", "-s", "8M", "disk.raw")
+	e.mkdir(t, "mnt")
+	e.mount(t, "disk.raw", "mnt")
+	// A state file of someone else's mount in the user's directory.
+	stateDir := e.path("run/imgfuse")
+	foreign := `{"pid": 1, "uid": 0, "image": "/srv/other.qcow2", "mountpoint": "/srv/othermnt", "format": "qcow2", "started": "2026-01-01T00:00:00Z"}`
+	foreignPath := filepath.Join(stateDir, fmt.Sprintf("%x.json", sha256.Sum256([]byte("/srv/othermnt"))))
+	if err := os.WriteFile(foreignPath, []byte(foreign), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(foreignPath, int(e.uid), int(e.gid)); err != nil {
+		t.Fatal(err)
+	}
+
+	r := e.must(t, nil, "imgfuse", "status")
+	if !strings.Contains(r.stdout, e.path("mnt")) || strings.Contains(r.stdout, rootMP) || strings.Contains(r.stdout, "/srv/othermnt") {
+		t.Errorf("status as %s: want %s alone:\n%s", e.name, e.path("mnt"), r.stdout)
+	}
+	r = e.run(t, nil, "imgfuse", "unmount", "nothing-here")
+	if r.code != 1 || strings.Contains(r.stderr, rootMP) || !strings.Contains(r.stderr, e.path("mnt")) {
+		t.Errorf("unmount of an unmounted path as %s: %v; want exit 1 naming the user's mount, not root's", e.name, r)
+	}
+	r = e.run(t, nil, "imgfuse", "status", rootMP)
+	if r.code != 1 || !strings.Contains(r.stderr, "is not one of your imgfuse mounts: uid 0 mounted it") {
+		t.Errorf("status of root's mount as %s: %v", e.name, r)
+	}
+	r = e.run(t, nil, "imgfuse", "unmount", rootMP)
+	if r.code != 1 || !strings.Contains(r.stderr, "another user (uid 0)") || !mounted(t, rootMP) {
+		t.Errorf("unmount of root's mount as %s: %v", e.name, r)
+	}
+	if st := e.status(t, "mnt"); st.State != "mounted" {
+		t.Errorf("status of the user's own mount: %+v", st)
 	}
 }
