@@ -225,7 +225,11 @@ func createError(image string, err error) error {
 	if errors.Is(err, drivers.ErrUnsupported) {
 		return UsageError{DriverError("create", image, ExitUsage, err)}
 	}
-	return DriverError("create", image, ExitOpen, err)
+	e := DriverError("create", image, ExitOpen, err)
+	if e.Code == ExitLocked {
+		e.Hint = lockHint(lockedFile(image, err))
+	}
+	return e
 }
 
 // ParseCreateOptions parses -o's k=v list.

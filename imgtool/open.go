@@ -29,11 +29,12 @@ func OpenForInspect(image, format string, opts drivers.OpenOptions) (drivers.Dri
 
 // OpenFailed is err, the failure of drivers.Open on image, as an *Error:
 // exit ExitOpen unless a driver sentinel says more, and a lock conflict
-// ends with the way to read the image anyway.
+// ends with who holds the lock and the way out (lockHint): an imgfuse
+// server still closing the image after a plain umount is named as such.
 func OpenFailed(image string, err error) *Error {
 	e := DriverError("open", image, ExitOpen, err)
 	if e.Code == ExitLocked {
-		e.Hint = ForceShareHint
+		e.Hint = lockHint(lockedFile(image, err))
 	}
 	return e
 }

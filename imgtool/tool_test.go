@@ -3,7 +3,11 @@ package imgtool
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"reflect"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -163,5 +167,49 @@ func TestVersion(t *testing.T) {
 	}
 	if got["commit"] != "" || got["modified"] != nil {
 		t.Errorf("version --output=json without VCS stamps: %v", got)
+	}
+}
+
+// TestFindLockHolders: the processes with the image open are found from a
+// /proc tree by their descriptors' links; an imgfuse server is known by
+// its command line, with its mountpoint.
+func TestFindLockHolders(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img.qcow2")
+	if err := os.WriteFile(img, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	proc := filepath.Join(dir, "proc")
+	fake := func(pid, comm, cmdline string, fds ...string) {
+		for i, target := range fds {
+			fd := filepath.Join(proc, pid, "fd")
+			if err := os.MkdirAll(fd, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(target, filepath.Join(fd, strconv.Itoa(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		os.WriteFile(filepath.Join(proc, pid, "comm"), []byte(comm+"\n"), 0o644)
+		os.WriteFile(filepath.Join(proc, pid, "cmdline"), []byte(cmdline), 0o644)
+	}
+	fake("10", "qemu-system-x86", "qemu-system-x86_64\x00-hda\x00img.qcow2\x00", "/dev/null", img)
+	fake("11", "exe", "/usr/bin/imgfuse\x00mount\x00--\x00"+img+"\x00/no/such/mnt\x00", img)
+	fake("12", "cat", "cat\x00other\x00", "/dev/null")
+	fake("13", "self", "imgfuse\x00check\x00img.qcow2\x00", img)
+	hs := findLockHolders(proc, img, 13)
+	want := []lockHolder{{pid: 10, name: "qemu-system-x86"}, {pid: 11, name: "imgfuse", mountpoint: "/no/such/mnt"}}
+	if !reflect.DeepEqual(hs, want) {
+		t.Errorf("findLockHolders = %+v, want %+v", hs, want)
+	}
+	for cmdline, want := range map[string]string{
+		"/tmp/x/imgfuse\x00mount\x00--\x00/i\x00/m\x00":   "/m",
+		"imgfuse\x00mount\x00-r\x00/i\x00/m\x00":          "",
+		"imgfuse\x00mount\x00--\x00/i\x00/m\x00extra\x00": "",
+		"imgfuse\x00unmount\x00--\x00/i\x00/m\x00":        "",
+	} {
+		if got, _ := serverMountpoint([]byte(cmdline)); got != want {
+			t.Errorf("serverMountpoint(%q) = %q, want %q", cmdline, got, want)
+		}
 	}
 }

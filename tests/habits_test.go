@@ -341,3 +341,47 @@ func TestRootlessOwnMountsOnly(t *testing.T) {
 		t.Errorf("status of the user's own mount: %+v", st)
 	}
 }
+
+// TestLockHeldByClosingServer: an image whose mount was unmounted with a
+// plain umount (here lazily, while a process still has the disk open, so
+// that the server is still closing for as long as the test needs) is
+// still locked; imgfuse's own commands then name the server, say it is
+// still closing the image, and point at 'imgfuse unmount', which waits
+// (exit 4; check exits 1, as qemu-img check does). A mounted image's lock
+// names its mount.
+func TestLockHeldByClosingServer(t *testing.T) {
+	requireE2E(t, "umount")
+	t.Parallel()
+	img := filepath.Join(t.TempDir(), "img.qcow2")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	mp, disk := mount(t, img, false)
+	pid := daemonPID(t, mp)
+	mp2 := newMountpoint(t, false)
+	r := imgfuse(t, nil, "mount", img, mp2)
+	if r.code != 4 || !strings.Contains(r.stderr, fmt.Sprintf("held by the imgfuse mount at %s (pid %d)", mp, pid)) {
+		t.Errorf("mount of a mounted image: %v, want exit 4 naming the mount", r)
+	}
+
+	f, err := os.Open(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	driverstest.Cmd(t, "umount", "-l", mp)
+	want := fmt.Sprintf("held by imgfuse (pid %d), which is still closing the image after %s was unmounted", pid, mp)
+	for _, args := range [][]string{{"mount", img, mp2}, {"check", "-r", "all", img}, {"create", "-f", "qcow2", img, "1M"}} {
+		r := imgfuse(t, nil, args...)
+		code := 4
+		if args[0] == "check" {
+			code = 1
+		}
+		if r.code != code || !strings.Contains(r.stderr, want) || !strings.Contains(r.stderr, "'imgfuse unmount'") ||
+			strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("imgfuse %s while the server closes: %v\nwant exit %d and one line: %s", strings.Join(args, " "), r, code, want)
+		}
+	}
+	f.Close()
+	if !waitFor(20*time.Second, func() bool { return !alive(pid) }) {
+		t.Fatalf("the server (pid %d) still runs after the last user closed the disk", pid)
+	}
+	requireClean(t, img)
+}
