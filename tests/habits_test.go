@@ -385,3 +385,78 @@ func TestLockHeldByClosingServer(t *testing.T) {
 	}
 	requireClean(t, img)
 }
+
+// TestRootlessVfatMtools: the README's way to a vfat partition without
+// root: mtools on MNT/partN. As a user, a DOS-partitioned image gets a FAT
+// filesystem (mformat) and a file (mcopy) through imgfuse, which reads
+// back equal; after imgfuse unmount the image holds them (mdir and mcopy
+// on the partition cut out of it as root).
+func TestRootlessVfatMtools(t *testing.T) {
+	t.Parallel()
+	e := requireRootless(t, "mformat", "mcopy", "mdir", "sfdisk")
+	e.must(t, nil, "truncate", "-s", "32M", "disk.raw")
+	e.must(t, []byte("label: dos\n,,c\n"), "sfdisk", "-q", "disk.raw")
+	part := sfdiskList(t, e.path("disk.raw"))["part1"]
+	e.must(t, nil, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "disk.raw", "disk.qcow2")
+	e.mkdir(t, "mnt")
+	e.mount(t, "disk.qcow2", "mnt")
+	data := e.writeRandom(t, "data.bin", 7, 200<<10+13)
+	e.must(t, nil, "mformat", "-i", "mnt/part1", "::")
+	e.must(t, nil, "mcopy", "-i", "mnt/part1", "data.bin", "::/data.bin")
+	e.must(t, nil, "mcopy", "-i", "mnt/part1", "::/data.bin", "back.bin")
+	e.must(t, nil, "cmp", "data.bin", "back.bin")
+	e.must(t, nil, "imgfuse", "unmount", "mnt")
+
+	driverstest.Cmd(t, "qemu-img", "check", "-q", e.path("disk.qcow2"))
+	raw := filepath.Join(t.TempDir(), "out.raw")
+	driverstest.Cmd(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", e.path("disk.qcow2"), raw)
+	p1 := filepath.Join(t.TempDir(), "part1.raw")
+	extract(t, raw, p1, part.Start*512, part.Size*512)
+	if out := driverstest.Cmd(t, "mdir", "-i", p1, "::"); !bytes.Contains(bytes.ToLower(out), []byte("data     bin")) {
+		t.Errorf("mdir of partition 1 from the image does not list data.bin:\n%s", out)
+	}
+	got := filepath.Join(t.TempDir(), "got.bin")
+	driverstest.Cmd(t, "mcopy", "-i", p1, "::/data.bin", got)
+	if b, err := os.ReadFile(got); err != nil || !bytes.Equal(b, data) {
+		t.Errorf("data.bin in the image: %d bytes (%v), want the %d written", len(b), err, len(data))
+	}
+}
+
+// TestRootlessFuse2fsCpA: what the README says of `cp -a` into fuse2fs -o
+// fakeroot as a user: a root-owned file's ownership is recorded (the
+// chown succeeds), then cp's chmod of the file the user no longer owns is
+// refused and cp exits 1; `cp -r --preserve=timestamps` copies it as the
+// user's, cleanly.
+func TestRootlessFuse2fsCpA(t *testing.T) {
+	t.Parallel()
+	e := requireRootless(t, "fuse2fs", "mkfs.ext4", "debugfs")
+	e.must(t, nil, "truncate", "-s", "32M", "disk.raw")
+	e.mkdir(t, "mnt")
+	e.mkdir(t, "fs")
+	src := e.path("rootfile") // root's, readable by all
+	if err := os.WriteFile(src, []byte("root's\n"), 0o640|0o004); err != nil {
+		t.Fatal(err)
+	}
+	e.mount(t, "disk.raw", "mnt")
+	e.must(t, nil, "mkfs.ext4", "-q", "mnt/disk")
+	e.must(t, nil, "fuse2fs", "-o", "fakeroot", "mnt/disk", "fs")
+	fsmnt := e.path("fs")
+	registerMountpoint(t, fsmnt)
+	t.Cleanup(func() {
+		if mounted(t, fsmnt) {
+			e.run(t, nil, "fusermount3", "-u", "fs")
+		}
+	})
+	if r := e.run(t, nil, "cp", "-a", "rootfile", "fs/a"); r.code != 1 || !strings.Contains(r.stderr, "Operation not permitted") {
+		t.Errorf("cp -a of a root-owned file into fuse2fs -o fakeroot: %v, want exit 1, Operation not permitted", r)
+	}
+	e.must(t, nil, "cp", "-r", "--preserve=timestamps", "rootfile", "fs/t")
+	e.must(t, nil, "fusermount3", "-u", "fs")
+	waitFor(10*time.Second, func() bool { return e.run(t, nil, "imgfuse", "unmount", "mnt").code == 0 })
+	for name, uid := range map[string]string{"/a": "0", "/t": fmt.Sprint(e.uid)} {
+		out := string(driverstest.Cmd(t, "debugfs", "-R", "stat "+name, e.path("disk.raw")))
+		if !regexp.MustCompile(`User:\s+` + uid + `\s`).MatchString(out) {
+			t.Errorf("%s in the filesystem: want owner %s:\n%s", name, uid, out)
+		}
+	}
+}
