@@ -1,8 +1,12 @@
 # Convenience targets; CI runs .ci/run.
-.PHONY: build test e2e conformance vet crash fuzz soak
+.PHONY: build test e2e conformance vet crash fuzz soak man
 
 build:
 	go build ./...
+
+# The manual pages, generated from the commands' help, into man/.
+man:
+	go run ./cmd/imgfuse man man
 
 vet:
 	gofmt -l . | tee /dev/stderr | (! read)

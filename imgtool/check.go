@@ -53,7 +53,7 @@ func Check(stdout, stderr io.Writer, image, format string, mode drivers.CheckMod
 		// An image in a format imgfuse cannot read is refused as by
 		// every other command (exit 5): there was nothing to check,
 		// which is not a check that failed.
-		if fe := (*foreign.Error)(nil); errors.As(err, &fe) {
+		if fe := (*foreign.Error)(nil); errors.As(err, &fe) || errors.Is(err, ErrRemote) {
 			return ExitStatus{ExitUnsupported, err}
 		}
 		return ExitStatus{CheckFailed, err}

@@ -16,9 +16,12 @@ import (
 // CreateRequest is what `imgfuse create` is asked for, as qemu-img create
 // takes it.
 type CreateRequest struct {
-	Image  string
-	Format string // "raw" or "qcow2"
-	Size   int64  // -1: not given
+	Image string
+	// Format is "raw", "qcow2", or "" when -f is not given: then raw, as
+	// qemu-img create makes it, unless a backing file or an option only
+	// qcow2 takes asks for qcow2 (qemu-img refuses those without -f).
+	Format string
+	Size   int64 // -1: not given
 	// Backing and BackingFormat are -b and -F.
 	Backing, BackingFormat string
 	Options                []string // the -o values, "k=v,..." each
@@ -29,12 +32,27 @@ type CreateRequest struct {
 // Create creates the image r asks for, as qemu-img create does, and
 // prints the "Formatting" line on w.
 func Create(w io.Writer, r CreateRequest) error {
-	if r.Format != "qcow2" && r.Format != "raw" {
+	if r.Format != "" && r.Format != "qcow2" && r.Format != "raw" {
 		return Usagef("invalid -f %q (want qcow2 or raw)", r.Format)
+	}
+	if WantsOptionHelp(r.Options) {
+		return WriteCreateOptions(w, orRaw(r.Format))
+	}
+	if r.Image == "" {
+		return Usagef("create needs IMAGE and optionally SIZE")
+	}
+	if err := RefuseRemote(r.Image); err != nil {
+		return err
 	}
 	co, err := ParseCreateOptions(strings.Join(r.Options, ","))
 	if err != nil {
 		return err
+	}
+	if r.Format == "" {
+		r.Format = "raw"
+		if r.Backing != "" || r.BackingFormat != "" || qcow2Only(co) {
+			r.Format = "qcow2"
+		}
 	}
 	// qemu-img also takes these as -o options.
 	if co.BackingFile != "" {
@@ -56,21 +74,26 @@ func Create(w io.Writer, r CreateRequest) error {
 		r.Size = co.Size
 	}
 	if r.Format == "raw" {
-		qcowOnly := co
-		qcowOnly.Size, qcowOnly.BackingFile, qcowOnly.BackingFormat = -1, "", ""
-		if qcowOnly != (qcow2.CreateOptions{Size: -1}) || r.Backing != "" {
-			return Usagef("-b and the -o options other than size are for qcow2 images")
+		if qcow2Only(co) || r.Backing != "" {
+			return Usagef("-b and the -o options other than size and preallocation are for qcow2 images")
+		}
+		if co.Preallocation == "metadata" {
+			return Usagef("-o preallocation=metadata: a raw image has no metadata (want off, falloc or full)")
 		}
 		if r.Size < 0 {
 			return Usagef("create needs a SIZE for a raw image")
 		}
 		// qemu-img makes whole 512-byte sectors, and says the
 		// size as given.
-		if err := raw.Create(r.Image, roundSector(r.Size)); err != nil {
+		if err := raw.Create(r.Image, roundSector(r.Size), co.Preallocation); err != nil {
 			return createError(r.Image, err)
 		}
 		if !r.Quiet {
-			fmt.Fprintf(w, "Formatting '%s', fmt=raw size=%d\n", r.Image, r.Size)
+			line := fmt.Sprintf("Formatting '%s', fmt=raw size=%d", r.Image, r.Size)
+			if v, ok := givenOptions(r.Options)["preallocation"]; ok {
+				line += " preallocation=" + v
+			}
+			fmt.Fprintln(w, line)
 		}
 		return nil
 	}
@@ -101,7 +124,13 @@ func Create(w io.Writer, r CreateRequest) error {
 	}
 	if co.DataFile != "" {
 		dataFile := PathCombine(r.Image, co.DataFile)
-		if err := raw.Create(dataFile, co.Size); err != nil {
+		// The data file holds the data clusters: it is preallocated
+		// (metadata: the L2 tables map it, its blocks stay holes).
+		mode := co.Preallocation
+		if mode == "metadata" {
+			mode = "off"
+		}
+		if err := raw.Create(dataFile, co.Size, mode); err != nil {
 			return createError(dataFile, err)
 		}
 	}
@@ -111,6 +140,72 @@ func Create(w io.Writer, r CreateRequest) error {
 		fmt.Fprintf(w, "Formatting '%s', fmt=qcow2 %s\n", r.Image, describeCreate(shown, givenOptions(r.Options)))
 	}
 	return nil
+}
+
+// qcow2Only reports whether o holds an option that only qcow2 takes:
+// anything but size and preallocation.
+func qcow2Only(o qcow2.CreateOptions) bool {
+	o.Size, o.Preallocation = -1, ""
+	return o != (qcow2.CreateOptions{Size: -1})
+}
+
+func orRaw(format string) string {
+	if format == "" {
+		return "raw"
+	}
+	return format
+}
+
+// createOption is one -o option as `-o help` lists it, in qemu-img's
+// words (QEMU's QemuOptsList entries).
+type createOption struct{ name, typ, help string }
+
+// createOptions lists, per format, the -o options imgfuse takes, in
+// qemu-img's order.
+var createOptions = map[string][]createOption{
+	"qcow2": {
+		{"backing_file", "str", "File name of a base image"},
+		{"backing_fmt", "str", "Image format of the base image"},
+		{"cluster_size", "size", "qcow2 cluster size"},
+		{"compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"},
+		{"compression_type", "str", "Compression method used for image cluster compression"},
+		{"data_file", "str", "File name of an external data file"},
+		{"data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"},
+		{"extended_l2", "bool (on/off)", "Extended L2 tables"},
+		{"lazy_refcounts", "bool (on/off)", "Postpone refcount updates"},
+		{"preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"},
+		{"refcount_bits", "num", "Width of a reference count entry in bits"},
+		{"size", "size", "Virtual disk size"},
+	},
+	"raw": {
+		{"preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"},
+		{"size", "size", "Virtual disk size"},
+	},
+}
+
+// WantsOptionHelp reports whether the -o values ask for the option list
+// (-o help, or help among other options, as qemu-img takes it).
+func WantsOptionHelp(opts []string) bool {
+	for _, o := range opts {
+		for _, kv := range strings.Split(o, ",") {
+			if kv == "help" || kv == "?" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// WriteCreateOptions prints the -o options of format as 'qemu-img create
+// -f FORMAT -o help' does.
+func WriteCreateOptions(w io.Writer, format string) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Supported %s options:\n", format)
+	for _, o := range createOptions[format] {
+		fmt.Fprintf(&b, "  %-22s - %s\n", o.name+"=<"+o.typ+">", o.help)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
 }
 
 // roundSector rounds size up to whole 512-byte sectors, as qemu-img
@@ -130,7 +225,11 @@ func createError(image string, err error) error {
 	if errors.Is(err, drivers.ErrUnsupported) {
 		return UsageError{DriverError("create", image, ExitUsage, err)}
 	}
-	return DriverError("create", image, ExitOpen, err)
+	e := DriverError("create", image, ExitOpen, err)
+	if e.Code == ExitLocked {
+		e.Hint = lockHint(lockedFile(image, err))
+	}
+	return e
 }
 
 // ParseCreateOptions parses -o's k=v list.
@@ -178,11 +277,14 @@ func ParseCreateOptions(s string) (qcow2.CreateOptions, error) {
 		case "data_file_raw":
 			o.DataFileRaw, err = onOff(k, v)
 		case "preallocation":
-			if v != "off" {
-				err = fmt.Errorf("only preallocation=off is supported")
+			switch v {
+			case "off", "metadata", "falloc", "full":
+				o.Preallocation = v
+			default:
+				err = fmt.Errorf("want off, metadata, falloc or full")
 			}
 		default:
-			return o, Usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation=off, size, backing_file, backing_fmt, data_file, data_file_raw)", k)
+			return o, Usagef("-o %s: unknown or unsupported option (supported: cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, size, backing_file, backing_fmt, data_file, data_file_raw; -o help lists them)", k)
 		}
 		if err != nil {
 			if _, isUsage := err.(UsageError); isUsage {

@@ -41,6 +41,9 @@ type ChainLink struct {
 // strict set, such a backing file is an error; otherwise it ends the chain
 // with a link that carries the error.
 func ImageChain(image, format string, strict bool) ([]ChainLink, error) {
+	if err := RefuseRemote(image); err != nil {
+		return nil, err
+	}
 	info, err := DescribeImage(image, format)
 	if err != nil {
 		return nil, err

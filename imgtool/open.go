@@ -29,17 +29,18 @@ func OpenForInspect(image, format string, opts drivers.OpenOptions) (drivers.Dri
 
 // OpenFailed is err, the failure of drivers.Open on image, as an *Error:
 // exit ExitOpen unless a driver sentinel says more, and a lock conflict
-// ends with the way to read the image anyway.
+// ends with who holds the lock and the way out (lockHint): an imgfuse
+// server still closing the image after a plain umount is named as such.
 func OpenFailed(image string, err error) *Error {
 	e := DriverError("open", image, ExitOpen, err)
 	if e.Code == ExitLocked {
-		e.Hint = ForceShareHint
+		e.Hint = lockHint(lockedFile(image, err))
 	}
 	return e
 }
 
 // CheckFormat refuses, before anything is opened, an image that the
-// command cannot serve as format asks: one in a format imgfuse recognises
+// command cannot serve as format asks: a URL (RefuseRemote); one in a format imgfuse recognises
 // but cannot read (probed, or named by a backing file's format), with the
 // one-line refusal and exit 5; and one whose contents contradict an
 // explicit format: a raw file opened as qcow2 is "not a qcow2 image", not
@@ -47,6 +48,9 @@ func OpenFailed(image string, err error) *Error {
 // refused.) A file that cannot be probed is left to the open, which says
 // why.
 func CheckFormat(image, format string) error {
+	if err := RefuseRemote(image); err != nil {
+		return err
+	}
 	if format == "" || format == "auto" {
 		if got, err := drivers.ProbeFile(Formats(), image); err == nil {
 			if ff, ok := refuseOnly(got); ok {

@@ -1,6 +1,13 @@
 package imgtool
 
 import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"reflect"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -49,10 +56,15 @@ func TestCreateOptionsParse(t *testing.T) {
 	if o, err := ParseCreateOptions("size=1000,backing_file=b.qcow2,backing_fmt=qcow2"); err != nil || o.Size != 1000 || o.BackingFile != "b.qcow2" || o.BackingFormat != "qcow2" {
 		t.Errorf("size/backing options: %+v, %v", o, err)
 	}
+	for _, mode := range []string{"off", "metadata", "falloc", "full"} {
+		if o, err := ParseCreateOptions("preallocation=" + mode); err != nil || o.Preallocation != mode {
+			t.Errorf("preallocation=%s: %+v, %v", mode, o, err)
+		}
+	}
 	if o, _ := ParseCreateOptions(""); o.Size != -1 {
 		t.Errorf("no size option: Size %d, want -1", o.Size)
 	}
-	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=full", "cluster_size=x"} {
+	for _, bad := range []string{"cluster_size", "bogus=1", "lazy_refcounts=maybe", "preallocation=sparse", "cluster_size=x"} {
 		if _, err := ParseCreateOptions(bad); Code(err) != ExitUsage {
 			t.Errorf("%q: err %v is not a usage error", bad, err)
 		}
@@ -119,5 +131,85 @@ func TestWriteJSONTreeKeepsOrder(t *testing.T) {
 	want := "    zeta: 1\n    alpha: 0x3 (dirty, corrupt)\n    nested:\n        b c: true\n        a: [1, 2]\n    empty: 0x0\n"
 	if b.String() != want {
 		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	bi := &debug.BuildInfo{GoVersion: "go1.99.1", Settings: []debug.BuildSetting{
+		{Key: "vcs", Value: "git"}, {Key: "vcs.revision", Value: "0123abcd"}, {Key: "vcs.modified", Value: "true"},
+	}}
+	var b bytes.Buffer
+	if err := WriteVersion(&b, VersionOf("1.2.3", bi), false); err != nil {
+		t.Fatal(err)
+	}
+	if want := "imgfuse 1.2.3\ncommit: 0123abcd (with uncommitted changes)\ngo: go1.99.1\n"; b.String() != want {
+		t.Errorf("version:\n%s\nwant:\n%s", b.String(), want)
+	}
+	b.Reset()
+	if err := WriteVersion(&b, VersionOf("1.2.3", bi), true); err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["version"] != "1.2.3" || got["commit"] != "0123abcd" || got["modified"] != true || got["go"] != "go1.99.1" || len(got) != 4 {
+		t.Errorf("version --output=json: %v", got)
+	}
+	// Built outside a repository: no commit, modified unknown.
+	b.Reset()
+	if err := WriteVersion(&b, VersionOf("1.2.3", &debug.BuildInfo{GoVersion: "go1.99.1"}), true); err != nil {
+		t.Fatal(err)
+	}
+	got = nil
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["commit"] != "" || got["modified"] != nil {
+		t.Errorf("version --output=json without VCS stamps: %v", got)
+	}
+}
+
+// TestFindLockHolders: the processes with the image open are found from a
+// /proc tree by their descriptors' links; an imgfuse server is known by
+// its command line, with its mountpoint.
+func TestFindLockHolders(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img.qcow2")
+	if err := os.WriteFile(img, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	proc := filepath.Join(dir, "proc")
+	fake := func(pid, comm, cmdline string, fds ...string) {
+		for i, target := range fds {
+			fd := filepath.Join(proc, pid, "fd")
+			if err := os.MkdirAll(fd, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(target, filepath.Join(fd, strconv.Itoa(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		os.WriteFile(filepath.Join(proc, pid, "comm"), []byte(comm+"\n"), 0o644)
+		os.WriteFile(filepath.Join(proc, pid, "cmdline"), []byte(cmdline), 0o644)
+	}
+	fake("10", "qemu-system-x86", "qemu-system-x86_64\x00-hda\x00img.qcow2\x00", "/dev/null", img)
+	fake("11", "exe", "/usr/bin/imgfuse\x00mount\x00--\x00"+img+"\x00/no/such/mnt\x00", img)
+	fake("12", "cat", "cat\x00other\x00", "/dev/null")
+	fake("13", "self", "imgfuse\x00check\x00img.qcow2\x00", img)
+	hs := findLockHolders(proc, img, 13)
+	want := []lockHolder{{pid: 10, name: "qemu-system-x86"}, {pid: 11, name: "imgfuse", mountpoint: "/no/such/mnt"}}
+	if !reflect.DeepEqual(hs, want) {
+		t.Errorf("findLockHolders = %+v, want %+v", hs, want)
+	}
+	for cmdline, want := range map[string]string{
+		"/tmp/x/imgfuse\x00mount\x00--\x00/i\x00/m\x00":   "/m",
+		"imgfuse\x00mount\x00-r\x00/i\x00/m\x00":          "",
+		"imgfuse\x00mount\x00--\x00/i\x00/m\x00extra\x00": "",
+		"imgfuse\x00unmount\x00--\x00/i\x00/m\x00":        "",
+	} {
+		if got, _ := serverMountpoint([]byte(cmdline)); got != want {
+			t.Errorf("serverMountpoint(%q) = %q, want %q", cmdline, got, want)
+		}
 	}
 }

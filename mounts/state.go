@@ -17,7 +17,11 @@ import (
 // State is what a serving process records so that `imgfuse unmount`
 // can find it and wait for it to flush and exit.
 type State struct {
-	PID        int    `json:"pid"`
+	PID int `json:"pid"`
+	// UID is the user who mounted (nil in the files of servers from
+	// before it was recorded): status and unmount speak of a user's own
+	// mounts only.
+	UID        *int   `json:"uid,omitempty"`
 	Image      string `json:"image"`
 	Mountpoint string `json:"mountpoint"`
 	Format     string `json:"format"`
@@ -57,6 +61,16 @@ type IOErrorState struct {
 	// (a flush).
 	Offset *int64 `json:"offset"`
 	Cause  string `json:"cause"`
+}
+
+// UIDOf is uid as State.UID records it.
+func UIDOf(uid int) *int { return &uid }
+
+// Mine reports whether st is a mount of user uid: root's are everyone's
+// to see; a file that records no owner is taken as the state
+// directory's, which is the user's own (CheckStateDir).
+func (st State) Mine(uid int) bool {
+	return uid == 0 || st.UID == nil || *st.UID == uid
 }
 
 // StateDir is where state files live: /run/imgfuse for root; for a user

@@ -318,3 +318,27 @@ func TestArticle(t *testing.T) {
 		}
 	}
 }
+
+func TestStateMine(t *testing.T) {
+	for _, c := range []struct {
+		uid  *int
+		who  int
+		want bool
+	}{
+		{UIDOf(1000), 1000, true}, {UIDOf(1000), 1001, false}, {UIDOf(0), 1000, false},
+		{UIDOf(1000), 0, true}, {nil, 1000, true}, // a file from before the owner was recorded
+	} {
+		if got := (State{UID: c.uid}).Mine(c.who); got != c.want {
+			t.Errorf("State{UID: %v}.Mine(%d) = %v, want %v", c.uid, c.who, got, c.want)
+		}
+	}
+	// The owner is recorded, and read back.
+	dir := t.TempDir()
+	if _, err := WriteState(dir, State{PID: 1, UID: UIDOf(1234), Mountpoint: "/m"}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := ReadState(dir, "/m")
+	if err != nil || st.UID == nil || *st.UID != 1234 {
+		t.Errorf("ReadState: %+v, %v; want uid 1234", st, err)
+	}
+}

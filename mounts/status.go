@@ -38,8 +38,9 @@ type StatusEntry struct {
 	Log         *string       `json:"log"`
 }
 
-// List reads every state file in dir, sorted by mountpoint. A
-// directory that does not exist yet holds no mounts.
+// List reads every state file in dir of a mount of the calling user (as
+// State.Mine), sorted by mountpoint. A directory that does not exist yet
+// holds no mounts.
 func List(dir string) ([]StatusEntry, error) {
 	if err := CheckStateDir(dir); errors.Is(err, os.ErrNotExist) {
 		return []StatusEntry{}, nil
@@ -65,13 +66,50 @@ func List(dir string) ([]StatusEntry, error) {
 			continue // removed by a server exiting meanwhile
 		}
 		var st State
-		if json.Unmarshal(b, &st) != nil || st.Mountpoint == "" || StatePath(dir, st.Mountpoint) != name {
+		if json.Unmarshal(b, &st) != nil || st.Mountpoint == "" || StatePath(dir, st.Mountpoint) != name || !st.Mine(os.Geteuid()) {
 			continue
 		}
 		entries = append(entries, describeState(st, live))
 	}
 	sort.Slice(entries, func(i, j int) bool { return entries[i].Mountpoint < entries[j].Mountpoint })
 	return entries, nil
+}
+
+// One is the status of the mount at mountpoint, for `imgfuse status
+// MOUNTPOINT`: an error (exit 1) naming what is there instead when it is
+// not one of the calling user's imgfuse mounts (nothing, the disk of one,
+// another filesystem, another user's mount).
+func One(dir, mountpoint string) (StatusEntry, error) {
+	fail := func(format string, args ...any) (StatusEntry, error) {
+		return StatusEntry{}, &imgtool.Error{Op: "status", Path: mountpoint, Named: true, Err: fmt.Errorf(format, args...)}
+	}
+	mp, err := resolveMountpoint(mountpoint)
+	if err != nil {
+		return StatusEntry{}, &imgtool.Error{Op: "status", Path: mountpoint, Err: err}
+	}
+	entries, err := List(dir)
+	if err != nil {
+		return StatusEntry{}, err
+	}
+	for _, e := range entries {
+		if e.Mountpoint == mp {
+			return e, nil
+		}
+	}
+	e, mounted, _ := Find(mp)
+	switch {
+	case mounted && !IsImgfuse(e):
+		return fail("%s is not an imgfuse mount: it is %s %s mount (%s)", mountpoint, article(e.FSType), e.FSType, e.Source)
+	case mounted:
+		if uid, ok := Owner(e); ok && uid != os.Geteuid() {
+			return fail("%s is not one of your imgfuse mounts: uid %d mounted it", mountpoint, uid)
+		}
+		return fail("%s is an imgfuse mount without a state file here (its server keeps it in another state directory)", mountpoint)
+	}
+	if p, ok, _ := Find(filepath.Dir(mp)); ok && IsImgfuse(p) {
+		return fail("%s is not an imgfuse mount: it is a file of the one at %s", mountpoint, filepath.Dir(mp))
+	}
+	return fail("%s is not an imgfuse mount: nothing is mounted there", mountpoint)
 }
 
 // describeState turns a state file into a status entry, deciding its

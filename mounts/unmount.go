@@ -21,9 +21,27 @@ import (
 // holders and fails.
 const BusyWait = 5 * time.Second
 
+// UnmountOptions are the flags of `imgfuse unmount`.
+type UnmountOptions struct {
+	// Timeout bounds the whole wait: the retries of a busy mount (at
+	// most BusyWait of it) and the wait for the server to exit.
+	Timeout time.Duration
+	// Lazy detaches the mount at once, as umount -l: it disappears from
+	// the mount table, and the server flushes and closes the image (and
+	// releases its locks) once the last process using the disk closes
+	// it. Unmount waits for that up to LazyWait (and Timeout), not
+	// longer: a holder may keep it for ever.
+	Lazy bool
+}
+
+// LazyWait is how long `unmount --lazy` waits for a server that nothing
+// holds any more to exit, so that its close error is still reported.
+const LazyWait = 2 * time.Second
+
 // Unmount implements `imgfuse unmount`; notes receives informational
 // messages that are not errors.
-func Unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
+func Unmount(mountpoint string, o UnmountOptions, notes io.Writer) error {
+	deadline := time.Now().Add(o.Timeout)
 	fail := func(code int, err error) error {
 		return &imgtool.Error{Op: "unmount", Path: mountpoint, Code: code, Err: err}
 	}
@@ -78,15 +96,19 @@ func Unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		return nil
 	}
 
+	if o.Lazy {
+		return lazyUnmount(mountpoint, mp, dir, st, stErr, deadline, notes)
+	}
+
 	// A file of the mount can stay open a while after its user is done
 	// with it: a process that forked meanwhile holds a copy until it
 	// execs, a loop device lets go of an autoclear'd file a moment after
 	// the umount, and fuse2fs goes on writing its filesystem back after
 	// 'fusermount3 -u' has returned. So a busy mount gets retries for
-	// BusyWait before we call it in use.
+	// BusyWait (within the timeout) before we call it in use.
 	err = unmountFS(mp)
-	for deadline := time.Now().Add(BusyWait); errors.Is(err, syscall.EBUSY) && time.Now().Before(deadline); {
-		time.Sleep(100 * time.Millisecond)
+	for busyEnd := minTime(time.Now().Add(BusyWait), deadline); errors.Is(err, syscall.EBUSY) && time.Now().Before(busyEnd); {
+		time.Sleep(min(100*time.Millisecond, max(time.Until(busyEnd), time.Millisecond)))
 		err = unmountFS(mp)
 	}
 	if errors.Is(err, syscall.EBUSY) {
@@ -99,10 +121,39 @@ func Unmount(mountpoint string, timeout time.Duration, notes io.Writer) error {
 		fmt.Fprintf(notes, "imgfuse: note: no server state found for %s; not waiting for it to exit\n", mountpoint)
 		return nil
 	}
-	if err := waitExit(st.PID, timeout, mountpoint); err != nil {
+	if err := waitExit(st.PID, deadline, o.Timeout, mountpoint); err != nil {
 		return err
 	}
 	return serverCloseError(dir, mp, st.PID, mountpoint)
+}
+
+// lazyUnmount is Unmount with UnmountOptions.Lazy: detach mp, then wait
+// up to LazyWait for its server (st, if stErr is nil) to close the image.
+func lazyUnmount(mountpoint, mp, dir string, st State, stErr error, deadline time.Time, notes io.Writer) error {
+	if err := LazyUnmount(mp); err != nil {
+		return &imgtool.Error{Op: "unmount", Path: mountpoint, Err: err}
+	}
+	if stErr != nil {
+		fmt.Fprintf(notes, "imgfuse: note: detached %s; no server state found, so not waiting for it to exit\n", mountpoint)
+		return nil
+	}
+	end := minTime(time.Now().Add(LazyWait), deadline)
+	for delay := 10 * time.Millisecond; ServerRunning(st.PID); delay = min(2*delay, 200*time.Millisecond) {
+		if time.Now().After(end) {
+			fmt.Fprintf(notes, "imgfuse: note: detached %s; the disk is still in use, and its server (pid %d) "+
+				"flushes and closes the image when the last process using it closes it\n", mountpoint, st.PID)
+			return nil
+		}
+		time.Sleep(delay)
+	}
+	return serverCloseError(dir, mp, st.PID, mountpoint)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 // resolveMountpoint is canonicalPath without touching a file of an imgfuse
@@ -139,18 +190,33 @@ func notMounted(mountpoint, mp string) error {
 		}
 		return named("%s is %s of the imgfuse mount at %s; run: imgfuse unmount %s", mountpoint, what, parent, imgtool.ShellQuote(parent))
 	}
-	ours, err := Read(func(m *Entry) (skip, stop bool) { return !IsImgfuse(m), false })
+	// A user hears of their own mounts only.
+	ours, err := Read(func(m *Entry) (skip, stop bool) { return !IsImgfuse(m) || !ownedByCaller(m), false })
+	whose := ""
+	if os.Geteuid() != 0 {
+		whose = " of yours"
+	}
 	switch {
 	case err != nil:
 		return named("%s is not mounted", mountpoint)
 	case len(ours) == 0:
-		return named("%s is not mounted; there are no imgfuse mounts", mountpoint)
+		return named("%s is not mounted; there are no imgfuse mounts%s", mountpoint, whose)
 	}
 	var names []string
 	for _, m := range ours {
 		names = append(names, m.Mountpoint)
 	}
-	return named("%s is not mounted; the imgfuse mounts are: %s", mountpoint, strings.Join(names, ", "))
+	return named("%s is not mounted; the imgfuse mounts%s are: %s", mountpoint, whose, strings.Join(names, ", "))
+}
+
+// ownedByCaller reports whether the calling user may speak of mount m:
+// root of every mount, a user of the mounts they made.
+func ownedByCaller(m *Entry) bool {
+	if os.Geteuid() == 0 {
+		return true
+	}
+	uid, ok := Owner(m)
+	return ok && uid == os.Geteuid()
 }
 
 // BusyReason names what keeps the mount e busy and how to free it, with
@@ -188,9 +254,9 @@ func IsDead(mp string) bool {
 	return errors.Is(unix.Statfs(mp, &st), syscall.ENOTCONN)
 }
 
-// waitExit waits until the server pid has flushed, closed and exited.
-func waitExit(pid int, timeout time.Duration, mountpoint string) error {
-	deadline := time.Now().Add(timeout)
+// waitExit waits until the server pid has flushed, closed and exited, up
+// to deadline (the end of the unmount's timeout).
+func waitExit(pid int, deadline time.Time, timeout time.Duration, mountpoint string) error {
 	delay := 10 * time.Millisecond
 	for ServerRunning(pid) {
 		if time.Now().After(deadline) {

@@ -62,6 +62,9 @@ func (o *Options) Validate() error {
 			o.LogFile = abs
 		}
 	}
+	if err := imgtool.RefuseRemote(o.Image); err != nil {
+		return err
+	}
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.Image)
@@ -415,7 +418,7 @@ func (s *session) mount() error {
 	s.log.Printf("passthrough: %s", passthrough)
 	s.log.Printf("serving requests: %s", srv.Mode)
 	s.state = mounts.State{
-		PID: os.Getpid(), Image: o.AbsImage, Mountpoint: s.mp,
+		PID: os.Getpid(), UID: mounts.UIDOf(os.Geteuid()), Image: o.AbsImage, Mountpoint: s.mp,
 		Format: s.format, ReadOnly: o.ReadOnlyMount(), Passthrough: passthrough,
 		Overlay: s.overlay, OverlayTemporary: s.overlay != "" && o.OverlayKeep == "",
 		ServingMode: srv.Mode, PIDFile: o.PIDFile,

@@ -25,6 +25,12 @@
 //   - mount_test.go: file mountpoints, --name, read-only semantics (EROFS,
 //     0444, the image's mtime), writes reaching the image, unmount waiting
 //     for the daemon, SIGTERM, kill -9 and clearing the dead mount, info.
+//   - habits_test.go: the command line's habits: URLs refused as remote
+//     images, version from the build info, the man pages installed by the
+//     README's line, status MOUNTPOINT, unmount --timeout and --lazy, lock
+//     conflicts naming a server still closing the image, a user's status
+//     and unmount speaking of their own mounts, mtools on a vfat partition
+//     and cp -a into fuse2fs -o fakeroot without root.
 //   - readme_test.go: README promises checked from outside: SIGINT, an
 //     external umount and fusermount3 -u end a --foreground daemon with
 //     status 0, the image flushed and clean and status no longer listing

@@ -13,7 +13,8 @@
 //     Error every command ends with.
 //
 // Commands: mount, unmount, status, info, check, map, create, demo,
-// version, completion (see `imgfuse help`). info, check and map print
+// version, man (the manual pages, generated from these commands by
+// cobra/doc), completion (see `imgfuse help`). info, check and map print
 // qemu-img's JSON (--output=json) and take qemu-img's flags (-f, -U);
 // check exits as qemu-img check does. Exit codes: imgtool.ExitCodesHelp.
 //

@@ -63,7 +63,7 @@ so it works on a mounted image; -U is accepted for qemu-img habits.`,
 
 func newCheckCmd(stdout, stderr io.Writer) *cobra.Command {
 	var format, output, repair string
-	var forceShare bool
+	var forceShare, quiet bool
 	cmd := &cobra.Command{
 		Use:   "check [flags] IMAGE",
 		Short: "Check an image's consistency (and repair it), as qemu-img check does",
@@ -85,10 +85,13 @@ repairing one is refused. An image in a format imgfuse recognises but cannot
 read (VMDK, VHDX, ...) is refused by name with exit 5, as by the other
 commands.
 On a terminal, images of 4 GiB and more show a progress bar on stderr.
+-q prints nothing but an error that stops the check (the exit code says
+the result), as qemu-img check -q; it does not list the problems found
+either.
 
 Exit codes (qemu-img check's): 0 clean, 1 the check failed (cannot open, I/O
 error, usage error), 2 corruptions, 3 leaks only, 63 format without checks;
-and imgfuse's 5 for a format it cannot read.`,
+and imgfuse's 5 for a format it cannot read or a URL (remote images).`,
 		Args: exactArgs("IMAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := imgtool.CheckFormatFlag(format); err != nil {
@@ -111,9 +114,14 @@ and imgfuse's 5 for a format it cannot read.`,
 			if forceShare && mode != drivers.CheckOnly {
 				return imgtool.Usagef("-U (--force-share) cannot be used with -r: a repair writes the image")
 			}
-			return imgtool.Check(stdout, stderr, args[0], format, mode, forceShare, jsonOut)
+			out, problems := stdout, stderr
+			if quiet {
+				out, problems = io.Discard, io.Discard
+			}
+			return imgtool.Check(out, problems, args[0], format, mode, forceShare, jsonOut)
 		},
 	}
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print nothing but an error that stops the check; the exit code tells the result")
 	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
 	cmd.Flags().StringVarP(&repair, "repair", "r", "", "repair `leaks` or `all` errors")
 	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "take no image locks (check only)")
@@ -178,11 +186,15 @@ func newCreateCmd(stdout io.Writer) *cobra.Command {
 	var quiet, unsafe bool
 	cmd := &cobra.Command{
 		Use:   "create [flags] IMAGE [SIZE]",
-		Short: "Create a qcow2 or raw image, as qemu-img create does",
+		Short: "Create a raw or qcow2 image, as qemu-img create does",
 		Long: `Create IMAGE, replacing any file of that name, as 'qemu-img create' does:
 qemu-img info describes the result as it describes the image qemu-img
-create makes with the same options (a qcow2 image is byte for byte the
-same file).
+create makes with the same options (without preallocation a qcow2 image
+is byte for byte the same file).
+
+Without -f the image is raw, as qemu-img create makes it; -b, -F or an -o
+option that only qcow2 takes (qemu-img refuses those without -f) make it
+qcow2.
 
 SIZE takes the suffixes k, M, G, T, P, E (powers of 1024; fractions such
 as 1.5G, and hexadecimal bytes such as 0x1000, as qemu-img takes them) and
@@ -193,30 +205,40 @@ image is an overlay whose reads fall through to BACKING; BACKING is opened
 given and to probe its format when -F is not given; -u skips that (SIZE and
 -F are then needed).
 
--o takes comma-separated qcow2 options:
+-o takes comma-separated options ('-o help' lists those of the format):
   cluster_size=SIZE          512 to 2M, a power of two (default 64k)
   refcount_bits=N            1, 2, 4, 8, 16 (default), 32 or 64
   compat=0.10|1.1            qcow2 version 2 or 3 (default 1.1)
   lazy_refcounts=on|off      (compat=1.1)
   extended_l2=on|off         subclusters (compat=1.1, cluster_size >= 16k)
   compression_type=zlib|zstd (zstd: compat=1.1)
-  preallocation=off          the only mode imgfuse creates
+  preallocation=MODE         off (default), metadata (qcow2: every cluster
+                             mapped, its blocks left holes), falloc
+                             (blocks reserved), full (zeros written); with
+                             a backing file only with extended_l2=on
   data_file=NAME             guest data in the raw file NAME (created; relative
                              to IMAGE's directory), compat=1.1
   data_file_raw=on|off       NAME is a raw image of the disk (metadata preallocated)
   size=SIZE, backing_file=BACKING, backing_fmt=FMT   as SIZE, -b and -F
-Raw images (-f raw) take no options and are sparse files.`,
-		Example: `  imgfuse create -f qcow2 disk.qcow2 10G
+Raw images take size and preallocation=off|falloc|full; without
+preallocation they are sparse files.`,
+		Example: `  imgfuse create disk.raw 10G                     # raw, as qemu-img create
+  imgfuse create -f qcow2 disk.qcow2 10G
   imgfuse create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2   # size from the base
-  imgfuse create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T`,
+  imgfuse create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T
+  imgfuse create -f qcow2 -o preallocation=falloc vm.qcow2 20G
+  imgfuse create -f qcow2 -o help`,
 		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) < 1 || len(args) > 2 {
+			if len(args) > 2 || (len(args) == 0 && !imgtool.WantsOptionHelp(opts)) {
 				return imgtool.Usagef("create needs IMAGE and optionally SIZE (got %d arguments)", len(args))
 			}
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			image := args[0]
+			image := ""
+			if len(args) > 0 {
+				image = args[0]
+			}
 			size := int64(-1)
 			if len(args) == 2 {
 				var err error
@@ -231,10 +253,10 @@ Raw images (-f raw) take no options and are sparse files.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVarP(&format, "format", "f", "qcow2", "image format: qcow2|raw")
+	f.StringVarP(&format, "format", "f", "", "image format: raw|qcow2 (default: raw, as qemu-img create; qcow2 with -b or a qcow2 option)")
 	f.StringVarP(&backing, "backing", "b", "", "backing file `BACKING` (qcow2), relative to IMAGE's directory unless absolute")
 	f.StringVarP(&backingFmt, "backing-format", "F", "", "format of the backing file (probed if not given)")
-	f.StringArrayVarP(&opts, "options", "o", nil, "qcow2 options `k=v,...` (see above)")
+	f.StringArrayVarP(&opts, "options", "o", nil, "options `k=v,...` (see above; 'help' lists them)")
 	f.BoolVarP(&quiet, "quiet", "q", false, "print nothing on success")
 	f.BoolVarP(&unsafe, "unsafe", "u", false, "do not open the backing file (SIZE and -F needed)")
 	return cmd

@@ -97,7 +97,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return imgtool.UsageError{Err: err} })
 	root.CompletionOptions.HiddenDefaultCmd = false
 	root.AddCommand(newMountCmd(&session.Options{}), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
-		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout))
+		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout), newManCmd(stdout))
 	strictBuiltins(root)
 	return root
 }
@@ -139,15 +139,26 @@ func strictBuiltins(root *cobra.Command) {
 }
 
 func newVersionCmd(stdout io.Writer) *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Args:  exactArgs(),
+	var output string
+	cmd := &cobra.Command{
+		Use:   "version [--output=human|json]",
+		Short: "Print the version, the commit and the Go version it was built with",
+		Long: `Print the version, the commit the binary was built from (from Go's build
+information: vcs.revision, and whether the tree had uncommitted changes,
+vcs.modified) and the Go version. --output=json prints an object with the
+keys version, commit ("" when the build recorded none), modified (null
+when unknown) and go.`,
+		Args: exactArgs(),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := fmt.Fprintf(stdout, "imgfuse %s\n", version)
-			return err
+			asJSON, err := imgtool.OutputFlag(output, false)
+			if err != nil {
+				return err
+			}
+			return imgtool.WriteVersion(stdout, imgtool.CurrentVersion(version), asJSON)
 		},
 	}
+	cmd.Flags().StringVar(&output, "output", "human", "output format: human|json")
+	return cmd
 }
 
 // exactArgs is cobra.ExactArgs with the error marked as a usage error and

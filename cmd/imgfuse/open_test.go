@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -145,7 +146,13 @@ func TestOpenErrorMessages(t *testing.T) {
 		}
 		defer d.Close()
 		code, _, stderr := runCLI(t, "mount", image, mnt)
-		checkOneLine(t, stderr, image, `: failed to get "write" lock: is another process using the image `+image+`? (to read it while another process writes it, use --force-share / -U)`)
+		// The daemon names the holder: this process.
+		comm, err := os.ReadFile("/proc/self/comm")
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkOneLine(t, stderr, image, fmt.Sprintf(`: failed to get "write" lock: is another process using the image %s? (held by pid %d (%s); to read it while another process writes it, use --force-share / -U)`,
+			image, os.Getpid(), strings.TrimSpace(string(comm))))
 		if code != imgtool.ExitLocked {
 			t.Errorf("exit %d, want %d", code, imgtool.ExitLocked)
 		}

@@ -13,7 +13,11 @@ import (
 
 const statusLong = `List the imgfuse mounts of this user: one per server state file (see
 'imgfuse unmount'), each checked against /proc/self/mountinfo and the
-server's process.
+server's process. A user other than root sees their own mounts only.
+
+With MOUNTPOINT, describe that mount alone (--output=json: one object,
+not an array); if it is not one of this user's imgfuse mounts, say what
+is there instead and exit 1.
 
 STATE is "mounted" (the server runs and the mount is there), "dead" (the
 server is gone: a dead mount, or a state file left behind; 'imgfuse
@@ -38,20 +42,36 @@ holds every error's cause (the first ten, then one line a second).`
 func newStatusCmd(stdout io.Writer) *cobra.Command {
 	var output string
 	cmd := &cobra.Command{
-		Use:   "status [--output=human|json]",
+		Use:   "status [--output=human|json] [MOUNTPOINT]",
 		Short: "List imgfuse mounts and their servers",
 		Long:  statusLong,
-		Args:  exactArgs(),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return imgtool.Usagef("status takes at most one argument, MOUNTPOINT (got %d)", len(args))
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output != "human" && output != "json" {
 				return imgtool.Usagef("invalid --output %q (want human or json)", output)
 			}
-			entries, err := mounts.List(mounts.StateDir())
-			if err != nil {
-				return err
+			var entries []mounts.StatusEntry
+			var shown any
+			if len(args) == 1 {
+				e, err := mounts.One(mounts.StateDir(), args[0])
+				if err != nil {
+					return err
+				}
+				entries, shown = []mounts.StatusEntry{e}, e
+			} else {
+				var err error
+				if entries, err = mounts.List(mounts.StateDir()); err != nil {
+					return err
+				}
+				shown = entries
 			}
 			if output == "json" {
-				b, err := json.MarshalIndent(entries, "", "  ")
+				b, err := json.MarshalIndent(shown, "", "  ")
 				if err != nil {
 					return err
 				}

@@ -20,6 +20,18 @@ import (
 // cluster 2), cluster 2 the refcount block, then the L1 table from cluster
 // 3, written for exactly its entries (the file ends there). Clusters 0 to
 // the end of the L1 table have refcount 1; nothing else is allocated.
+//
+// With preallocation (qemu-img's preallocation=metadata|falloc|full) every
+// guest cluster is mapped: the L2 tables follow the L1 table, then the
+// data clusters in guest order, each with refcount 1, and the refcount
+// table and blocks grow to count them all (the table from cluster 1, the
+// blocks right after it). QEMU reaches the same allocation by growing an
+// empty image, so its tables sit elsewhere: qemu-img info, check and map
+// agree with its image, the bytes do not (for images small enough that
+// one refcount block and one L2 table cover everything, with
+// preallocation=metadata, they are the same too). metadata leaves the
+// data clusters a hole of the file, falloc reserves them with
+// fallocate(2), full writes their zeros.
 
 // CreateOptions are qemu-img create's qcow2 options (-o ...).
 type CreateOptions struct {
@@ -45,13 +57,36 @@ type CreateOptions struct {
 	// every guest cluster mapped to the same offset of the data file.
 	DataFile    string
 	DataFileRaw bool
+	// Preallocation is "" or "off" (nothing but the tables),
+	// "metadata", "falloc" or "full" (see above). With a data file the
+	// L2 tables map every cluster to its offset in that file (as with
+	// DataFileRaw); the caller preallocates the data file itself.
+	Preallocation string
 }
+
+// layout is where Create puts an image's clusters: the header (cluster
+// 0), the refcount table from cluster 1, the refcount blocks, the L1
+// table, the L2 tables and the data clusters, in that order, each run
+// right after the previous one.
+type layout struct {
+	reftableClusters, refblocks int64
+	l1Clusters, l2Tables        int64
+	// dataClusters is the guest clusters stored in the image file (with
+	// preallocation and no data file), 0 otherwise.
+	dataClusters int64
+}
+
+func (l layout) l1Start() int64     { return 1 + l.reftableClusters + l.refblocks }
+func (l layout) l2Start() int64     { return l.l1Start() + l.l1Clusters }
+func (l layout) dataStart() int64   { return l.l2Start() + l.l2Tables }
+func (l layout) clusters() int64    { return l.dataStart() + l.dataClusters }
+func preallocated(mode string) bool { return mode != "" && mode != "off" }
 
 // Create writes a new, empty qcow2 image at path (truncating any file
 // there) as qemu-img create does. It must not be called from a coroutine.
 // Invalid options fail with an error wrapping drivers.ErrUnsupported.
 func Create(path string, o CreateOptions) error {
-	h, l1Clusters, l2Tables, err := createHeader(o)
+	h, l, err := createHeader(o)
 	if err != nil {
 		return fmt.Errorf("qcow2: create %s: %w", path, err)
 	}
@@ -60,32 +95,45 @@ func Create(path string, o CreateOptions) error {
 	if err != nil {
 		return fmt.Errorf("qcow2: create %s: %w", path, err)
 	}
-	// Two clusters: the refcount table (entry 0: the block at cluster
-	// 2), then the refcount block.
-	tables := make([]byte, 2*cs)
-	be.PutUint64(tables, uint64(2*cs))
-	for c := int64(0); c < 3+l1Clusters+l2Tables; c++ {
-		setRefcount(tables[cs:], h.RefcountOrder, c, 1)
+	// The refcount table (entry i: block i), then the refcount blocks,
+	// which count every cluster of the layout once: blocks are
+	// contiguous, so cluster c is entry c of their concatenation.
+	tables := make([]byte, (l.reftableClusters+l.refblocks)*cs)
+	for i := range l.refblocks {
+		be.PutUint64(tables[i*8:], uint64((1+l.reftableClusters+i)*cs))
+	}
+	for c := range l.clusters() {
+		setRefcount(tables[l.reftableClusters*cs:], h.RefcountOrder, c, 1)
 	}
 	// The L1 table, and with preallocated metadata its L2 tables.
 	var l1 []byte
 	if h.L1Size > 0 {
 		l1 = make([]byte, int64(h.L1Size)*8)
 	}
-	var l2 []byte
-	if l2Tables > 0 {
-		l2 = make([]byte, l2Tables*cs)
-		l2Start := int64(h.L1Offset) + l1Clusters*cs
-		entryBytes, entries := int64(8), cs/8
-		if o.ExtendedL2 {
-			entryBytes, entries = 16, cs/16
+	for i := range l.l2Tables {
+		be.PutUint64(l1[i*8:], uint64((l.l2Start()+i)*cs)|oflagCopied)
+	}
+	// l2Table returns L2 table i: guest cluster g lives at cluster
+	// dataStart+g of the image file, or at offset g*cs of the data file.
+	entryBytes, entries := int64(8), cs/8
+	if o.ExtendedL2 {
+		entryBytes, entries = 16, cs/16
+	}
+	l2 := make([]byte, cs)
+	l2Table := func(i int64) []byte {
+		clear(l2)
+		base := int64(0)
+		if l.dataClusters > 0 {
+			base = l.dataStart() * cs
 		}
-		for i := range l2Tables {
-			be.PutUint64(l1[i*8:], uint64(l2Start+i*cs)|oflagCopied)
+		for j := int64(0); j < entries; j++ {
+			g := i*entries + j
+			if g*cs >= o.Size {
+				break
+			}
+			be.PutUint64(l2[j*entryBytes:], uint64(base+g*cs)|oflagCopied)
 		}
-		for g := int64(0); g*cs < o.Size; g++ {
-			be.PutUint64(l2[(g/entries)*cs+(g%entries)*entryBytes:], uint64(g*cs)|oflagCopied)
-		}
+		return l2
 	}
 
 	// Create the file if need be, but truncate only once its image locks
@@ -118,10 +166,13 @@ func Create(path string, o CreateOptions) error {
 				return err
 			}
 		}
-		if len(l2) > 0 {
-			if err := f.Pwrite(l2, int64(h.L1Offset)+l1Clusters*cs); err != nil {
+		for i := range l.l2Tables {
+			if err := f.Pwrite(l2Table(i), (l.l2Start()+i)*cs); err != nil {
 				return err
 			}
+		}
+		if err := preallocateData(f, o.Preallocation, l.dataStart()*cs, l.dataClusters*cs); err != nil {
+			return err
 		}
 		return f.Fdatasync()
 	}()
@@ -135,26 +186,49 @@ func Create(path string, o CreateOptions) error {
 	return nil
 }
 
+// preallocateData makes the n bytes at off of f, the data clusters, what
+// mode asks: a hole the file ends with (metadata), reserved blocks
+// (falloc) or written zeros (full).
+func preallocateData(f *aio.File, mode string, off, n int64) error {
+	if n == 0 {
+		return nil
+	}
+	switch mode {
+	case "metadata":
+		return f.Truncate(off + n)
+	case "falloc":
+		return f.Fallocate(0, off, n)
+	}
+	zeros := make([]byte, min(n, 1<<20))
+	for done := int64(0); done < n; {
+		k := min(n-done, int64(len(zeros)))
+		if err := f.Pwrite(zeros[:k], off+done); err != nil {
+			return err
+		}
+		done += k
+	}
+	return nil
+}
+
 // createHeader validates o as QEMU's qcow2_co_create does and returns the
-// header of the new image, the clusters of its L1 table and the number of
-// preallocated L2 tables.
-func createHeader(o CreateOptions) (*header, int64, int64, error) {
+// header of the new image and where its clusters go.
+func createHeader(o CreateOptions) (*header, layout, error) {
 	cs := o.ClusterSize
 	if cs == 0 {
 		cs = 64 << 10
 	}
 	if cs < 1<<minClusterBits || cs > 1<<maxClusterBits || cs&(cs-1) != 0 {
-		return nil, 0, 0, unsupportedf("cluster size must be a power of two between 512 and 2M, not %d", cs)
+		return nil, layout{}, unsupportedf("cluster size must be a power of two between 512 and 2M, not %d", cs)
 	}
 	rb := o.RefcountBits
 	if rb == 0 {
 		rb = 16
 	}
 	if rb > 64 || rb&(rb-1) != 0 {
-		return nil, 0, 0, unsupportedf("refcount_bits must be a power of two up to 64, not %d", rb)
+		return nil, layout{}, unsupportedf("refcount_bits must be a power of two up to 64, not %d", rb)
 	}
 	if o.Size < 0 {
-		return nil, 0, 0, unsupportedf("negative size %d", o.Size)
+		return nil, layout{}, unsupportedf("negative size %d", o.Size)
 	}
 	h := &header{
 		Version:          3,
@@ -173,14 +247,14 @@ func createHeader(o CreateOptions) (*header, int64, int64, error) {
 		h.CompressionType = compressionZstd
 		h.Incompatible |= incompatCompression
 	default:
-		return nil, 0, 0, unsupportedf("compression_type %q (want zlib or zstd)", o.CompressionType)
+		return nil, layout{}, unsupportedf("compression_type %q (want zlib or zstd)", o.CompressionType)
 	}
 	if o.LazyRefcounts {
 		h.Compatible |= compatLazyRefcounts
 	}
 	if o.ExtendedL2 {
 		if cs < 16<<10 {
-			return nil, 0, 0, unsupportedf("extended_l2 needs a cluster size of at least 16k, not %d", cs)
+			return nil, layout{}, unsupportedf("extended_l2 needs a cluster size of at least 16k, not %d", cs)
 		}
 		h.Incompatible |= incompatExtendedL2
 	}
@@ -194,21 +268,21 @@ func createHeader(o CreateOptions) (*header, int64, int64, error) {
 	case "0.10", "v2":
 		switch {
 		case o.LazyRefcounts:
-			return nil, 0, 0, unsupportedf("lazy_refcounts need compat=1.1")
+			return nil, layout{}, unsupportedf("lazy_refcounts need compat=1.1")
 		case rb != 16:
-			return nil, 0, 0, unsupportedf("refcount_bits other than 16 need compat=1.1")
+			return nil, layout{}, unsupportedf("refcount_bits other than 16 need compat=1.1")
 		case o.ExtendedL2:
-			return nil, 0, 0, unsupportedf("extended_l2 needs compat=1.1")
+			return nil, layout{}, unsupportedf("extended_l2 needs compat=1.1")
 		case h.CompressionType != 0:
-			return nil, 0, 0, unsupportedf("compression_type zstd needs compat=1.1")
+			return nil, layout{}, unsupportedf("compression_type zstd needs compat=1.1")
 		}
 		h.Version, h.RefcountOrder, h.HeaderLength = 2, 4, hdrV2Len
 	default:
-		return nil, 0, 0, unsupportedf("compat %q (want 0.10 or 1.1)", o.Compat)
+		return nil, layout{}, unsupportedf("compat %q (want 0.10 or 1.1)", o.Compat)
 	}
 	if o.DataFile != "" {
 		if h.Version < 3 {
-			return nil, 0, 0, unsupportedf("data_file needs compat=1.1")
+			return nil, layout{}, unsupportedf("data_file needs compat=1.1")
 		}
 		h.Incompatible |= incompatDataFile
 		h.DataFile = o.DataFile
@@ -216,10 +290,10 @@ func createHeader(o CreateOptions) (*header, int64, int64, error) {
 			h.Autoclear |= autoclearDataFileRaw
 		}
 	} else if o.DataFileRaw {
-		return nil, 0, 0, unsupportedf("data_file_raw needs data_file")
+		return nil, layout{}, unsupportedf("data_file_raw needs data_file")
 	}
 	if o.BackingFormat != "" && o.BackingFile == "" {
-		return nil, 0, 0, unsupportedf("a backing format without a backing file")
+		return nil, layout{}, unsupportedf("a backing format without a backing file")
 	}
 
 	l2Entries := cs / 8
@@ -228,21 +302,45 @@ func createHeader(o CreateOptions) (*header, int64, int64, error) {
 	}
 	l1Entries := (o.Size + cs*l2Entries - 1) / (cs * l2Entries)
 	if l1Entries*8 > maxL1Bytes {
-		return nil, 0, 0, unsupportedf("size %d needs an L1 table larger than %d bytes", o.Size, maxL1Bytes)
+		return nil, layout{}, unsupportedf("size %d needs an L1 table larger than %d bytes", o.Size, maxL1Bytes)
 	}
-	l1Clusters := (l1Entries*8 + cs - 1) / cs
-	var l2Tables int64
-	if o.DataFileRaw {
-		l2Tables = l1Entries
+	switch o.Preallocation {
+	case "", "off", "metadata", "falloc", "full":
+	default:
+		return nil, layout{}, unsupportedf("preallocation %q (want off, metadata, falloc or full)", o.Preallocation)
 	}
-	// The one refcount block must count the header, both tables, L1 and
-	// the L2 tables.
-	if perBlock := cs * 8 / int64(rb); 3+l1Clusters+l2Tables > perBlock {
-		return nil, 0, 0, unsupportedf("size %d with %d-byte clusters and %d-bit refcounts needs more than one refcount block", o.Size, cs, rb)
+	prealloc := preallocated(o.Preallocation)
+	if prealloc && o.BackingFile != "" && !o.ExtendedL2 {
+		// QEMU's rule: a preallocated cluster would hide the backing
+		// file's data unless subclusters can say it is unallocated.
+		return nil, layout{}, unsupportedf("a backing file and preallocation need extended_l2=on")
 	}
+	l := layout{l1Clusters: (l1Entries*8 + cs - 1) / cs}
+	if o.DataFileRaw || prealloc {
+		l.l2Tables = l1Entries
+	}
+	if prealloc && o.DataFile == "" {
+		l.dataClusters = (o.Size + cs - 1) / cs
+	}
+	// The refcount blocks count every cluster, themselves and the table
+	// included: grow both until they do.
+	perBlock := cs * 8 / int64(rb)
+	l.reftableClusters, l.refblocks = 1, 1
+	for {
+		blocks := (l.clusters() + perBlock - 1) / perBlock
+		table := (blocks*8 + cs - 1) / cs
+		if blocks == l.refblocks && table == l.reftableClusters {
+			break
+		}
+		l.refblocks, l.reftableClusters = blocks, table
+	}
+	if l.reftableClusters*cs > maxReftableBytes {
+		return nil, layout{}, unsupportedf("size %d with %d-byte clusters and %d-bit refcounts needs a refcount table larger than %d bytes", o.Size, cs, rb, maxReftableBytes)
+	}
+	h.ReftableClusters = uint32(l.reftableClusters)
 	h.L1Size = uint32(l1Entries)
 	if l1Entries > 0 {
-		h.L1Offset = uint64(3 * cs)
+		h.L1Offset = uint64(l.l1Start() * cs)
 	}
-	return h, l1Clusters, l2Tables, nil
+	return h, l, nil
 }
