@@ -219,6 +219,9 @@ func (d *Driver) readSparse(co *coroutine.Co, s *sparse, q []byte, in int64) err
 		at := host + pc.In
 		n := max(min(int64(len(p)), end-at), 0)
 		clear(p[n:])
+		if n == 0 {
+			return nil
+		}
 		if err := s.f.PreadCo(co, p[:n], at); err != nil {
 			return fmt.Errorf("vmdk: %w", err)
 		}

@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"sync/atomic"
 	"syscall"
 
 	"imgfuse/aio"
@@ -83,8 +82,6 @@ type Driver struct {
 	// starts. Held across data I/O; never taken by reads or by writes to
 	// allocated grains.
 	allocMu coroutine.CoMutex
-
-	damage atomic.Pointer[drivers.DamageError]
 }
 
 var (
@@ -286,14 +283,6 @@ func (d *Driver) Files() []drivers.ChainFile {
 		}
 	}
 	return out
-}
-
-// Damage implements drivers.Damaged.
-func (d *Driver) Damage() error {
-	if e := d.damage.Load(); e != nil {
-		return e
-	}
-	return nil
 }
 
 // piece is the part of a request inside one extent.
