@@ -347,3 +347,40 @@ func TestInfo(t *testing.T) {
 		}
 	}
 }
+
+// TestStreamFooter: VMware's streamOptimized layout, the grain directory
+// named only by a footer (a header copy) near the end of the file behind
+// a footer marker and before the end-of-stream marker, reads as QEMU's
+// front-loaded one does. Made from qemu-img's output: the header's
+// gdOffset set to GD_AT_END, the three sectors appended.
+func TestStreamFooter(t *testing.T) {
+	path, ref := build(t, images[len(images)-1])
+	b, _ := os.ReadFile(path)
+	footer := bytes.Clone(b[:512])
+	le.PutUint64(b[56:], ^uint64(0))
+	marker := make([]byte, 512)
+	le.PutUint64(marker, 1)
+	le.PutUint32(marker[12:], 3)                                              // footer
+	b = append(append(append(b, marker...), footer...), make([]byte, 512)...) // EOS: type 0
+	vmware := filepath.Join(t.TempDir(), "vmware.vmdk")
+	os.WriteFile(vmware, b, 0o644)
+	d, err := vmdk.Open(vmware, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(ref))
+	if _, err := driverstest.ReadAt(d, got, 0); err != nil || !bytes.Equal(got, ref) {
+		t.Errorf("read: %v, equal %v", err, bytes.Equal(got, ref))
+	}
+	d.Close()
+	if qemu, _ := os.ReadFile(driverstest.ConvertRefFormat(t, "vmdk", vmware, "", t.TempDir())); !bytes.Equal(qemu, ref) {
+		t.Error("qemu-img reads the crafted image differently: the test image is wrong")
+	}
+
+	// Without the end-of-stream marker: refused as corrupt.
+	copy(b[len(b)-512:], marker)
+	os.WriteFile(vmware, b, 0o644)
+	if _, err := vmdk.Open(vmware, drivers.OpenOptions{ReadOnly: true}); !errors.Is(err, drivers.ErrCorrupt) {
+		t.Errorf("open without the end-of-stream marker: %v", err)
+	}
+}
