@@ -10,17 +10,18 @@ import (
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
 	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vmdk"
 	"imgfuse/drivers/vpc"
 )
 
 // Formats is every format imgfuse knows, handed to drivers.Open for
 // probing the image and its backing files. Order does not matter for
 // probing (the highest score wins); it is the order shown in help. The
-// foreign formats open nothing: they are there so that a VMDK, VHDX, LUKS
+// foreign formats open nothing: they are there so that a VHDX, QED, LUKS
 // ... file is refused by name instead of probing as raw
 // (drivers/foreign).
 func Formats() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vpc.Format{}}, foreign.Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vmdk.Format{}, vpc.Format{}}, foreign.Formats()...)
 }
 
 // refuseOnly returns f as a format known only to refuse, if it is one.
@@ -30,7 +31,7 @@ func refuseOnly(f drivers.Format) (*foreign.Format, bool) {
 }
 
 // ReadableFormats is the names of the formats imgfuse can open: "qcow2",
-// "raw", "vdi", "vpc".
+// "raw", "vdi", "vmdk", "vpc".
 func ReadableFormats() []string {
 	var names []string
 	for _, f := range Formats() {

@@ -72,7 +72,7 @@ func TestMountErrors(t *testing.T) {
 	}{
 		{"missing image", []string{"mount", filepath.Join(dir, "nope.qcow2"), mp}},
 		{"missing mountpoint", []string{"mount", img, filepath.Join(dir, "nope")}},
-		{"unknown format", []string{"mount", "--format", "vmdk", img, mp}},
+		{"unknown format", []string{"mount", "--format", "qed", img, mp}},
 		{"format qcow2 on a non-qcow2 file", []string{"mount", "--format", "qcow2", "/dev/null", mp}},
 		{"missing snapshot", []string{"mount", "--snapshot", "nope", img, mp}},
 		{"no arguments", []string{"mount"}},

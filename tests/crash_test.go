@@ -78,6 +78,7 @@ func TestCrash(t *testing.T) {
 		{"overlay-on-raw", "backing", nil, 3},
 		{"vdi", "vdi", nil, 3},
 		{"vpc", "vpc", nil, 3},
+		{"vmdk", "vmdk", nil, 3},
 	}
 	base := make([]int, len(cases))
 	for i, c := range cases {
@@ -106,7 +107,7 @@ func TestCrash(t *testing.T) {
 				switch {
 				case raw:
 					img = zeroRaw(t, writeSize)
-				case c.opts == "vdi" || c.opts == "vpc":
+				case c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk":
 					img = filepath.Join(t.TempDir(), "img."+c.opts)
 					driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", c.opts, img, fmtSize(writeSize))
 				case c.opts == "backing":
@@ -204,7 +205,7 @@ func TestCrash(t *testing.T) {
 				if raw {
 					return ok
 				}
-				if c.opts == "vdi" || c.opts == "vpc" {
+				if c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk" {
 					return ok && foreignCrashCheck(t, it, img, c.opts)
 				}
 
@@ -252,8 +253,8 @@ func TestCrash(t *testing.T) {
 			if raw {
 				return
 			}
-			if c.opts == "vdi" || c.opts == "vpc" {
-				// After a clean unmount: VDI checks clean, VHD opens.
+			if c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk" {
+				// After a clean unmount: VDI and VMDK check clean, VHD opens.
 				if !foreignCrashCheck(t, -1, img, c.opts) {
 					t.Fatal("final check failed")
 				}
@@ -371,8 +372,10 @@ func unlessKilled(killed *atomic.Bool, err error) error {
 	return err
 }
 
-// foreignCrashCheck judges a VDI or VHD image after a kill -9. VDI: qemu-img
-// check is clean, or finds only the allocated count one behind a block
+// foreignCrashCheck judges a VDI, VHD or VMDK image after a kill -9.
+// VMDK: qemu-img check is clean (a grain written and synced but not yet
+// named by its grain table entry is leaked space, which it does not
+// count). VDI: qemu-img check is clean, or finds only the allocated count one behind a block
 // whose map entry was written (the kill fell between the two writes,
 // drivers/vdi), which the next read-write mount repairs. VHD has no
 // qemu-img check: QEMU must open it (no BAT entry past the end) and read
@@ -382,6 +385,13 @@ func foreignCrashCheck(t *testing.T, it int, img, format string) bool {
 	if format == "vpc" {
 		if code, out := exitCode(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", img, filepath.Join(t.TempDir(), "out.raw")); code != 0 {
 			t.Errorf("round %d: qemu-img convert after kill -9: exit %d\n%s", it, code, out)
+			return false
+		}
+		return true
+	}
+	if format == "vmdk" {
+		if code, out := exitCode(t, "qemu-img", "check", "-f", "vmdk", img); code != 0 || !strings.Contains(out, "No errors") {
+			t.Errorf("round %d: qemu-img check after kill -9: exit %d\n%s", it, code, out)
 			return false
 		}
 		return true

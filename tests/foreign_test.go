@@ -17,13 +17,8 @@ import (
 // with the format's name in the refusal.
 func foreignImages(t *testing.T, dir string) map[string]string {
 	t.Helper()
-	path := func(name string) string { return filepath.Join(dir, name) }
 	_, create := driverstest.ForeignSource(t, dir)
 	return map[string]string{
-		create("sparse.vmdk", "vmdk"): "a VMDK image",
-		path("stream.vmdk"):           "a VMDK image",
-		create("flat.vmdk", "vmdk", "-o", "subformat=monolithicFlat"):        "a VMDK image", // a text descriptor
-		create("split.vmdk", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"): "a VMDK image",
 		create("d.vhdx", "vhdx"):                              "a VHDX image",
 		create("fixed.vhdx", "vhdx", "-o", "subformat=fixed"): "a VHDX image",
 		create("d.qed", "qed"):                                "a QED image",
@@ -48,7 +43,7 @@ func TestForeignRefused(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := "imgfuse: " + img + " is " + what + "; imgfuse reads qcow2, raw, vdi and vpc (-f raw exposes the file's own bytes)\n"
+			want := "imgfuse: " + img + " is " + what + "; imgfuse reads qcow2, raw, vdi, vmdk and vpc (-f raw exposes the file's own bytes)\n"
 			mp := newMountpoint(t, false)
 			for _, args := range [][]string{
 				{"mount", img, mp},
@@ -133,19 +128,19 @@ func removeBackingFormat(t *testing.T, img string) {
 	}
 }
 
-// TestForeignBacking: a qcow2 image whose backing file is a VMDK, named
-// by the backing format (-F vmdk) or probed, is refused with exit 5
-// naming VMDK, by mount (read-write and --read-only) and map; info
+// TestForeignBacking: a qcow2 image whose backing file is a VHDX, named
+// by the backing format (-F vhdx) or probed, is refused with exit 5
+// naming VHDX, by mount (read-write and --read-only) and map; info
 // describes the overlay and says why the backing file cannot be opened,
 // and with --backing-chain, where every image must open, exits 5.
 func TestForeignBacking(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
 	dir := t.TempDir()
-	base := filepath.Join(dir, "base.vmdk")
-	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vmdk", base, "4M")
+	base := filepath.Join(dir, "base.vhdx")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vhdx", base, "4M")
 	named := filepath.Join(dir, "named.qcow2")
-	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", named)
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", named)
 	probed := filepath.Join(dir, "probed.qcow2")
 	driverstest.Cmd(t, "cp", named, probed)
 	removeBackingFormat(t, probed)
@@ -162,7 +157,7 @@ func TestForeignBacking(t *testing.T) {
 		} {
 			r := imgfuse(t, nil, args...)
 			// The driver names the image it was opening: "qcow2: IMG: ...".
-			want := "imgfuse: qcow2: " + img + `: backing file "base.vmdk": is a VMDK image: not supported` + "\n"
+			want := "imgfuse: qcow2: " + img + `: backing file "base.vhdx": is a VHDX image: not supported` + "\n"
 			if r.code != 5 || r.stderr != want {
 				t.Errorf("imgfuse %s: want exit 5 and\n%s%v", strings.Join(args, " "), want, r)
 			}
@@ -171,12 +166,12 @@ func TestForeignBacking(t *testing.T) {
 			}
 		}
 		r := imgfuse(t, nil, "info", img)
-		if r.code != 0 || !strings.Contains(r.stdout, "file format: qcow2") || !strings.Contains(r.stdout, base+" is a VMDK image") {
+		if r.code != 0 || !strings.Contains(r.stdout, "file format: qcow2") || !strings.Contains(r.stdout, base+" is a VHDX image") {
 			t.Errorf("info %s: want the overlay described and the backing file refused by name\n%v", img, r)
 		}
 		r = imgfuse(t, nil, "info", "--backing-chain", "--output=json", img)
-		if r.code != 5 || !strings.Contains(r.stderr, base+" is a VMDK image") || strings.Count(r.stderr, "\n") != 1 {
-			t.Errorf("info --backing-chain %s: want exit 5 naming VMDK in one line\n%v", img, r)
+		if r.code != 5 || !strings.Contains(r.stderr, base+" is a VHDX image") || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("info --backing-chain %s: want exit 5 naming VHDX in one line\n%v", img, r)
 		}
 		// --format reaches the top image only: no hint for the backing file.
 		if strings.Contains(r.stderr, "-f raw") {
@@ -213,7 +208,7 @@ func firstSector(t *testing.T, dir, format string, opts ...string) []byte {
 // first sector, or a fixed VHD's footer over its last, fails with EPERM
 // and leaves the image raw and unchanged; with --format raw each write
 // goes through and the image then probes as that format: refused by name
-// (VHDX, VMDK), or opened by its driver (VDI, VHD: no longer exit 5).
+// (VHDX), or opened by its driver (VMDK, VDI, VHD: no longer exit 5).
 func TestForeignProbeGuard(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
@@ -232,7 +227,7 @@ func TestForeignProbeGuard(t *testing.T) {
 		what string
 	}{
 		{"vhdx", firstSector(t, t.TempDir(), "vhdx"), 0, "a VHDX image"},
-		{"vmdk", firstSector(t, t.TempDir(), "vmdk"), 0, "a VMDK image"},
+		{"vmdk", firstSector(t, t.TempDir(), "vmdk"), 0, "vmdk"},
 		{"vdi", firstSector(t, t.TempDir(), "vdi"), 0, "vdi"},
 		{"fixed vhd footer", fb[len(fb)-512:], size - 512, "vpc"},
 	} {

@@ -12,28 +12,45 @@ import (
 	"imgfuse/drivers/driverstest"
 )
 
-// blockImage is a VDI or VHD image made by qemu-img and filled by
-// qemu-io: data, written zeros, and blocks never written.
+// blockImage is a VDI, VHD or VMDK image made by qemu-img and filled by
+// qemu-io: data, written zeros, and blocks never written. stream: the
+// filled image is converted to a streamOptimized VMDK, read-only.
 type blockImage struct {
 	name, format string
 	opts         []string
 	size         string
 	io           []string
+	stream       bool
 }
 
+var vmdkFill = []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}
+
 var blockImages = []blockImage{
-	{"dynamic.vdi", "vdi", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}},
-	{"static.vdi", "vdi", []string{"-o", "static=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}},
-	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}},
-	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}},
-	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}},
+	{"dynamic.vdi", "vdi", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
+	{"static.vdi", "vdi", []string{"-o", "static=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
+	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
+	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
+	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}, false},
+	{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false},
+	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
+	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false},
+	{"split-sparse.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, "9M", vmdkFill, false},
+	{"split-flat.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentFlat"}, "5242887", []string{"write -P 0x11 100k 3000"}, false},
+	{"stream.vmdk", "vmdk", nil, "9M", vmdkFill, true},
 }
 
 func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
 	t.Helper()
 	img = filepath.Join(dir, b.name)
-	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", b.format}, b.opts...), img, b.size)...)
-	driverstest.QemuIOFormat(t, b.format, img, b.io...)
+	src := img
+	if b.stream {
+		src = filepath.Join(dir, "src-"+b.name)
+	}
+	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", b.format}, b.opts...), src, b.size)...)
+	driverstest.QemuIOFormat(t, b.format, src, b.io...)
+	if b.stream {
+		driverstest.Cmd(t, "qemu-img", "convert", "-f", b.format, "-O", "vmdk", "-o", "subformat=streamOptimized", src, img)
+	}
 	ref, err := os.ReadFile(driverstest.ConvertRefFormat(t, b.format, img, "", t.TempDir()))
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +62,9 @@ func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
 // and mounted read-only, reads as qemu-img convert says, byte for byte;
 // info names the format as qemu-img does; check checks VDI as qemu-img
 // does and says VHD has no check (exit 63, as qemu-img); map of a dynamic
-// VDI image is qemu-img's. (Of a static one qemu-img also looks into the
+// VDI image and of a sparse VMDK image (grains with their offsets, zeroed
+// grains, unallocated grains not present; compressed grains without an
+// offset) is qemu-img's. (Of a static one qemu-img also looks into the
 // holes of the image file, reporting them zero: not done here.)
 func TestBlockFormatsRead(t *testing.T) {
 	requireE2E(t)
@@ -80,8 +99,8 @@ func TestBlockFormatsRead(t *testing.T) {
 			if r.code != 0 {
 				t.Fatalf("map: %v", r)
 			}
-			if b.format == "vdi" && b.opts == nil {
-				want := driverstest.Cmd(t, "qemu-img", "map", "-f", "vdi", "--output=json", img)
+			if (b.format == "vdi" && b.opts == nil) || (b.format == "vmdk" && !strings.Contains(b.name, "flat")) {
+				want := driverstest.Cmd(t, "qemu-img", "map", "-f", b.format, "--output=json", img)
 				var g, w []map[string]any
 				if json.Unmarshal([]byte(r.stdout), &g) != nil || json.Unmarshal(want, &w) != nil || !jsonEqual(g, w) {
 					t.Errorf("map differs from qemu-img's:\n%s\nwant\n%s", r.stdout, want)
@@ -99,8 +118,9 @@ func jsonEqual(a, b any) bool {
 
 // TestBlockFormatsWrite: a random workload written through a writable
 // mount (-f named) and mirrored into a raw model; after the unmount
-// qemu-img compare finds the image equal to the model and, for VDI,
-// qemu-img check finds it clean.
+// qemu-img compare finds the image equal to the model and, for VDI and
+// VMDK, qemu-img check finds it clean. A streamOptimized VMDK is read-only:
+// a writable mount is refused naming it, and the image is left alone.
 func TestBlockFormatsWrite(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
@@ -108,6 +128,17 @@ func TestBlockFormatsWrite(t *testing.T) {
 		t.Run(b.name, func(t *testing.T) {
 			t.Parallel()
 			img, ref := b.build(t, t.TempDir())
+			if b.stream {
+				sum := fileSum(t, img)
+				r := imgfuse(t, nil, "mount", "--format", b.format, img, newMountpoint(t, false))
+				if r.code != 5 || !strings.Contains(r.stderr, "streamOptimized") || !strings.Contains(r.stderr, "read-only") {
+					t.Errorf("writable mount of a streamOptimized image: want exit 5 naming it\n%v", r)
+				}
+				if fileSum(t, img) != sum {
+					t.Error("the refused mount changed the image")
+				}
+				return
+			}
 			mp, disk := mount(t, img, false, "--format", b.format)
 			f, err := os.OpenFile(disk, os.O_RDWR, 0)
 			if err != nil {
@@ -140,8 +171,8 @@ func TestBlockFormatsWrite(t *testing.T) {
 			if code, out := exitCode(t, "qemu-img", "compare", "-f", b.format, "-F", "raw", img, raw); code != 0 {
 				t.Errorf("qemu-img compare: exit %d\n%s", code, out)
 			}
-			if b.format == "vdi" {
-				if code, out := exitCode(t, "qemu-img", "check", "-f", "vdi", img); code != 0 || !strings.Contains(out, "No errors") {
+			if b.format == "vdi" || b.format == "vmdk" {
+				if code, out := exitCode(t, "qemu-img", "check", "-f", b.format, img); code != 0 || !strings.Contains(out, "No errors") {
 					t.Errorf("qemu-img check: exit %d\n%s", code, out)
 				}
 			}

@@ -55,11 +55,11 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown flag", []string{"mount", "--bogus", "a", "b"}, imgtool.ExitUsage, "imgfuse: unknown flag: --bogus"},
 		{"mount one arg", []string{"mount", "a"}, imgtool.ExitUsage, "imgfuse: mount needs 2 argument(s): IMAGE MOUNTPOINT (got 1)"},
 		{"mount three args", []string{"mount", "a", "b", "c"}, imgtool.ExitUsage, "got 3"},
-		{"bad format", []string{"mount", "--format", "vmdk", "a", "b"}, imgtool.ExitUsage, `imgfuse: invalid --format "vmdk"`},
+		{"bad format", []string{"mount", "--format", "qed", "a", "b"}, imgtool.ExitUsage, `imgfuse: invalid --format "qed"`},
 		{"info no arg", []string{"info"}, imgtool.ExitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
 		{"info bad format", []string{"info", "--format", "qed", "x"}, imgtool.ExitUsage, "invalid --format"},
 		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, imgtool.ExitUsage,
-			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw, vdi, vpc)`},
+			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw, vdi, vmdk, vpc)`},
 		{"unmount two args", []string{"unmount", "a", "b"}, imgtool.ExitUsage, "unmount needs 1 argument(s)"},
 		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, imgtool.ExitUsage, `invalid argument "soon"`},
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, imgtool.ExitUsage, "--timeout must be positive"},
@@ -112,7 +112,7 @@ func TestVersionAndHelp(t *testing.T) {
 
 func TestFormatChoices(t *testing.T) {
 	got := strings.Join(imgtool.FormatChoices(), ",")
-	if got != "auto,qcow2,raw,vdi,vpc" {
+	if got != "auto,qcow2,raw,vdi,vmdk,vpc" {
 		t.Errorf("formatChoices = %s", got)
 	}
 }

@@ -1,7 +1,7 @@
 // Package foreign recognises the image formats imgfuse cannot read, in
 // order to refuse them by name. Every format qemu-img probes is here
-// except those with a driver (qcow2, raw, VDI, VHD): qcow (version 1),
-// QED, VMDK, VHDX, Parallels, DMG, cloop, Bochs and LUKS.
+// except those with a driver (qcow2, raw, VDI, VHD, VMDK): qcow (version
+// 1), QED, VHDX, Parallels, DMG, cloop, Bochs and LUKS.
 //
 // Why formats that open nothing: without them such a file probes as raw,
 // and a probing open exposes the container as if it were the disk. A VHDX
@@ -31,7 +31,9 @@
 // docs/formats.md §1.
 //
 // The fixed VHD probe that goes beyond QEMU (the footer in the file's
-// last 512 bytes, score 50) moved to drivers/vpc with the format.
+// last 512 bytes, score 50) moved to drivers/vpc with the format, and the
+// VMDK probe (the sparse magics and QEMU's descriptor rule) to
+// drivers/vmdk.
 //
 // LUKS: the magic is "LUKS\xba\xbe" at offset 0 for LUKS1 and LUKS2.
 // QEMU's probe accepts only version 1, the one it can open; this one
@@ -40,7 +42,7 @@
 //
 // # Moving a format out
 //
-// When a format gets a driver (drivers/vmdk and so on, see DESIGN.md),
+// When a format gets a driver (drivers/vhdx and so on, see DESIGN.md),
 // delete its row from the table in foreign.go, move its probe function
 // from probe.go to the new package's Format.Probe, and add the new Format
 // to cmd/imgfuse's imageFormats. The probe tests here move with it.

@@ -27,7 +27,6 @@ var formats = []*Format{
 	{name: "qcow", what: "a qcow (version 1) image", probe: probeQcow},
 	{name: "qed", what: "a QED image", probe: probeQED},
 	{name: "vhdx", what: "a VHDX image", probe: probeVHDX},
-	{name: "vmdk", what: "a VMDK image", probe: probeVMDK},
 }
 
 // Formats returns every format imgfuse recognises and cannot read, for the

@@ -21,7 +21,7 @@ func TestOpenRefused(t *testing.T) {
 	}{
 		{"LUKS\xba\xbe\x00\x01", "is a LUKS-encrypted image: not supported"},
 		{"vhdxfile", "is a VHDX image: not supported"},
-		{"KDMV\x01\x00\x00\x00", "is a VMDK image: not supported"},
+		{"QED\x00", "is a QED image: not supported"},
 	} {
 		path := filepath.Join(t.TempDir(), "c.img")
 		if err := os.WriteFile(path, append([]byte(tt.head), make([]byte, 1<<20-len(tt.head))...), 0o644); err != nil {

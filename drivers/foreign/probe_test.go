@@ -14,12 +14,13 @@ import (
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
 	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vmdk"
 	"imgfuse/drivers/vpc"
 )
 
 // all is the list of formats cmd/imgfuse assembles: readable and foreign.
 func all() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vpc.Format{}}, Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vmdk.Format{}, vpc.Format{}}, Formats()...)
 }
 
 func probeName(t *testing.T, in drivers.ProbeInput) string {
@@ -246,7 +247,7 @@ func TestProbeCrafted(t *testing.T) {
 }
 
 // qemuVMDKProbe is block/vmdk.c's vmdk_probe text loop transcribed index
-// by index, for FuzzProbe to hold vmdkDescriptor to.
+// by index, for FuzzProbe to hold drivers/vmdk's probe to.
 func qemuVMDKProbe(buf []byte) bool {
 	p, end := 0, len(buf)
 	for p < end {
@@ -309,8 +310,9 @@ func FuzzProbe(f *testing.F) {
 			}
 		}
 		h := padded.Head[:drivers.ProbeSize]
-		if got, want := vmdkDescriptor(h), qemuVMDKProbe(h); got != want {
-			t.Fatalf("vmdkDescriptor(%q) = %v, QEMU's loop says %v", h, got, want)
+		magic := string(h[:4]) == "KDMV" || string(h[:4]) == "COWD"
+		if got, want := (vmdk.Format{}).Probe(drivers.ProbeInput{Head: h}) == magicScore, magic || qemuVMDKProbe(h); got != want {
+			t.Fatalf("vmdk probe of %q: %v, QEMU's says %v", h, got, want)
 		}
 	})
 }
@@ -318,7 +320,7 @@ func FuzzProbe(f *testing.F) {
 // TestFormatsTable: names are unique, none is a readable format's, and
 // each refuses to open.
 func TestFormatsTable(t *testing.T) {
-	seen := map[string]bool{"qcow2": true, "raw": true, "vdi": true, "vpc": true}
+	seen := map[string]bool{"qcow2": true, "raw": true, "vdi": true, "vmdk": true, "vpc": true}
 	for _, f := range Formats() {
 		if seen[f.Name()] {
 			t.Errorf("format %q listed twice", f.Name())
@@ -328,7 +330,7 @@ func TestFormatsTable(t *testing.T) {
 			t.Errorf("%s: Open succeeded", f.Name())
 		}
 	}
-	want := "bochs cloop dmg luks parallels qcow qed vhdx vmdk"
+	want := "bochs cloop dmg luks parallels qcow qed vhdx"
 	var names []string
 	for _, f := range Formats() {
 		names = append(names, f.Name())
