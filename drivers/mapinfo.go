@@ -115,3 +115,20 @@ func layerStatus(co *coroutine.Co, d Driver, off int64) (LayerStatus, Driver, er
 	}
 	return LayerStatus{Off: ext.Off, Len: ext.Len, Data: ext.Flags&ExtentData != 0, Zero: ext.Flags&ExtentData == 0}, nil, nil
 }
+
+// BlockStatusOf is the block status of a driver without a backing layer,
+// from its LayerStatus at off: data where the layer stores data, zeros
+// everywhere else.
+func BlockStatusOf(co *coroutine.Co, m interface {
+	LayerStatus(co *coroutine.Co, off int64) (LayerStatus, error)
+}, off int64) (Extent, error) {
+	st, err := m.LayerStatus(co, off)
+	if err != nil {
+		return Extent{}, err
+	}
+	e := Extent{Off: st.Off, Len: st.Len, Flags: ExtentZero}
+	if st.Data {
+		e.Flags = ExtentData
+	}
+	return e, nil
+}

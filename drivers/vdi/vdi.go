@@ -413,15 +413,7 @@ func (d *Driver) BackingLayer() drivers.Driver { return nil }
 
 // BlockStatus describes the disk from off (LayerStatus).
 func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
-	st, err := d.LayerStatus(co, off)
-	if err != nil {
-		return drivers.Extent{}, err
-	}
-	e := drivers.Extent{Off: st.Off, Len: st.Len, Flags: drivers.ExtentZero}
-	if st.Data {
-		e.Flags = drivers.ExtentData
-	}
-	return e, nil
+	return drivers.BlockStatusOf(co, d, off)
 }
 
 // Truncate refuses any change of size, as QEMU's vdi driver (which has no

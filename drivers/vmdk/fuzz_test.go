@@ -10,6 +10,7 @@ import (
 
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/driverstest"
 )
 
 // seedImage is a small valid monolithicSparse extent: 1024 sectors of
@@ -81,28 +82,7 @@ func FuzzOpen(f *testing.F) {
 			return
 		}
 		defer d.Close()
-		buf := make([]byte, 64<<10)
-		coroutine.Run(func(co *coroutine.Co) {
-			for _, off := range []int64{0, d.Size() / 2, d.Size() - int64(len(buf))} {
-				if off < 0 {
-					continue
-				}
-				n := min(int64(len(buf)), d.Size()-off)
-				if got, err := d.ReadAt(co, buf[:n], off); err == nil && got != int(n) {
-					t.Fatalf("short read %d of %d without an error", got, n)
-				}
-			}
-			for off, k := int64(0), 0; off < d.Size() && k < 16; k++ {
-				st, err := d.BlockStatus(co, off)
-				if err != nil {
-					break
-				}
-				if st.Off != off || st.Len <= 0 {
-					t.Fatalf("block status at %d: %+v", off, st)
-				}
-				off += st.Len
-			}
-		})
+		driverstest.Poke(t, d)
 		if d.Size() <= 1<<30 {
 			if _, err := d.Check(drivers.CheckOnly, nil); err != nil {
 				t.Fatalf("check: %v", err)
