@@ -619,3 +619,49 @@ func Poke(t testing.TB, d drivers.Driver) {
 		}
 	})
 }
+
+// ConcurrentWrites writes rounds of `writers` concurrent writes (and
+// write-zeroes) of up to 300 KiB to disjoint stripes of d, several landing
+// in one unallocated block so that they race to allocate it, applies them
+// to model alike, and flushes d.
+func ConcurrentWrites(t *testing.T, d drivers.Driver, model []byte, rounds, writers int) {
+	t.Helper()
+	rng := rand.New(rand.NewSource(Seed(t)))
+	size := int64(len(model))
+	stripe := size / int64(writers)
+	for range rounds {
+		done := make(chan error, writers)
+		base := rng.Int63n(size)
+		for k := range writers {
+			off := (base + int64(k)*stripe) % size
+			n := min(1+rng.Int63n(300<<10), stripe, size-off)
+			p := bytes.Repeat([]byte{byte(rng.Intn(255) + 1)}, int(n))
+			zero := rng.Intn(5) == 0
+			if zero {
+				clear(p)
+			}
+			copy(model[off:], p)
+			go func() {
+				var err error
+				coroutine.Run(func(co *coroutine.Co) {
+					if zero {
+						err = d.WriteZeroes(co, off, n, true)
+						return
+					}
+					_, err = d.WriteAt(co, p, off)
+				})
+				done <- err
+			}()
+		}
+		for range writers {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	var err error
+	coroutine.Run(func(co *coroutine.Co) { err = d.Flush(co) })
+	if err != nil {
+		t.Fatal(err)
+	}
+}

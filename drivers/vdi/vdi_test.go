@@ -3,7 +3,6 @@ package vdi_test
 import (
 	"bytes"
 	"errors"
-	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -92,41 +91,7 @@ func TestWritesAgainstQemu(t *testing.T) {
 				t.Fatal(err)
 			}
 			model := bytes.Clone(ref)
-			rng := rand.New(rand.NewSource(driverstest.Seed(t)))
-			size := int64(len(model))
-			// Rounds of concurrent writes to disjoint ranges (several
-			// into one unallocated block: they race to allocate it).
-			for round := 0; round < 20; round++ {
-				done := make(chan error, 8)
-				base := rng.Int63n(size)
-				for k := 0; k < 8; k++ {
-					off := (base + int64(k)*(size/8)) % size
-					n := min(1+rng.Int63n(300<<10), size/8, size-off)
-					p := bytes.Repeat([]byte{byte(rng.Intn(255) + 1)}, int(n))
-					if rng.Intn(5) == 0 {
-						clear(p)
-					}
-					copy(model[off:], p)
-					zero := p[0] == 0 && rng.Intn(2) == 0
-					go func() {
-						done <- run(func(co *coroutine.Co) error {
-							if zero {
-								return d.WriteZeroes(co, off, n, true)
-							}
-							_, err := d.WriteAt(co, p, off)
-							return err
-						})
-					}()
-				}
-				for k := 0; k < 8; k++ {
-					if err := <-done; err != nil {
-						t.Fatal(err)
-					}
-				}
-			}
-			if err := run(d.Flush); err != nil {
-				t.Fatal(err)
-			}
+			driverstest.ConcurrentWrites(t, d, model, 20, 8)
 			d.Close()
 			raw := filepath.Join(t.TempDir(), "model.raw")
 			if err := os.WriteFile(raw, model, 0o644); err != nil {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -73,43 +72,6 @@ func run(f func(co *coroutine.Co) error) (err error) {
 	return err
 }
 
-// workload writes a random concurrent workload to d and model alike.
-func workload(t *testing.T, d drivers.Driver, model []byte, rounds int) {
-	rng := rand.New(rand.NewSource(driverstest.Seed(t)))
-	size := int64(len(model))
-	for round := 0; round < rounds; round++ {
-		done := make(chan error, 6)
-		base := rng.Int63n(size)
-		for k := 0; k < 6; k++ {
-			off := (base + int64(k)*(size/6)) % size
-			n := min(1+rng.Int63n(300<<10), size/6, size-off)
-			p := bytes.Repeat([]byte{byte(rng.Intn(255) + 1)}, int(n))
-			zero := rng.Intn(5) == 0
-			if zero {
-				clear(p)
-			}
-			copy(model[off:], p)
-			go func() {
-				done <- run(func(co *coroutine.Co) error {
-					if zero {
-						return d.WriteZeroes(co, off, n, true)
-					}
-					_, err := d.WriteAt(co, p, off)
-					return err
-				})
-			}()
-		}
-		for k := 0; k < 6; k++ {
-			if err := <-done; err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if err := run(d.Flush); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestWritesAgainstQemu: after a concurrent workload through the driver,
 // qemu-img compare finds the image equal to a raw model (qemu-img has no
 // check for vpc).
@@ -123,7 +85,7 @@ func TestWritesAgainstQemu(t *testing.T) {
 				t.Fatal(err)
 			}
 			model := bytes.Clone(ref)
-			workload(t, d, model, 15)
+			driverstest.ConcurrentWrites(t, d, model, 15, 6)
 			d.Close()
 			raw := filepath.Join(t.TempDir(), "model.raw")
 			if err := os.WriteFile(raw, model, 0o644); err != nil {
@@ -275,7 +237,7 @@ func TestDifferencing(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	workload(t, d, model, 8)
+	driverstest.ConcurrentWrites(t, d, model, 8, 6)
 	d.Close()
 	d, err = vpc.Open(top, drivers.OpenOptions{ReadOnly: true})
 	if err != nil {
