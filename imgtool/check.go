@@ -48,6 +48,16 @@ func Check(stdout, stderr io.Writer, image, format string, mode drivers.CheckMod
 		d, f, err = OpenForInspect(image, format, opts)
 	} else {
 		d, f, err = openForRepair(image, format, opts)
+		if errors.Is(err, drivers.ErrUnsupported) {
+			// An image its driver opens read-only only (a
+			// streamOptimized VMDK) cannot be repaired: qemu-img
+			// check -r exits 63 for it, as for a format without
+			// checks.
+			if d2, _, err2 := OpenForInspect(image, format, opts); err2 == nil {
+				d2.Close()
+				return ExitStatus{CheckUnsupported, err}
+			}
+		}
 	}
 	if err != nil {
 		// An image in a format imgfuse cannot read is refused as by
@@ -76,6 +86,12 @@ func Check(stdout, stderr io.Writer, image, format string, mode drivers.CheckMod
 		fmt.Fprintln(stderr, m)
 	}
 	if cerr != nil {
+		if mode != drivers.CheckOnly && errors.Is(cerr, drivers.ErrUnsupported) {
+			// A format that checks but cannot repair (VDI, VMDK):
+			// qemu-img check -r exits 63 for it, as for a format
+			// without checks.
+			return ExitStatus{CheckUnsupported, DriverError("check", image, 0, cerr)}
+		}
 		return ExitStatus{CheckFailed, DriverError("check", image, 0, cerr)}
 	}
 	q := qemuCheck{

@@ -95,6 +95,12 @@ func TestBlockFormatsRead(t *testing.T) {
 			if r := imgfuse(t, nil, "check", img); r.code != qcode {
 				t.Errorf("check: exit %d, qemu-img check %d\n%v", r.code, qcode, r)
 			}
+			// None of these formats can be repaired: qemu-img check -r
+			// exits 63, and so must we.
+			qcode, _ = exitCode(t, "qemu-img", "check", "-r", "all", "-f", b.format, img)
+			if r := imgfuse(t, nil, "check", "-r", "all", img); r.code != qcode {
+				t.Errorf("check -r all: exit %d, qemu-img check -r all %d\n%v", r.code, qcode, r)
+			}
 			r = imgfuse(t, nil, "map", "--output=json", img)
 			if r.code != 0 {
 				t.Fatalf("map: %v", r)
