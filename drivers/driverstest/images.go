@@ -329,3 +329,19 @@ func OrByte(t testing.TB, path string, off int64, or byte) {
 		t.Fatal(err)
 	}
 }
+
+// QemuImage makes an image of format with `qemu-img create` (opts, size)
+// at dir/name, fills it with qemu-io commands, and returns its path and
+// the raw bytes `qemu-img convert` reads from it.
+func QemuImage(t testing.TB, format, dir, name string, opts []string, size string, io ...string) (string, []byte) {
+	t.Helper()
+	RequireTools(t, "qemu-img", "qemu-io")
+	path := filepath.Join(dir, name)
+	Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", format}, opts...), path, size)...)
+	QemuIOFormat(t, format, path, io...)
+	ref, err := os.ReadFile(ConvertRefFormat(t, format, path, "", t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, ref
+}

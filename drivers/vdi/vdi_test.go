@@ -36,16 +36,7 @@ var images = []vdiImage{
 // reference qemu-img converts it to.
 func build(t *testing.T, img vdiImage) (string, []byte) {
 	t.Helper()
-	driverstest.RequireTools(t, "qemu-img", "qemu-io")
-	dir := t.TempDir()
-	path := filepath.Join(dir, img.name+".vdi")
-	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", "vdi"}, img.opts...), path, img.size)...)
-	driverstest.QemuIOFormat(t, "vdi", path, img.io...)
-	ref, err := os.ReadFile(driverstest.ConvertRefFormat(t, "vdi", path, "", dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return path, ref
+	return driverstest.QemuImage(t, "vdi", t.TempDir(), img.name+".vdi", img.opts, img.size, img.io...)
 }
 
 func opener(img vdiImage, opts drivers.OpenOptions) driverstest.OpenFunc {

@@ -33,15 +33,7 @@ var images = []vhdImage{
 
 func build(t *testing.T, img vhdImage, dir string) (string, []byte) {
 	t.Helper()
-	driverstest.RequireTools(t, "qemu-img", "qemu-io")
-	path := filepath.Join(dir, img.name+".vhd")
-	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", "vpc"}, img.opts...), path, img.size)...)
-	driverstest.QemuIOFormat(t, "vpc", path, img.io...)
-	ref, err := os.ReadFile(driverstest.ConvertRefFormat(t, "vpc", path, "", t.TempDir()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return path, ref
+	return driverstest.QemuImage(t, "vpc", dir, img.name+".vhd", img.opts, img.size, img.io...)
 }
 
 func opener(img vhdImage, opts drivers.OpenOptions) driverstest.OpenFunc {
