@@ -112,7 +112,9 @@ type uringLoop struct {
 // beyond that, an entry gives back what it used past it once its reply
 // is committed (madvise(MADV_DONTNEED), and page faults when it is used
 // again), so that a burst of 1 MiB writes (64 in flight) does not leave
-// 128 MiB resident.
+// 128 MiB resident. A reply's own bytes are never given back under the
+// kernel, so an entry whose last reply was a large READ keeps it until its
+// next request.
 const (
 	uringThinPayload = 128 << 10
 	uringMaxFat      = 16
