@@ -193,7 +193,7 @@ func Mount(mountpoint string, d drivers.Driver, opts Options) (*Server, error) {
 	case opts.NoPassthrough:
 		s.why = "disabled by the mount options"
 	case fb == nil:
-		s.why = "the image format maps the disk onto its file piecewise (only raw images can be passed through)"
+		s.why = "the image format maps the disk onto its file piecewise (only raw images and read-only flat VMDK images are passed through)"
 	default:
 		fsys.backingID, s.why = registerBacking(srv, fb)
 		s.passthrough = fsys.backingID != 0

@@ -565,3 +565,40 @@ func TestPassthroughLoop(t *testing.T) {
 		t.Errorf("e2fsck -fn through the mount: exit %d\n%s", code, out)
 	}
 }
+
+// TestPassthroughFlatVMDK: a read-only monolithicFlat VMDK is its -flat
+// file byte for byte, so the kernel reads that file itself, as for a raw
+// image; a sparse VMDK, and a writable flat one (whose first write must
+// give the image a new CID), are served by the daemon.
+func TestPassthroughFlatVMDK(t *testing.T) {
+	requireE2E(t, "cmp")
+	t.Parallel()
+	dir := t.TempDir()
+	flat := blockImage{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false}
+	img, ref := flat.build(t, dir)
+	want := filepath.Join(dir, "want.raw")
+	writeModel(t, want, ref)
+
+	mp, disk := mount(t, img, false, "--read-only")
+	requirePassthrough(t, mp)
+	driverstest.Cmd(t, "cmp", disk, want)
+	if !stoppedRead(t, daemonPID(t, mp), disk, ref, 10*time.Second) {
+		t.Error("a read with the daemon stopped waited for it: not passed through")
+	}
+	unmount(t, mp)
+
+	mp, disk = mount(t, img, false)
+	if s := passthroughState(t, mp); s == "on" {
+		t.Errorf("writable flat VMDK: passthrough %s, want off", s)
+	}
+	driverstest.Cmd(t, "cmp", disk, want)
+	unmount(t, mp)
+
+	sparse := blockImage{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false}
+	img, _ = sparse.build(t, dir)
+	mp, _ = mount(t, img, false, "--read-only")
+	if s := passthroughState(t, mp); s == "on" {
+		t.Errorf("sparse VMDK: passthrough %s, want off", s)
+	}
+	unmount(t, mp)
+}

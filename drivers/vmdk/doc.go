@@ -31,6 +31,8 @@
 //   - sparse.go: grain lookup, allocating writes, zeroed grains, block
 //     status of a sparse extent.
 //   - compress.go: compressed grains (streamOptimized).
+//   - direct.go: the raw fast paths of flat extents (DirectReader, and
+//     FileBacked for a read-only disk that is one flat file byte for byte).
 //   - check.go: qemu-img check's test for VMDK.
 //
 // # Design
@@ -41,7 +43,13 @@
 // metadata cache and written through entry by entry, as drivers/vdi and
 // drivers/vpc do with their block tables. Nothing is held beyond the
 // caches, so a 2 TiB extent costs what its cache costs. Flat extents are
-// plain ranges of their file. All I/O goes through aio.
+// plain ranges of their file, read as raw images are: an aligned read
+// inside one flat extent is one iocb into the reply (ReadDirect), and a
+// read-only monolithicFlat disk whose -flat file is exactly the disk is
+// FUSE passthrough's (Format.Open returns it as a drivers.FileBacked:
+// the kernel reads the file itself). A writable one is not: its first
+// write, mapped ones included, must reach the driver to renew the CID.
+// All I/O goes through aio.
 //
 // Concurrency. mu (a CoMutex) is the image's metadata lock: it protects
 // every sparse extent's caches, its next grain and its known end, and the

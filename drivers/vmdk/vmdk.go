@@ -26,7 +26,14 @@ func (Format) Probe(in drivers.ProbeInput) int { return probe(in) }
 // Open opens the VMDK image at path. It must not be called from a
 // coroutine.
 func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
-	return Open(path, opts)
+	d, err := Open(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	if d.wholeFile() {
+		return wholeFileDriver{d}, nil
+	}
+	return d, nil
 }
 
 // defaultCacheBytes bounds the grain table cache (and the grain
