@@ -18,6 +18,7 @@ import (
 // clean and equal to what was written after the unmount.
 func TestIOURingMount(t *testing.T) {
 	requireE2E(t, "fio")
+	t.Parallel()
 	testenv.EnableFUSEURing(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "img.qcow2")
