@@ -105,3 +105,20 @@ func TestChainHelpers(t *testing.T) {
 		t.Errorf("a chain of %d: %v", drivers.MaxChainDepth+1, err)
 	}
 }
+
+// FuzzResolveParent: any name an image stores resolves without a panic,
+// to the name itself (absolute) or the name after the image's directory.
+func FuzzResolveParent(f *testing.F) {
+	for _, s := range []string{"base.vmdk", "../b.vmdk", "/abs", `C:\x`, "nbd:h:1", "", "a/b:c"} {
+		f.Add("/d/child.vmdk", s)
+	}
+	f.Fuzz(func(t *testing.T, image, name string) {
+		p, err := drivers.ResolveParent(image, name)
+		if err != nil {
+			return
+		}
+		if !strings.HasSuffix(p, name) || (!strings.HasPrefix(name, "/") && !strings.HasPrefix(image, p[:len(p)-len(name)])) {
+			t.Errorf("ResolveParent(%q, %q) = %q", image, name, p)
+		}
+	})
+}
