@@ -50,7 +50,10 @@
 // grain, fdatasyncs, and publishes it before the next starts. A write that
 // finds its grain unallocated takes allocMu, looks again (another writer
 // may have allocated it meanwhile: it then writes in place) and allocates.
-// Lock order: allocMu, then mu. Reads never wait for allocMu.
+// Lock order: allocMu, then mu. Reads never wait for allocMu. A delta
+// link reads its parent (a driver of its own, with its own locks) holding
+// allocMu during a copy-on-write, never mu; a parent never calls into its
+// child.
 //
 // Allocation order, for each new grain (QEMU's, docs/formats.md §2.7,
 // with the flush it lacks):
