@@ -172,7 +172,7 @@ qsd11_bin="" qsd11_why=""
 fetch_qsd11() {
 	local root=$cachedir/qemu-trixie-backports
 	local bin=$root/run-qemu-storage-daemon
-	if [[ -x $bin && -x $root/run-qemu-img ]] && "$bin" --version 2>/dev/null | grep -qE 'version (1[1-9]|[2-9][0-9])\.'; then
+	if [[ -x $bin && -x $root/run-qemu-io ]] && "$bin" --version 2>/dev/null | grep -qE 'version (1[1-9]|[2-9][0-9])\.'; then
 		qsd11_bin=$bin
 		return 0
 	fi
@@ -189,9 +189,9 @@ fetch_qsd11() {
 	libdir=$(dirname "$ldso")
 	# Paths relative to the wrapper, so that the cache can move. One
 	# wrapper per program the package holds that is used: the daemon,
-	# and qemu-img (tests/testdata/qemu-versions/make.sh).
+	# and qemu-img and qemu-io (tests/testdata/qemu-versions/make.sh).
 	local prog
-	for prog in qemu-storage-daemon qemu-img; do
+	for prog in qemu-storage-daemon qemu-img qemu-io; do
 		cat >"$root/run-$prog" <<WRAPPER
 #!/bin/sh
 root=\$(dirname "\$(readlink -f "\$0")")

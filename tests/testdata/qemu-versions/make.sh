@@ -35,9 +35,6 @@ declare -A io=(
 	[10.0]=$cachedir/qemu-10.0/usr/bin/qemu-io
 	[11]=$cachedir/qemu-trixie-backports/run-qemu-io
 )
-# qemu-io 11 runs through the same loader as qemu-img 11.
-sed 's|usr/bin/qemu-img|usr/bin/qemu-io|' "${img[11]}" >"${io[11]}"
-chmod +x "${io[11]}"
 
 # NAME FORMAT CREATE-OPTIONS: every image is 5 MiB + 3 KiB + 512 bytes
 # (odd, but whole sectors, which every format keeps), filled the same way.
