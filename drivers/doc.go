@@ -10,7 +10,11 @@
 // capabilities (DirectReader, Snapshotter, Informer, Checker, LayerMapper,
 // FileBacked, Allocator, Damaged, FileLister) with their ...Of helpers; the
 // io.ReaderAt adapter (ReaderAt) and qemu-img map's walk down a chain
-// (MapAt). The formats live in its subpackages (drivers/qcow2,
+// (MapAt); what the formats with parent images (VMDK delta links, VHD
+// differencing disks) share to open them (chain.go: ResolveParent and
+// JoinParent, QEMU's resolution of a parent's name; EnterChain and
+// OpenParent, which carry the chain in OpenOptions.Chain and refuse a
+// loop, across formats too, or a chain deeper than MaxChainDepth). The formats live in its subpackages (drivers/qcow2,
 // drivers/raw, drivers/foreign), the conformance suite every driver passes
 // in drivers/driverstest.
 //

@@ -125,6 +125,10 @@ type OpenOptions struct {
 	// marked consistent again. Only drivers.Checker's Check may be used
 	// on such an open.
 	Repair bool
+	// Chain is the chain of images above this one, set by drivers that
+	// open parent images (EnterChain, OpenParent) to refuse loops across
+	// formats. Callers opening an image leave it nil.
+	Chain *Chain
 }
 
 // Format is one image format: how to recognise it and how to open it.

@@ -79,6 +79,9 @@ func TestCrash(t *testing.T) {
 		{"vdi", "vdi", nil, 3},
 		{"vpc", "vpc", nil, 3},
 		{"vmdk", "vmdk", nil, 3},
+		// A VMDK delta link: partial-grain writes copy the rest of the
+		// grain from the parent while the daemon dies.
+		{"vmdk-child", "vmdk-child", nil, 2},
 	}
 	base := make([]int, len(cases))
 	for i, c := range cases {
@@ -107,7 +110,15 @@ func TestCrash(t *testing.T) {
 				switch {
 				case raw:
 					img = zeroRaw(t, writeSize)
-				case c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk":
+				case c.opts == "vmdk-child":
+					dir := t.TempDir()
+					b, r := filepath.Join(dir, "base.vmdk"), filepath.Join(dir, "base.raw")
+					randomFull(t, r, writeSize, 23)
+					driverstest.Cmd(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", r, b)
+					img = filepath.Join(dir, "img.vmdk")
+					driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", img)
+					keep = freeze(t, b)
+				case foreignFormat(c.opts) != "":
 					img = filepath.Join(t.TempDir(), "img."+c.opts)
 					driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", c.opts, img, fmtSize(writeSize))
 				case c.opts == "backing":
@@ -205,8 +216,8 @@ func TestCrash(t *testing.T) {
 				if raw {
 					return ok
 				}
-				if c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk" {
-					return ok && foreignCrashCheck(t, it, img, c.opts)
+				if f := foreignFormat(c.opts); f != "" {
+					return ok && foreignCrashCheck(t, it, img, f)
 				}
 
 				code, out := qemuCheck(t, img)
@@ -253,9 +264,9 @@ func TestCrash(t *testing.T) {
 			if raw {
 				return
 			}
-			if c.opts == "vdi" || c.opts == "vpc" || c.opts == "vmdk" {
+			if f := foreignFormat(c.opts); f != "" {
 				// After a clean unmount: VDI and VMDK check clean, VHD opens.
-				if !foreignCrashCheck(t, -1, img, c.opts) {
+				if !foreignCrashCheck(t, -1, img, f) {
 					t.Fatal("final check failed")
 				}
 				return
@@ -266,6 +277,18 @@ func TestCrash(t *testing.T) {
 			}
 		})
 	}
+}
+
+// foreignFormat is the format of a TestCrash case's image if it is a VDI,
+// VHD or VMDK one, else "".
+func foreignFormat(opts string) string {
+	switch opts {
+	case "vdi", "vpc", "vmdk":
+		return opts
+	case "vmdk-child":
+		return "vmdk"
+	}
+	return ""
 }
 
 // filesClosed reports whether process pid holds no open files any more. A

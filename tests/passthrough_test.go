@@ -574,7 +574,7 @@ func TestPassthroughFlatVMDK(t *testing.T) {
 	requireE2E(t, "cmp")
 	t.Parallel()
 	dir := t.TempDir()
-	flat := blockImage{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false}
+	flat := blockImage{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false, nil}
 	img, ref := flat.build(t, dir)
 	want := filepath.Join(dir, "want.raw")
 	writeModel(t, want, ref)
@@ -594,7 +594,7 @@ func TestPassthroughFlatVMDK(t *testing.T) {
 	driverstest.Cmd(t, "cmp", disk, want)
 	unmount(t, mp)
 
-	sparse := blockImage{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false}
+	sparse := blockImage{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false, nil}
 	img, _ = sparse.build(t, dir)
 	mp, _ = mount(t, img, false, "--read-only")
 	if s := passthroughState(t, mp); s == "on" {

@@ -15,28 +15,40 @@ import (
 // blockImage is a VDI, VHD or VMDK image made by qemu-img and filled by
 // qemu-io: data, written zeros, and blocks never written. stream: the
 // filled image is converted to a streamOptimized VMDK, read-only.
+// parents: a VMDK delta link, made with qemu-img create -b on the last
+// of them, each a delta link on the one before it (bottom first).
 type blockImage struct {
 	name, format string
 	opts         []string
 	size         string
 	io           []string
 	stream       bool
+	parents      []blockImage
 }
 
 var vmdkFill = []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}
 
 var blockImages = []blockImage{
-	{"dynamic.vdi", "vdi", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
-	{"static.vdi", "vdi", []string{"-o", "static=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
-	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
-	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
-	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}, false},
-	{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false},
-	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
-	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false},
-	{"split-sparse.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, "9M", vmdkFill, false},
-	{"split-flat.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentFlat"}, "5242887", []string{"write -P 0x11 100k 3000"}, false},
-	{"stream.vmdk", "vmdk", nil, "9M", vmdkFill, true},
+	{"dynamic.vdi", "vdi", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false, nil},
+	{"static.vdi", "vdi", []string{"-o", "static=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false, nil},
+	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false, nil},
+	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false, nil},
+	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}, false, nil},
+	{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false, nil},
+	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false, nil},
+	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false, nil},
+	{"split-sparse.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, "9M", vmdkFill, false, nil},
+	{"split-flat.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentFlat"}, "5242887", []string{"write -P 0x11 100k 3000"}, false, nil},
+	{"stream.vmdk", "vmdk", nil, "9M", vmdkFill, true, nil},
+	{"child.vmdk", "vmdk", nil, "", []string{"write -P 0x21 3000 5000", "write -P 0x22 3M 100k", "write -z 7M 70k"}, false, vmdkParents[:1]},
+	{"top.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "", []string{"write -P 0x31 1050k 3k", "write -z 3M 128k", "write -P 0x32 8M 10000"}, false, vmdkParents},
+}
+
+// vmdkParents: a base (9 MiB plus an odd tail) and a split delta link on
+// it, the parents of the chain rows of blockImages.
+var vmdkParents = []blockImage{
+	{"base.vmdk", "vmdk", nil, "9438720", append([]string{"write -P 0x10 0 9438720"}, vmdkFill...), false, nil},
+	{"mid.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, "", []string{"write -P 0x20 1M 100k", "write -z 5M 64k"}, false, nil},
 }
 
 func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
@@ -46,8 +58,11 @@ func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
 	if b.stream {
 		src = filepath.Join(dir, "src-"+b.name)
 	}
-	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", b.format}, b.opts...), src, b.size)...)
-	driverstest.QemuIOFormat(t, b.format, src, b.io...)
+	for i, p := range b.parents {
+		p.parents = b.parents[:i]
+		p.create(t, filepath.Join(dir, p.name))
+	}
+	b.create(t, src)
 	if b.stream {
 		driverstest.Cmd(t, "qemu-img", "convert", "-f", b.format, "-O", "vmdk", "-o", "subformat=streamOptimized", src, img)
 	}
@@ -58,9 +73,35 @@ func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
 	return img, ref
 }
 
+// create makes b at path (a delta link on its last parent, already made
+// in dir, if it has parents) and fills it.
+func (b blockImage) create(t *testing.T, path string) {
+	t.Helper()
+	args := append([]string{"create", "-q", "-f", b.format}, b.opts...)
+	if n := len(b.parents); n > 0 {
+		args = append(args, "-b", b.parents[n-1].name, "-F", b.format, path)
+	} else {
+		args = append(args, path, b.size)
+	}
+	driverstest.Cmd(t, "qemu-img", args...)
+	driverstest.QemuIOFormat(t, b.format, path, b.io...)
+}
+
+// parentFiles lists the files of b's parents once built in dir (a split
+// parent's extents too).
+func (b blockImage) parentFiles(dir string) []string {
+	var out []string
+	for _, p := range b.parents {
+		m, _ := filepath.Glob(filepath.Join(dir, strings.TrimSuffix(p.name, ".vmdk")+"*"))
+		out = append(out, m...)
+	}
+	return out
+}
+
 // TestBlockFormatsRead: each image, probed (the fixed VHD by its footer)
 // and mounted read-only, reads as qemu-img convert says, byte for byte;
-// info names the format as qemu-img does; check checks VDI as qemu-img
+// info names the format (and a delta link's backing file) as qemu-img
+// does; check checks VDI as qemu-img
 // does and says VHD has no check (exit 63, as qemu-img); map of a dynamic
 // VDI image and of a sparse VMDK image (grains with their offsets, zeroed
 // grains, unallocated grains not present; compressed grains without an
@@ -84,12 +125,22 @@ func TestBlockFormatsRead(t *testing.T) {
 			unmount(t, mp)
 
 			r := imgfuse(t, nil, "info", "--output=json", img)
+			type backing struct {
+				Name     string `json:"backing-filename"`
+				FullName string `json:"full-backing-filename"`
+				Format   string `json:"backing-filename-format"`
+			}
 			var info struct {
 				Format string `json:"format"`
 				Size   int64  `json:"virtual-size"`
+				backing
 			}
 			if err := json.Unmarshal([]byte(r.stdout), &info); r.code != 0 || err != nil || info.Format != b.format || info.Size != int64(len(ref)) {
 				t.Errorf("info: %+v (%v)\n%v", info, err, r)
+			}
+			var qinfo backing
+			if err := json.Unmarshal(driverstest.Cmd(t, "qemu-img", "info", "--output=json", "-f", b.format, img), &qinfo); err != nil || info.backing != qinfo || (len(b.parents) > 0) != (qinfo.Name != "") {
+				t.Errorf("info names the backing file %+v, qemu-img %+v (%v)", info.backing, qinfo, err)
 			}
 			qcode, _ := exitCode(t, "qemu-img", "check", "-f", b.format, img)
 			if r := imgfuse(t, nil, "check", img); r.code != qcode {
@@ -125,7 +176,8 @@ func jsonEqual(a, b any) bool {
 // TestBlockFormatsWrite: a random workload written through a writable
 // mount (-f named) and mirrored into a raw model; after the unmount
 // qemu-img compare finds the image equal to the model and, for VDI and
-// VMDK, qemu-img check finds it clean. A streamOptimized VMDK is read-only:
+// VMDK, qemu-img check finds it clean; a VMDK delta link's parents are
+// left unchanged. A streamOptimized VMDK is read-only:
 // a writable mount is refused naming it, and the image is left alone.
 func TestBlockFormatsWrite(t *testing.T) {
 	requireE2E(t)
@@ -133,7 +185,9 @@ func TestBlockFormatsWrite(t *testing.T) {
 	for _, b := range blockImages {
 		t.Run(b.name, func(t *testing.T) {
 			t.Parallel()
-			img, ref := b.build(t, t.TempDir())
+			dir := t.TempDir()
+			img, ref := b.build(t, dir)
+			parents := freeze(t, b.parentFiles(dir)...)
 			if b.stream {
 				sum := fileSum(t, img)
 				r := imgfuse(t, nil, "mount", "--format", b.format, img, newMountpoint(t, false))
@@ -182,6 +236,7 @@ func TestBlockFormatsWrite(t *testing.T) {
 					t.Errorf("qemu-img check: exit %d\n%s", code, out)
 				}
 			}
+			parents.check(t) // a delta link's parents are opened read-only
 		})
 	}
 }

@@ -58,7 +58,10 @@
 // grain, fdatasyncs, and publishes it before the next starts. A write that
 // finds its grain unallocated takes allocMu, looks again (another writer
 // may have allocated it meanwhile: it then writes in place) and allocates.
-// Lock order: allocMu, then mu. Reads never wait for allocMu.
+// Lock order: allocMu, then mu. Reads never wait for allocMu. A delta
+// link reads its parent (a driver of its own, with its own locks) holding
+// allocMu during a copy-on-write, never mu; a parent never calls into its
+// child.
 //
 // Allocation order, for each new grain (QEMU's, docs/formats.md §2.7,
 // with the flush it lacks):
@@ -83,6 +86,36 @@
 // digits are rewritten in place, in the embedded descriptor or the
 // descriptor file, and synced.
 //
+// # Parent chains (delta links)
+//
+// A descriptor with parentFileNameHint is a delta link (parent.go): what
+// its sparse extents leave unallocated (GTE 0) reads from the parent; a
+// zeroed grain reads zeros, never the parent. The hint is resolved as
+// QEMU resolves a backing file name (drivers.ResolveParent: appended to
+// the child's path as given, a protocol prefix refused), and the parent
+// is opened read-only as VMDK whatever its content, as QEMU's
+// vmdk_parent_open sets the backing format (qemu-img create refuses any
+// other base), through drivers.OpenParent, which carries the chain in
+// OpenOptions.Chain and refuses a file already in it (a loop, across
+// formats too) and a chain deeper than drivers.MaxChainDepth. QEMU has no
+// loop check (a -> b -> a opens until it runs out of descriptors).
+//
+// The child's parentCID must equal the parent's CID. As in QEMU
+// (vmdk_is_cid_valid) a mismatch does not fail the open: reads that fall
+// through to the parent and copy-on-write fail with ErrCorrupt (QEMU:
+// EINVAL) naming both CIDs, while allocated grains read and write. The
+// parent is opened read-only and locked, so the comparison is made once,
+// at open.
+//
+// A write to an unallocated grain of a delta link allocates the whole
+// grain with the parent's bytes around the data (QEMU's get_whole_cluster
+// copy-on-write), in the allocation order above. A zero write to an
+// unallocated grain that cannot become a zeroed grain allocates it with
+// zeros (QEMU's block layer writes zeros when the driver refuses).
+// BlockStatus and map pass what the image leaves to the parent down the
+// chain (BackingLayer); Info names the hint as backing-filename, format
+// "vmdk", as qemu-img info does.
+//
 // Write-zeroes and discard: a whole grain of an extent with zeroed-grain
 // entries becomes GTE 1 (both tables; the old grain leaks, as in QEMU);
 // otherwise allocated grains and flat ranges get zeros written and
@@ -105,8 +138,11 @@
 // (GD entry 0) is refused with ErrUnsupported: QEMU writes such a grain
 // over the header (docs/formats.md §7).
 //
-// Left out: parent chains (parentFileNameHint: refused by name at open),
-// writing streamOptimized images (QEMU appends whole compressed grains
+// A hint that is an absolute Windows path ("C:\VMs\base.vmdk", as
+// VMware on Windows may write it; QEMU takes "C" for a protocol and
+// fails) finds the parent by its last element beside the child.
+//
+// Left out: writing streamOptimized images (QEMU appends whole compressed grains
 // only; here a writable open is refused), VMDK3 (COWD) and seSparse
 // extents, VMFSSPARSE/VMFSRDM/VMFSRAW extents, creating grain tables, and
 // resizing.

@@ -25,6 +25,9 @@ type sparse struct {
 	grainBytes int64
 	gtBytes    int64 // one grain table: numGTEs × 4
 	readOnly   bool
+	// start is the extent's offset on the disk: where a grain left to
+	// the parent is read from the parent.
+	start int64
 	// gd and rgd are the grain directory and its redundant copy (nil if
 	// the extent has none), read through the metadata cache.
 	gd, rgd *blocktab.Table
@@ -205,9 +208,13 @@ func (d *Driver) lookup(co *coroutine.Co, s *sparse, g int64) (grainRef, int64, 
 func (d *Driver) readSparse(co *coroutine.Co, s *sparse, q []byte, in int64) error {
 	return blocktab.Split(in, int64(len(q)), s.grainBytes, func(pc blocktab.Piece) error {
 		p := q[pc.Pos : pc.Pos+pc.Len]
-		_, host, end, err := d.lookup(co, s, pc.Block)
+		r, host, end, err := d.lookup(co, s, pc.Block)
 		if err != nil {
 			return err
+		}
+		if host < 0 && r.gte == 0 {
+			// Unallocated: the parent's (zeros without one).
+			return d.readParent(co, p, s.start+pc.Block*s.grainBytes+pc.In)
 		}
 		if host < 0 {
 			clear(p)
@@ -253,9 +260,11 @@ func (d *Driver) writeSparse(co *coroutine.Co, s *sparse, q []byte, in int64) er
 // allocate gives grain pc.Block a grain of the file and writes p into it,
 // in QEMU's order with the flush QEMU lacks (docs/formats.md §2.7):
 //
-//  1. the whole grain, p zero-padded (no parent: the rest of the grain,
-//     unallocated or zeroed, reads as zeros), at the next grain sector,
-//     past every grain in use;
+//  1. the whole grain at the next grain sector, past every grain in
+//     use: p, and around it what the grain read as before, QEMU's
+//     copy-on-write (get_whole_cluster): the parent's bytes for an
+//     unallocated grain of a delta link, zeros for a zeroed grain or
+//     without a parent;
 //  2. fdatasync: the data is on disk before anything points at it;
 //  3. the grain table entry;
 //  4. the redundant grain table entry.
@@ -290,6 +299,15 @@ func (d *Driver) allocate(co *coroutine.Co, s *sparse, p []byte, pc blocktab.Pie
 		return 0, fmt.Errorf("vmdk: %s: the extent file is full (grain entries address 2 TiB): %w", s.path, drivers.ErrNoSpace)
 	}
 	buf := aio.AlignedBuffer(int(s.grainBytes))
+	if r.gte == 0 && d.parent != nil && int64(len(p)) < s.grainBytes {
+		// The grain's part of the disk: the last grain of an extent may
+		// be cut by the extent's end (the rest of it stays zeros).
+		gStart := pc.Block * s.grainBytes
+		n := min(s.grainBytes, s.h.capacity*sector-gStart)
+		if err := d.readParent(co, buf[:n], s.start+gStart); err != nil {
+			return 0, err
+		}
+	}
 	copy(buf[pc.In:], p)
 	if err := s.f.PwriteCo(co, buf, at*sector); err != nil {
 		return 0, fmt.Errorf("vmdk: %w", err)
@@ -338,8 +356,10 @@ func (s *sparse) setGTELocked(co *coroutine.Co, g, gtOff int64, v uint32) error 
 
 // zeroSparse makes [in, in+n) of the extent read as zeros: a whole grain
 // becomes a zeroed grain if the extent has them (its old grain leaks, as
-// in QEMU); otherwise an allocated grain gets zeros written and an
-// unallocated or zeroed one is left alone.
+// in QEMU); otherwise an allocated grain gets zeros written, an
+// unallocated one of a delta link is allocated with zeros (QEMU's block
+// layer writes zeros when the driver cannot record them), and an
+// unallocated one without a parent or a zeroed one is left alone.
 func (d *Driver) zeroSparse(co *coroutine.Co, s *sparse, in, n int64) error {
 	return blocktab.Split(in, n, s.grainBytes, func(pc blocktab.Piece) error {
 		if pc.Len == s.grainBytes && s.h.flags&flagZeroedGrain != 0 {
@@ -351,9 +371,15 @@ func (d *Driver) zeroSparse(co *coroutine.Co, s *sparse, in, n int64) error {
 			}
 			return s.setGTELocked(co, pc.Block, r.gtOff, gteZeroed)
 		}
-		_, host, _, err := d.lookup(co, s, pc.Block)
-		if err != nil || host < 0 {
+		r, host, _, err := d.lookup(co, s, pc.Block)
+		if err != nil {
 			return err
+		}
+		if host < 0 && r.gte == 0 && d.parent != nil {
+			return d.writeSparse(co, s, make([]byte, pc.Len), pc.Block*s.grainBytes+pc.In)
+		}
+		if host < 0 {
+			return nil
 		}
 		return writeZeros(co, s.f, host+pc.In, pc.Len)
 	})

@@ -77,6 +77,12 @@ type Driver struct {
 	// rewritten).
 	cidFile *aio.File
 	cidOff  int64
+	// parent is the image a delta link names (parentFileNameHint),
+	// opened read-only; parentAt its resolved path. parentErr, if set,
+	// fails every read that falls through to it (a CID mismatch).
+	parent    drivers.Driver
+	parentAt  string
+	parentErr error
 
 	// mu is the metadata lock: it protects every sparse extent's grain
 	// directory and grain table caches, its next grain and its end, and
@@ -107,6 +113,10 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 	if opts.Snapshot != "" {
 		return nil, fmt.Errorf("vmdk: %s: snapshot %q: VMDK images have no internal snapshots: %w",
 			path, opts.Snapshot, drivers.ErrUnsupported)
+	}
+	opts, err := drivers.EnterChain(path, opts)
+	if err != nil {
+		return nil, fmt.Errorf("vmdk: %w", err)
 	}
 	d := &Driver{path: path, readOnly: opts.ReadOnly, cidOff: -1}
 	if err := d.open(opts); err != nil {
@@ -172,16 +182,18 @@ func (d *Driver) open(opts drivers.OpenOptions) error {
 			return err
 		}
 	}
-	if d.desc != nil && d.desc.parentHint != "" {
-		return fmt.Errorf("vmdk: %s: a delta link to parent %q (parentFileNameHint): VMDK parent chains are not supported: %w",
-			d.path, d.desc.parentHint, drivers.ErrUnsupported)
-	}
 	for _, e := range d.extents {
+		if e.sp != nil {
+			e.sp.start = e.start
+		}
 		d.size += e.size
 		if e.sp != nil && !opts.ReadOnly && !e.sp.writable() {
 			return fmt.Errorf("vmdk: %s: %s extent %s is read-only (%s): open the image read-only: %w",
 				d.path, d.createType, e.path, e.sp.whyReadOnly(), drivers.ErrUnsupported)
 		}
+	}
+	if d.desc != nil && d.desc.parentHint != "" && !(opts.NoBacking && opts.ReadOnly) {
+		return d.openParent(opts)
 	}
 	return nil
 }
@@ -281,12 +293,21 @@ func (d *Driver) openDescriptorFile(f *aio.File, fileSize int64, opts drivers.Op
 // Size is the disk size: the extents' sizes added up.
 func (d *Driver) Size() int64 { return d.size }
 
-// Files implements drivers.FileLister: the image file and its extents.
+// Files implements drivers.FileLister: the image file and its extents,
+// then the parent's.
 func (d *Driver) Files() []drivers.ChainFile {
 	out := []drivers.ChainFile{{Path: d.path, Role: "image"}}
 	for _, e := range d.extents {
 		if e.path != "" && e.path != d.path {
 			out = append(out, drivers.ChainFile{Path: e.path, Role: "extent"})
+		}
+	}
+	if d.parent != nil {
+		for _, f := range drivers.FilesOf(d.parent) {
+			if f.Role == "image" {
+				f.Role, f.Of = "backing file", d.path
+			}
+			out = append(out, f)
 		}
 	}
 	return out
@@ -471,12 +492,27 @@ func (d *Driver) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, 
 	return st, err
 }
 
-// BackingLayer implements drivers.LayerMapper: parent chains are refused.
-func (d *Driver) BackingLayer() drivers.Driver { return nil }
+// BackingLayer implements drivers.LayerMapper: the parent, if any.
+func (d *Driver) BackingLayer() drivers.Driver { return d.parent }
 
-// BlockStatus describes the disk from off (LayerStatus).
+// BlockStatus describes the disk from off (LayerStatus): what the image
+// leaves to its parent is the parent's status (zeros past its end or
+// without a parent).
 func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
-	return drivers.BlockStatusOf(co, d, off)
+	if d.parent == nil {
+		return drivers.BlockStatusOf(co, d, off)
+	}
+	st, err := d.LayerStatus(co, off)
+	if err != nil {
+		return drivers.Extent{}, err
+	}
+	switch {
+	case st.Data:
+		return drivers.Extent{Off: off, Len: st.Len, Flags: drivers.ExtentData}, nil
+	case st.Zero:
+		return drivers.Extent{Off: off, Len: st.Len, Flags: drivers.ExtentZero}, nil
+	}
+	return d.parentStatus(co, off, st.Len)
 }
 
 // Truncate refuses any change of size (QEMU's vmdk driver cannot resize
@@ -491,10 +527,13 @@ func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
 	return fmt.Errorf("vmdk: %s: resizing VMDK images is not supported: %w", d.path, drivers.ErrUnsupported)
 }
 
-// Allocated implements drivers.Allocator: the files' allocated bytes,
-// clamped to the disk.
+// Allocated implements drivers.Allocator: the files' allocated bytes
+// (and the parent's), clamped to the disk.
 func (d *Driver) Allocated() int64 {
 	var a int64
+	if d.parent != nil {
+		a = drivers.AllocatedOf(d.parent)
+	}
 	for _, f := range d.files {
 		n, err := f.Allocated()
 		if err != nil {
@@ -514,6 +553,12 @@ func (d *Driver) Close() error {
 		}
 	}
 	d.files = nil
+	if d.parent != nil {
+		if err := d.parent.Close(); err != nil && first == nil {
+			first = err
+		}
+		d.parent = nil
+	}
 	return first
 }
 
@@ -564,6 +609,14 @@ func (d *Driver) Info() drivers.ImageInfo {
 		}
 	}
 	info.FileSize = blocks * 512
+	if d.desc != nil && d.desc.parentHint != "" {
+		// As QEMU's vmdk_parent_open: the hint as written, format vmdk.
+		info.BackingFilename, info.BackingFormat = d.desc.parentHint, "vmdk"
+		if in, ok := d.parent.(drivers.Informer); ok {
+			pi := in.Info()
+			info.Backing = &pi
+		}
+	}
 	info.FormatSpecific = &drivers.FormatSpecific{Type: "vmdk", Data: vi}
 	return info
 }

@@ -67,11 +67,12 @@
 // Parents are found as VirtualBox and Hyper-V look for them: the W2ru
 // (relative) and W2ku (absolute) locators, then the header's parent name,
 // then the deprecated and Mac locators; relative paths are relative to
-// the image's directory, Windows separators are turned into slashes, and
-// a drive-letter path is looked for by its last element beside the image.
-// The parent must carry the unique id the child records; a chain that
-// comes back to one of its files, or goes deeper than 64, is refused.
-// Parents are opened read-only.
+// the image's path (drivers.JoinParent), Windows separators are turned
+// into slashes, and a drive-letter path is looked for by its last element
+// beside the image. The parent must carry the unique id the child
+// records; a chain that comes back to one of its files, or goes deeper
+// than 64 (across formats: drivers.OpenParent), is refused. Parents are
+// opened read-only.
 //
 // Concurrency. mu (a CoMutex) protects the BAT and bitmap caches and the
 // next free offset; lookups hold it, data I/O does not. allocMu

@@ -3,7 +3,6 @@ package vpc
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"syscall"
 
@@ -29,10 +28,6 @@ func (Format) Probe(in drivers.ProbeInput) int { return probe(in) }
 func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
 	return Open(path, opts)
 }
-
-// maxChain bounds a differencing chain: deeper is taken for a loop the
-// file identities did not catch (a chain through bind mounts, say).
-const maxChain = 64
 
 // defaultCacheBytes bounds the BAT cache (and as much again the bitmap
 // cache of a differencing image) when OpenOptions.CacheSize is 0: 4 MiB
@@ -92,34 +87,17 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		return nil, fmt.Errorf("vpc: %s: snapshot %q: VHD images have no internal snapshots: %w",
 			path, opts.Snapshot, drivers.ErrUnsupported)
 	}
-	return openChain(path, opts, nil)
-}
-
-// fileID identifies a file of a chain, to find loops.
-type fileID struct{ dev, ino uint64 }
-
-func openChain(path string, opts drivers.OpenOptions, seen []fileID) (*Driver, error) {
-	fi, err := os.Stat(path)
+	// The chain of images above this one, for the parent's open to
+	// refuse loops (through other formats too) and over-deep chains.
+	opts, err := drivers.EnterChain(path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("vpc: %w", err)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		id := fileID{uint64(st.Dev), st.Ino}
-		for _, s := range seen {
-			if s == id {
-				return nil, fmt.Errorf("vpc: %s: the parent chain loops back to this file: %w", path, drivers.ErrCorrupt)
-			}
-		}
-		seen = append(seen, id)
-	}
-	if len(seen) > maxChain {
-		return nil, fmt.Errorf("vpc: %s: parent chain deeper than %d: %w", path, maxChain, drivers.ErrUnsupported)
 	}
 	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
 		return nil, fmt.Errorf("vpc: %w", err)
 	}
-	d, err := open(f, path, opts, seen)
+	d, err := open(f, path, opts)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -127,7 +105,7 @@ func openChain(path string, opts drivers.OpenOptions, seen []fileID) (*Driver, e
 	return d, nil
 }
 
-func open(f *aio.File, path string, opts drivers.OpenOptions, seen []fileID) (*Driver, error) {
+func open(f *aio.File, path string, opts drivers.OpenOptions) (*Driver, error) {
 	fileSize, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("vpc: %w", err)
@@ -211,7 +189,7 @@ func open(f *aio.File, path string, opts drivers.OpenOptions, seen []fileID) (*D
 	if ft.diskType == typeDiff {
 		d.bitmaps = cache.New(path+" bitmaps", int(min(max(cacheBytes/d.bmSize, 4), 1024)), int(d.bmSize), bitmapBackend{d})
 		if !opts.NoBacking {
-			if err := d.openParent(opts, seen); err != nil {
+			if err := d.openParent(opts); err != nil {
 				return nil, err
 			}
 		}
@@ -221,18 +199,15 @@ func open(f *aio.File, path string, opts drivers.OpenOptions, seen []fileID) (*D
 
 // candidates lists the paths the parent may be at, in order: the
 // relative and absolute Windows locators, the parent name, the other
-// locators; relative paths are relative to the image's directory.
+// locators; relative paths are relative to the image's path
+// (drivers.JoinParent).
 func (d *Driver) candidates() []string {
-	dir := filepath.Dir(d.path)
 	var out []string
 	add := func(p string) {
 		if p == "" {
 			return
 		}
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(dir, p)
-		}
-		out = append(out, p)
+		out = append(out, drivers.JoinParent(d.path, p))
 	}
 	read := func(l locator) string {
 		if l.length <= 0 || l.length > maxLocatorBytes {
@@ -261,19 +236,23 @@ func (d *Driver) candidates() []string {
 }
 
 // openParent finds and opens the parent of a differencing image,
-// read-only, and checks that it is the parent the image was made on (its
-// unique id).
-func (d *Driver) openParent(opts drivers.OpenOptions, seen []fileID) error {
+// read-only, as a VHD (drivers.OpenParent, which refuses loops and
+// over-deep chains), and checks that it is the parent the image was made
+// on (its unique id).
+func (d *Driver) openParent(opts drivers.OpenOptions) error {
 	cands := d.candidates()
 	for _, p := range cands {
 		if _, err := os.Stat(p); err != nil {
 			continue
 		}
-		popts := opts
-		popts.ReadOnly, popts.Repair = true, false
-		parent, err := openChain(p, popts, seen)
+		pd, _, err := drivers.OpenParent(p, "vpc", Format{}, opts)
 		if err != nil {
 			return fmt.Errorf("vpc: %s: parent: %w", d.path, err)
+		}
+		parent, ok := pd.(*Driver)
+		if !ok {
+			pd.Close()
+			return fmt.Errorf("vpc: %s: parent %s did not open as a VHD: %w", d.path, p, drivers.ErrUnsupported)
 		}
 		if parent.ft.uniqueID != d.hdr.parentUUID {
 			parent.Close()
