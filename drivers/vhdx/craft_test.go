@@ -1,6 +1,9 @@
 package vhdx
 
 import (
+	"os/exec"
+
+	"imgfuse/aio"
 	"os"
 	"testing"
 	"unicode/utf16"
@@ -166,4 +169,36 @@ func makePartial(t *testing.T, path string, blk, first, n int64) {
 	}
 	le.PutUint64(l.bat(blk/cr*(cr+1)+cr), uint64(bmOff)|stateFull)
 	l.write(t, path)
+}
+
+// writeLog plants a log entry in the image at path: zeros over zs and
+// the sectors ws, at log offset 0, with a fresh log GUID set in the
+// current header. last is the entry's LastFileOffset.
+func writeLog(t *testing.T, path string, ws []sectorWrite, zs []region, last int64) {
+	t.Helper()
+	l := readLayout(t, path)
+	g, err := newGUID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := buildEntry(ws, zs, g, 7, 0, int64(len(l.b)), last)
+	copy(l.b[l.hdr.logOffset:], e)
+	l.setHeader(func(h []byte) { copy(h[hLogGUID:], g[:]) })
+	l.write(t, path)
+}
+
+func runQemu(args ...string) ([]byte, error) {
+	return exec.Command("qemu-img", args...).CombinedOutput()
+}
+
+func runQemuIO(path string, cmds ...string) ([]byte, error) {
+	args := []string{"-f", "vhdx"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	return exec.Command("qemu-io", append(args, path)...).CombinedOutput()
+}
+
+func openAIO(path string) (*aio.File, error) {
+	return aio.Open(path, aio.Options{ReadOnly: true, NoDirectIO: true})
 }
