@@ -62,12 +62,11 @@
 //     probe_guard_test.go: a probed raw image refuses a qcow2 header in its
 //     first sector (CVE-2008-2004); --format raw allows it.
 //   - foreign_test.go: images qemu-img makes in formats imgfuse cannot read
-//     (VMDK sparse, streamOptimized, flat and split; VHDX; VHD dynamic and
-//     fixed; VDI; QED; qcow; Parallels): mount, info, check and map refuse
+//     (QED; qcow; Parallels): mount, info, check and map refuse
 //     each by name with exit 5, mount nothing, change no byte; --format raw
-//     exposes the file's bytes; a qcow2 overlay of a VMDK (-F vmdk or
-//     probed) is refused naming VMDK; a probed raw image refuses VHDX, VMDK
-//     and VDI headers in its first sector and a fixed VHD footer in its
+//     exposes the file's bytes; a qcow2 overlay of a QED image (-F qed
+//     or probed) is refused naming QED; a probed raw image refuses VHDX,
+//     VMDK and VDI headers in its first sector and a fixed VHD footer in its
 //     last (EPERM), which --format raw allows.
 //   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
 //     (qemu-img check clean, fsynced data intact); EIO from the storage
