@@ -31,6 +31,9 @@ var blockImages = []blockImage{
 	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
 	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
 	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}, false},
+	{"dynamic.vhdx", "vhdx", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false},
+	{"small-blocks.vhdx", "vhdx", []string{"-o", "block_size=1M,block_state_zero=off"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M", "discard 4M 1M"}, false},
+	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed,block_state_zero=off"}, "6M", []string{"write -P 0x22 1M 2M"}, false},
 	{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false},
 	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false},
 	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false},
@@ -124,8 +127,8 @@ func jsonEqual(a, b any) bool {
 
 // TestBlockFormatsWrite: a random workload written through a writable
 // mount (-f named) and mirrored into a raw model; after the unmount
-// qemu-img compare finds the image equal to the model and, for VDI and
-// VMDK, qemu-img check finds it clean. A streamOptimized VMDK is read-only:
+// qemu-img compare finds the image equal to the model and, for VDI, VHDX
+// and VMDK, qemu-img check finds it clean. A streamOptimized VMDK is read-only:
 // a writable mount is refused naming it, and the image is left alone.
 func TestBlockFormatsWrite(t *testing.T) {
 	requireE2E(t)
@@ -177,7 +180,7 @@ func TestBlockFormatsWrite(t *testing.T) {
 			if code, out := exitCode(t, "qemu-img", "compare", "-f", b.format, "-F", "raw", img, raw); code != 0 {
 				t.Errorf("qemu-img compare: exit %d\n%s", code, out)
 			}
-			if b.format == "vdi" || b.format == "vmdk" {
+			if b.format == "vdi" || b.format == "vmdk" || b.format == "vhdx" {
 				if code, out := exitCode(t, "qemu-img", "check", "-f", b.format, img); code != 0 || !strings.Contains(out, "No errors") {
 					t.Errorf("qemu-img check: exit %d\n%s", code, out)
 				}
