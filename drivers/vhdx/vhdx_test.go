@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -151,4 +152,38 @@ func TestLogicalSector4096(t *testing.T) {
 		t.Cleanup(func() { d.Close() })
 		return d, ref
 	})
+}
+
+// TestCacheBounded: a BAT larger than --cache-size is read through a
+// cache of that size (at least 4 sectors), never whole, and still maps
+// every block right.
+func TestCacheBounded(t *testing.T) {
+	driverstest.RequireTools(t, "qemu-img", "qemu-io")
+	path := filepath.Join(t.TempDir(), "big.vhdx")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "6G")
+	offs := []int64{0, 1 << 30, 2<<30 + 5<<20, 3<<30 + 12345, 4 << 30, 6<<30 - 4096}
+	var cmds []string
+	for i, off := range offs {
+		cmds = append(cmds, fmt.Sprintf("write -P %d %d 4096", i+1, off))
+	}
+	driverstest.QemuIOFormat(t, "vhdx", path, cmds...)
+	d, err := Open(path, drivers.OpenOptions{ReadOnly: true, CacheSize: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if sectors := (d.entries*8 + sectorSize - 1) / sectorSize; sectors <= 4 {
+		t.Fatalf("the BAT has only %d sectors: the test needs more than the cache holds", sectors)
+	}
+	for round := 0; round < 2; round++ {
+		for i, off := range offs {
+			p := make([]byte, 4096)
+			if _, err := driverstest.ReadAt(d, p, off); err != nil || !bytes.Equal(p, bytes.Repeat([]byte{byte(i + 1)}, 4096)) {
+				t.Fatalf("read at %#x: %v, %x...", off, err, p[:8])
+			}
+		}
+	}
+	if n, a := d.bat.Tables(), d.bat.Allocated(); n > 4 || a > 4*sectorSize {
+		t.Errorf("the BAT cache has %d slots and %d bytes with --cache-size 1 (at most 4 sectors)", n, a)
+	}
 }
