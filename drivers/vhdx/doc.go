@@ -53,7 +53,11 @@
 // the parent's bytes in a differencing disk (zeros past the parent's end);
 // ZERO, UNMAPPED (and the v0.95 value 5) and UNDEFINED read zeros. QEMU
 // opens neither differencing disks nor 4096-byte logical sectors, and
-// fails PARTIALLY_PRESENT reads; this driver does all three.
+// fails PARTIALLY_PRESENT reads; this driver does all three. An aligned
+// read inside one fully present block takes the DirectReader fast path:
+// a BAT lookup (cached), then one iocb straight into the caller's buffer.
+// It is not drivers.FileBacked even for a fixed image: its blocks are not
+// at the disk's offsets in the file.
 //
 // Parents are found by the locator's relative_path (relative to the
 // image's directory, Windows separators turned into slashes), then

@@ -158,6 +158,30 @@ func (d *Driver) readPiece(co *coroutine.Co, q []byte, off int64, pc blocktab.Pi
 	return nil
 }
 
+// ReadDirect is the read fast path: a read inside one fully present
+// block, aligned for aio, is one iocb straight into p at the block's place
+// in the file (a fixed image's blocks, and every block written). Other
+// reads — across blocks, unaligned, of other states, or through a dirty
+// log's overlay — report ok=false having read nothing.
+func (d *Driver) ReadDirect(co *coroutine.Co, p []byte, off int64) (n int, ok bool, err error) {
+	if d.overlay != nil || d.inDisk("read", off, int64(len(p))) != nil || len(p) == 0 ||
+		off/d.blockSize != (off+int64(len(p))-1)/d.blockSize {
+		return 0, false, nil
+	}
+	b, err := d.lookup(co, off/d.blockSize)
+	if err != nil || b.state != stateFull {
+		return 0, false, nil
+	}
+	ok, err = d.f.PreadAlignedCo(co, p, b.off+off%d.blockSize)
+	if !ok {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, true, fmt.Errorf("vhdx: %w", err)
+	}
+	return len(p), true, nil
+}
+
 // run is a byte range of a request inside one block whose sectors all
 // have one bitmap state.
 type run struct {

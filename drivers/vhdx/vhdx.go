@@ -104,13 +104,14 @@ type Driver struct {
 }
 
 var (
-	_ drivers.Driver      = (*Driver)(nil)
-	_ drivers.Informer    = (*Driver)(nil)
-	_ drivers.Allocator   = (*Driver)(nil)
-	_ drivers.FileLister  = (*Driver)(nil)
-	_ drivers.LayerMapper = (*Driver)(nil)
-	_ drivers.Damaged     = (*Driver)(nil)
-	_ drivers.Checker     = (*Driver)(nil)
+	_ drivers.Driver       = (*Driver)(nil)
+	_ drivers.DirectReader = (*Driver)(nil)
+	_ drivers.Informer     = (*Driver)(nil)
+	_ drivers.Allocator    = (*Driver)(nil)
+	_ drivers.FileLister   = (*Driver)(nil)
+	_ drivers.LayerMapper  = (*Driver)(nil)
+	_ drivers.Damaged      = (*Driver)(nil)
+	_ drivers.Checker      = (*Driver)(nil)
 )
 
 // Open opens the VHDX image at path. A differencing image opens its
