@@ -88,7 +88,8 @@ func plantVHDXLog(t *testing.T, path string) {
 // -r all) makes it, without a byte of the file changed; info describes
 // it; check exits as qemu-img check does (1: the log needs a replay);
 // check -r all replays it (exit 0, as qemu-img), after which qemu-img
-// check is clean and the image reads the same.
+// check is clean (and check says what it says) and the image reads the
+// same.
 func TestVHDXDirtyLog(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
@@ -133,8 +134,12 @@ func TestVHDXDirtyLog(t *testing.T) {
 	if r := imgfuse(t, nil, "check", "-r", "all", img); r.code != 0 {
 		t.Errorf("check -r all: %v", r)
 	}
-	if code, out := exitCode(t, "qemu-img", "check", "-f", "vhdx", img); code != 0 {
+	code, out := exitCode(t, "qemu-img", "check", "-f", "vhdx", img)
+	if code != 0 {
 		t.Errorf("qemu-img check after our replay: exit %d\n%s", code, out)
+	}
+	if r := imgfuse(t, nil, "check", img); r.code != 0 || r.stdout != out {
+		t.Errorf("check of the replayed image says\n%v\nqemu-img check says\n%s", r, out)
 	}
 	mine, err := os.ReadFile(driverstest.ConvertRefFormat(t, "vhdx", img, "", t.TempDir()))
 	if err != nil || !bytes.Equal(mine, ref) {

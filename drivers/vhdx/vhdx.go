@@ -524,7 +524,8 @@ func (d *Driver) Close() error {
 // replayed by this (writable) open is one corruption fixed; every present
 // block must lie inside the file and off the headers, log and regions.
 // A read-only check of an image with a dirty log fails, as qemu-img's
-// does (the log must be replayed: check -r all).
+// does (the log must be replayed: check -r all). As QEMU's, it counts
+// no clusters and no image end, so the output is qemu-img's.
 func (d *Driver) Check(mode drivers.CheckMode, progress func(done, total int64)) (drivers.CheckResult, error) {
 	var res drivers.CheckResult
 	if d.overlay != nil {
@@ -558,8 +559,6 @@ func (d *Driver) Check(mode drivers.CheckMode, progress func(done, total int64))
 				off, n := int64(v&offMask), d.blockSize
 				if isBitmap {
 					n = mib
-				} else {
-					res.AllocatedClusters++
 				}
 				if e := d.checkPlace(off, n); e != nil {
 					res.Corruptions++
@@ -568,11 +567,9 @@ func (d *Driver) Check(mode drivers.CheckMode, progress func(done, total int64))
 					res.Corruptions++
 					addMessage(&res, fmt.Sprintf("ERROR: BAT entry %d: block at %#x past the end of the file", i, off))
 				}
-				res.ImageEndOffset = max(res.ImageEndOffset, off+n)
 			}
 		}
 	})
-	res.TotalClusters = (d.size + d.blockSize - 1) / d.blockSize
 	if err != nil {
 		return res, fmt.Errorf("vhdx: %s: reading the BAT: %w", d.path, err)
 	}
