@@ -166,3 +166,110 @@ func TestHostileLog(t *testing.T) {
 		}
 	}
 }
+
+// TestLogWrap: entries this driver writes wrap around the log ring (one
+// split across its end, then more than the ring holds); with the kill
+// simulated (no Flush: the log GUID stays set), a read-only open finds
+// the active sequence through the wrap and reads the model, and QEMU
+// replays the log (qemu-img check -r all) to the same disk.
+func TestLogWrap(t *testing.T) {
+	dir := t.TempDir()
+	path, ref := build(t, vhdxImage{"wrap", []string{"-o", "block_size=1M"}, "200M", nil}, dir)
+	model := bytes.Clone(ref)
+	d, err := Open(path, drivers.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.logPos = d.logLen - sectorSize // the next entry's data sector wraps to 0
+	write := func(blk int64) {
+		p := bytes.Repeat([]byte{byte(blk + 1)}, 4096)
+		copy(model[blk<<20+8192:], p)
+		if _, err := driverstest.WriteAt(d, p, blk<<20+8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(3)
+	if d.logPos != sectorSize {
+		t.Fatalf("after a wrapping entry the log position is %#x", d.logPos)
+	}
+	for blk := int64(4); blk < 4+150; blk++ { // 150 entries of 8 KiB: past the 1 MiB ring
+		write(blk)
+	}
+	if d.logGUID.zero() {
+		t.Fatal("no log GUID set while entries are in the log")
+	}
+	d.Close() // no Flush: the headers keep the log GUID, as after a kill -9
+
+	d, err = Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.overlay == nil || d.overlay.sequenceLength != 1 {
+		t.Errorf("the active sequence: %+v (want the last entry alone: its Tail is itself)", d.overlay)
+	}
+	got := make([]byte, len(model))
+	if _, err := driverstest.ReadAt(d, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Errorf("read-only open after the wrap differs from the model (%v)", err)
+	}
+	d.Close()
+	if out, err := exec.Command("qemu-img", "check", "-r", "all", "-f", "vhdx", path).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img check -r all: %v\n%s", err, out)
+	}
+	qemuClean(t, path, model)
+}
+
+// TestLogWrapReplay: the kill falls after a log entry that wraps around
+// the ring's end was written and synced, before its BAT sector reached
+// its place (simulated by putting the old sector back): a read-only open
+// reads the block through the overlay, the file unchanged; QEMU's replay
+// and a writable open's both give the model.
+func TestLogWrapReplay(t *testing.T) {
+	dir := t.TempDir()
+	path, ref := build(t, vhdxImage{"wrap", []string{"-o", "block_size=1M"}, "8M", nil}, dir)
+	l := readLayout(t, path)
+	oldBAT := bytes.Clone(l.b[l.rg.bat.off : l.rg.bat.off+sectorSize])
+	d, err := Open(path, drivers.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.logPos = d.logLen - sectorSize
+	p := bytes.Repeat([]byte{0x42}, 3000)
+	model := bytes.Clone(ref)
+	copy(model[5<<20+100:], p)
+	if _, err := driverstest.WriteAt(d, p, 5<<20+100); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(oldBAT, l.rg.bat.off)
+	f.Close()
+	before, _ := os.ReadFile(path)
+
+	d, err = Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(model))
+	if _, err := driverstest.ReadAt(d, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Errorf("the read-only open does not read the block the wrapped entry publishes (%v)", err)
+	}
+	d.Close()
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Error("the read-only open changed the file")
+	}
+	q := filepath.Join(dir, "qemu.vhdx")
+	copyFile(t, path, q)
+	if out, err := exec.Command("qemu-img", "check", "-r", "all", "-f", "vhdx", q).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img check -r all: %v\n%s", err, out)
+	}
+	qemuClean(t, q, model)
+	d, err = Open(path, drivers.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	qemuClean(t, path, model)
+}
