@@ -535,8 +535,8 @@ func (d *Driver) Discard(co *coroutine.Co, off, n int64) error {
 // WriteZeroes makes [off, off+n) read as zeros: whole blocks become ZERO
 // (their space punched out of the file when unmap is set), the rest is
 // written zeros where it does not read as zeros already. A fixed image
-// (LeaveBlockAllocated) keeps its blocks: their bytes are zeroed in the
-// file.
+// (LeaveBlockAllocated) keeps its blocks and their states: a present
+// block's bytes are zeroed in the file.
 func (d *Driver) WriteZeroes(co *coroutine.Co, off, n int64, unmap bool) error {
 	return d.zero(co, off, n, unmap, false)
 }
@@ -576,6 +576,8 @@ func (d *Driver) zero(co *coroutine.Co, off, n int64, unmap, discard bool) error
 		switch {
 		case b.state == stateFull && d.md.leaveAllocated:
 			return d.zeroInFile(co, b.off+pc.In, pc.Len, unmap)
+		case d.md.leaveAllocated && b.state != statePartial && !d.fromParent(b.state):
+			return nil // reads as zeros, and a fixed image's states stay
 		case wholeBlock:
 			if b.state != newState || b.off != 0 {
 				whole = append(whole, pc.Block)

@@ -26,6 +26,7 @@ var images = []vhdxImage{
 	{"dynamic", nil, "10M", fill},
 	{"dynamic-1M", []string{"-o", "block_size=1M"}, "10M", fill},
 	{"dynamic-32M", []string{"-o", "block_size=32M"}, "70M", append(fill, "write -P 0xee 40M 2M", "write -z 65M 1M")},
+	{"dynamic-256M", []string{"-o", "block_size=256M"}, "10M", fill},
 	{"fixed", []string{"-o", "subformat=fixed"}, "6M", []string{"write -P 0x11 100k 3000", "write -z 2M 1M", "write -P 0x22 4M 512"}},
 	{"fixed-nozero", []string{"-o", "subformat=fixed,block_state_zero=off"}, "9M", []string{"write -P 0x11 100k 3000", "write -z 2M 1M", "write -P 0x22 8M 512"}},
 	{"odd", []string{"-o", "block_size=1M"}, "5242887", []string{"write -P 0x33 0 512", "write -P 0x44 4M 1049088"}},
