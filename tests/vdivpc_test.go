@@ -12,7 +12,7 @@ import (
 	"imgfuse/drivers/driverstest"
 )
 
-// blockImage is a VDI, VHD or VMDK image made by qemu-img and filled by
+// blockImage is a VDI, VHD, VHDX or VMDK image made by qemu-img and filled by
 // qemu-io: data, written zeros, and blocks never written. stream: the
 // filled image is converted to a streamOptimized VMDK, read-only.
 type blockImage struct {
@@ -63,8 +63,8 @@ func (b blockImage) build(t *testing.T, dir string) (img string, ref []byte) {
 
 // TestBlockFormatsRead: each image, probed (the fixed VHD by its footer)
 // and mounted read-only, reads as qemu-img convert says, byte for byte;
-// info names the format as qemu-img does; check checks VDI as qemu-img
-// does and says VHD has no check (exit 63, as qemu-img); map of a dynamic
+// info names the format as qemu-img does; check checks VDI and VHDX as
+// qemu-img does and says VHD has no check (exit 63, as qemu-img); map of a dynamic
 // VDI image and of a sparse VMDK image (grains with their offsets, zeroed
 // grains, unallocated grains not present; compressed grains without an
 // offset) is qemu-img's. (Of a static one qemu-img also looks into the
@@ -98,8 +98,8 @@ func TestBlockFormatsRead(t *testing.T) {
 			if r := imgfuse(t, nil, "check", img); r.code != qcode {
 				t.Errorf("check: exit %d, qemu-img check %d\n%v", r.code, qcode, r)
 			}
-			// None of these formats can be repaired: qemu-img check -r
-			// exits 63, and so must we.
+			// qemu-img check -r exits 63 for the formats it cannot
+			// repair (VDI, VHD, VMDK) and 0 for a clean VHDX: so must we.
 			qcode, _ = exitCode(t, "qemu-img", "check", "-r", "all", "-f", b.format, img)
 			if r := imgfuse(t, nil, "check", "-r", "all", img); r.code != qcode {
 				t.Errorf("check -r all: exit %d, qemu-img check -r all %d\n%v", r.code, qcode, r)
