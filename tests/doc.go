@@ -68,6 +68,10 @@
 //     or probed) is refused naming QED; a probed raw image refuses VHDX,
 //     VMDK and VDI headers in its first sector and a fixed VHD footer in its
 //     last (EPERM), which --format raw allows.
+//   - vhdx_test.go: a VHDX image with a dirty log (planted by an encoder
+//     of the test's own) mounts read-only as QEMU's replay reads, without
+//     a byte of the file changed; check exits as qemu-img's; check -r all
+//     replays it, after which qemu-img check is clean.
 //   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
 //     (qemu-img check clean, fsynced data intact); EIO from the storage
 //     under the image confined to its range.
