@@ -20,7 +20,7 @@ type layout struct {
 	count int               // metadata entries
 }
 
-func readLayout(t *testing.T, path string) *layout {
+func readLayout(t testing.TB, path string) *layout {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -46,7 +46,7 @@ func readLayout(t *testing.T, path string) *layout {
 	return l
 }
 
-func (l *layout) write(t *testing.T, path string) {
+func (l *layout) write(t testing.TB, path string) {
 	t.Helper()
 	if err := os.WriteFile(path, l.b, 0o644); err != nil {
 		t.Fatal(err)
@@ -54,7 +54,7 @@ func (l *layout) write(t *testing.T, path string) {
 }
 
 // setItem overwrites the value of metadata item g.
-func setItem(t *testing.T, path string, g guid, v []byte) {
+func setItem(t testing.TB, path string, g guid, v []byte) {
 	t.Helper()
 	l := readLayout(t, path)
 	it, ok := l.items[g]
@@ -109,7 +109,7 @@ func locatorItem(kv ...string) []byte {
 // its unwritten blocks NOT_PRESENT) into a differencing image of parent:
 // HasParent set, a parent locator naming parent by rel with the linkage
 // given (the parent's DataWriteGuid if link is zero).
-func makeDiff(t *testing.T, child, parent, rel string, link guid) {
+func makeDiff(t testing.TB, child, parent, rel string, link guid) {
 	t.Helper()
 	if link.zero() {
 		link = readLayout(t, parent).hdr.dataWrite
@@ -143,7 +143,7 @@ func makeDiff(t *testing.T, child, parent, rel string, link guid) {
 // makePartial marks present block blk of path partly present: a sector
 // bitmap block appended at the end of the file, its bits for blk set
 // except [first, first+n) logical sectors, which fall to the parent.
-func makePartial(t *testing.T, path string, blk, first, n int64) {
+func makePartial(t testing.TB, path string, blk, first, n int64) {
 	t.Helper()
 	l := readLayout(t, path)
 	md, err := parseMetadata(l.b[l.rg.meta.off : l.rg.meta.off+l.rg.meta.length])
@@ -174,7 +174,7 @@ func makePartial(t *testing.T, path string, blk, first, n int64) {
 // writeLog plants a log entry in the image at path: zeros over zs and
 // the sectors ws, at log offset 0, with a fresh log GUID set in the
 // current header. last is the entry's LastFileOffset.
-func writeLog(t *testing.T, path string, ws []sectorWrite, zs []region, last int64) {
+func writeLog(t testing.TB, path string, ws []sectorWrite, zs []region, last int64) {
 	t.Helper()
 	l := readLayout(t, path)
 	g, err := newGUID()

@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -75,11 +76,15 @@ func FuzzOpen(f *testing.F) {
 	if out, err := runQemuIO(base, "write -P 0x5a 0 1M"); err != nil {
 		testenv.Skip(f, "qemu-io for the seed: %v %s", err, out)
 	}
+	// The dirty log: the BAT sector again, and a data sector of block 2.
+	l := readLayout(f, base)
+	writeLog(f, base, []sectorWrite{{l.rg.bat.off, bytes.Clone(l.b[l.rg.bat.off : l.rg.bat.off+sectorSize])},
+		{int64(len(l.b)) + sectorSize, make([]byte, sectorSize)}}, []region{{int64(len(l.b)), sectorSize}}, int64(len(l.b))+mib)
 	img, err := os.ReadFile(base)
 	if err != nil {
 		f.Fatal(err)
 	}
-	for _, off := range []uint32{header1Off, header2Off, region1Off, mib, 2 * mib, 3 * mib, 3*mib + 64<<10} {
+	for _, off := range []uint32{header1Off, header2Off, region1Off, mib, mib + 64, mib + 4096, 2 * mib, 3 * mib, 3*mib + 64<<10} {
 		f.Add(binary.LittleEndian.AppendUint32(nil, off), img[off:off+64])
 	}
 	if d, err := os.MkdirTemp("/dev/shm", "vhdxfuzz"); err == nil {
