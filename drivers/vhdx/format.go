@@ -43,7 +43,8 @@ const (
 	minBlockSize   = 1 << 20
 	maxBlockSize   = 256 << 20
 	// maxLogLength bounds the log this driver replays: Hyper-V and QEMU
-	// make 1 MiB logs; a larger one is scanned, not held.
+	// make 1 MiB logs; the scan of a larger one costs up to 16 times its
+	// length.
 	maxLogLength = 1 << 30
 )
 
@@ -72,8 +73,8 @@ func (g guid) String() string {
 	return fmt.Sprintf("{%08X-%04X-%04X-%X-%X}", le.Uint32(g[0:]), le.Uint16(g[4:]), le.Uint16(g[6:]), g[8:10], g[10:16])
 }
 
-// mustGUID parses "XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX" (with or without
-// braces) into its stored form; ok is false for anything else.
+// parseGUID parses "XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX" (with or
+// without braces) into its stored form; ok is false for anything else.
 func parseGUID(s string) (g guid, ok bool) {
 	s = strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(s), "{"), "}")
 	var a uint32
@@ -118,6 +119,7 @@ func parseGUID(s string) (g guid, ok bool) {
 	return g, true
 }
 
+// mustGUID is parseGUID for the literals below.
 func mustGUID(s string) guid {
 	g, ok := parseGUID(s)
 	if !ok {
@@ -174,8 +176,6 @@ func parseHeader(b []byte) (*header, error) {
 		return nil, fmt.Errorf("log offset %#x: %w", le.Uint64(b[hLogOffset:]), drivers.ErrCorrupt)
 	case h.logLength%mib != 0 || h.logOffset%mib != 0 || (h.logLength > 0 && h.logOffset < mib):
 		return nil, fmt.Errorf("log [%#x, +%#x) not at whole MiBs past the first: %w", h.logOffset, h.logLength, drivers.ErrCorrupt)
-	case h.logLength > maxLogLength:
-		return nil, fmt.Errorf("log of %d bytes (at most %d): %w", h.logLength, maxLogLength, drivers.ErrUnsupported)
 	}
 	return h, nil
 }

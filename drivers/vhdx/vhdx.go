@@ -195,6 +195,9 @@ func (d *Driver) open(co *coroutine.Co, opts drivers.OpenOptions) error {
 	}
 	d.logSeq = 1
 	if !d.hdr.logGUID.zero() && d.logLen > 0 {
+		if d.logLen > maxLogLength {
+			return fmt.Errorf("vhdx: %s: a log of %d bytes to replay (at most %d): %w", d.path, d.logLen, maxLogLength, drivers.ErrUnsupported)
+		}
 		rp, err := scanLog(co, d.f, d.logOff, d.logLen, d.hdr.logGUID, fileSize)
 		if err != nil {
 			return fmt.Errorf("vhdx: %s: log: %w", d.path, err)
