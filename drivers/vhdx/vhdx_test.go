@@ -67,17 +67,20 @@ func inCo(f func(co *coroutine.Co) error) (err error) {
 	return err
 }
 
-// qemuClean runs qemu-img check on path and compares it with model.
+// qemuClean runs qemu-img check on path and compares it with model. -U:
+// the image is closed, but a child process that parallel tests fork may
+// still hold a reference to its descriptor, and so its lock, for the
+// moment between its fork and its exec.
 func qemuClean(t *testing.T, path string, model []byte) {
 	t.Helper()
-	if out, err := exec.Command("qemu-img", "check", "-f", "vhdx", path).CombinedOutput(); err != nil {
+	if out, err := exec.Command("qemu-img", "check", "-U", "-f", "vhdx", path).CombinedOutput(); err != nil {
 		t.Errorf("qemu-img check: %v\n%s", err, out)
 	}
 	raw := filepath.Join(t.TempDir(), "model.raw")
 	if err := os.WriteFile(raw, model, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("qemu-img", "compare", "-f", "vhdx", "-F", "raw", path, raw).CombinedOutput(); err != nil {
+	if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "vhdx", "-F", "raw", path, raw).CombinedOutput(); err != nil {
 		t.Errorf("qemu-img compare: %v\n%s", err, out)
 	}
 }
