@@ -119,9 +119,10 @@
 // never written. QEMU writes a new block the same way (truncate, data,
 // flush, log); a block a crash left unpublished is past the end the BAT
 // knows and is never read (the next allocation goes past it: a leak, as
-// QEMU's drivers may leak). New dynamic blocks are NOT_PRESENT-based and
-// written FULLY_PRESENT, never QEMU's non-standard ZERO defaults; a fixed
-// image (LeaveBlockAllocated) is written in place.
+// QEMU's drivers may leak). Blocks this driver allocates are
+// FULLY_PRESENT; a fixed image's present blocks are written in place, and
+// the ZERO blocks QEMU's default fixed images have (block_state_zero=on)
+// are allocated as a dynamic image's are, as QEMU does.
 //
 // Discard and write-zeroes: a range covering a whole block sets it to
 // UNMAPPED (discard) or ZERO (write-zeroes; both ZERO in a differencing
