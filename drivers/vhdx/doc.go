@@ -74,7 +74,8 @@
 // ends and the next begins (wrapping) with the next sequence number; the
 // chain whose last entry has the highest sequence number is active, from
 // the entry its last entry's Tail names. Its writes must be whole 4 KiB
-// sectors off the first MiB and the log; a FlushedFileOffset past the end
+// sectors off the file type identifier, the headers and the log (the
+// region tables may be logged); a FlushedFileOffset past the end
 // of the file means a truncated image: refused. The scan reads at most 16
 // log lengths plus 64 MiB (no 4 KiB position can start an entry inside a
 // valid one, so valid entries are skipped), and holds at most 2^20

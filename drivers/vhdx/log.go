@@ -271,7 +271,7 @@ func scanLog(co *coroutine.Co, f *aio.File, off, length int64, g guid, fileSize 
 			switch {
 			case op.off%sectorSize != 0 || op.n%sectorSize != 0 || op.off < 0 || op.off > maxTarget || op.n > maxTarget:
 				return fmt.Errorf("log entry %d writes [%#x, +%#x), not whole 4 KiB sectors: %w", e.seq, op.off, op.n, drivers.ErrCorrupt)
-			case op.off < mib || (op.off < off+length && off < op.off+op.n):
+			case op.off < region1Off || (op.off < off+length && off < op.off+op.n):
 				return fmt.Errorf("log entry %d writes [%#x, +%#x), over the headers or the log: %w", e.seq, op.off, op.n, drivers.ErrCorrupt)
 			case len(rp.ops) >= maxLogOps:
 				return fmt.Errorf("the log holds more than %d writes: %w", maxLogOps, drivers.ErrUnsupported)
