@@ -40,7 +40,7 @@ const ExitCodesHelp = `Exit codes:
   3  the image cannot be opened (missing, unreadable, not in the format given)
   4  the image is locked by another process (use --force-share to read it anyway)
   5  the image uses an unsupported feature (encryption, for one), is in a
-     format imgfuse recognises but cannot read (VHDX, QED, ...),
+     format imgfuse recognises but cannot read (QED, Parallels, ...),
      or is a URL (https://, s3://, nbd://, ...: remote images)
   6  the image is corrupt
   7  the mount failed (mountpoint missing, not empty, or already a mount; FUSE refused)

@@ -10,6 +10,7 @@ import (
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
 	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vhdx"
 	"imgfuse/drivers/vmdk"
 	"imgfuse/drivers/vpc"
 )
@@ -17,11 +18,11 @@ import (
 // Formats is every format imgfuse knows, handed to drivers.Open for
 // probing the image and its backing files. Order does not matter for
 // probing (the highest score wins); it is the order shown in help. The
-// foreign formats open nothing: they are there so that a VHDX, QED, LUKS
+// foreign formats open nothing: they are there so that a QED, LUKS
 // ... file is refused by name instead of probing as raw
 // (drivers/foreign).
 func Formats() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vmdk.Format{}, vpc.Format{}}, foreign.Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vhdx.Format{}, vmdk.Format{}, vpc.Format{}}, foreign.Formats()...)
 }
 
 // refuseOnly returns f as a format known only to refuse, if it is one.
@@ -31,7 +32,7 @@ func refuseOnly(f drivers.Format) (*foreign.Format, bool) {
 }
 
 // ReadableFormats is the names of the formats imgfuse can open: "qcow2",
-// "raw", "vdi", "vmdk", "vpc".
+// "raw", "vdi", "vhdx", "vmdk", "vpc".
 func ReadableFormats() []string {
 	var names []string
 	for _, f := range Formats() {

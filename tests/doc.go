@@ -62,13 +62,16 @@
 //     probe_guard_test.go: a probed raw image refuses a qcow2 header in its
 //     first sector (CVE-2008-2004); --format raw allows it.
 //   - foreign_test.go: images qemu-img makes in formats imgfuse cannot read
-//     (VMDK sparse, streamOptimized, flat and split; VHDX; VHD dynamic and
-//     fixed; VDI; QED; qcow; Parallels): mount, info, check and map refuse
+//     (QED; qcow; Parallels): mount, info, check and map refuse
 //     each by name with exit 5, mount nothing, change no byte; --format raw
-//     exposes the file's bytes; a qcow2 overlay of a VMDK (-F vmdk or
-//     probed) is refused naming VMDK; a probed raw image refuses VHDX, VMDK
-//     and VDI headers in its first sector and a fixed VHD footer in its
+//     exposes the file's bytes; a qcow2 overlay of a QED image (-F qed
+//     or probed) is refused naming QED; a probed raw image refuses VHDX,
+//     VMDK and VDI headers in its first sector and a fixed VHD footer in its
 //     last (EPERM), which --format raw allows.
+//   - vhdx_test.go: a VHDX image with a dirty log (planted by an encoder
+//     of the test's own) mounts read-only as QEMU's replay reads, without
+//     a byte of the file changed; check exits as qemu-img's; check -r all
+//     replays it, after which qemu-img check is clean.
 //   - storage_test.go: ENOSPC from a full tmpfs or ext4 under the image
 //     (qemu-img check clean, fsynced data intact); EIO from the storage
 //     under the image confined to its range.

@@ -19,11 +19,9 @@ func foreignImages(t *testing.T, dir string) map[string]string {
 	t.Helper()
 	_, create := driverstest.ForeignSource(t, dir)
 	return map[string]string{
-		create("d.vhdx", "vhdx"):                              "a VHDX image",
-		create("fixed.vhdx", "vhdx", "-o", "subformat=fixed"): "a VHDX image",
-		create("d.qed", "qed"):                                "a QED image",
-		create("d.qcow", "qcow"):                              "a qcow (version 1) image",
-		create("d.hds", "parallels"):                          "a Parallels image",
+		create("d.qed", "qed"):       "a QED image",
+		create("d.qcow", "qcow"):     "a qcow (version 1) image",
+		create("d.hds", "parallels"): "a Parallels image",
 	}
 }
 
@@ -43,7 +41,7 @@ func TestForeignRefused(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := "imgfuse: " + img + " is " + what + "; imgfuse reads qcow2, raw, vdi, vmdk and vpc (-f raw exposes the file's own bytes)\n"
+			want := "imgfuse: " + img + " is " + what + "; imgfuse reads qcow2, raw, vdi, vhdx, vmdk and vpc (-f raw exposes the file's own bytes)\n"
 			mp := newMountpoint(t, false)
 			for _, args := range [][]string{
 				{"mount", img, mp},
@@ -84,28 +82,28 @@ func TestForeignRefused(t *testing.T) {
 	}
 }
 
-// TestForeignVictim is the issue's scenario: a VHDX file is not mounted
+// TestForeignVictim is the issue's scenario: a QED file is not mounted
 // as a writable raw disk, so mkfs cannot destroy it; a writable --format
 // raw mount, which the user asks for, still works.
 func TestForeignVictim(t *testing.T) {
 	requireE2E(t, "mkfs.ext4")
 	t.Parallel()
 	dir := t.TempDir()
-	img := filepath.Join(dir, "victim.vhdx")
-	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vhdx", img, "64M")
+	img := filepath.Join(dir, "victim.qed")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qed", img, "64M")
 	sum := fileSum(t, img)
 	mp := newMountpoint(t, false)
 	r := imgfuse(t, nil, "mount", img, mp)
-	if r.code != 5 || !strings.Contains(r.stderr, "is a VHDX image") || mounted(t, mp) {
-		t.Fatalf("mount of a VHDX file: %v", r)
+	if r.code != 5 || !strings.Contains(r.stderr, "is a QED image") || mounted(t, mp) {
+		t.Fatalf("mount of a QED file: %v", r)
 	}
 	if out, err := exec.Command("mkfs.ext4", "-q", filepath.Join(mp, "disk")).CombinedOutput(); err == nil {
 		t.Errorf("mkfs.ext4 on the refused mount's disk succeeded: %s", out)
 	}
 	if fileSum(t, img) != sum {
-		t.Fatal("the VHDX file changed")
+		t.Fatal("the QED file changed")
 	}
-	driverstest.Cmd(t, "qemu-img", "check", "-q", "-f", "vhdx", img)
+	driverstest.Cmd(t, "qemu-img", "check", "-q", "-f", "qed", img)
 }
 
 // removeBackingFormat turns the backing-format header extension of a
@@ -128,19 +126,19 @@ func removeBackingFormat(t *testing.T, img string) {
 	}
 }
 
-// TestForeignBacking: a qcow2 image whose backing file is a VHDX, named
-// by the backing format (-F vhdx) or probed, is refused with exit 5
-// naming VHDX, by mount (read-write and --read-only) and map; info
+// TestForeignBacking: a qcow2 image whose backing file is a QED image,
+// named by the backing format (-F qed) or probed, is refused with exit 5
+// naming QED, by mount (read-write and --read-only) and map; info
 // describes the overlay and says why the backing file cannot be opened,
 // and with --backing-chain, where every image must open, exits 5.
 func TestForeignBacking(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
 	dir := t.TempDir()
-	base := filepath.Join(dir, "base.vhdx")
-	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "vhdx", base, "4M")
+	base := filepath.Join(dir, "base.qed")
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qed", base, "4M")
 	named := filepath.Join(dir, "named.qcow2")
-	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", named)
+	driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qed", "-F", "qed", named)
 	probed := filepath.Join(dir, "probed.qcow2")
 	driverstest.Cmd(t, "cp", named, probed)
 	removeBackingFormat(t, probed)
@@ -157,7 +155,7 @@ func TestForeignBacking(t *testing.T) {
 		} {
 			r := imgfuse(t, nil, args...)
 			// The driver names the image it was opening: "qcow2: IMG: ...".
-			want := "imgfuse: qcow2: " + img + `: backing file "base.vhdx": is a VHDX image: not supported` + "\n"
+			want := "imgfuse: qcow2: " + img + `: backing file "base.qed": is a QED image: not supported` + "\n"
 			if r.code != 5 || r.stderr != want {
 				t.Errorf("imgfuse %s: want exit 5 and\n%s%v", strings.Join(args, " "), want, r)
 			}
@@ -166,12 +164,12 @@ func TestForeignBacking(t *testing.T) {
 			}
 		}
 		r := imgfuse(t, nil, "info", img)
-		if r.code != 0 || !strings.Contains(r.stdout, "file format: qcow2") || !strings.Contains(r.stdout, base+" is a VHDX image") {
+		if r.code != 0 || !strings.Contains(r.stdout, "file format: qcow2") || !strings.Contains(r.stdout, base+" is a QED image") {
 			t.Errorf("info %s: want the overlay described and the backing file refused by name\n%v", img, r)
 		}
 		r = imgfuse(t, nil, "info", "--backing-chain", "--output=json", img)
-		if r.code != 5 || !strings.Contains(r.stderr, base+" is a VHDX image") || strings.Count(r.stderr, "\n") != 1 {
-			t.Errorf("info --backing-chain %s: want exit 5 naming VHDX in one line\n%v", img, r)
+		if r.code != 5 || !strings.Contains(r.stderr, base+" is a QED image") || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("info --backing-chain %s: want exit 5 naming QED in one line\n%v", img, r)
 		}
 		// --format reaches the top image only: no hint for the backing file.
 		if strings.Contains(r.stderr, "-f raw") {
@@ -207,8 +205,8 @@ func firstSector(t *testing.T, dir, format string, opts ...string) []byte {
 // writing the first sector of a VHDX, VMDK or VDI image over the disk's
 // first sector, or a fixed VHD's footer over its last, fails with EPERM
 // and leaves the image raw and unchanged; with --format raw each write
-// goes through and the image then probes as that format: refused by name
-// (VHDX), or opened by its driver (VMDK, VDI, VHD: no longer exit 5).
+// goes through and the image then probes as that format and is opened by
+// its driver (VHDX, VMDK, VDI, VHD: no longer exit 5).
 func TestForeignProbeGuard(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
@@ -226,7 +224,7 @@ func TestForeignProbeGuard(t *testing.T) {
 		off  int64
 		what string
 	}{
-		{"vhdx", firstSector(t, t.TempDir(), "vhdx"), 0, "a VHDX image"},
+		{"vhdx", firstSector(t, t.TempDir(), "vhdx"), 0, "vhdx"},
 		{"vmdk", firstSector(t, t.TempDir(), "vmdk"), 0, "vmdk"},
 		{"vdi", firstSector(t, t.TempDir(), "vdi"), 0, "vdi"},
 		{"fixed vhd footer", fb[len(fb)-512:], size - 512, "vpc"},

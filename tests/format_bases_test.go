@@ -9,13 +9,13 @@ import (
 	"imgfuse/drivers/driverstest"
 )
 
-// TestOtherFormatBases: a qcow2 overlay whose backing file is a VMDK, VDI or
-// VHD image (named with -F, and probed without it) reads as qemu-img
+// TestOtherFormatBases: a qcow2 overlay whose backing file is a VMDK, VDI,
+// VHD or VHDX image (named with -F, and probed without it) reads as qemu-img
 // reads it, takes writes that qemu-img check and compare accept, and
 // leaves the base unchanged; --overlay on such an image does too.
 func TestOtherFormatBases(t *testing.T) {
 	requireE2E(t)
-	for _, f := range []string{"vmdk", "vdi", "vpc"} {
+	for _, f := range []string{"vmdk", "vdi", "vpc", "vhdx"} {
 		for _, named := range []bool{true, false} {
 			name := f + "/probed"
 			if named {

@@ -12,7 +12,7 @@ import (
 	"imgfuse/drivers/driverstest"
 )
 
-// blockImage is a VDI, VHD or VMDK image made by qemu-img and filled by
+// blockImage is a VDI, VHD, VHDX or VMDK image made by qemu-img and filled by
 // qemu-io: data, written zeros, and blocks never written. stream: the
 // filled image is converted to a streamOptimized VMDK, read-only.
 // parents: a VMDK delta link, made with qemu-img create -b on the last
@@ -34,6 +34,9 @@ var blockImages = []blockImage{
 	{"dynamic.vhd", "vpc", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false, nil},
 	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false, nil},
 	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, "6M", []string{"write -P 0x22 1M 2M"}, false, nil},
+	{"dynamic.vhdx", "vhdx", nil, "9M", []string{"write -P 0xaa 0 4k", "write -P 0xbb 3M 1M", "write -z 5M 64k", "write -P 0xcc 7340000 70000"}, false, nil},
+	{"small-blocks.vhdx", "vhdx", []string{"-o", "block_size=1M,block_state_zero=off"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M", "discard 4M 1M"}, false, nil},
+	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed,block_state_zero=off"}, "6M", []string{"write -P 0x22 1M 2M"}, false, nil},
 	{"sparse.vmdk", "vmdk", nil, "9M", vmdkFill, false, nil},
 	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, "5242887", []string{"write -P 0x11 100k 3000", "write -z 2M 1M"}, false, nil},
 	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, "9M", vmdkFill, false, nil},
@@ -101,8 +104,8 @@ func (b blockImage) parentFiles(dir string) []string {
 // TestBlockFormatsRead: each image, probed (the fixed VHD by its footer)
 // and mounted read-only, reads as qemu-img convert says, byte for byte;
 // info names the format (and a delta link's backing file) as qemu-img
-// does; check checks VDI as qemu-img
-// does and says VHD has no check (exit 63, as qemu-img); map of a dynamic
+// does; check checks VDI and VHDX as qemu-img does and says VHD has no
+// check (exit 63, as qemu-img); map of a dynamic
 // VDI image and of a sparse VMDK image (grains with their offsets, zeroed
 // grains, unallocated grains not present; compressed grains without an
 // offset) is qemu-img's. (Of a static one qemu-img also looks into the
@@ -146,8 +149,8 @@ func TestBlockFormatsRead(t *testing.T) {
 			if r := imgfuse(t, nil, "check", img); r.code != qcode {
 				t.Errorf("check: exit %d, qemu-img check %d\n%v", r.code, qcode, r)
 			}
-			// None of these formats can be repaired: qemu-img check -r
-			// exits 63, and so must we.
+			// qemu-img check -r exits 63 for the formats it cannot
+			// repair (VDI, VHD, VMDK) and 0 for a clean VHDX: so must we.
 			qcode, _ = exitCode(t, "qemu-img", "check", "-r", "all", "-f", b.format, img)
 			if r := imgfuse(t, nil, "check", "-r", "all", img); r.code != qcode {
 				t.Errorf("check -r all: exit %d, qemu-img check -r all %d\n%v", r.code, qcode, r)
@@ -175,8 +178,8 @@ func jsonEqual(a, b any) bool {
 
 // TestBlockFormatsWrite: a random workload written through a writable
 // mount (-f named) and mirrored into a raw model; after the unmount
-// qemu-img compare finds the image equal to the model and, for VDI and
-// VMDK, qemu-img check finds it clean; a VMDK delta link's parents are
+// qemu-img compare finds the image equal to the model and, for VDI, VHDX
+// and VMDK, qemu-img check finds it clean; a VMDK delta link's parents are
 // left unchanged. A streamOptimized VMDK is read-only:
 // a writable mount is refused naming it, and the image is left alone.
 func TestBlockFormatsWrite(t *testing.T) {
@@ -231,7 +234,7 @@ func TestBlockFormatsWrite(t *testing.T) {
 			if code, out := exitCode(t, "qemu-img", "compare", "-f", b.format, "-F", "raw", img, raw); code != 0 {
 				t.Errorf("qemu-img compare: exit %d\n%s", code, out)
 			}
-			if b.format == "vdi" || b.format == "vmdk" {
+			if b.format == "vdi" || b.format == "vmdk" || b.format == "vhdx" {
 				if code, out := exitCode(t, "qemu-img", "check", "-f", b.format, img); code != 0 || !strings.Contains(out, "No errors") {
 					t.Errorf("qemu-img check: exit %d\n%s", code, out)
 				}

@@ -82,7 +82,7 @@ skips the locks.
 A raw or VHD (vpc) image has nothing to check: like qemu-img, check says so
 and exits 63. A VDI image is checked as qemu-img checks it (its block map);
 repairing one is refused. An image in a format imgfuse recognises but cannot
-read (VHDX, QED, ...) is refused by name with exit 5, as by the other
+read (QED, Parallels, ...) is refused by name with exit 5, as by the other
 commands.
 On a terminal, images of 4 GiB and more show a progress bar on stderr.
 -q prints nothing but an error that stops the check (the exit code says

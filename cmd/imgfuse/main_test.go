@@ -58,8 +58,8 @@ func TestUsageErrors(t *testing.T) {
 		{"bad format", []string{"mount", "--format", "qed", "a", "b"}, imgtool.ExitUsage, `imgfuse: invalid --format "qed"`},
 		{"info no arg", []string{"info"}, imgtool.ExitUsage, "imgfuse: info needs 1 argument(s): IMAGE"},
 		{"info bad format", []string{"info", "--format", "qed", "x"}, imgtool.ExitUsage, "invalid --format"},
-		{"format known only to refuse", []string{"map", "-f", "vhdx", "x"}, imgtool.ExitUsage,
-			`invalid --format "vhdx": imgfuse recognises a VHDX image but cannot read it (want one of: auto, qcow2, raw, vdi, vmdk, vpc)`},
+		{"format known only to refuse", []string{"map", "-f", "qed", "x"}, imgtool.ExitUsage,
+			`invalid --format "qed": imgfuse recognises a QED image but cannot read it (want one of: auto, qcow2, raw, vdi, vhdx, vmdk, vpc)`},
 		{"unmount two args", []string{"unmount", "a", "b"}, imgtool.ExitUsage, "unmount needs 1 argument(s)"},
 		{"unmount bad timeout", []string{"unmount", "--timeout", "soon", "a"}, imgtool.ExitUsage, `invalid argument "soon"`},
 		{"unmount zero timeout", []string{"unmount", "--timeout", "0s", "a"}, imgtool.ExitUsage, "--timeout must be positive"},
@@ -112,7 +112,7 @@ func TestVersionAndHelp(t *testing.T) {
 
 func TestFormatChoices(t *testing.T) {
 	got := strings.Join(imgtool.FormatChoices(), ",")
-	if got != "auto,qcow2,raw,vdi,vmdk,vpc" {
+	if got != "auto,qcow2,raw,vdi,vhdx,vmdk,vpc" {
 		t.Errorf("formatChoices = %s", got)
 	}
 }

@@ -72,7 +72,7 @@ and removes FILE when it exits.
 Encrypted images are refused (exit 5). A LUKS container, though, is
 exposed as its raw encrypted bytes with --format raw, for cryptsetup to
 open the disk. An image in a format imgfuse recognises but cannot read
-(VHDX, QED, qcow version 1, Parallels, DMG, cloop, Bochs)
+(QED, qcow version 1, Parallels, DMG, cloop, Bochs)
 is refused by name (exit 5) rather than exposed as a raw disk, and so is
 a qcow2 image whose backing file is one; --format raw exposes the file's
 own bytes.

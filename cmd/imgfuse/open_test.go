@@ -45,7 +45,7 @@ func TestOpenErrorMessages(t *testing.T) {
 	if err := os.WriteFile(path("disk.luks"), append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	qemuImg(t, dir, "create", "-q", "-f", "vhdx", "disk.vhdx", "4M")
+	qemuImg(t, dir, "create", "-q", "-f", "parallels", "disk.hds", "4M")
 	qemuImg(t, dir, "create", "-q", "-f", "qed", "disk.qed", "4M")
 	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-b", "disk.qed", "-F", "qed", "over-qed.qcow2")
 	if err := os.WriteFile(path("corrupt.qcow2"), append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 4088)...), 0o644); err != nil {
@@ -92,15 +92,15 @@ func TestOpenErrorMessages(t *testing.T) {
 			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
 		// Formats imgfuse recognises and cannot read: refused by name,
 		// exit 5 from every command (check too: nothing was checked).
-		{"VHDX image", "disk.vhdx", nil, " is a VHDX image; imgfuse reads qcow2, raw, vdi, vmdk and vpc (-f raw exposes the file's own bytes)\n",
+		{"Parallels image", "disk.hds", nil, " is a Parallels image; imgfuse reads qcow2, raw, vdi, vhdx, vmdk and vpc (-f raw exposes the file's own bytes)\n",
 			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
-		{"QED image", "disk.qed", nil, " is a QED image; imgfuse reads qcow2, raw, vdi, vmdk and vpc (-f raw exposes the file's own bytes)\n",
+		{"QED image", "disk.qed", nil, " is a QED image; imgfuse reads qcow2, raw, vdi, vhdx, vmdk and vpc (-f raw exposes the file's own bytes)\n",
 			codes{"mount": imgtool.ExitUnsupported, "info": imgtool.ExitUnsupported, "check": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
-		{"VHDX image as qcow2", "disk.vhdx", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a VHDX image)",
+		{"QED image as qcow2", "disk.qed", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a QED image)",
 			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},
 		{"QED backing file, named", "over-qed.qcow2", nil, `: backing file "disk.qed": is a QED image: not supported`,
 			codes{"mount": imgtool.ExitUnsupported, "map": imgtool.ExitUnsupported}},
-		{"QED backing file, info --backing-chain", "over-qed.qcow2", []string{"--backing-chain"}, " is a QED image; imgfuse reads qcow2, raw, vdi, vmdk and vpc",
+		{"QED backing file, info --backing-chain", "over-qed.qcow2", []string{"--backing-chain"}, " is a QED image; imgfuse reads qcow2, raw, vdi, vhdx, vmdk and vpc",
 			codes{"info": imgtool.ExitUnsupported}},
 		{"LUKS container as qcow2", "disk.luks", []string{"-f", "qcow2"}, ": not a qcow2 image (it is a LUKS-encrypted image)",
 			codes{"mount": imgtool.ExitOpen, "info": imgtool.ExitOpen, "check": imgtool.CheckFailed, "map": imgtool.ExitOpen}},

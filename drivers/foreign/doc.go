@@ -1,17 +1,17 @@
 // Package foreign recognises the image formats imgfuse cannot read, in
 // order to refuse them by name. Every format qemu-img probes is here
-// except those with a driver (qcow2, raw, VDI, VHD, VMDK): qcow (version
-// 1), QED, VHDX, Parallels, DMG, cloop, Bochs and LUKS.
+// except those with a driver (qcow2, raw, VDI, VHD, VHDX, VMDK): qcow
+// (version 1), QED, Parallels, DMG, cloop, Bochs and LUKS.
 //
 // Why formats that open nothing: without them such a file probes as raw,
-// and a probing open exposes the container as if it were the disk. A VHDX
-// file mounted so is a writable "disk" whose first sectors are the VHDX
-// headers; mkfs on it destroys the image. With them in the list of formats
+// and a probing open exposes the container as if it were the disk. A QED
+// file mounted so is a writable "disk" whose first sectors are the QED
+// header; mkfs on it destroys the image. With them in the list of formats
 // (cmd/imgfuse assembles it):
 //   - a probing open fails with an *Error wrapping drivers.ErrUnsupported
-//     that names the format ("is a VHDX image: not supported"), and the
+//     that names the format ("is a QED image: not supported"), and the
 //     command line refuses the image in one line with exit 5;
-//   - naming another format gets "not a qcow2 image (it is a VHDX image)"
+//   - naming another format gets "not a qcow2 image (it is a QED image)"
 //     rather than "its contents look like raw";
 //   - naming raw still opens the file as raw bytes, as asked;
 //   - a probed raw image's guard (drivers/raw) refuses guest writes that
@@ -42,7 +42,7 @@
 //
 // # Moving a format out
 //
-// When a format gets a driver (drivers/vhdx and so on, see DESIGN.md),
+// When a format gets a driver (as drivers/vhdx did, see DESIGN.md),
 // delete its row from the table in foreign.go, move its probe function
 // from probe.go to the new package's Format.Probe, and add the new Format
 // to cmd/imgfuse's imageFormats. The probe tests here move with it.

@@ -26,7 +26,6 @@ var formats = []*Format{
 	{name: "parallels", what: "a Parallels image", probe: probeParallels},
 	{name: "qcow", what: "a qcow (version 1) image", probe: probeQcow},
 	{name: "qed", what: "a QED image", probe: probeQED},
-	{name: "vhdx", what: "a VHDX image", probe: probeVHDX},
 }
 
 // Formats returns every format imgfuse recognises and cannot read, for the

@@ -20,7 +20,7 @@ func TestOpenRefused(t *testing.T) {
 		head, msg string
 	}{
 		{"LUKS\xba\xbe\x00\x01", "is a LUKS-encrypted image: not supported"},
-		{"vhdxfile", "is a VHDX image: not supported"},
+		{"WithouFreSpacExt\x02\x00\x00\x00", "is a Parallels image: not supported"},
 		{"QED\x00", "is a QED image: not supported"},
 	} {
 		path := filepath.Join(t.TempDir(), "c.img")

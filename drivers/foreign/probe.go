@@ -47,14 +47,6 @@ func probeQED(in drivers.ProbeInput) int {
 	return 0
 }
 
-// probeVHDX: the file type identifier "vhdxfile" (block/vhdx.c).
-func probeVHDX(in drivers.ProbeInput) int {
-	if string(head(in)[:8]) == "vhdxfile" {
-		return magicScore
-	}
-	return 0
-}
-
 // probeParallels: one of the two 16-byte signatures, then the
 // little-endian version 2 (block/parallels-probe.c).
 func probeParallels(in drivers.ProbeInput) int {

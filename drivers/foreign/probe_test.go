@@ -14,13 +14,14 @@ import (
 	"imgfuse/drivers/qcow2"
 	"imgfuse/drivers/raw"
 	"imgfuse/drivers/vdi"
+	"imgfuse/drivers/vhdx"
 	"imgfuse/drivers/vmdk"
 	"imgfuse/drivers/vpc"
 )
 
 // all is the list of formats cmd/imgfuse assembles: readable and foreign.
 func all() []drivers.Format {
-	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vmdk.Format{}, vpc.Format{}}, Formats()...)
+	return append([]drivers.Format{qcow2.Format{}, raw.Format{}, vdi.Format{}, vhdx.Format{}, vmdk.Format{}, vpc.Format{}}, Formats()...)
 }
 
 func probeName(t *testing.T, in drivers.ProbeInput) string {
@@ -320,7 +321,7 @@ func FuzzProbe(f *testing.F) {
 // TestFormatsTable: names are unique, none is a readable format's, and
 // each refuses to open.
 func TestFormatsTable(t *testing.T) {
-	seen := map[string]bool{"qcow2": true, "raw": true, "vdi": true, "vmdk": true, "vpc": true}
+	seen := map[string]bool{"qcow2": true, "raw": true, "vdi": true, "vhdx": true, "vmdk": true, "vpc": true}
 	for _, f := range Formats() {
 		if seen[f.Name()] {
 			t.Errorf("format %q listed twice", f.Name())
@@ -330,7 +331,7 @@ func TestFormatsTable(t *testing.T) {
 			t.Errorf("%s: Open succeeded", f.Name())
 		}
 	}
-	want := "bochs cloop dmg luks parallels qcow qed vhdx"
+	want := "bochs cloop dmg luks parallels qcow qed"
 	var names []string
 	for _, f := range Formats() {
 		names = append(names, f.Name())

@@ -17,7 +17,7 @@ import (
 // say, /etc/shadow as backing file) makes the next probing open read the
 // file as qcow2 and expose a host file to it (CVE-2008-2004). QEMU
 // restricts writes to block 0 of a probed raw image; so do we, for every
-// format in the list (drivers/foreign adds VMDK, VHDX, VDI and the rest):
+// format in the list (drivers/foreign adds QED, Parallels and the rest):
 // a write, write-zeroes or discard is refused with EPERM if the file it
 // would leave probes as any other format.
 //
