@@ -11,12 +11,15 @@
 // FileBacked, Allocator, Damaged, FileLister) with their ...Of helpers; the
 // io.ReaderAt adapter (ReaderAt) and qemu-img map's walk down a chain
 // (MapAt); what the formats with parent images (VMDK delta links, VHD
-// differencing disks) share to open them (chain.go: ResolveParent and
-// JoinParent, QEMU's resolution of a parent's name; EnterChain and
+// and VHDX differencing disks) share to open them (chain.go: ResolveParent
+// and JoinParent, QEMU's resolution of a parent's name; EnterChain and
 // OpenParent, which carry the chain in OpenOptions.Chain and refuse a
-// loop, across formats too, or a chain deeper than MaxChainDepth). The formats live in its subpackages (drivers/qcow2,
-// drivers/raw, drivers/foreign), the conformance suite every driver passes
-// in drivers/driverstest.
+// loop, across formats too, or a chain deeper than MaxChainDepth) and to
+// describe them (layer.go: LayerFiles, LayerDamage, ImageInfo.SetBacking,
+// DiskUsage). The formats live in its subpackages (drivers/qcow2,
+// drivers/raw, drivers/vdi, drivers/vpc, drivers/vhdx, drivers/vmdk,
+// drivers/foreign), the conformance suite every driver passes in
+// drivers/driverstest.
 //
 // # One small contract, capabilities by type assertion
 //

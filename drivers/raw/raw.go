@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -346,11 +345,7 @@ func (d *Driver) truncate(co *coroutine.Co, size int64) error {
 // found.
 func (d *Driver) Info() drivers.ImageInfo {
 	info := drivers.ImageInfo{Filename: d.path, Format: "raw", VirtualSize: d.Size()}
-	if fi, err := os.Stat(d.path); err == nil {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			info.FileSize = st.Blocks * 512
-		}
-	}
+	info.FileSize = drivers.DiskUsage(d.path)
 	return info
 }
 

@@ -2,7 +2,6 @@ package vdi
 
 import (
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -167,12 +166,7 @@ func (d *Driver) Files() []drivers.ChainFile {
 }
 
 // Damage implements drivers.Damaged.
-func (d *Driver) Damage() error {
-	if e := d.damage.Load(); e != nil {
-		return e
-	}
-	return nil
-}
+func (d *Driver) Damage() error { return drivers.LayerDamage(d.damage.Load(), nil) }
 
 // check keeps [off, off+n) inside the disk.
 func (d *Driver) check(op string, off, n int64) error {
@@ -432,11 +426,7 @@ func (d *Driver) Truncate(co *coroutine.Co, size int64) error {
 // cluster size, the file's allocated bytes as its size.
 func (d *Driver) Info() drivers.ImageInfo {
 	info := drivers.ImageInfo{Filename: d.path, Format: "vdi", VirtualSize: d.size, ClusterSize: blockSize}
-	if fi, err := os.Stat(d.path); err == nil {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			info.FileSize = st.Blocks * 512
-		}
-	}
+	info.FileSize = drivers.DiskUsage(d.path)
 	return info
 }
 

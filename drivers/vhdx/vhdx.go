@@ -449,45 +449,20 @@ func (d *Driver) Size() int64 { return d.size }
 
 // Files implements drivers.FileLister: the image, then its parents.
 func (d *Driver) Files() []drivers.ChainFile {
-	out := []drivers.ChainFile{{Path: d.path, Role: "image"}}
-	if d.parent != nil {
-		for _, f := range drivers.FilesOf(d.parent) {
-			if f.Role == "image" {
-				f.Role, f.Of = "backing file", d.path
-			}
-			out = append(out, f)
-		}
-	}
-	return out
+	return drivers.LayerFiles(d.path, []drivers.ChainFile{{Path: d.path, Role: "image"}}, d.parent)
 }
 
 // Damage implements drivers.Damaged, for the chain.
-func (d *Driver) Damage() error {
-	if e := d.damage.Load(); e != nil {
-		return e
-	}
-	if d.parent != nil {
-		return drivers.DamageOf(d.parent)
-	}
-	return nil
-}
+func (d *Driver) Damage() error { return drivers.LayerDamage(d.damage.Load(), d.parent) }
 
 // Info describes the image as qemu-img info does: the block size as the
 // cluster size; a differencing image names its parent as its backing
 // file (qemu-img cannot open one).
 func (d *Driver) Info() drivers.ImageInfo {
 	info := drivers.ImageInfo{Filename: d.path, Format: "vhdx", VirtualSize: d.size, ClusterSize: d.blockSize}
-	if fi, err := os.Stat(d.path); err == nil {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			info.FileSize = st.Blocks * 512
-		}
-	}
+	info.FileSize = drivers.DiskUsage(d.path)
 	if d.parent != nil {
-		info.BackingFilename, info.BackingFormat = d.parentAt, "vhdx"
-		if in, ok := d.parent.(drivers.Informer); ok {
-			pi := in.Info()
-			info.Backing = &pi
-		}
+		info.SetBacking(d.parentAt, "vhdx", d.parent)
 	}
 	return info
 }

@@ -3,7 +3,6 @@ package vmdk
 import (
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"sort"
 	"syscall"
@@ -302,15 +301,7 @@ func (d *Driver) Files() []drivers.ChainFile {
 			out = append(out, drivers.ChainFile{Path: e.path, Role: "extent"})
 		}
 	}
-	if d.parent != nil {
-		for _, f := range drivers.FilesOf(d.parent) {
-			if f.Role == "image" {
-				f.Role, f.Of = "backing file", d.path
-			}
-			out = append(out, f)
-		}
-	}
-	return out
+	return drivers.LayerFiles(d.path, out, d.parent)
 }
 
 // piece is the part of a request inside one extent.
@@ -586,7 +577,6 @@ func (d *Driver) Info() drivers.ImageInfo {
 	if d.desc != nil {
 		vi.CID, vi.ParentCID = d.desc.cid, d.desc.parentCID
 	}
-	var blocks int64
 	for i, e := range d.extents {
 		x := extentInfo{VirtualSize: e.size, Filename: e.path}
 		if d.textDesc {
@@ -601,21 +591,10 @@ func (d *Driver) Info() drivers.ImageInfo {
 		}
 		vi.Extents = append(vi.Extents, x)
 	}
-	for _, p := range append([]string{d.path}, extentPaths(d.extents)...) {
-		if fi, err := os.Stat(p); err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-				blocks += st.Blocks
-			}
-		}
-	}
-	info.FileSize = blocks * 512
+	info.FileSize = drivers.DiskUsage(append([]string{d.path}, extentPaths(d.extents)...)...)
 	if d.desc != nil && d.desc.parentHint != "" {
 		// As QEMU's vmdk_parent_open: the hint as written, format vmdk.
-		info.BackingFilename, info.BackingFormat = d.desc.parentHint, "vmdk"
-		if in, ok := d.parent.(drivers.Informer); ok {
-			pi := in.Info()
-			info.Backing = &pi
-		}
+		info.SetBacking(d.desc.parentHint, "vmdk", d.parent)
 	}
 	info.FormatSpecific = &drivers.FormatSpecific{Type: "vmdk", Data: vi}
 	return info
