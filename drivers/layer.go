@@ -1,6 +1,7 @@
 package drivers
 
 import (
+	"fmt"
 	"os"
 	"syscall"
 )
@@ -60,4 +61,19 @@ func DiskUsage(paths ...string) int64 {
 		}
 	}
 	return blocks * 512
+}
+
+// InDisk checks a request [off, off+n) of operation op against a disk of
+// size bytes: nil inside it, otherwise an error naming the format and the
+// image at path that wraps EINVAL (a request the kernel should never have
+// sent) or, for writes to a disk that never grows, ErrNoSpace.
+func InDisk(format, path, op string, off, n, size int64, errNo error) error {
+	if off >= 0 && n >= 0 && off <= size && n <= size-off {
+		return nil
+	}
+	where := "outside the disk"
+	if errNo == ErrNoSpace {
+		where = "past the end"
+	}
+	return fmt.Errorf("%s: %s: %s [%#x, +%#x) %s (size %#x): %w", format, path, op, off, n, where, size, errNo)
 }

@@ -170,18 +170,12 @@ func (d *Driver) Damage() error { return drivers.LayerDamage(d.damage.Load(), ni
 
 // check keeps [off, off+n) inside the disk.
 func (d *Driver) check(op string, off, n int64) error {
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("vdi: %s: %s [%#x, +%#x) outside the disk (size %#x): %w", d.path, op, off, n, d.size, syscall.EINVAL)
-	}
-	return nil
+	return drivers.InDisk("vdi", d.path, op, off, n, d.size, syscall.EINVAL)
 }
 
 // checkWrite keeps a write inside the disk, which never grows.
 func (d *Driver) checkWrite(op string, off, n int64) error {
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("vdi: %s: %s [%#x, +%#x) past the end (size %#x): %w", d.path, op, off, n, d.size, drivers.ErrNoSpace)
-	}
-	return nil
+	return drivers.InDisk("vdi", d.path, op, off, n, d.size, drivers.ErrNoSpace)
 }
 
 // lookup returns block b's host offset, or -1 if it reads as zeros.

@@ -327,10 +327,7 @@ func (d *Driver) split(off, n int64, fn func(piece) error) error {
 }
 
 func (d *Driver) check(op string, off, n int64, errNo error) error {
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("vmdk: %s: %s [%#x, +%#x) outside the disk (size %#x): %w", d.path, op, off, n, d.size, errNo)
-	}
-	return nil
+	return drivers.InDisk("vmdk", d.path, op, off, n, d.size, errNo)
 }
 
 // ReadAt fills p from off; [off, off+len(p)) must lie inside the disk.

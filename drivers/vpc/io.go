@@ -12,20 +12,14 @@ import (
 )
 
 func (d *Driver) inDisk(op string, off, n int64) error {
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("vpc: %s: %s [%#x, +%#x) outside the disk (size %#x): %w", d.path, op, off, n, d.size, syscall.EINVAL)
-	}
-	return nil
+	return drivers.InDisk("vpc", d.path, op, off, n, d.size, syscall.EINVAL)
 }
 
 func (d *Driver) writable(op string, off, n int64) error {
 	if d.readOnly {
 		return fmt.Errorf("vpc: %s: %w", d.path, drivers.ErrReadOnly)
 	}
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("vpc: %s: %s [%#x, +%#x) past the end (size %#x): %w", d.path, op, off, n, d.size, drivers.ErrNoSpace)
-	}
-	return nil
+	return drivers.InDisk("vpc", d.path, op, off, n, d.size, drivers.ErrNoSpace)
 }
 
 // lookupLocked returns the file offset of block b's bitmap, or -1 if the
