@@ -131,6 +131,7 @@ func newMountCmd(o *session.Options) *cobra.Command {
 	f.BoolVar(&o.Overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
 	f.StringVar(&o.OverlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
 	f.BoolVar(&o.NonEmpty, "nonempty", false, "mount on a directory or regular file MOUNTPOINT that is not empty, hiding what it holds while mounted")
+	f.BoolVar(&o.Prefetch, "prefetch", false, "remote image: fetch it whole into the cache in the background ('imgfuse status' shows the progress)")
 	f.StringVar(&o.PIDFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	return cmd
 }
