@@ -99,6 +99,15 @@ func (s *s3Source) read(ctx context.Context, v version, off int64, n int) ([]byt
 		return nil, s.error("read", err)
 	}
 	defer obj.Close()
+	// Checked here too: not every S3 implementation honours If-Match
+	// on GET.
+	info, err := obj.Stat()
+	if err != nil {
+		return nil, s.error("read", err)
+	}
+	if info.ETag != v.ETag {
+		return nil, errorf("read", s.url, ErrChanged, "ETag %s; opened with ETag %s", info.ETag, v.ETag)
+	}
 	p := make([]byte, n)
 	if _, err := io.ReadFull(obj, p); err != nil {
 		return nil, s.error("read", err)
