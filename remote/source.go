@@ -39,7 +39,11 @@ type source interface {
 func newSource(name string, cfg *Config) (source, error) {
 	u, err := url.Parse(name)
 	if err != nil {
-		return nil, &Error{Op: "open", URL: name, Kind: ErrBadURL, Cause: strings.TrimPrefix(err.Error(), "parse \""+name+"\": ")}
+		cause := err
+		if ue, ok := err.(*url.Error); ok {
+			cause = ue.Err // without the URL, which Error names
+		}
+		return nil, &Error{Op: "open", URL: name, Kind: ErrBadURL, Cause: cause.Error()}
 	}
 	switch strings.ToLower(u.Scheme) {
 	case "http", "https":

@@ -1,0 +1,302 @@
+package tests
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Tests of remote images (issue 16): an nginx started by the test on
+// 127.0.0.1 and a free port, with its own configuration, serves images
+// made by qemu-img.
+
+// nginx is one nginx server of the directory www.
+type nginx struct {
+	t      *testing.T
+	dir    string // config, pid, logs
+	www    string
+	addr   string
+	cmd    *exec.Cmd
+	access string
+}
+
+func startNginx(t *testing.T, www string) *nginx {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	dir := t.TempDir()
+	n := &nginx{t: t, dir: dir, www: www, addr: addr, access: filepath.Join(dir, "access.log")}
+	conf := fmt.Sprintf(`daemon off;
+user root;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events {}
+http {
+	log_format sizes "$status $body_bytes_sent $http_range";
+	access_log %[1]s/access.log sizes;
+	client_body_temp_path %[1]s;
+	proxy_temp_path %[1]s;
+	fastcgi_temp_path %[1]s;
+	uwsgi_temp_path %[1]s;
+	scgi_temp_path %[1]s;
+	server { listen %[2]s; root %[3]s; }
+}
+`, dir, addr, www)
+	if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.start()
+	t.Cleanup(n.stop)
+	return n
+}
+
+func (n *nginx) start() {
+	n.t.Helper()
+	n.cmd = exec.Command("nginx", "-c", filepath.Join(n.dir, "nginx.conf"), "-p", n.dir)
+	if err := n.cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool {
+		c, err := net.Dial("tcp", n.addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}) {
+		b, _ := os.ReadFile(filepath.Join(n.dir, "error.log"))
+		n.t.Fatalf("nginx does not answer on %s:\n%s", n.addr, b)
+	}
+}
+
+func (n *nginx) stop() {
+	if n.cmd == nil {
+		return
+	}
+	n.cmd.Process.Signal(syscall.SIGTERM)
+	n.cmd.Wait()
+	n.cmd = nil
+}
+
+func (n *nginx) url(name string) string { return "http://" + n.addr + "/" + name }
+
+// log returns the access log's lines: "STATUS BODY-BYTES RANGE".
+func (n *nginx) log() []string {
+	b, _ := os.ReadFile(n.access)
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+// remoteImages makes, in www, a qcow2 image with data in a few places
+// and a raw image, and their qemu-img convert -O raw in dir.
+func remoteImages(t *testing.T, www, dir string) (qcowRaw, rawRaw string) {
+	t.Helper()
+	q := filepath.Join(www, "base.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", q, "32M")
+	run(t, "qemu-io", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0x11 17M 1M", "-c", "write -P 0x77 31M 64k", q)
+	qcowRaw = filepath.Join(dir, "base.raw")
+	run(t, "qemu-img", "convert", "-O", "raw", q, qcowRaw)
+	r := filepath.Join(www, "disk.img")
+	run(t, "qemu-img", "create", "-q", "-f", "raw", r, "8M")
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 8M", "-c", "write -P 0x42 3M 5k", r)
+	rawRaw = filepath.Join(dir, "disk.raw")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", r, rawRaw)
+	return qcowRaw, rawRaw
+}
+
+func run(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// TestRemoteMount: a qcow2 and a raw image served by nginx mount
+// read-only and read back equal to qemu-img convert -O raw; writes get
+// EROFS; a second mount with the same cache transfers no bytes, only
+// revalidations (304); info of a missing object or a refused connection
+// exits 3 with one line.
+func TestRemoteMount(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	qcowRaw, rawRaw := remoteImages(t, www, dir)
+	ng := startNginx(t, www)
+	for _, c := range []struct{ name, want string }{{"base.qcow2", qcowRaw}, {"disk.img", rawRaw}} {
+		mp, disk := mount(t, ng.url(c.name), false, "--cache-dir", cache)
+		compareFiles(t, disk, c.want)
+		if _, err := os.OpenFile(disk, os.O_RDWR, 0); !errorsIsErrno(err, syscall.EROFS) {
+			t.Errorf("open O_RDWR of a remote image: %v, want EROFS", err)
+		}
+		unmount(t, mp)
+		before := len(ng.log())
+		mp, disk = mount(t, ng.url(c.name), false, "--cache-dir", cache)
+		compareFiles(t, disk, c.want)
+		unmount(t, mp)
+		second := ng.log()[before:]
+		if len(second) == 0 {
+			t.Errorf("%s: a second mount made no request: no revalidation", c.name)
+		}
+		for _, l := range second {
+			if !strings.HasPrefix(l, "304 0 ") {
+				t.Errorf("%s: a second mount sent %q; want only revalidations (304, no body)", c.name, l)
+			}
+		}
+	}
+	r := imgfuse(t, nil, "info", "--cache-dir", cache, ng.url("missing.qcow2"))
+	if r.code != 3 || !strings.Contains(r.stderr, "404") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("info of a missing object: %v, want exit 3 and one line naming 404", r)
+	}
+	ng.stop()
+	r = imgfuse(t, nil, "info", "--cache-dir", cache, ng.url("base.qcow2"))
+	if r.code != 3 || !strings.Contains(r.stderr, "connection refused") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("info with the server down: %v, want exit 3 and one line: connection refused", r)
+	}
+}
+
+func errorsIsErrno(err error, want syscall.Errno) bool {
+	var pe *os.PathError
+	if e, ok := err.(*os.PathError); ok {
+		pe = e
+	}
+	return pe != nil && pe.Err == want
+}
+
+// TestRemoteBackingAndOverlay: a local qcow2 whose backing file is a URL
+// reads as its base; --overlay-keep over a URL takes writes, judged by
+// qemu-img compare against a raw model.
+func TestRemoteBackingAndOverlay(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	qcowRaw, _ := remoteImages(t, www, dir)
+	ng := startNginx(t, www)
+	top := filepath.Join(dir, "top.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", ng.url("base.qcow2"), "-F", "qcow2", top, "32M")
+	mp, disk := mount(t, top, false, "--cache-dir", cache, "--read-only")
+	compareFiles(t, disk, qcowRaw)
+	unmount(t, mp)
+
+	keep := filepath.Join(dir, "overlay.qcow2")
+	mp, disk = mount(t, ng.url("base.qcow2"), false, "--cache-dir", cache, "--overlay-keep", keep)
+	model, err := os.ReadFile(qcowRaw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, off := range []int64{0, 2<<20 + 512, 17<<20 + 4096, 30 << 20} {
+		p := bytes.Repeat([]byte{byte(0xa0 + i)}, 70000)
+		if _, err := f.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	f.Close()
+	unmount(t, mp)
+	modelPath := filepath.Join(dir, "model.raw")
+	if err := os.WriteFile(modelPath, model, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qemuCompare(t, keep, modelPath)
+	if sum := fileSum(t, filepath.Join(www, "base.qcow2")); sum == "" {
+		t.Error("no base")
+	}
+}
+
+// TestRemoteServerGone: with the server stopped, reads of what is not
+// cached fail with EIO within a bounded time (what is cached still
+// reads); after a restart they succeed.
+func TestRemoteServerGone(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	_, rawRaw := remoteImages(t, www, dir)
+	want, err := os.ReadFile(rawRaw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ng := startNginx(t, www)
+	_, disk := mount(t, ng.url("disk.img"), false, "--cache-dir", cache)
+	if errno, got := readErrno(t, disk, 0, 4096); errno != 0 || !bytes.Equal(got, want[:4096]) {
+		t.Fatalf("first read: %v", errno)
+	}
+	ng.stop()
+	start := time.Now()
+	if errno, _ := readErrno(t, disk, 5<<20, 4096); errno != syscall.EIO {
+		t.Errorf("read with the server gone: errno %v, want EIO", errno)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the failing read took %v", d)
+	}
+	if errno, got := readErrno(t, disk, 0, 4096); errno != 0 || !bytes.Equal(got, want[:4096]) {
+		t.Errorf("cached read with the server gone: %v", errno)
+	}
+	ng.start()
+	if errno, got := readErrno(t, disk, 5<<20, 4096); errno != 0 || !bytes.Equal(got, want[5<<20:5<<20+4096]) {
+		t.Errorf("read after the restart: errno %v", errno)
+	}
+}
+
+// TestRemoteObjectReplaced: an object replaced on the server fails reads
+// of what is not cached with EIO and says why in status, never serving
+// new bytes; a new mount sees the new object whole.
+func TestRemoteObjectReplaced(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	_, rawRaw := remoteImages(t, www, dir)
+	ng := startNginx(t, www)
+	mp, disk := mount(t, ng.url("disk.img"), false, "--cache-dir", cache)
+	if errno, _ := readErrno(t, disk, 0, 4096); errno != 0 {
+		t.Fatalf("first read: %v", errno)
+	}
+	img := filepath.Join(www, "disk.img")
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x99 0 8M", img)
+	later := time.Now().Add(time.Minute)
+	os.Chtimes(img, later, later) // a new ETag even within the same second
+	if errno, _ := readErrno(t, disk, 6<<20, 4096); errno != syscall.EIO {
+		t.Errorf("read after the object changed: errno %v, want EIO", errno)
+	}
+	var st []struct {
+		Remote []struct {
+			LastError string `json:"last-error"`
+		} `json:"remote"`
+	}
+	if !waitFor(3*time.Second, func() bool {
+		r := imgfuse(t, nil, "status", "--output=json")
+		if json.Unmarshal([]byte(r.stdout), &st) != nil {
+			return false
+		}
+		for _, e := range st {
+			for _, o := range e.Remote {
+				if strings.Contains(o.LastError, "changed") {
+					return true
+				}
+			}
+		}
+		return false
+	}) {
+		t.Errorf("status does not say the object changed: %+v", st)
+	}
+	unmount(t, mp)
+	newRaw := filepath.Join(dir, "new.raw")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", img, newRaw)
+	mp, disk = mount(t, ng.url("disk.img"), false, "--cache-dir", cache)
+	compareFiles(t, disk, newRaw)
+	unmount(t, mp)
+	_ = rawRaw
+}
