@@ -27,7 +27,7 @@ type Config struct {
 	Chunk     int64         `json:"-"` // bytes per chunk (1 MiB)
 	Readahead int64         `json:"-"` // chunks, at most, ahead of a sequential reader (16)
 	Parallel  int           `json:"-"` // requests in flight per object (8)
-	Timeout   time.Duration `json:"-"` // per request: connect, TLS, headers, body (20 s)
+	Timeout   time.Duration `json:"-"` // per request: connect, TLS, headers, body (10 s)
 	Retries   int           `json:"-"` // of a transient failure (3)
 	Backoff   time.Duration `json:"-"` // first pause between tries, then doubled (100 ms)
 }
@@ -58,7 +58,7 @@ func (cfg Config) withDefaults() Config {
 		cfg.Parallel = 8
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 20 * time.Second
+		cfg.Timeout = 10 * time.Second
 	}
 	if cfg.Retries <= 0 {
 		cfg.Retries = 3

@@ -154,7 +154,13 @@ func TestRemoteMount(t *testing.T) {
 			}
 		}
 	}
-	r := imgfuse(t, nil, "info", "--cache-dir", cache, ng.url("missing.qcow2"))
+	mp := newMountpoint(t, false)
+	r := imgfuse(t, nil, "mount", "--cache-dir", cache, ng.url("disk.img"), mp)
+	if r.code != 0 || strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, "read-only") || !strings.Contains(r.stderr, "--overlay") {
+		t.Errorf("mount of a URL: %v, want one line on stderr saying read-only and naming --overlay", r)
+	}
+	unmount(t, mp)
+	r = imgfuse(t, nil, "info", "--cache-dir", cache, ng.url("missing.qcow2"))
 	if r.code != 3 || !strings.Contains(r.stderr, "404") || strings.Count(r.stderr, "\n") != 1 {
 		t.Errorf("info of a missing object: %v, want exit 3 and one line naming 404", r)
 	}
@@ -298,5 +304,73 @@ func TestRemoteObjectReplaced(t *testing.T) {
 	mp, disk = mount(t, ng.url("disk.img"), false, "--cache-dir", cache)
 	compareFiles(t, disk, newRaw)
 	unmount(t, mp)
+	_ = rawRaw
+}
+
+// TestRemotePrefetchAndCache: --prefetch fetches the whole image in the
+// background, with its progress in status; cache ls shows the entry (in
+// use while mounted), and cache prune removes it once unmounted.
+func TestRemotePrefetchAndCache(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	_, rawRaw := remoteImages(t, www, dir)
+	ng := startNginx(t, www)
+	url := ng.url("disk.img")
+	mp, _ := mount(t, url, false, "--cache-dir", cache, "--prefetch")
+	type entry struct {
+		URL    string `json:"url"`
+		Size   int64  `json:"size"`
+		Cached int64  `json:"cached"`
+		InUse  bool   `json:"in-use"`
+	}
+	var ents []entry
+	ls := func() []entry {
+		r := imgfuse(t, nil, "cache", "ls", "--output=json", "--cache-dir", cache)
+		ents = nil
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &ents) != nil {
+			t.Fatalf("cache ls: %v", r)
+		}
+		return ents
+	}
+	if !waitFor(10*time.Second, func() bool {
+		e := ls()
+		return len(e) == 1 && e[0].Cached >= e[0].Size
+	}) {
+		t.Fatalf("the prefetch did not fill the cache: %+v", ents)
+	}
+	if ents[0].URL != url || ents[0].Size != 8<<20 || !ents[0].InUse {
+		t.Errorf("cache ls while mounted: %+v", ents[0])
+	}
+	var st []struct {
+		Remote []struct {
+			Prefetch string `json:"prefetch"`
+			Fetched  int64  `json:"fetched"`
+		} `json:"remote"`
+	}
+	if !waitFor(3*time.Second, func() bool {
+		r := imgfuse(t, nil, "status", "--output=json", mp)
+		var one struct {
+			Remote []struct {
+				Prefetch string `json:"prefetch"`
+				Fetched  int64  `json:"fetched"`
+			} `json:"remote"`
+		}
+		if json.Unmarshal([]byte(r.stdout), &one) != nil || len(one.Remote) != 1 {
+			return false
+		}
+		st = append(st[:0], one)
+		return one.Remote[0].Prefetch == "done"
+	}) {
+		t.Errorf("status does not say the prefetch is done: %+v", st)
+	}
+	if r := imgfuse(t, nil, "cache", "prune", "--cache-dir", cache); r.code != 0 || len(ls()) != 1 {
+		t.Errorf("cache prune removed an entry in use: %v, %+v", r, ents)
+	}
+	unmount(t, mp)
+	r := imgfuse(t, nil, "cache", "prune", "--cache-dir", cache)
+	if r.code != 0 || !strings.Contains(r.stdout, url) || len(ls()) != 0 {
+		t.Errorf("cache prune after the unmount: %v, left %+v", r, ents)
+	}
 	_ = rawRaw
 }
