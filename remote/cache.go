@@ -84,7 +84,7 @@ func loadMeta(dir string) *meta {
 // lockEntry takes the entry's lock file, shared (in use) or exclusive
 // without waiting (to evict it).
 func lockEntry(dir string, exclusive bool) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o644)
+	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -110,7 +110,7 @@ func lockEntry(dir string, exclusive bool) (*os.File, error) {
 // stored as chunk 0 (and what follows, whole chunks only).
 func openEntry(cacheDir, url string, v version, chunk int64) (*entry, error) {
 	dir := entryDir(cacheDir, url)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	lock, err := lockEntry(dir, false)
@@ -180,7 +180,7 @@ func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
-		fh, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		fh, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
 			return err
 		}
@@ -197,7 +197,7 @@ func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
 		return err
 	}
 	tmp := metaPath + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, metaPath)

@@ -32,6 +32,11 @@ type Config struct {
 	Backoff   time.Duration `json:"-"` // first pause between tries, then doubled (100 ms)
 }
 
+// MaxSize bounds the size of an object: 16 TiB, ext4's largest file (the
+// cache's sparse file must hold it); its chunk map then takes 16 MiB of
+// memory.
+const MaxSize = 16 << 40
+
 // DefaultDir is the cache directory when none is given.
 func DefaultDir() string {
 	if d := os.Getenv("XDG_CACHE_HOME"); d != "" && filepath.IsAbs(d) {
@@ -92,7 +97,9 @@ func (s *Objects) Open(url string) (*Object, error) {
 	if o, ok := s.objs[url]; ok {
 		return o, nil
 	}
-	if err := os.MkdirAll(s.cfg.Dir, 0o755); err != nil {
+	// Private: a cached object may be one only its owner's credentials
+	// can read.
+	if err := os.MkdirAll(s.cfg.Dir, 0o700); err != nil {
 		return nil, &Error{Op: "open", URL: url, Kind: ErrCache, Cause: err.Error()}
 	}
 	o, err := openObject(url, &s.cfg)

@@ -67,7 +67,7 @@ func (s *httpSource) open(ctx context.Context, cached *version) (version, []byte
 		return version{}, nil, statusError("open", s.url, resp)
 	}
 	first, last, total, ok := parseContentRange(resp.Header.Get("Content-Range"))
-	if !ok || first != 0 || total < 0 {
+	if !ok || first != 0 || last >= s.chunk {
 		return version{}, nil, errorf("open", s.url, ErrServer, "206 with Content-Range %q", resp.Header.Get("Content-Range"))
 	}
 	v := version{Size: total, ETag: resp.Header.Get("ETag"), LastModified: resp.Header.Get("Last-Modified")}

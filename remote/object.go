@@ -73,6 +73,11 @@ func openObject(url string, cfg *Config) (*Object, error) {
 	if err != nil {
 		return nil, err
 	}
+	if v.Size > MaxSize {
+		// The cache's sparse file must hold it, and its chunk map
+		// stays in memory.
+		return nil, errorf("open", url, ErrServer, "the object is %d bytes, more than imgfuse reads (%d)", v.Size, int64(MaxSize))
+	}
 	c, err := openEntry(cfg.Dir, url, v, cfg.Chunk)
 	if err != nil {
 		return nil, &Error{Op: "open", URL: url, Kind: ErrCache, Cause: err.Error()}

@@ -405,3 +405,35 @@ func TestPruneKeepsEntriesInUse(t *testing.T) {
 		t.Fatal("b unreadable")
 	}
 }
+
+// TestHostileServer: answers that claim an object too large to cache, a
+// first range longer than asked for, or an unreadable range are refused
+// with an error, without a large allocation.
+func TestHostileServer(t *testing.T) {
+	for _, c := range []struct {
+		name         string
+		contentRange string
+		body         []byte
+		kind         error
+	}{
+		{"huge", fmt.Sprintf("bytes 0-65535/%d", int64(1)<<62), make([]byte, 64<<10), ErrServer},
+		{"long first range", "bytes 0-1099511627775/1099511627776", nil, ErrServer},
+		{"garbage", "bytes zero-one/two", nil, ErrServer},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, ts := newServer(t, nil)
+			s.handle = func(w http.ResponseWriter, r *http.Request, s *server) {
+				w.Header().Set("ETag", `"x"`)
+				w.Header().Set("Content-Range", c.contentRange)
+				w.WriteHeader(http.StatusPartialContent)
+				w.Write(c.body)
+			}
+			cfg := testConfig(t)
+			cfg.Retries = 1
+			_, err := NewObjects(cfg).Open(ts.URL + "/disk.img")
+			if !errors.Is(err, c.kind) {
+				t.Errorf("open: %v, want %v", err, c.kind)
+			}
+		})
+	}
+}
