@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -373,4 +375,116 @@ func TestRemotePrefetchAndCache(t *testing.T) {
 		t.Errorf("cache prune after the unmount: %v, left %+v", r, ents)
 	}
 	_ = rawRaw
+}
+
+// faultProxy is a TCP proxy in front of a server that cuts answers
+// short, delays them or drops connections, as told.
+type faultProxy struct {
+	addr  string
+	to    string
+	cuts  atomic.Int64 // answers still to cut in half (then close the connection)
+	delay atomic.Int64 // nanoseconds before forwarding each read of an answer
+	drop  atomic.Bool  // close every connection at once
+	ln    net.Listener
+}
+
+func startFaultProxy(t *testing.T, to string) *faultProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &faultProxy{addr: ln.Addr().String(), to: to, ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.serve(c)
+		}
+	}()
+	return p
+}
+
+func (p *faultProxy) serve(c net.Conn) {
+	defer c.Close()
+	if p.drop.Load() {
+		return
+	}
+	s, err := net.Dial("tcp", p.to)
+	if err != nil {
+		return
+	}
+	defer s.Close()
+	go func() {
+		io.Copy(s, c)
+		s.Close()
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := s.Read(buf)
+		if n > 0 {
+			if p.drop.Load() {
+				return
+			}
+			if p.cuts.Load() > 0 && p.cuts.Add(-1) >= 0 {
+				c.Write(buf[:n/2])
+				return
+			}
+			time.Sleep(time.Duration(p.delay.Load()))
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// TestRemoteFaults: through a proxy that cuts answers short, delays them
+// or drops connections, reads either return the image's bytes (cut
+// answers are retried) or fail with EIO within a bounded time, and
+// succeed once the faults stop.
+func TestRemoteFaults(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
+	_, rawRaw := remoteImages(t, www, dir)
+	want, err := os.ReadFile(rawRaw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ng := startNginx(t, www)
+	px := startFaultProxy(t, ng.addr)
+	_, disk := mount(t, "http://"+px.addr+"/disk.img", false, "--cache-dir", cache)
+	// Small reads far apart: no readahead fetches what a later step
+	// reads (nor the probe, which fetched the first and last MiB).
+	px.cuts.Store(3)
+	if errno, got := readErrno(t, disk, 1<<20, 4096); errno != 0 || !bytes.Equal(got, want[1<<20:1<<20+4096]) {
+		t.Errorf("read through answers cut short: errno %v", errno)
+	}
+	if left := px.cuts.Load(); left > 0 {
+		t.Errorf("%d cuts left: the reads did not go through the proxy", left)
+	}
+	px.cuts.Store(0)
+	px.delay.Store(int64(20 * time.Millisecond))
+	if errno, got := readErrno(t, disk, 4<<20, 4096); errno != 0 || !bytes.Equal(got, want[4<<20:4<<20+4096]) {
+		t.Errorf("read through a slow proxy: errno %v", errno)
+	}
+	px.delay.Store(0)
+	px.drop.Store(true)
+	start := time.Now()
+	if errno, _ := readErrno(t, disk, 6<<20, 4096); errno != syscall.EIO {
+		t.Errorf("read with every connection dropped: errno %v, want EIO", errno)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the failing read took %v", d)
+	}
+	px.drop.Store(false)
+	if errno, got := readErrno(t, disk, 6<<20, 4096); errno != 0 || !bytes.Equal(got, want[6<<20:6<<20+4096]) {
+		t.Errorf("read once the faults stopped: errno %v", errno)
+	}
 }
