@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"imgfuse/aio"
@@ -17,8 +18,8 @@ type Config struct {
 	// $XDG_CACHE_HOME/imgfuse, else ~/.cache/imgfuse.
 	Dir string `json:"cache-dir,omitempty"`
 	// Max bounds what the cache holds (--cache-max): least recently
-	// used objects not in use are evicted when an object is opened.
-	// 0: no bound.
+	// used objects not in use are evicted when an object is opened and
+	// as chunks are stored (noteStored). 0: no bound.
 	Max int64 `json:"cache-max,omitempty"`
 	// S3Endpoint is --s3-endpoint (host:port or a URL); "" for the
 	// environment's (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) or AWS's.
@@ -83,6 +84,11 @@ type Objects struct {
 	objs map[string]*Object // by URL; protected by mu
 	// prefetch: Prefetch every object opened. Protected by mu.
 	prefetch bool
+
+	// sinceTrim counts the bytes stored since the cache was last
+	// trimmed to Max; trimming is set while a trim runs.
+	sinceTrim atomic.Int64
+	trimming  atomic.Bool
 }
 
 // NewObjects returns a set of objects fetched and cached as cfg says.
@@ -109,11 +115,27 @@ func (s *Objects) Open(url string) (*Object, error) {
 	s.objs[url] = o
 	if s.cfg.Max > 0 {
 		Prune(s.cfg.Dir, s.cfg.Max) // objects open here are in use: kept
+		o.stored = s.noteStored
 	}
 	if s.prefetch {
 		o.Prefetch()
 	}
 	return o, nil
+}
+
+// noteStored trims the cache to Max, in the background, each time an
+// eighth of Max (at most 64 MiB) has been stored since the last trim.
+// Objects in use, by this process or another, are kept: one larger than
+// Max makes the cache larger than Max while it is in use.
+func (s *Objects) noteStored(n int64) {
+	if s.sinceTrim.Add(n) < min(s.cfg.Max/8+1, 64<<20) || !s.trimming.CompareAndSwap(false, true) {
+		return
+	}
+	s.sinceTrim.Store(0)
+	go func() {
+		defer s.trimming.Store(false)
+		Prune(s.cfg.Dir, s.cfg.Max)
+	}()
 }
 
 // PrefetchAll makes every object opened, and every one opened from now on,

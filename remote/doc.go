@@ -77,6 +77,8 @@
 // flight for a sequential reader. Timeouts are 10 s per request with 3
 // retries (100, 200, 400 ms apart), so a read of a server that vanished
 // fails within about 40 s, one of a refused connection within a second.
-// The cache is bounded by --cache-max at each open: least recently used
-// objects not in use are evicted whole.
+// The cache is bounded by --cache-max at each open and after every eighth
+// of it (at most 64 MiB) stored: least recently used objects not in use
+// are evicted whole. An object in use is never trimmed (a reader between
+// its Fill and its pread would read a hole).
 package remote

@@ -17,6 +17,9 @@ type Object struct {
 	src source
 	cfg *Config
 	c   *entry
+	// stored, if not nil, is told of every chunk stored (Objects
+	// keeps the cache within Config.Max with it).
+	stored func(n int64)
 
 	// sem bounds the requests in flight.
 	sem chan struct{}
@@ -239,6 +242,9 @@ func (o *Object) fetch(i int64) error {
 		e := &Error{Op: "read", URL: o.url, Kind: ErrCache, Cause: err.Error()}
 		o.noteErr(e)
 		return e
+	}
+	if o.stored != nil {
+		o.stored(int64(n))
 	}
 	return nil
 }

@@ -437,3 +437,39 @@ func TestHostileServer(t *testing.T) {
 		})
 	}
 }
+
+// TestCacheMax: with Max set, objects not in use are evicted, least
+// recently used first, as others are opened and filled.
+func TestCacheMax(t *testing.T) {
+	_, ts := newServer(t, randomBytes(512<<10, 13))
+	cfg := testConfig(t)
+	cfg.Max = 700 << 10
+	for _, name := range []string{"a.img", "b.img", "c.img"} {
+		objs := NewObjects(cfg)
+		o, err := objs.Open(ts.URL + "/" + name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		readBack(t, o, 0, o.Size())
+		objs.Close()
+		time.Sleep(20 * time.Millisecond) // distinct last-use times
+	}
+	objs := NewObjects(cfg)
+	defer objs.Close()
+	if _, err := objs.Open(ts.URL + "/d.img"); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := List(cfg.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	var urls []string
+	for _, e := range ents {
+		total += e.Cached
+		urls = append(urls, strings.TrimPrefix(e.URL, ts.URL+"/"))
+	}
+	if total > cfg.Max || len(ents) != 2 || urls[0] != "c.img" || urls[1] != "d.img" {
+		t.Errorf("cache holds %v, %d bytes; want c.img and d.img within %d", urls, total, cfg.Max)
+	}
+}
