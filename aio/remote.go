@@ -42,6 +42,13 @@ type RemoteOpener func(url string) (path string, fill Filler, err error)
 // the URL's scheme is one no opener serves.
 var ErrRemoteUnavailable = errors.New("remote images are not supported by this program")
 
+// errRemoteReadOnly refuses a writable open of a URL; it matches
+// ErrReadOnly.
+type errRemoteReadOnly struct{}
+
+func (errRemoteReadOnly) Error() string { return "remote images are read-only" }
+func (errRemoteReadOnly) Unwrap() error { return ErrReadOnly }
+
 // ErrNoLend is returned by LendFd for a remote image's local file.
 var ErrNoLend = errors.New("the file is a remote image's cache: its descriptor cannot be lent")
 
@@ -87,7 +94,7 @@ func openRemote(url string, opts Options) (*File, error) {
 		return nil, &os.PathError{Op: "open", Path: url, Err: ErrRemoteUnavailable}
 	}
 	if !opts.ReadOnly {
-		return nil, fmt.Errorf("aio: open %s for writing: a remote image is read-only: %w", url, ErrReadOnly)
+		return nil, &os.PathError{Op: "open for writing", Path: url, Err: errRemoteReadOnly{}}
 	}
 	path, fill, err := open(url)
 	if err != nil {

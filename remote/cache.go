@@ -81,10 +81,15 @@ func loadMeta(dir string) *meta {
 	return &m
 }
 
-// lockEntry takes the entry's lock file, shared (in use) or exclusive
-// without waiting (to evict it).
+// lockEntry takes the entry's lock file, shared (in use, creating it) or
+// exclusive without waiting (to evict it: a directory without a lock file
+// is not an entry, and is left alone).
 func lockEntry(dir string, exclusive bool) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	flags := os.O_RDWR | syscall.O_CLOEXEC
+	if !exclusive {
+		flags |= os.O_CREATE
+	}
+	f, err := os.OpenFile(filepath.Join(dir, lockName), flags, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -268,6 +273,8 @@ type Entry struct {
 }
 
 // List returns the objects in the cache at dir, least recently used first.
+// An entry whose meta.json is missing (being remade, or a crash while it
+// was) has no URL; Prune removes it like any other.
 func List(dir string) ([]Entry, error) {
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -282,6 +289,9 @@ func List(dir string) ([]Entry, error) {
 			continue
 		}
 		d := filepath.Join(dir, de.Name())
+		if _, err := os.Stat(filepath.Join(d, lockName)); err != nil {
+			continue // not an entry
+		}
 		e := Entry{dir: d}
 		if m := loadMeta(d); m != nil {
 			e.URL, e.ETag, e.Size = m.URL, m.Version.ETag, m.Version.Size

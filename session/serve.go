@@ -67,18 +67,24 @@ func (o *Options) Validate() error {
 	if err := imgtool.RefuseRemote(o.Image); err != nil {
 		return err
 	}
-	if imgtool.IsRemote(o.Image) {
-		o.AbsImage = o.Image
-		if !o.overlayed() && !o.ReadOnly {
-			o.ReadOnly = true
-			if o.Warn != nil {
-				o.Warn(o.Image + " is a remote image: mounted read-only (--overlay sends writes to a local overlay)")
-			}
+	if !imgtool.IsRemote(o.Image) {
+		if err := o.validateLocalImage(); err != nil {
+			return err
 		}
-	} else if err := o.validateLocalImage(); err != nil {
+		return o.validateRest()
+	}
+	o.AbsImage = o.Image
+	readOnly := !o.overlayed() && !o.ReadOnly
+	if readOnly {
+		o.ReadOnly = true
+	}
+	if err := o.validateRest(); err != nil {
 		return err
 	}
-	return o.validateRest()
+	if readOnly && o.Warn != nil {
+		o.Warn(o.Image + " is a remote image: mounted read-only (--overlay sends writes to a local overlay)")
+	}
+	return nil
 }
 
 // validateLocalImage checks that the image is a file that can be opened.

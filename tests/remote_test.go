@@ -162,6 +162,10 @@ func TestRemoteMount(t *testing.T) {
 		t.Errorf("mount of a URL: %v, want one line on stderr saying read-only and naming --overlay", r)
 	}
 	unmount(t, mp)
+	r = imgfuse(t, nil, "mount", "--cache-dir", cache, ng.url("missing.qcow2"), mp)
+	if r.code != 3 || !strings.Contains(r.stderr, "404") || strings.Count(r.stderr, "\n") != 1 || mounted(t, mp) {
+		t.Errorf("mount of a missing object: %v, want exit 3 and one line naming 404", r)
+	}
 	r = imgfuse(t, nil, "info", "--cache-dir", cache, ng.url("missing.qcow2"))
 	if r.code != 3 || !strings.Contains(r.stderr, "404") || strings.Count(r.stderr, "\n") != 1 {
 		t.Errorf("info of a missing object: %v, want exit 3 and one line naming 404", r)
