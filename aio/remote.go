@@ -32,6 +32,16 @@ type Filler interface {
 	Fill(off, n int64) error
 }
 
+// PresentFiller is a Filler that can also tell, without blocking, that a
+// range is present already: a read of a cached range then skips the
+// worker hand-off (a few microseconds) that Fill needs.
+type PresentFiller interface {
+	Filler
+	// Present reports whether [off, off+n) is present, counting it
+	// as a cache hit if so.
+	Present(off, n int64) bool
+}
+
 // RemoteOpener opens the object named by url for reading: it returns the
 // path of the local file that holds its bytes (the object's size, sparse
 // where nothing was fetched) and the Filler that fetches into it.
@@ -116,6 +126,9 @@ func openRemote(url string, opts Options) (*File, error) {
 // (it waits for the network), in place for a plain caller.
 func (f *File) fill(co *coroutine.Co, off, n int64) error {
 	if f.filler == nil {
+		return nil
+	}
+	if pf, ok := f.filler.(PresentFiller); ok && pf.Present(off, n) {
 		return nil
 	}
 	var err error

@@ -171,6 +171,34 @@ func (o *Object) Fill(off, n int64) error {
 	return err
 }
 
+// Present reports whether [off, off+n) is in the cache, without blocking;
+// if so it counts the hits, and a sequential reader's readahead goes on
+// as Fill's would.
+func (o *Object) Present(off, n int64) bool {
+	n = max(0, min(n, o.v.Size-off))
+	if n == 0 || off < 0 {
+		return true
+	}
+	first, last := off/o.cfg.Chunk, (off+n-1)/o.cfg.Chunk
+	o.c.mu.Lock()
+	for i := first; i <= last; i++ {
+		if !o.c.present[i] {
+			o.c.mu.Unlock()
+			return false
+		}
+	}
+	o.c.mu.Unlock()
+	o.hits.Add(last - first + 1)
+	if ahead := o.readahead(off, n); ahead > 0 {
+		for i := last + 1; i <= last+ahead && i*o.cfg.Chunk < o.v.Size; i++ {
+			if !o.c.has(i) {
+				o.start(i)
+			}
+		}
+	}
+	return true
+}
+
 // readahead returns how many chunks past this read to fetch: none for a
 // random reader, doubling (up to cfg.Readahead) while reads follow each
 // other.

@@ -116,6 +116,12 @@ func TestFillReadsRanges(t *testing.T) {
 	if st.Fetched != 4*(64<<10)+12345 || st.CacheHits != 2 {
 		t.Errorf("stats %+v", st)
 	}
+	if !o.Present(0, 512) || !o.Present(300000, 70000) || o.Present(2*64<<10, 10) || o.Present(3*64<<10-10, 20) {
+		t.Error("Present disagrees with what was fetched")
+	}
+	if st = o.Stats(); st.CacheHits != 2+1+2 {
+		t.Errorf("cache hits %d, want 5", st.CacheHits)
+	}
 }
 
 // TestNoRangeRefused: a server that answers a ranged GET with the whole
