@@ -28,7 +28,9 @@ import (
 // A chunk's bytes are written and fdatasync'ed before its map byte is
 // written, so a map byte that survives a crash always names bytes that
 // did: a chunk written but not marked is fetched again, never served half
-// written. A new version of the object (another ETag or Last-Modified)
+// written. The fdatasync is batched (markLoop): the process that fetched
+// a chunk reads it at once from the page cache, and one fdatasync makes
+// every chunk stored meanwhile durable before they are all marked. A new version of the object (another ETag or Last-Modified)
 // replaces the entry whole: meta.json goes first, then data and map are
 // made anew (a process still reading the old version keeps its open,
 // now unlinked, files), then meta.json is written again.
@@ -56,9 +58,16 @@ type entry struct {
 	lock  *os.File
 
 	mu sync.Mutex
-	// present[i] is set once chunk i is on disk (and its map byte
-	// written). Protected by mu.
+	// present[i] is set once chunk i's bytes are in the data file (in
+	// the page cache at least: this process reads them from there).
+	// Protected by mu.
 	present []bool
+	// pending lists the chunks stored but not yet marked in the map
+	// file; syncing is set while markLoop runs, idle signalled when it
+	// stops. Protected by mu.
+	pending []int64
+	syncing bool
+	idle    *sync.Cond
 }
 
 // entryDir is the directory of url's entry in the cache at dir.
@@ -151,6 +160,7 @@ func openEntryLocked(dir, url string, v version, chunk int64) (*entry, error) {
 		}
 	}
 	e := &entry{dir: dir, chunk: chunk, size: v.Size}
+	e.idle = sync.NewCond(&e.mu)
 	var err error
 	if e.data, err = aio.Open(filepath.Join(dir, dataName), aio.Options{NoDirectIO: true, NoLock: true}); err != nil {
 		return nil, err
@@ -228,27 +238,59 @@ func (e *entry) count() int64 {
 	return n
 }
 
-// store writes chunk i's bytes p, makes them durable, then marks the
-// chunk present (see the ordering above). It blocks.
+// store writes chunk i's bytes p; readers of this process may read them
+// at once (from the page cache). The chunk is marked in the map file
+// later, by markLoop, once an fdatasync of the data file has made its
+// bytes durable (see the ordering above): one fdatasync covers every
+// chunk stored meanwhile. It blocks.
 func (e *entry) store(i int64, p []byte) error {
 	if err := e.data.Pwrite(p, i*e.chunk); err != nil {
 		return err
 	}
-	if err := e.data.Fdatasync(); err != nil {
-		return err
-	}
-	// The map byte needs no sync of its own: lost in a crash, it only
-	// costs a second fetch.
-	if err := e.mapf.Pwrite([]byte{1}, i); err != nil {
-		return err
-	}
 	e.mu.Lock()
 	e.present[i] = true
+	e.pending = append(e.pending, i)
+	start := !e.syncing
+	e.syncing = true
 	e.mu.Unlock()
+	if start {
+		go e.markLoop()
+	}
 	return nil
 }
 
+// markLoop makes the pending chunks durable and marks them, batch after
+// batch, until none is left. A chunk whose fdatasync failed stays
+// unmarked: the next process fetches it again.
+func (e *entry) markLoop() {
+	for {
+		e.mu.Lock()
+		batch := e.pending
+		e.pending = nil
+		if len(batch) == 0 {
+			e.syncing = false
+			e.idle.Broadcast()
+			e.mu.Unlock()
+			return
+		}
+		e.mu.Unlock()
+		if e.data.Fdatasync() != nil {
+			continue
+		}
+		// The map byte needs no sync of its own: lost in a crash,
+		// it only costs a second fetch.
+		for _, i := range batch {
+			e.mapf.Pwrite([]byte{1}, i)
+		}
+	}
+}
+
 func (e *entry) close() {
+	e.mu.Lock()
+	for e.syncing {
+		e.idle.Wait()
+	}
+	e.mu.Unlock()
 	if e.mapf != nil {
 		e.mapf.Fdatasync()
 		e.mapf.Close()

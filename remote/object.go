@@ -201,16 +201,21 @@ func (o *Object) Present(off, n int64) bool {
 
 // readahead returns how many chunks past this read to fetch: none for a
 // random reader, doubling (up to cfg.Readahead) while reads follow each
-// other.
+// other. "Follow" is loose: the kernel's own readahead sends a sequential
+// reader's requests a few at a time, from several threads, not quite in
+// order, so a read starting within two chunks of where the last one
+// ended counts.
 func (o *Object) readahead(off, n int64) int64 {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if off == o.next && off != 0 || off < o.next && off+n > o.next {
+	near := 2 * o.cfg.Chunk
+	if off != 0 && off >= o.next-near && off <= o.next+near {
 		o.window = min(max(2*o.window, 1), o.cfg.Readahead)
+		o.next = max(o.next, off+n)
 	} else {
 		o.window = 0
+		o.next = off + n
 	}
-	o.next = off + n
 	return o.window
 }
 
