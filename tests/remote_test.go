@@ -186,8 +186,10 @@ func errorsIsErrno(err error, want syscall.Errno) bool {
 }
 
 // TestRemoteBackingAndOverlay: a local qcow2 whose backing file is a URL
-// reads as its base; --overlay-keep over a URL takes writes, judged by
-// qemu-img compare against a raw model.
+// reads as its base, and so does a remote qcow2 whose backing file name
+// is relative (resolved against its URL); map and check of a URL answer
+// as for the local file; --overlay-keep over a URL takes writes, judged
+// by qemu-img compare against a raw model.
 func TestRemoteBackingAndOverlay(t *testing.T) {
 	requireE2E(t, "nginx")
 	t.Parallel()
@@ -199,6 +201,19 @@ func TestRemoteBackingAndOverlay(t *testing.T) {
 	mp, disk := mount(t, top, false, "--cache-dir", cache, "--read-only")
 	compareFiles(t, disk, qcowRaw)
 	unmount(t, mp)
+
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", filepath.Join(www, "top.qcow2"))
+	mp, disk = mount(t, ng.url("top.qcow2"), false, "--cache-dir", cache)
+	compareFiles(t, disk, qcowRaw)
+	unmount(t, mp)
+	local := imgfuse(t, nil, "map", "--output=json", filepath.Join(www, "base.qcow2"))
+	remote := imgfuse(t, nil, "map", "--output=json", "--cache-dir", cache, ng.url("base.qcow2"))
+	if local.code != 0 || remote.code != 0 || local.stdout != remote.stdout {
+		t.Errorf("map of the URL differs from map of the file:\n%v\n%v", remote, local)
+	}
+	if r := imgfuse(t, nil, "check", "--cache-dir", cache, ng.url("base.qcow2")); r.code != 0 || !strings.Contains(r.stdout, "No errors were found") {
+		t.Errorf("check of the URL: %v", r)
+	}
 
 	keep := filepath.Join(dir, "overlay.qcow2")
 	mp, disk = mount(t, ng.url("base.qcow2"), false, "--cache-dir", cache, "--overlay-keep", keep)
