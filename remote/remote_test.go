@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"math/rand"
 	"net/http"
 	"net/http/httptest"
@@ -149,7 +151,9 @@ func TestOpenErrors(t *testing.T) {
 	closed := httptest.NewServer(http.NotFoundHandler())
 	closedURL := closed.URL
 	closed.Close()
-	tls := httptest.NewTLSServer(http.NotFoundHandler()) // its certificate is trusted by nobody here
+	tls := httptest.NewUnstartedServer(http.NotFoundHandler()) // its certificate is trusted by nobody here
+	tls.Config.ErrorLog = log.New(io.Discard, "", 0)
+	tls.StartTLS()
 	defer tls.Close()
 	for _, c := range []struct {
 		url  string

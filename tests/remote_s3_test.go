@@ -2,6 +2,9 @@ package tests
 
 import (
 	"context"
+	"io"
+	"log"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -59,5 +62,34 @@ func TestRemoteS3(t *testing.T) {
 	unmount(t, mp)
 	if _, err := os.Stat(cache); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestRemoteOpenErrors: an untrusted certificate and a malformed URL
+// fail mount and info with exit 3 and one line that says which; nothing
+// is mounted.
+func TestRemoteOpenErrors(t *testing.T) {
+	requireE2E(t)
+	t.Parallel()
+	ts := httptest.NewUnstartedServer(http.NotFoundHandler())
+	ts.Config.ErrorLog = log.New(io.Discard, "", 0) // the refused handshakes
+	ts.StartTLS()
+	defer ts.Close()
+	cache := t.TempDir()
+	mp := newMountpoint(t, false)
+	for _, c := range []struct{ url, says string }{
+		{ts.URL + "/disk.qcow2", "untrusted certificate"},
+		{"http://[::1/disk.qcow2", "malformed URL"},
+		{"https:///disk.qcow2", "malformed URL"},
+	} {
+		for _, args := range [][]string{{"info", c.url}, {"mount", c.url, mp}} {
+			r := imgfuse(t, nil, append([]string{args[0], "--cache-dir", cache}, args[1:]...)...)
+			if r.code != 3 || !strings.Contains(r.stderr, c.says) || strings.Count(r.stderr, "\n") != 1 {
+				t.Errorf("imgfuse %s: %v\nwant exit 3 and one line: %s", strings.Join(args, " "), r, c.says)
+			}
+		}
+	}
+	if mounted(t, mp) {
+		t.Error("a URL that cannot be opened got mounted")
 	}
 }
