@@ -483,3 +483,22 @@ func TestCacheMax(t *testing.T) {
 		t.Errorf("cache holds %v, %d bytes; want c.img and d.img within %d", urls, total, cfg.Max)
 	}
 }
+
+// TestDefaultDir: the cache is $XDG_CACHE_HOME/imgfuse, else
+// ~/.cache/imgfuse (a relative XDG_CACHE_HOME is ignored, as the XDG
+// specification says).
+func TestDefaultDir(t *testing.T) {
+	t.Setenv("HOME", "/home/someone")
+	t.Setenv("XDG_CACHE_HOME", "/var/cache/me")
+	if d := DefaultDir(); d != "/var/cache/me/imgfuse" {
+		t.Errorf("with XDG_CACHE_HOME: %s", d)
+	}
+	t.Setenv("XDG_CACHE_HOME", "relative")
+	if d := DefaultDir(); d != "/home/someone/.cache/imgfuse" {
+		t.Errorf("with a relative XDG_CACHE_HOME: %s", d)
+	}
+	t.Setenv("XDG_CACHE_HOME", "")
+	if d := DefaultDir(); d != "/home/someone/.cache/imgfuse" {
+		t.Errorf("without XDG_CACHE_HOME: %s", d)
+	}
+}
