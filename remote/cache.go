@@ -1,12 +1,14 @@
 package remote
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"sort"
@@ -20,20 +22,21 @@ import (
 // The cache directory holds one directory per URL, named by the URL's
 // SHA-256, with
 //
-//	meta.json  the URL, the version (size, ETag, Last-Modified) and the chunk size
+//	meta.json  the URL, the version (size, ETag, Last-Modified) and the block size
 //	data       the object's bytes where fetched: a sparse file of its size
-//	map        one byte per chunk: 1 once the chunk's bytes are in data, on disk
+//	map        a bitmap of the blocks (4 KiB): set once the block's bytes are in data, on disk
 //	lock       flock'd shared while a process uses the entry, exclusive to evict it
 //
-// A chunk's bytes are written and fdatasync'ed before its map byte is
-// written, so a map byte that survives a crash always names bytes that
-// did: a chunk written but not marked is fetched again, never served half
+// A block's bytes are written and fdatasync'ed before its map bit is
+// written, so a map bit that survives a crash always names bytes that
+// did: a block written but not marked is fetched again, never served half
 // written. The fdatasync is batched (markLoop): the process that fetched
-// a chunk reads it at once from the page cache, and one fdatasync makes
-// every chunk stored meanwhile durable before they are all marked. A new version of the object (another ETag or Last-Modified)
-// replaces the entry whole: meta.json goes first, then data and map are
-// made anew (a process still reading the old version keeps its open,
-// now unlinked, files), then meta.json is written again.
+// a block reads it at once from the page cache, and one fdatasync makes
+// every block stored meanwhile durable before they are all marked. A new
+// version of the object (another ETag or Last-Modified) replaces the
+// entry whole: meta.json goes first, then data and map are made anew (a
+// process still reading the old version keeps its open, now unlinked,
+// files), then meta.json is written again.
 
 const (
 	metaName = "meta.json"
@@ -45,29 +48,40 @@ const (
 type meta struct {
 	URL     string  `json:"url"`
 	Version version `json:"version"`
-	Chunk   int64   `json:"chunk"`
+	Block   int64   `json:"block"`
 }
 
-// entry is one object's cache files, open.
+// entry is one object's cache files, open. The object is cut in blocks
+// (Config.Block); the map file is a bitmap of them, bit b%8 of byte b/8
+// for block b.
 type entry struct {
-	dir   string
-	chunk int64
-	size  int64
-	data  *aio.File // written by store; readers open their own descriptor
-	mapf  *aio.File
-	lock  *os.File
+	dir     string
+	block   int64
+	size    int64
+	nblocks int64
+	data    *aio.File // written by store; readers open their own descriptor
+	mapf    *aio.File
+	lock    *os.File
 
 	mu sync.Mutex
-	// present[i] is set once chunk i's bytes are in the data file (in
-	// the page cache at least: this process reads them from there).
+	// present has the bit of a block set once its bytes are in the
+	// data file (in the page cache at least: this process reads them
+	// from there); durable once they are on disk and marked in the map
+	// file, whose bytes it mirrors. Protected by mu.
+	present, durable []byte
+	// pending lists the block ranges stored but not yet marked;
+	// syncing is set while markLoop runs, idle signalled when it stops.
 	// Protected by mu.
-	present []bool
-	// pending lists the chunks stored but not yet marked in the map
-	// file; syncing is set while markLoop runs, idle signalled when it
-	// stops. Protected by mu.
-	pending []int64
+	pending [][2]int64
 	syncing bool
 	idle    *sync.Cond
+}
+
+func bit(m []byte, b int64) bool { return m[b>>3]&(1<<(b&7)) != 0 }
+func setBits(m []byte, b0, b1 int64) {
+	for b := b0; b < b1; b++ {
+		m[b>>3] |= 1 << (b & 7)
+	}
 }
 
 // entryDir is the directory of url's entry in the cache at dir.
@@ -84,7 +98,7 @@ func loadMeta(dir string) *meta {
 		return nil
 	}
 	var m meta
-	if json.Unmarshal(b, &m) != nil || m.Chunk <= 0 || m.Version.Size <= 0 {
+	if json.Unmarshal(b, &m) != nil || m.Block <= 0 || m.Version.Size <= 0 {
 		return nil
 	}
 	return &m
@@ -120,9 +134,8 @@ func lockEntry(dir string, exclusive bool) (*os.File, error) {
 }
 
 // openEntry opens url's entry for version v, remaking it if the cache holds
-// another version (or none). head, if not nil, is the object's first bytes,
-// stored as chunk 0 (and what follows, whole chunks only).
-func openEntry(cacheDir, url string, v version, chunk int64) (*entry, error) {
+// another version (or none).
+func openEntry(cacheDir, url string, v version, block int64) (*entry, error) {
 	dir := entryDir(cacheDir, url)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -131,7 +144,7 @@ func openEntry(cacheDir, url string, v version, chunk int64) (*entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	e, err := openEntryLocked(dir, url, v, chunk)
+	e, err := openEntryLocked(dir, url, v, block)
 	if err != nil {
 		lock.Close()
 		return nil, err
@@ -142,12 +155,13 @@ func openEntry(cacheDir, url string, v version, chunk int64) (*entry, error) {
 	return e, nil
 }
 
-func openEntryLocked(dir, url string, v version, chunk int64) (*entry, error) {
-	nchunks := (v.Size + chunk - 1) / chunk
+func openEntryLocked(dir, url string, v version, block int64) (*entry, error) {
+	nblocks := (v.Size + block - 1) / block
+	mapSize := (nblocks + 7) / 8
 	m := loadMeta(dir)
-	fresh := m == nil || m.URL != url || m.Version != v || m.Chunk != chunk
+	fresh := m == nil || m.URL != url || m.Version != v || m.Block != block
 	if !fresh {
-		if fi, err := os.Stat(filepath.Join(dir, mapName)); err != nil || fi.Size() != nchunks {
+		if fi, err := os.Stat(filepath.Join(dir, mapName)); err != nil || fi.Size() != mapSize {
 			fresh = true
 		}
 		if fi, err := os.Stat(filepath.Join(dir, dataName)); err != nil || fi.Size() != v.Size {
@@ -155,11 +169,11 @@ func openEntryLocked(dir, url string, v version, chunk int64) (*entry, error) {
 		}
 	}
 	if fresh {
-		if err := makeEntry(dir, url, v, chunk, nchunks); err != nil {
+		if err := makeEntry(dir, url, v, block, mapSize); err != nil {
 			return nil, err
 		}
 	}
-	e := &entry{dir: dir, chunk: chunk, size: v.Size}
+	e := &entry{dir: dir, block: block, size: v.Size, nblocks: nblocks}
 	e.idle = sync.NewCond(&e.mu)
 	var err error
 	if e.data, err = aio.Open(filepath.Join(dir, dataName), aio.Options{NoDirectIO: true, NoLock: true}); err != nil {
@@ -169,20 +183,20 @@ func openEntryLocked(dir, url string, v version, chunk int64) (*entry, error) {
 		e.data.Close()
 		return nil, err
 	}
-	bits := make([]byte, nchunks)
-	if err := e.mapf.Pread(bits, 0); err != nil {
+	e.durable = make([]byte, mapSize)
+	if err := e.mapf.Pread(e.durable, 0); err != nil {
 		e.close()
 		return nil, err
 	}
-	e.present = make([]bool, nchunks)
-	for i, b := range bits {
-		e.present[i] = b == 1
+	if r := nblocks & 7; r != 0 {
+		e.durable[mapSize-1] &= 1<<r - 1 // no bits past the last block
 	}
+	e.present = bytes.Clone(e.durable)
 	return e, nil
 }
 
 // makeEntry (re)creates the entry's files for version v.
-func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
+func makeEntry(dir, url string, v version, block, mapSize int64) error {
 	metaPath := filepath.Join(dir, metaName)
 	if err := os.Remove(metaPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
@@ -190,7 +204,7 @@ func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
 	for _, f := range []struct {
 		name string
 		size int64
-	}{{dataName, v.Size}, {mapName, nchunks}} {
+	}{{dataName, v.Size}, {mapName, mapSize}} {
 		p := filepath.Join(dir, f.name)
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
@@ -207,7 +221,7 @@ func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
 			return err
 		}
 	}
-	b, err := json.MarshalIndent(meta{URL: url, Version: v, Chunk: chunk}, "", "  ")
+	b, err := json.MarshalIndent(meta{URL: url, Version: v, Block: block}, "", "  ")
 	if err != nil {
 		return err
 	}
@@ -218,38 +232,50 @@ func makeEntry(dir, url string, v version, chunk, nchunks int64) error {
 	return os.Rename(tmp, metaPath)
 }
 
-// has reports whether chunk i is on disk.
-func (e *entry) has(i int64) bool {
+// has reports whether block b is present.
+func (e *entry) has(b int64) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.present[i]
+	return bit(e.present, b)
 }
 
-// count returns how many chunks are on disk.
+// hasAll reports whether blocks [b0, b1) are all present.
+func (e *entry) hasAll(b0, b1 int64) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for b := b0; b < b1; b++ {
+		if !bit(e.present, b) {
+			return false
+		}
+	}
+	return true
+}
+
+// count returns how many blocks are present.
 func (e *entry) count() int64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	var n int64
-	for _, p := range e.present {
-		if p {
-			n++
-		}
+	var n int
+	for _, x := range e.present {
+		n += bits.OnesCount8(x)
 	}
-	return n
+	return int64(n)
 }
 
-// store writes chunk i's bytes p; readers of this process may read them
-// at once (from the page cache). The chunk is marked in the map file
-// later, by markLoop, once an fdatasync of the data file has made its
-// bytes durable (see the ordering above): one fdatasync covers every
-// chunk stored meanwhile. It blocks.
-func (e *entry) store(i int64, p []byte) error {
-	if err := e.data.Pwrite(p, i*e.chunk); err != nil {
+// store writes p, the bytes of the blocks from b0 on (whole blocks, the
+// last one ending at the object's end); readers of this process may read
+// them at once (from the page cache). They are marked in the map file
+// later, by markLoop, once an fdatasync of the data file has made them
+// durable (see the ordering above): one fdatasync covers every block
+// stored meanwhile. It blocks.
+func (e *entry) store(b0 int64, p []byte) error {
+	if err := e.data.Pwrite(p, b0*e.block); err != nil {
 		return err
 	}
+	b1 := b0 + (int64(len(p))+e.block-1)/e.block
 	e.mu.Lock()
-	e.present[i] = true
-	e.pending = append(e.pending, i)
+	setBits(e.present, b0, b1)
+	e.pending = append(e.pending, [2]int64{b0, b1})
 	start := !e.syncing
 	e.syncing = true
 	e.mu.Unlock()
@@ -259,9 +285,9 @@ func (e *entry) store(i int64, p []byte) error {
 	return nil
 }
 
-// markLoop makes the pending chunks durable and marks them, batch after
-// batch, until none is left. A chunk whose fdatasync failed stays
-// unmarked: the next process fetches it again.
+// markLoop makes the pending blocks durable and marks them, batch after
+// batch, until none is left. Blocks whose fdatasync failed stay unmarked:
+// the next process fetches them again.
 func (e *entry) markLoop() {
 	for {
 		e.mu.Lock()
@@ -277,10 +303,16 @@ func (e *entry) markLoop() {
 		if e.data.Fdatasync() != nil {
 			continue
 		}
-		// The map byte needs no sync of its own: lost in a crash,
-		// it only costs a second fetch.
-		for _, i := range batch {
-			e.mapf.Pwrite([]byte{1}, i)
+		// The map bytes need no sync of their own: lost in a crash,
+		// they only cost a second fetch. Each write copies bytes of
+		// durable, which only ever has bits of synced blocks.
+		for _, r := range batch {
+			e.mu.Lock()
+			setBits(e.durable, r[0], r[1])
+			x0, x1 := r[0]>>3, (r[1]-1)>>3+1
+			buf := bytes.Clone(e.durable[x0:x1])
+			e.mu.Unlock()
+			e.mapf.Pwrite(buf, x0)
 		}
 	}
 }

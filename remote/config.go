@@ -25,7 +25,8 @@ type Config struct {
 	// environment's (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) or AWS's.
 	S3Endpoint string `json:"s3-endpoint,omitempty"`
 
-	Chunk     int64         `json:"-"` // bytes per chunk (1 MiB)
+	Block     int64         `json:"-"` // bytes per block, the cache's unit and a random reader's (4 KiB)
+	Chunk     int64         `json:"-"` // a sequential reader's request, a multiple of Block (1 MiB)
 	Readahead int64         `json:"-"` // chunks, at most, ahead of a sequential reader (16)
 	Parallel  int           `json:"-"` // requests in flight per object (8)
 	Timeout   time.Duration `json:"-"` // per request: connect, TLS, headers, body (10 s)
@@ -33,10 +34,9 @@ type Config struct {
 	Backoff   time.Duration `json:"-"` // first pause between tries, then doubled (100 ms)
 }
 
-// MaxSize bounds the size of an object: 16 TiB, ext4's largest file (the
-// cache's sparse file must hold it); its chunk map then takes 16 MiB of
-// memory.
-const MaxSize = 16 << 40
+// MaxSize bounds the size of an object: 1 TiB, whose two block bitmaps
+// (present, durable) then take 64 MiB of memory.
+const MaxSize = 1 << 40
 
 // DefaultDir is the cache directory when none is given.
 func DefaultDir() string {
@@ -54,9 +54,13 @@ func (cfg Config) withDefaults() Config {
 	if cfg.Dir == "" {
 		cfg.Dir = DefaultDir()
 	}
+	if cfg.Block <= 0 {
+		cfg.Block = 4 << 10
+	}
 	if cfg.Chunk <= 0 {
 		cfg.Chunk = 1 << 20
 	}
+	cfg.Chunk = (cfg.Chunk + cfg.Block - 1) / cfg.Block * cfg.Block
 	if cfg.Readahead <= 0 {
 		cfg.Readahead = 16
 	}

@@ -63,7 +63,7 @@ func (s *server) replace(data []byte, etag string) {
 }
 
 func testConfig(t *testing.T) Config {
-	return Config{Dir: t.TempDir(), Chunk: 64 << 10, Timeout: 2 * time.Second, Backoff: 10 * time.Millisecond}
+	return Config{Dir: t.TempDir(), Block: 4 << 10, Chunk: 64 << 10, Timeout: 2 * time.Second, Backoff: 10 * time.Millisecond}
 }
 
 func randomBytes(n int, seed int64) []byte {
@@ -90,8 +90,9 @@ func readBack(t *testing.T, o *Object, off, n int64) []byte {
 	return p
 }
 
-// TestFillReadsRanges: fills bring exactly the object's bytes, and only
-// the chunks read are transferred (plus the first, with the open).
+// TestFillReadsRanges: fills bring exactly the object's bytes, and a
+// random reader transfers only the blocks it reads (plus the first chunk,
+// with the open), in one request per run of blocks within a chunk.
 func TestFillReadsRanges(t *testing.T) {
 	data := randomBytes(1<<20+12345, 1)
 	s, ts := newServer(t, data)
@@ -109,20 +110,24 @@ func TestFillReadsRanges(t *testing.T) {
 			t.Errorf("bytes [%d, +%d) differ", r[0], r[1])
 		}
 	}
-	// Chunks 0 (with the open), 4 and 5 (300000..370000), the last
-	// (16, of 12345 bytes), 1 (65535+2).
+	// The open: chunk 0. [300000, 370000): blocks 73..90, in chunks 4
+	// (73..79) and 5 (80..90). The last 100 bytes: blocks 258 and 259,
+	// the end. 65535+2: block 15 (cached) and 16.
+	const block = 4 << 10
+	blocks := func(b0, b1 int64) int64 { return b1*block - b0*block }
+	want := int64(64<<10) + blocks(73, 80) + blocks(80, 91) + (int64(len(data)) - 258*block) + blocks(16, 17)
 	if n := s.requests.Load(); n != 5 {
 		t.Errorf("%d requests, want 5", n)
 	}
 	st := o.Stats()
-	if st.Fetched != 4*(64<<10)+12345 || st.CacheHits != 2 {
-		t.Errorf("stats %+v", st)
+	if st.Fetched != want || st.CacheHits != 2 || st.CacheMisses != 18+2+1 {
+		t.Errorf("stats %+v; want %d bytes fetched, 2 hits, 21 misses", st, want)
 	}
 	if !o.Present(0, 512) || !o.Present(300000, 70000) || o.Present(2*64<<10, 10) || o.Present(3*64<<10-10, 20) {
 		t.Error("Present disagrees with what was fetched")
 	}
-	if st = o.Stats(); st.CacheHits != 2+1+2 {
-		t.Errorf("cache hits %d, want 5", st.CacheHits)
+	if st = o.Stats(); st.CacheHits != 2+1+18 {
+		t.Errorf("cache hits %d, want 21", st.CacheHits)
 	}
 }
 
@@ -304,9 +309,18 @@ func TestDuplicateRequestsMerged(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	c, _ := s.ranges.Load(fmt.Sprintf("bytes=%d-%d", 64<<10, 128<<10-1))
-	if c == nil || c.(*atomic.Int64).Load() != 1 {
-		t.Errorf("chunk 1 requested %v times, want 1", c)
+	asked := 0
+	s.ranges.Range(func(k, v any) bool {
+		if v.(*atomic.Int64).Load() != 1 {
+			t.Errorf("%s requested %d times", k, v.(*atomic.Int64).Load())
+		}
+		if k != "bytes=0-65535" {
+			asked++
+		}
+		return true
+	})
+	if asked == 0 {
+		t.Error("no request after the open")
 	}
 }
 
@@ -326,13 +340,14 @@ func TestCacheCrashSafety(t *testing.T) {
 	}
 	readBack(t, o, 0, int64(len(data)))
 	objs.Close()
-	// Chunk 3 half written, its mark lost.
+	// Chunk 3 (blocks 48..63: map bytes 6 and 7) half written, its
+	// marks lost.
 	dir := entryDir(cfg.Dir, url)
 	m, err := os.OpenFile(filepath.Join(dir, mapName), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.WriteAt([]byte{0}, 3)
+	m.WriteAt([]byte{0, 0}, 6)
 	m.Close()
 	d, err := os.OpenFile(filepath.Join(dir, dataName), os.O_RDWR, 0)
 	if err != nil {
@@ -365,7 +380,7 @@ func TestCacheCrashSafety(t *testing.T) {
 // TestReadahead: a sequential reader gets chunks fetched ahead of it; a
 // random one does not.
 func TestReadahead(t *testing.T) {
-	data := randomBytes(2<<20, 9)
+	data := randomBytes(4<<20, 9)
 	s, ts := newServer(t, data)
 	o, err := NewObjects(testConfig(t)).Open(ts.URL + "/disk.img")
 	if err != nil {
@@ -375,11 +390,26 @@ func TestReadahead(t *testing.T) {
 		readBack(t, o, off, 64<<10)
 	}
 	deadline := time.Now().Add(2 * time.Second)
-	for o.c.count() < 10 && time.Now().Before(deadline) {
+	for o.Stats().Cached < 10*64<<10 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if n := o.c.count(); n < 10 {
-		t.Errorf("%d chunks present after 8 sequential reads: no readahead", n)
+	if n := o.Stats().Cached; n < 10*64<<10 {
+		t.Errorf("%d bytes present after 8 sequential reads of a 64 KiB chunk each: no readahead", n)
+	}
+	// A random reader's blocks only: no readahead.
+	idle := func() bool {
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		return len(o.inflight) == 0
+	}
+	for !idle() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	before := o.Stats().Fetched
+	readBack(t, o, 3<<20+5000, 100) // past the window (16 chunks)
+	time.Sleep(50 * time.Millisecond)
+	if got := o.Stats().Fetched - before; got != 4<<10 {
+		t.Errorf("a random 100-byte read fetched %d bytes, want one 4 KiB block", got)
 	}
 	_ = s
 }

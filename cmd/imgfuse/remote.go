@@ -55,7 +55,7 @@ func (f *remoteFlags) install(o *session.Options) error {
 const cacheLong = `See and trim the cache of remote images (http://, https://, s3:// URLs).
 
 The cache lives in $XDG_CACHE_HOME/imgfuse (default ~/.cache/imgfuse;
---cache-dir overrides), one entry per URL, holding the chunks (1 MiB) of
+--cache-dir overrides), one entry per URL, holding the blocks (4 KiB) of
 the object's current version (ETag, else Last-Modified) that were read.
 A mount revalidates its entry with one request; an object changed on the
 server replaces its entry whole.
