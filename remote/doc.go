@@ -55,7 +55,7 @@
 //
 // An object is read at one version for the life of the Object. Once the
 // server says it changed, every fetch fails with ErrChanged (EIO to the
-// reader; the error is in status and the log), while chunks already cached
+// reader; the error is in status and the log), while blocks already cached
 // still read the old bytes: new bytes are never mixed with old ones. A new
 // open revalidates (If-None-Match: a 304 costs no body), and a changed
 // object replaces its cache entry whole.
@@ -68,7 +68,7 @@
 // Between processes, an entry's lock file is flock'ed shared while in
 // use, and eviction takes it exclusive without waiting (an entry in use
 // is never evicted). Two processes filling one entry at once write the
-// same bytes (the version is pinned) and each marks its own chunks.
+// same bytes (the version is pinned) and each marks its own blocks.
 //
 // # Numbers
 //
