@@ -507,3 +507,38 @@ func TestRemoteFaults(t *testing.T) {
 		t.Errorf("read once the faults stopped: errno %v", errno)
 	}
 }
+
+// TestRemoteLazy: a read of a few KiB of a remote qcow2 image transfers
+// its metadata and the clusters read, not the image: a small part of the
+// file's size, counted in nginx's access log.
+func TestRemoteLazy(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, cache := t.TempDir(), t.TempDir()
+	img := filepath.Join(www, "big.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
+	run(t, "qemu-io", "-c", "write -P 0x31 0 24M", "-c", "write -P 0x32 40M 8M", img)
+	fi, err := os.Stat(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ng := startNginx(t, www)
+	mp, disk := mount(t, ng.url("big.qcow2"), false, "--cache-dir", cache)
+	if errno, got := readErrno(t, disk, 41<<20, 4096); errno != 0 || !bytes.Equal(got, bytes.Repeat([]byte{0x32}, 4096)) {
+		t.Fatalf("read: errno %v", errno)
+	}
+	unmount(t, mp)
+	var sent int64
+	for _, l := range ng.log() {
+		var status, n int64
+		fmt.Sscanf(l, "%d %d", &status, &n)
+		sent += n
+	}
+	// The open's first MiB (header, L1, refcount table; the server
+	// only revalidates it), the probe's last 64 KiB, the metadata reads
+	// that follow each other (taken as a sequential reader's: a chunk),
+	// an L2 table, the block read.
+	if sent == 0 || sent > 3<<20 || sent > fi.Size()/8 {
+		t.Errorf("a 4 KiB read transferred %d bytes of a %d-byte image:\n%s", sent, fi.Size(), strings.Join(ng.log(), "\n"))
+	}
+}
