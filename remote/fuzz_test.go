@@ -2,6 +2,8 @@ package remote
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -30,6 +32,25 @@ func FuzzParseContentRange(f *testing.F) {
 		}
 		if n, ok := contentRangeTotal(s); ok && n < 0 {
 			t.Fatalf("%q: total %d", s, n)
+		}
+	})
+}
+
+// FuzzLoadMeta: a cache entry's meta.json, whatever it holds, is either
+// refused (the entry is then remade) or a version with a size and a block
+// size; never a panic.
+func FuzzLoadMeta(f *testing.F) {
+	f.Add([]byte(`{"url":"http://h/d.img","version":{"size":1048576,"etag":"\"x\""},"block":4096}`))
+	f.Add([]byte(`{"url":"http://h/d.img","version":{"size":-1},"block":4096}`))
+	f.Add([]byte(`{"block":0}`))
+	f.Add([]byte(`not json`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, metaName), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if m := loadMeta(dir); m != nil && (m.Block <= 0 || m.Version.Size <= 0) {
+			t.Fatalf("accepted %+v", m)
 		}
 	})
 }
