@@ -143,4 +143,13 @@
 // cross-thread wake-up otherwise (15–35 µs more per read). At QD32 one loop
 // thread reads 1.1–1.5× as fast as 32 blocked threads at a third of the
 // CPU per read, the whole queue in each io_submit.
+//
+// # Remote images
+//
+// Open and OpenHead of a URL go through the RemoteOpener a program
+// installed (package remote): the File reads the object's local cache
+// file, read-only and buffered, and every read first calls the opener's
+// Filler for its range, on a worker for a coroutine (remote.go). Writes
+// are refused (ErrReadOnly), the descriptor is never lent (ErrNoLend), and
+// no image lock is taken: the cache file is no one's image.
 package aio

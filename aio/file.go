@@ -52,6 +52,10 @@ type File struct {
 	// fdatasync then runs on a worker goroutine.
 	noAioSync atomic.Bool
 
+	// filler, if not nil, makes the ranges a read needs present first:
+	// the file is a remote image's local file (remote.go).
+	filler Filler
+
 	// rl serializes overlapping writes of the direct engine and caches
 	// the file size (see rangeLock). Unused by the fallback engine.
 	rl rangeLock
@@ -79,7 +83,13 @@ type File struct {
 // Unless opts.NoLock is set, Open then takes QEMU's image locks, so that a
 // QEMU process and imgfuse cannot both write the file; a conflict is a
 // *LockError.
+//
+// A URL (IsURL) is opened through the installed RemoteOpener instead:
+// read-only, without image locks (see remote.go).
 func Open(path string, opts Options) (*File, error) {
+	if IsURL(path) {
+		return openRemote(path, opts)
+	}
 	f, err := openFile(path, opts)
 	if err != nil {
 		return nil, err

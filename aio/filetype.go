@@ -89,11 +89,21 @@ func openImageFD(path string, flags int) (int, error) {
 	return fd, nil
 }
 
+// headBytes is what OpenHead fills of a remote image's head and tail: more
+// than any prober reads (drivers.ProbeSize).
+const headBytes = 64 << 10
+
 // OpenHead opens path read-only, as Open would refuse it, for reading the
 // head of a file before its format is known (probing): without blocking
 // and only if it is a regular file or a block device. It takes no lock.
 // It must not be called from a coroutine.
+//
+// For a URL it opens the remote image's local file, having filled its
+// first and last headBytes (what probing reads).
 func OpenHead(path string) (*os.File, error) {
+	if IsURL(path) {
+		return openRemoteHead(path)
+	}
 	fd, err := openImageFD(path, unix.O_RDONLY|unix.O_CLOEXEC)
 	if err != nil {
 		return nil, err

@@ -16,6 +16,9 @@ func (f *File) LendFd(fn func(fd int) error) error {
 		return err
 	}
 	defer f.end()
+	if f.filler != nil {
+		return fmt.Errorf("aio: %s: %w", f.name, ErrNoLend)
+	}
 	if err := fn(f.fd); err != nil {
 		return fmt.Errorf("aio: %s: %w", f.name, err)
 	}

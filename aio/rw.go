@@ -138,6 +138,9 @@ func (f *File) pread(co *coroutine.Co, p []byte, off int64) error {
 		return err
 	}
 	defer f.end()
+	if err := f.fill(co, off, int64(len(p))); err != nil {
+		return fmt.Errorf("aio: pread %s [%#x, +%#x): %w", f.name, off, len(p), err)
+	}
 	var err error
 	if f.direct {
 		err = f.readDirect(co, p, off)

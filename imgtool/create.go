@@ -44,6 +44,11 @@ func Create(w io.Writer, r CreateRequest) error {
 	if err := RefuseRemote(r.Image); err != nil {
 		return err
 	}
+	if IsRemote(r.Image) {
+		// Remote images are read-only; one may be a backing file (-b).
+		return &Error{Op: "create", Path: r.Image, Code: ExitUnsupported, Err: ErrRemoteReadOnly,
+			Hint: "create a local image with -b URL to write over it"}
+	}
 	co, err := ParseCreateOptions(strings.Join(r.Options, ","))
 	if err != nil {
 		return err

@@ -17,7 +17,7 @@ const (
 	ExitUsage       = 2 // bad command line: unknown flag or command, wrong argument count, bad flag value
 	ExitOpen        = 3 // the image cannot be opened: missing, unreadable, not in the format asked for
 	ExitLocked      = 4 // another process holds a conflicting lock on the image (or a backing file)
-	ExitUnsupported = 5 // the image uses a feature imgfuse does not implement, a format it cannot read, or is a URL
+	ExitUnsupported = 5 // the image uses a feature imgfuse does not implement, a format it cannot read, or is a URL of a kind imgfuse does not read
 	ExitCorrupt     = 6 // the image is corrupt (or marked corrupt, for a writable open)
 	ExitMount       = 7 // the FUSE mount failed (mountpoint missing, not empty, a mount; /dev/fuse, fusermount3, permissions)
 	ExitFlush       = 8 // the final flush or close failed: data may be missing from the image
@@ -41,13 +41,14 @@ const ExitCodesHelp = `Exit codes:
   4  the image is locked by another process (use --force-share to read it anyway)
   5  the image uses an unsupported feature (encryption, for one), is in a
      format imgfuse recognises but cannot read (QED, Parallels, ...),
-     or is a URL (https://, s3://, nbd://, ...: remote images)
+     or is a URL imgfuse does not read (nbd://, ftp://, ...; http://,
+     https:// and s3:// are read, read-only)
   6  the image is corrupt
   7  the mount failed (mountpoint missing, not empty, or already a mount; FUSE refused)
   8  the final flush failed: data written through the mount may be missing
 'imgfuse check' exits as 'qemu-img check' does: 0 clean, 1 check failed
 (or usage error), 2 corruptions, 3 leaks only, 63 format without checks;
-5 for a format imgfuse cannot read or a URL.`
+5 for a format imgfuse cannot read or a URL it does not read.`
 
 // Error is the failure of an operation on a file (an image, a mountpoint),
 // built once where the failure is known and rendered once, by Error, at

@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"imgfuse/aio"
 	"imgfuse/drivers"
 )
 
@@ -134,8 +135,10 @@ func QemuVirtualSize(format string, size int64) int64 {
 // PathCombine resolves a file name stored in an image relative to the
 // image's own name, as QEMU's path_combine does: absolute names stay, and
 // a relative one replaces the last component of base.
+//
+// A URL stays as it is (a remote image, see package remote).
 func PathCombine(base, name string) string {
-	if strings.HasPrefix(name, "/") {
+	if strings.HasPrefix(name, "/") || aio.IsURL(name) {
 		return name
 	}
 	i := strings.LastIndexByte(base, '/')

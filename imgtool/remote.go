@@ -2,34 +2,34 @@ package imgtool
 
 import (
 	"errors"
-	"os"
-	"regexp"
+
+	"imgfuse/aio"
+	"imgfuse/remote"
 )
 
-// ErrRemote is the cause of the refusal of an image named by a URL
-// (https://, s3://, nbd://, ...): imgfuse reads local files and block
-// devices only, for now. It exits ExitUnsupported, as a format imgfuse
-// cannot read does, rather than "no such file".
-var ErrRemote = errors.New("remote images are not supported yet")
+// ErrRemote is the cause of the refusal of an image named by a URL of a
+// kind imgfuse does not read (ftp://, nbd://, ...): it reads local files
+// and block devices, and http://, https:// and s3:// URLs (package
+// remote). It exits ExitUnsupported, as a format imgfuse cannot read does,
+// rather than "no such file".
+var ErrRemote = errors.New("remote images of this kind are not supported")
 
-// urlScheme matches the scheme:// of a URL (RFC 3986's scheme), the way
-// qemu-img names its network protocols: http, https, ftp, ftps, nbd,
-// nbd+unix, ssh, iscsi, ..., and s3 for object stores.
-var urlScheme = regexp.MustCompile(`^([A-Za-z][A-Za-z0-9+.-]*)://`)
+// ErrRemoteReadOnly is the cause of the refusal to create or write a
+// remote image.
+var ErrRemoteReadOnly = errors.New("remote images are read-only")
 
 // RefuseRemote fails, with exit 5 and ErrRemote, when image is a URL
-// rather than a file: "open https://host/disk.qcow2: remote images are not
-// supported yet (copy it to a local file first)". A local
-// file whose name merely looks like one (a directory "https:") is left
-// alone.
+// imgfuse cannot read: "open nbd://host/export: remote images of this
+// kind are not supported (imgfuse reads http://, https:// and s3:// URLs)".
+// A local file whose name merely looks like a URL (a directory "https:")
+// is left alone, and so are the URLs package remote reads.
 func RefuseRemote(image string) error {
-	m := urlScheme.FindStringSubmatch(image)
-	if m == nil {
-		return nil
-	}
-	if _, err := os.Lstat(image); err == nil {
+	if !aio.IsURL(image) || remote.Supported(image) {
 		return nil
 	}
 	return &Error{Op: "open", Path: image, Code: ExitUnsupported, Err: ErrRemote,
-		Hint: "copy it to a local file first"}
+		Hint: "imgfuse reads http://, https:// and s3:// URLs; copy it to a local file first"}
 }
+
+// IsRemote reports whether image names a remote image imgfuse reads.
+func IsRemote(image string) bool { return aio.IsURL(image) && remote.Supported(image) }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"imgfuse/remote"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -50,6 +51,10 @@ type State struct {
 	// file as they happen (at most ioErrorPublishEvery apart).
 	IOErrors    uint64        `json:"io-errors,omitempty"`
 	LastIOError *IOErrorState `json:"last-io-error,omitempty"`
+	// Remote holds, for a remote image (or a chain with one), each
+	// object's counters: bytes fetched, cache hits, the last error,
+	// the prefetch's progress; rewritten every second while it changes.
+	Remote []remote.Stats `json:"remote,omitempty"`
 }
 
 // IOErrorState is the last I/O error of a mount, in the state file and in

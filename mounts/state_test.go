@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -60,7 +61,7 @@ func TestStateRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != st {
+	if !reflect.DeepEqual(got, st) {
 		t.Errorf("read %+v, want %+v", got, st)
 	}
 	// Overwrite (a new server on the same mountpoint) leaves one file.

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"imgfuse/remote"
 	"io"
 	"os"
 	"path/filepath"
@@ -36,6 +37,9 @@ type StatusEntry struct {
 	IOErrors    uint64        `json:"io-errors"`
 	LastIOError *IOErrorState `json:"last-io-error"`
 	Log         *string       `json:"log"`
+	// Remote: a remote image's objects (State.Remote); left out for
+	// local images.
+	Remote []remote.Stats `json:"remote,omitempty"`
 }
 
 // List reads every state file in dir of a mount of the calling user (as
@@ -119,7 +123,7 @@ func describeState(st State, live map[string]*Entry) StatusEntry {
 		Mountpoint: st.Mountpoint, Image: st.Image, Format: st.Format, PID: st.PID,
 		ReadOnly: st.ReadOnly, Passthrough: st.Passthrough == "on", PassthroughDetail: st.Passthrough,
 		OverlayTemporary: st.OverlayTemporary, ServingMode: st.ServingMode, Started: st.Started,
-		IOErrors: st.IOErrors, LastIOError: st.LastIOError,
+		IOErrors: st.IOErrors, LastIOError: st.LastIOError, Remote: st.Remote,
 	}
 	if st.Log != "" {
 		e.Log = &st.Log
@@ -184,6 +188,17 @@ func PrintStatus(w io.Writer, entries []StatusEntry) error {
 			e.State, access, pt, ov, dash(e.ServingMode), e.IOErrors, logPath)
 		if e.Hint != nil {
 			hints = append(hints, fmt.Sprintf("%s: the server (pid %d) is gone; run '%s'", e.Mountpoint, e.PID, *e.Hint))
+		}
+		for _, r := range e.Remote {
+			h := fmt.Sprintf("%s: %s: %d of %d bytes cached, %d fetched in %d request(s), %d cache hit(s)",
+				e.Mountpoint, r.URL, r.Cached, r.Size, r.Fetched, r.Requests, r.CacheHits)
+			if r.Prefetch != "" {
+				h += fmt.Sprintf(", prefetch %s (%d%%)", r.Prefetch, 100*r.PrefetchDone/max(r.Size, 1))
+			}
+			if r.LastError != "" {
+				h += "; last error: " + r.LastError
+			}
+			hints = append(hints, h)
 		}
 		if l := e.LastIOError; l != nil {
 			where := l.Operation

@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"imgfuse/imgtool"
+	"imgfuse/remote"
 )
 
 // Options is everything a mount session needs: the flags and arguments of
@@ -56,6 +57,12 @@ type Options struct {
 	// DefaultLog is the default log the parent opened as the daemon's
 	// stdout and stderr (log.go), "" with --log or --foreground.
 	DefaultLog string `json:"default-log"`
+
+	// Remote is how remote images are fetched and cached (--cache-dir,
+	// --cache-max, --s3-endpoint); Prefetch (--prefetch) fetches every
+	// remote image of the mount whole in the background.
+	Remote   remote.Config `json:"remote"`
+	Prefetch bool          `json:"prefetch"`
 
 	// Warn delivers a one-line warning (without the "imgfuse: " prefix)
 	// to the user's terminal: stderr for a --foreground server or the

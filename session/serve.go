@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,6 +20,7 @@ import (
 	"imgfuse/fusefs"
 	"imgfuse/imgtool"
 	"imgfuse/mounts"
+	"imgfuse/remote"
 )
 
 // checkWriteFlags refuses write-path flags on a mount that cannot write:
@@ -65,6 +67,28 @@ func (o *Options) Validate() error {
 	if err := imgtool.RefuseRemote(o.Image); err != nil {
 		return err
 	}
+	if !imgtool.IsRemote(o.Image) {
+		if err := o.validateLocalImage(); err != nil {
+			return err
+		}
+		return o.validateRest()
+	}
+	o.AbsImage = o.Image
+	readOnly := !o.overlayed() && !o.ReadOnly
+	if readOnly {
+		o.ReadOnly = true
+	}
+	if err := o.validateRest(); err != nil {
+		return err
+	}
+	if readOnly && o.Warn != nil {
+		o.Warn(o.Image + " is a remote image: mounted read-only (--overlay sends writes to a local overlay)")
+	}
+	return nil
+}
+
+// validateLocalImage checks that the image is a file that can be opened.
+func (o *Options) validateLocalImage() error {
 	// OpenHead refuses, without blocking, what cannot be an image: a
 	// FIFO would block the plain open below for ever.
 	head, err := aio.OpenHead(o.Image)
@@ -80,7 +104,11 @@ func (o *Options) Validate() error {
 	if o.AbsImage, err = filepath.Abs(o.Image); err != nil {
 		return err
 	}
+	return nil
+}
 
+// validateRest is Validate once the image is known to be there.
+func (o *Options) validateRest() error {
 	if err := imgtool.CheckFormat(o.Image, o.Format); err != nil {
 		return err
 	}
@@ -243,6 +271,15 @@ func Serve(o *Options, logger *log.Logger, ready func()) (err error) {
 	s := &session{o: o, log: logger}
 	defer func() { err = s.undo.run(err) }()
 
+	// URLs (the image, or a backing file of it) are fetched through
+	// the mount's own set of remote objects, closed with it.
+	s.remote = remote.NewObjects(o.Remote)
+	remote.Install(s.remote)
+	if o.Prefetch {
+		s.remote.PrefetchAll()
+	}
+	s.undo.push(func(err error) error { s.remote.Close(); return err })
+
 	// Catch signals before mounting so that none can kill us with the
 	// mount up and the image dirty. SIGHUP too: a --foreground server
 	// whose terminal goes away stops like one interrupted (the daemon
@@ -293,6 +330,8 @@ type session struct {
 	overlay string // the overlay file, "" without one
 	srv     *fusefs.Server
 	mp      string // the canonical mountpoint
+
+	remote *remote.Objects
 
 	state     mounts.State
 	statePath string // "" if the state file could not be written
@@ -430,6 +469,7 @@ func (s *session) mount() error {
 
 // writeState records the mount in its state file, for unmount and status.
 func (s *session) writeState() {
+	s.state.Remote = s.remote.Stats()
 	path, err := mounts.WriteState(mounts.StateDir(), s.state)
 	if err != nil {
 		s.log.Printf("warning: %v ('imgfuse unmount' will not wait for this process)", err)
@@ -477,11 +517,20 @@ func (s *session) serve(sigs <-chan os.Signal) {
 	// when they happen: at once for the first of a while, then at most
 	// every ioErrorPublishEvery (a dd over a damaged range fails every
 	// request).
+	// A remote image's counters likewise, every second while they change.
+	var remoteTick <-chan time.Time
+	var lastRemote []remote.Stats
+	if len(s.remote.Stats()) > 0 {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		remoteTick = t.C
+	}
 	var publishTimer <-chan time.Time
 	var published time.Time
 	publish := func() {
 		st := srv.IOErrors()
 		s.state.IOErrors, s.state.LastIOError = st.Count, ioErrorStateOf(st.Last)
+		s.state.Remote = s.remote.Stats()
 		published = time.Now()
 		if s.statePath != "" {
 			if _, werr := mounts.WriteState(mounts.StateDir(), s.state); werr != nil {
@@ -498,6 +547,11 @@ func (s *session) serve(sigs <-chan os.Signal) {
 				} else {
 					publish()
 				}
+			}
+		case <-remoteTick:
+			if now := s.remote.Stats(); !reflect.DeepEqual(now, lastRemote) {
+				lastRemote = now
+				publish()
 			}
 		case <-publishTimer:
 			publishTimer = nil

@@ -20,16 +20,17 @@ import (
 // Tests of the command line's habits (issue 14): version, the man pages
 // and the README line that installs them, URLs given as images.
 
-// TestRemoteImagesRefused: an image given as a URL is refused by mount,
-// info, check, map and create with "remote images are not supported yet"
-// and exit 5, never "no such file"; nothing is created.
+// TestRemoteImagesRefused: an image given as a URL of a kind imgfuse does
+// not read (ftp://, nbd://) is refused by mount, info, check, map and
+// create with "remote images of this kind are not supported" and exit 5,
+// never "no such file"; create refuses the kinds it reads too (remote
+// images are read-only); nothing is created.
 func TestRemoteImagesRefused(t *testing.T) {
 	requireE2E(t)
 	t.Parallel()
 	mp := newMountpoint(t, false)
 	dir := t.TempDir()
 	for _, url := range []string{
-		"https://example.com/disk.qcow2", "http://example.com/disk.img", "s3://bucket/disk.qcow2",
 		"ftp://example.com/disk.raw", "nbd://localhost:10809/export", "nbd+unix:///export?socket=/tmp/s",
 	} {
 		for _, args := range [][]string{
@@ -40,10 +41,17 @@ func TestRemoteImagesRefused(t *testing.T) {
 			cmd := exec.Command(imgfuseBin, args...)
 			cmd.Dir = dir
 			r := runResult(t, cmd)
-			if r.code != 5 || !strings.Contains(r.stderr, url+": remote images are not supported yet") ||
+			if r.code != 5 || !strings.Contains(r.stderr, url+": remote images of this kind are not supported") ||
 				strings.Contains(r.stderr, "no such file") || strings.Count(r.stderr, "\n") != 1 || r.stdout != "" {
-				t.Errorf("imgfuse %s: %v\nwant exit 5 and one line: remote images are not supported yet", strings.Join(args, " "), r)
+				t.Errorf("imgfuse %s: %v\nwant exit 5 and one line: remote images of this kind are not supported", strings.Join(args, " "), r)
 			}
+		}
+	}
+	for _, url := range []string{"https://example.com/disk.qcow2", "s3://bucket/disk.qcow2"} {
+		cmd := exec.Command(imgfuseBin, "create", url, "1M")
+		cmd.Dir = dir
+		if r := runResult(t, cmd); r.code != 5 || !strings.Contains(r.stderr, "remote images are read-only") || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("imgfuse create %s: %v\nwant exit 5 and one line: remote images are read-only", url, r)
 		}
 	}
 	if mounted(t, mp) {

@@ -96,7 +96,12 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetVersionTemplate("imgfuse {{.Version}}\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return imgtool.UsageError{Err: err} })
 	root.CompletionOptions.HiddenDefaultCmd = false
-	root.AddCommand(newMountCmd(&session.Options{}), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
+	mountOpts := &session.Options{}
+	rf := &remoteFlags{}
+	rf.add(root)
+	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error { return rf.install(mountOpts) }
+	root.AddCommand(newCacheCmd(stdout, rf))
+	root.AddCommand(newMountCmd(mountOpts), newUnmountCmd(), newInfoCmd(stdout), newCheckCmd(stdout, stderr),
 		newMapCmd(stdout), newCreateCmd(stdout), newDemoCmd(stdout), newStatusCmd(stdout), newVersionCmd(stdout), newManCmd(stdout))
 	strictBuiltins(root)
 	return root

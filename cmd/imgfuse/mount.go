@@ -66,6 +66,13 @@ imgfuse mount --read-only) can use it meanwhile, and the overlay (in
 $TMPDIR, else /var/tmp) is deleted when the server exits. --overlay-keep
 FILE creates the overlay at FILE (which must not exist) and keeps it.
 
+IMAGE may be an http://, https:// or s3:// URL: the image is fetched
+lazily, only what is read, into a cache shared by mounts (--cache-dir,
+--cache-max; 'imgfuse cache ls|prune'), and mounted read-only unless
+--overlay or --overlay-keep is given. --prefetch fetches it whole in the
+background. A 404, a malformed URL, a refused connection or an untrusted
+certificate exit 3; reads that cannot be served fail with EIO.
+
 --pidfile FILE: the server writes its pid to FILE once the mount answers
 and removes FILE when it exits.
 
@@ -94,7 +101,8 @@ func newMountCmd(o *session.Options) *cobra.Command {
   sudo mount -o loop /mnt/img/disk /mnt/root
   imgfuse mount --read-only disk.qcow2 /mnt/img
   imgfuse mount --snapshot before-upgrade disk.qcow2 /mnt/img
-  imgfuse mount --overlay --pidfile /run/img.pid base.qcow2 /mnt/img   # writes thrown away`,
+  imgfuse mount --overlay --pidfile /run/img.pid base.qcow2 /mnt/img   # writes thrown away
+  imgfuse mount https://images.example/debian-13.qcow2 /mnt/img        # read-only, lazy`,
 		Args: exactArgs("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.Image, o.Mountpoint = args[0], args[1]
@@ -131,6 +139,7 @@ func newMountCmd(o *session.Options) *cobra.Command {
 	f.BoolVar(&o.Overlay, "overlay", false, "send writes to a temporary qcow2 overlay, deleted on exit; IMAGE stays unchanged (like qemu-nbd -s)")
 	f.StringVar(&o.OverlayKeep, "overlay-keep", "", "like --overlay, but create the overlay at `FILE` (must not exist) and keep it")
 	f.BoolVar(&o.NonEmpty, "nonempty", false, "mount on a directory or regular file MOUNTPOINT that is not empty, hiding what it holds while mounted")
+	f.BoolVar(&o.Prefetch, "prefetch", false, "remote image: fetch it whole into the cache in the background ('imgfuse status' shows the progress)")
 	f.StringVar(&o.PIDFile, "pidfile", "", "write the server's pid to `FILE` once the mount answers; removed on exit")
 	return cmd
 }

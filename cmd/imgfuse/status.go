@@ -33,7 +33,10 @@ the mount needs attention), io-errors (how many I/O errors the mount has
 returned), last-io-error (null, or {time, operation, offset, cause}: the
 last of them, offset null for a flush) and log (the file the server logs
 to: --log FILE or its default log in the state directory; null for a
---foreground server).
+--foreground server), and, for a remote image (or a chain with one),
+remote: per object its url, size, etag, cached, fetched, requests,
+cache-hits, cache-misses, last-error, prefetch ("running", "done",
+"failed: ...") and prefetch-done.
 
 A mount that returned I/O errors gets a line under the table with the
 count and the last error; the LOG column names each server's log, which

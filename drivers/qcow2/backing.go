@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"imgfuse/aio"
@@ -68,6 +69,18 @@ func (ch *chain) enter(path string) error {
 	if ch.depth >= maxChainDepth {
 		return fmt.Errorf("backing chain deeper than %d images: %w", maxChainDepth, drivers.ErrCorrupt)
 	}
+	if aio.IsURL(path) {
+		// A remote image is read-only and names no local file: it
+		// ends the chain or names other URLs, told apart by name.
+		for _, u := range ch.urls {
+			if u == path {
+				return fmt.Errorf("backing chain loop: the URL appears twice in the chain: %w", drivers.ErrCorrupt)
+			}
+		}
+		ch.depth++
+		ch.urls = append(ch.urls, path)
+		return nil
+	}
 	fi, err := os.Stat(path)
 	if err != nil {
 		return &imageError{err: err}
@@ -89,9 +102,15 @@ func (ch *chain) enter(path string) error {
 
 // resolve makes a file name found inside the image relative to the image's
 // directory, as QEMU does, unless it is absolute.
+//
+// A URL (a remote image, see package remote) stays as it is.
 func (img *image) resolve(name string) string {
-	if filepath.IsAbs(name) {
+	if filepath.IsAbs(name) || aio.IsURL(name) {
 		return name
+	}
+	if aio.IsURL(img.path) {
+		// Relative to a remote image: the URL's last segment replaced.
+		return img.path[:strings.LastIndexByte(img.path, '/')+1] + name
 	}
 	return filepath.Join(filepath.Dir(img.path), name)
 }

@@ -205,6 +205,7 @@ type chain struct {
 	depth int
 	// seen holds the device and inode of every file opened so far.
 	seen []fileID
+	urls []string // the remote images of the chain
 	// meta is the metadata memory charged so far (charge), l2Bytes the
 	// part of it in L2 caches.
 	meta, l2Bytes int64

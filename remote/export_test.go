@@ -1,0 +1,5 @@
+package remote
+
+import "syscall"
+
+var syscallEIO = syscall.EIO
