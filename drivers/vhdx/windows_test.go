@@ -1,0 +1,272 @@
+package vhdx
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"imgfuse/coroutine"
+	"imgfuse/drivers"
+	"imgfuse/drivers/driverstest"
+)
+
+// Unknown GUIDs: items and regions this driver does not know.
+var (
+	guidUnknown1 = mustGUID("3F1A7C2E-0B5D-4E8A-9C61-7D2E4B9A0F13")
+	guidUnknown2 = mustGUID("A07E5B4C-61D2-4C3B-8E9F-0A1B2C3D4E5F")
+)
+
+// hyperVDynamic is a dynamic disk as Hyper-V's New-VHD makes it (lss,
+// pss sectors, 32 MiB blocks), written to: the first block at 40 MiB,
+// the last (a partial block) at 4 MiB, one block ZERO, one UNMAPPED, the
+// others NOT_PRESENT; with the unknown metadata items and the unknown
+// region (at 36 MiB, between blocks) that extra adds, not required.
+func hyperVDynamic(lss, pss int64, extra bool) *hvDisk {
+	h := &hvDisk{size: 4*32*mib + 8*mib + 3*4096, blockSize: 32 * mib, lss: lss, pss: pss,
+		seq: [2]uint64{7, 8}, dataWrite: guid{0xd0, 1},
+		blocks: map[int64]hvBlock{
+			0: {state: stateFull, off: 40 * mib},
+			2: {state: stateZero},
+			3: {state: stateUnmapped},
+			4: {state: stateFull, off: 4 * mib},
+		}}
+	if extra {
+		h.extraItems = []hvItem{
+			{guidUnknown1, 0, []byte("system item, not required")},
+			{guidUnknown2, 2, []byte("virtual disk item, not required")},
+			{guidUnknown1, 1, []byte("user item")},
+		}
+		h.extraRegions = []hvRegion{{guidUnknown2, 36 * mib, mib, false}}
+	}
+	return h
+}
+
+// openRO opens path read-only for driverstest.Run, with the disk it must
+// read as.
+func openRO(path string, want []byte) driverstest.OpenFunc {
+	return func(t *testing.T) (drivers.Driver, []byte) {
+		d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		return d, want
+	}
+}
+
+// openCopy opens a copy of path writable for driverstest.RunWritable.
+func openCopy(path string, want []byte) driverstest.OpenFunc {
+	return func(t *testing.T) (drivers.Driver, []byte) {
+		p := filepath.Join(t.TempDir(), filepath.Base(path))
+		copyFile(t, path, p)
+		d, err := Open(p, drivers.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		return d, want
+	}
+}
+
+// TestHyperVDynamic: Hyper-V dynamic disks (4Kn: 4096-byte logical
+// sectors, which QEMU cannot open; and 512e, which it can) read as the
+// specification says, unknown items and regions that are not required
+// ignored, and take writes; qemu-img reads the 512e disk as the model
+// (before and after the driver's writes).
+func TestHyperVDynamic(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name     string
+		lss, pss int64
+	}{{"4kn", 4096, 4096}, {"512e", 512, 4096}} {
+		t.Run(c.name, func(t *testing.T) {
+			h := hyperVDynamic(c.lss, c.pss, true)
+			file, disk := h.build(t, 0x40, nil)
+			path := filepath.Join(dir, c.name+".vhdx")
+			writeSparse(t, path, file)
+			d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.md.logicalSS != c.lss || d.md.physicalSS != c.pss || d.blockSize != 32*mib || d.cr != (1<<23)*c.lss/(32*mib) || d.Size() != h.size {
+				t.Errorf("metadata: %+v, chunk ratio %d", *d.md, d.cr)
+			}
+			if err := d.Damage(); err != nil {
+				t.Errorf("a sound image reported damaged: %v", err)
+			}
+			d.Close()
+			driverstest.Run(t, openRO(path, disk))
+			driverstest.RunWritable(t, openCopy(path, disk))
+			if c.lss != 512 {
+				return
+			}
+			driverstest.RequireTools(t, "qemu-img")
+			qemuClean(t, path, disk)
+			// Writes through the driver: into the ZERO block, a
+			// NOT_PRESENT one and a present one; a whole block
+			// discarded. The unknown region keeps its bytes.
+			w := filepath.Join(t.TempDir(), "w.vhdx")
+			copyFile(t, path, w)
+			model := bytes.Clone(disk)
+			d, err = Open(w, drivers.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, off := range []int64{2*32*mib + 4096, 32*mib + 12345, 100 * 1024, h.size - 700} {
+				p := bytes.Repeat([]byte{byte(off)}, 600)
+				copy(model[off:], p)
+				if _, err := driverstest.WriteAt(d, p, off); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err = inCo(func(co *coroutine.Co) error {
+				if err := d.Discard(co, 3*32*mib, 32*mib); err != nil {
+					return err
+				}
+				return d.Flush(co)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			clear(model[3*32*mib : 4*32*mib])
+			d.Close()
+			after, _ := os.ReadFile(w)
+			if !bytes.Equal(after[36*mib:37*mib], file[36*mib:37*mib]) {
+				t.Error("the writes changed the unknown region")
+			}
+			qemuClean(t, w, model)
+		})
+	}
+}
+
+// TestHyperVRefusals: an unknown metadata item or region marked required
+// is refused (ErrUnsupported), as the specification requires and as
+// QEMU does; a block over an unknown region is damage.
+func TestHyperVRefusals(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		name   string
+		change func(h *hvDisk)
+	}{
+		{"required item", func(h *hvDisk) { h.extraItems = append(h.extraItems, hvItem{guidUnknown1, 4, []byte{1}}) }},
+		{"required virtual disk item", func(h *hvDisk) { h.extraItems = append(h.extraItems, hvItem{guidUnknown2, 6, []byte{1}}) }},
+		{"required user item", func(h *hvDisk) { h.extraItems = append(h.extraItems, hvItem{guidUnknown2, 5, []byte{1}}) }},
+		{"required region", func(h *hvDisk) { h.extraRegions = append(h.extraRegions, hvRegion{guidUnknown1, 37 * mib, mib, true}) }},
+	}
+	for _, c := range cases {
+		h := hyperVDynamic(512, 4096, false)
+		c.change(h)
+		file, _ := h.build(t, 1, nil)
+		path := filepath.Join(dir, c.name+".vhdx")
+		writeSparse(t, path, file)
+		for _, ro := range []bool{true, false} {
+			if d, err := Open(path, drivers.OpenOptions{ReadOnly: ro}); !errors.Is(err, drivers.ErrUnsupported) {
+				t.Errorf("%s: open (read-only %v): %v, want ErrUnsupported", c.name, ro, err)
+				if err == nil {
+					d.Close()
+				}
+			}
+		}
+		if _, err := exec.LookPath("qemu-img"); err == nil {
+			if out, err := runQemu("info", "-f", "vhdx", path); err == nil {
+				t.Errorf("%s: qemu-img opens what the driver refuses:\n%s", c.name, out)
+			}
+		}
+	}
+	// A block placed over a region the driver does not know (not
+	// required): the region's place is reserved (QEMU refuses the open).
+	h := hyperVDynamic(512, 4096, true)
+	h.blocks[1] = hvBlock{state: stateFull, off: 36 * mib}
+	h.blocks[0] = hvBlock{state: stateFull, off: 68 * mib}
+	file, _ := h.build(t, 1, nil)
+	path := filepath.Join(dir, "over.vhdx")
+	writeSparse(t, path, file)
+	if _, err := Open(path, drivers.OpenOptions{}); !errors.Is(err, drivers.ErrCorrupt) {
+		t.Errorf("writable open with a block over an unknown region: %v, want ErrCorrupt", err)
+	}
+	d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Damage(); !errors.Is(err, drivers.ErrCorrupt) {
+		t.Errorf("read-only open with a block over an unknown region: damage %v", err)
+	}
+	d.Close()
+	// Two regions over each other, one unknown.
+	h = hyperVDynamic(512, 4096, false)
+	h.extraRegions = []hvRegion{{guidUnknown2, 3 * mib, mib, false}}
+	file, _ = h.build(t, 1, nil)
+	writeSparse(t, path, file)
+	if _, err := Open(path, drivers.OpenOptions{ReadOnly: true}); !errors.Is(err, drivers.ErrCorrupt) {
+		t.Errorf("an unknown region over the BAT: %v, want ErrCorrupt", err)
+	}
+}
+
+// TestHyperVFixed: a fixed disk as Hyper-V makes it: LeaveBlockAllocated
+// set, every BAT entry FULLY_PRESENT, the blocks at file offsets out of
+// order. It reads as the model and as qemu-img says; writes, a discard
+// and a zero write of whole blocks go in place: the BAT and the file
+// size do not change.
+func TestHyperVFixed(t *testing.T) {
+	const bs = 2 * mib
+	h := &hvDisk{size: 5*bs + 4096, blockSize: bs, lss: 512, pss: 4096, leave: true, seq: [2]uint64{3, 2},
+		dataWrite: guid{0xf1}, blocks: map[int64]hvBlock{}}
+	perm := []int64{3, 0, 5, 1, 4, 2}
+	for n, p := range perm {
+		h.blocks[int64(n)] = hvBlock{state: stateFull, off: 4*mib + p*bs}
+	}
+	file, disk := h.build(t, 0x77, nil)
+	path := filepath.Join(t.TempDir(), "fixed.vhdx")
+	writeSparse(t, path, file)
+	driverstest.Run(t, openRO(path, disk))
+	driverstest.RunWritable(t, openCopy(path, disk))
+
+	d, err := Open(path, drivers.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := bytes.Clone(disk)
+	for _, off := range []int64{0, bs - 100, 3*bs + 4096, h.size - 512} {
+		p := bytes.Repeat([]byte{0x5c}, 512)
+		copy(model[off:], p)
+		if _, err := driverstest.WriteAt(d, p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = inCo(func(co *coroutine.Co) error {
+		if err := d.Discard(co, bs, bs); err != nil {
+			return err
+		}
+		if err := d.WriteZeroes(co, 4*bs, bs, true); err != nil {
+			return err
+		}
+		return d.Flush(co)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(model[bs : 2*bs])
+	clear(model[4*bs : 5*bs])
+	d.Close()
+	got := make([]byte, len(model))
+	d, err = Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := driverstest.ReadAt(d, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Errorf("after the writes the disk differs from the model (%v)", err)
+	}
+	d.Close()
+	after, _ := os.ReadFile(path)
+	if len(after) != len(file) {
+		t.Errorf("the file grew from %d to %d bytes", len(file), len(after))
+	}
+	if !bytes.Equal(after[3*mib:4*mib], file[3*mib:4*mib]) {
+		t.Error("the BAT changed: a fixed disk's blocks stay where they are")
+	}
+	driverstest.RequireTools(t, "qemu-img")
+	qemuClean(t, path, model)
+}
