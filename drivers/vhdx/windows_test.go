@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"imgfuse/coroutine"
@@ -269,4 +270,123 @@ func TestHyperVFixed(t *testing.T) {
 	}
 	driverstest.RequireTools(t, "qemu-img")
 	qemuClean(t, path, model)
+}
+
+// TestHyperVDifferencing: a differencing disk as Hyper-V makes it, whose
+// parent locator names the parent only by Windows paths (volume_path and
+// absolute_win32_path, no relative_path): the parent is looked for by
+// its name beside the child, in the specification's order; a block
+// partly present (its sector bitmap), one fully present, one NOT_PRESENT
+// (the parent's), one ZERO. qemu-img cannot open differencing VHDX: the
+// model is the oracle.
+func TestHyperVDifferencing(t *testing.T) {
+	const bs = 2 * mib
+	dir := t.TempDir()
+	baseDisk := &hvDisk{size: 4 * bs, blockSize: bs, lss: 512, pss: 4096, seq: [2]uint64{1, 2},
+		dataWrite: mustGUID("6F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F9"),
+		blocks:    map[int64]hvBlock{0: {state: stateFull, off: 4 * mib}, 1: {state: stateFull, off: 8 * mib}, 2: {state: stateFull, off: 6 * mib}}}
+	baseFile, base := baseDisk.build(t, 0x10, nil)
+	writeSparse(t, filepath.Join(dir, "base.vhdx"), baseFile)
+
+	child := func(locator ...string) (*hvDisk, []byte, []byte) {
+		h := &hvDisk{size: 4 * bs, blockSize: bs, lss: 512, pss: 4096, seq: [2]uint64{2, 1}, dataWrite: guid{0xc1},
+			locator: locator,
+			blocks: map[int64]hvBlock{
+				0: {state: statePartial, off: 5 * mib, present: func(s int64) bool { return s%7 == 0 || (s >= 100 && s < 1000) }},
+				1: {state: stateFull, off: 7 * mib},
+				3: {state: stateZero},
+			},
+			bitmapAt: map[int64]int64{0: 4 * mib}}
+		f, disk := h.build(t, 0x20, base)
+		return h, f, disk
+	}
+	link := baseDisk.dataWrite.String()
+	vol := `\\?\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\VMs\base.vhdx`
+	win := `C:\VMs\base.vhdx`
+	cases := []struct {
+		name    string
+		locator []string
+	}{
+		{"volume and win32", []string{"parent_linkage", link, "volume_path", vol, "absolute_win32_path", win}},
+		{"win32 only", []string{"absolute_win32_path", win, "parent_linkage", link}},
+		{"volume only", []string{"volume_path", vol, "parent_linkage", link}},
+		{"unc", []string{"parent_linkage", link, "absolute_win32_path", `\\fileserver\vms\base.vhdx`}},
+		// A relative_path that names nothing here comes first; the
+		// Windows paths after it find the parent.
+		{"stale relative", []string{"parent_linkage", link, "relative_path", `..\old\base.vhdx`, "absolute_win32_path", win}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, f, disk := child(c.locator...)
+			path := filepath.Join(dir, "child-"+c.name+".vhdx")
+			writeSparse(t, path, f)
+			d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.parentAt != filepath.Join(dir, "base.vhdx") {
+				t.Errorf("parent found at %q", d.parentAt)
+			}
+			readsAs(t, d, disk)
+			d.Close()
+		})
+	}
+	_, f, disk := child(cases[0].locator...)
+	path := filepath.Join(dir, "child.vhdx")
+	writeSparse(t, path, f)
+	driverstest.Run(t, openRO(path, disk))
+	// Writes: into the partly present block, the parent's block, the
+	// ZERO one.
+	driverstest.RunWritable(t, func(t *testing.T) (drivers.Driver, []byte) {
+		cdir := t.TempDir()
+		copyFile(t, filepath.Join(dir, "base.vhdx"), filepath.Join(cdir, "base.vhdx"))
+		p := filepath.Join(cdir, "child.vhdx")
+		copyFile(t, path, p)
+		d, err := Open(p, drivers.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		return d, disk
+	})
+
+	// The parent under another name: nothing names it.
+	odir := t.TempDir()
+	copyFile(t, filepath.Join(dir, "base.vhdx"), filepath.Join(odir, "Base-renamed.vhdx"))
+	copyFile(t, path, filepath.Join(odir, "child.vhdx"))
+	if _, err := Open(filepath.Join(odir, "child.vhdx"), drivers.OpenOptions{ReadOnly: true}); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("open with the parent renamed: %v, want ErrNotExist", err)
+	}
+	// A parent_linkage of another DataWriteGuid (the parent was written
+	// since): refused.
+	_, f, _ = child("parent_linkage", guid{9}.String(), "absolute_win32_path", win)
+	writeSparse(t, path, f)
+	if _, err := Open(path, drivers.OpenOptions{ReadOnly: true}); !errors.Is(err, drivers.ErrCorrupt) {
+		t.Errorf("open with a stale parent_linkage: %v, want ErrCorrupt", err)
+	}
+	// parent_linkage2 (the spec's second linkage) names it.
+	_, f, disk = child("parent_linkage", guid{9}.String(), "parent_linkage2", strings.ToLower(link), "absolute_win32_path", win)
+	writeSparse(t, path, f)
+	d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	readsAs(t, d, disk)
+	d.Close()
+}
+
+// readsAs checks that d reads as want, whole.
+func readsAs(t *testing.T, d *Driver, want []byte) {
+	t.Helper()
+	got := make([]byte, d.Size())
+	if _, err := driverstest.ReadAt(d, got, 0); err != nil {
+		t.Errorf("read: %v", err)
+	} else if !bytes.Equal(got, want) {
+		for i := range got {
+			if i >= len(want) || got[i] != want[i] {
+				t.Errorf("the disk differs from the model from offset %#x", i)
+				break
+			}
+		}
+	}
 }
