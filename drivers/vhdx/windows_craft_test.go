@@ -234,3 +234,78 @@ func writeSparse(t testing.TB, path string, b []byte) {
 		}
 	}
 }
+
+// windowsLog is a log as Windows may leave it after a crash, for an
+// image of 1 MiB blocks whose BAT sector (at batAt) is bat, file 6 MiB
+// long: the active sequence, seq 10 to 12, all with Tail at 8 KiB, so
+// all three are to replay:
+//
+//   - 10 at 8 KiB: the BAT sector making block 2 present at 6 MiB (past
+//     the end of the file), and a zero range over the second and third 4
+//     KiB of block 0 (at 4 MiB);
+//   - 11: 128 zero descriptors (every other 4 KiB of block 1, at 5 MiB)
+//     and 2 data ones (block 2's first sector, and its 17th): two
+//     descriptor sectors;
+//   - 12: a sector of block 0 at 100 KiB; FlushedFileOffset 6 MiB (the
+//     file's size), LastFileOffset 7 MiB (past it);
+//
+// then what must not be replayed: 13, whose CRC is bad (a torn write:
+// it ends the sequence), and after it 4, an older entry of a previous
+// pass over the ring. variant "newer" adds 14 after them, valid but
+// with its Tail at 8 KiB: the sequence it belongs to is torn at 13.
+// variant "tail" puts 9 at 0, chained to 10, but before the sequence's
+// Tail: already in place, not to replay. variant "qemu" has 11 with 62
+// zero descriptors, in one descriptor sector: QEMU cannot read an entry
+// of more (its vhdx_log_read_sectors reads every sector into the same
+// 4 KiB). Entries not to replay write
+// 0xee sectors. It returns the log (1 MiB) and the sectors to replay.
+func windowsLog(g guid, bat []byte, batAt int64, variant string) (log []byte, ws []sectorWrite, zs []region) {
+	log = make([]byte, mib)
+	sec := func(b byte) []byte {
+		s := bytes.Repeat([]byte{b}, sectorSize)
+		copy(s, "LEADBYTE")
+		copy(s[4092:], "TAIL")
+		return s
+	}
+	junk := sec(0xee)
+	pos := int64(8 << 10)
+	put := func(e []byte) {
+		copy(log[pos:], e)
+		pos += int64(len(e))
+	}
+	const tail, flushed, last = 8 << 10, 6 * mib, 7 * mib
+	bat = bytes.Clone(bat[:sectorSize])
+	le.PutUint64(bat[16:], 6*mib|stateFull)
+	w10 := []sectorWrite{{batAt, bat}}
+	z10 := []region{{4*mib + sectorSize, 2 * sectorSize}}
+	put(buildEntry(w10, z10, g, 10, tail, flushed, last))
+	nz := int64(128)
+	if variant == "qemu" {
+		nz = 62 // one descriptor sector: QEMU reads no more
+	}
+	var z11 []region
+	for i := int64(0); i < nz; i++ {
+		z11 = append(z11, region{5*mib + 2*i*sectorSize, sectorSize})
+	}
+	w11 := []sectorWrite{{6 * mib, sec(0x61)}, {6*mib + 64<<10, sec(0x62)}}
+	if variant == "qemu" {
+		// Block 2's last sector too: QEMU's replay extends the file
+		// only by these writes, and refuses a block past its end.
+		w11 = append(w11, sectorWrite{7*mib - sectorSize, sec(0x64)})
+	}
+	put(buildEntry(w11, z11, g, 11, tail, flushed, last))
+	w12 := []sectorWrite{{4*mib + 100<<10, sec(0x63)}}
+	put(buildEntry(w12, nil, g, 12, tail, flushed, last))
+	e13 := buildEntry([]sectorWrite{{5 * mib, junk}}, nil, g, 13, tail, flushed, last)
+	e13[sectorSize+100] ^= 0xff // torn: the data sector is not what the CRC covered
+	put(e13)
+	put(buildEntry([]sectorWrite{{4 * mib, junk}}, nil, g, 4, pos, flushed, last))
+	switch variant {
+	case "newer":
+		put(buildEntry([]sectorWrite{{4*mib + 200<<10, junk}}, nil, g, 14, tail, flushed, last))
+	case "tail":
+		copy(log, buildEntry([]sectorWrite{{4*mib + 200<<10, junk}}, nil, g, 9, 0, flushed, last))
+	}
+	ws = append(append(w10, w11...), w12...)
+	return log, ws, append(z10, z11...)
+}
