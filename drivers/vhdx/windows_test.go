@@ -489,3 +489,118 @@ func TestWindowsDirtyLog(t *testing.T) {
 		})
 	}
 }
+
+// TestHeaderSlots: the two header slots, each padded to 4 KiB with
+// reserved bytes that are not zero (the CRC covers all 4 KiB), in either
+// order of sequence number, one of them perhaps with a bad CRC: the
+// valid one with the higher sequence number is current — seen by its log
+// GUID, which names a log entry writing a marker sector, while the other
+// slot has none. The driver's header updates keep the reserved bytes;
+// qemu-img agrees on the disk before and after.
+func TestHeaderSlots(t *testing.T) {
+	g := mustGUID("5D1C8B7A-6E5F-4A3B-9C2D-1E0F9A8B7C6D")
+	pad := func(b []byte) {
+		for i := 80; i < headerSize; i++ {
+			b[i] = byte(i*7 + 1)
+		}
+	}
+	cases := []struct {
+		name         string
+		seq          [2]uint64
+		dirty, bad   int // the slot with the log GUID, the slot with a bad CRC (-1: none)
+		slot         int
+		replayMarker bool
+	}{
+		{"second newer", [2]uint64{5, 9}, 1, -1, 1, true},
+		{"first newer", [2]uint64{9, 5}, 0, -1, 0, true},
+		{"second newer, bad CRC", [2]uint64{5, 9}, 1, 1, 0, false},
+		{"first newer, bad CRC", [2]uint64{9, 5}, 0, 0, 1, false},
+		{"older one's log", [2]uint64{5, 9}, 0, -1, 1, false},
+		{"only the older valid", [2]uint64{9, 5}, 1, 0, 1, true},
+		// Disk2vhd writes both slots alike, sequence numbers included.
+		{"equal and identical", [2]uint64{7, 7}, -1, -1, 0, false},
+	}
+	dir := t.TempDir()
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			h := &hvDisk{size: 4 * mib, blockSize: mib, lss: 512, pss: 4096, seq: c.seq, dataWrite: guid{0xee},
+				blocks: map[int64]hvBlock{0: {state: stateFull, off: 4 * mib}},
+				hdrPatch: func(slot int, b []byte) {
+					pad(b)
+					b[hFileWrite+1] = 0
+					if slot == c.dirty {
+						copy(b[hLogGUID:], g[:])
+					}
+				}}
+			file, disk := h.build(t, 0x50, nil)
+			marker := bytes.Repeat([]byte("marker!!"), sectorSize/8)
+			copy(file[mib:], buildEntry([]sectorWrite{{4*mib + 8192, marker}}, nil, g, 1, 0, int64(len(file)), int64(len(file))))
+			if c.bad >= 0 {
+				file[header1Off+c.bad*(header2Off-header1Off)+3000] ^= 0x10
+			}
+			if c.replayMarker {
+				copy(disk[8192:], marker)
+			}
+			path := filepath.Join(dir, c.name+".vhdx")
+			writeSparse(t, path, file)
+			d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.hdrSlot != c.slot || d.hdr.seq != c.seq[c.slot] {
+				t.Errorf("current header: slot %d, sequence %d; want slot %d", d.hdrSlot, d.hdr.seq, c.slot)
+			}
+			readsAs(t, d, disk)
+			d.Close()
+
+			// A write: two header updates, from the current slot's 4 KiB.
+			w := filepath.Join(t.TempDir(), "w.vhdx")
+			copyFile(t, path, w)
+			d, err = Open(w, drivers.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := bytes.Clone(disk)
+			copy(model[mib+512:], "written")
+			if _, err := driverstest.WriteAt(d, []byte("written"), mib+512); err != nil {
+				t.Fatal(err)
+			}
+			if err := inCo(d.Flush); err != nil {
+				t.Fatal(err)
+			}
+			d.Close()
+			after, _ := os.ReadFile(w)
+			for slot, at := range []int{header1Off, header2Off} {
+				hd, err := parseHeader(after[at:])
+				switch {
+				case err != nil:
+					t.Errorf("after the write, header %d: %v", slot+1, err)
+				case hd.seq <= max(c.seq[0], c.seq[1]):
+					t.Errorf("after the write, header %d has sequence %d", slot+1, hd.seq)
+				}
+				want := make([]byte, headerSize)
+				pad(want)
+				if !bytes.Equal(after[at+80:at+headerSize], want[80:]) {
+					t.Errorf("after the write, header %d lost its reserved bytes", slot+1)
+				}
+			}
+			d, err = Open(w, drivers.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			readsAs(t, d, model)
+			d.Close()
+
+			driverstest.RequireTools(t, "qemu-img")
+			qemuClean(t, w, model)
+			q := filepath.Join(t.TempDir(), "q.vhdx")
+			copyFile(t, path, q)
+			if c.replayMarker {
+				if out, err := runQemu("check", "-r", "all", "-f", "vhdx", q); err != nil {
+					t.Fatalf("qemu-img check -r all: %v\n%s", err, out)
+				}
+			}
+			qemuClean(t, q, disk)
+		})
+	}
+}
