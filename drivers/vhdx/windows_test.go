@@ -364,10 +364,25 @@ func TestHyperVDifferencing(t *testing.T) {
 	if _, err := Open(path, drivers.OpenOptions{ReadOnly: true}); !errors.Is(err, drivers.ErrCorrupt) {
 		t.Errorf("open with a stale parent_linkage: %v, want ErrCorrupt", err)
 	}
+	// A 4Kn child (4096-byte logical sectors: a bitmap bit per 4 KiB)
+	// of the 512e parent.
+	h4, _, _ := child(cases[0].locator...)
+	h4.lss = 4096
+	f, disk = h4.build(t, 0x21, base)
+	writeSparse(t, path, f)
+	d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.cr != (1<<23)*4096/bs {
+		t.Errorf("chunk ratio %d", d.cr)
+	}
+	readsAs(t, d, disk)
+	d.Close()
 	// parent_linkage2 (the spec's second linkage) names it.
 	_, f, disk = child("parent_linkage", guid{9}.String(), "parent_linkage2", strings.ToLower(link), "absolute_win32_path", win)
 	writeSparse(t, path, f)
-	d, err := Open(path, drivers.OpenOptions{ReadOnly: true})
+	d, err = Open(path, drivers.OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
