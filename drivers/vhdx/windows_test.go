@@ -100,8 +100,9 @@ func TestHyperVDynamic(t *testing.T) {
 			}
 			d.Close()
 			driverstest.Run(t, openRO(path, disk))
-			driverstest.RunWritable(t, openCopy(path, disk))
 			if c.lss != 512 {
+				// QEMU cannot open it: the model checks the writes.
+				driverstest.RunWritable(t, openCopy(path, disk))
 				return
 			}
 			driverstest.RequireTools(t, "qemu-img")
