@@ -59,6 +59,13 @@
 // It is not drivers.FileBacked even for a fixed image: its blocks are not
 // at the disk's offsets in the file.
 //
+// Regions. The region table's entries may come in any order and at any
+// MiB multiples (Windows puts the metadata at 2 MiB, before the BAT at 3
+// MiB, and marks both required); an unknown region not marked required
+// is not read, but its place is kept, as QEMU keeps it: no other region
+// and no block may overlap it. An unknown region, metadata item or user
+// item marked required is refused (ErrUnsupported).
+//
 // Parents are found by the locator's relative_path (relative to the
 // image's directory, Windows separators turned into slashes), then
 // volume_path and absolute_win32_path (whose last element is looked for
@@ -73,7 +80,11 @@
 // data sectors carrying its sequence number); entries chain where one
 // ends and the next begins (wrapping) with the next sequence number; the
 // chain whose last entry has the highest sequence number is active, from
-// the entry its last entry's Tail names. Its writes must be whole 4 KiB
+// the entry its last entry's Tail names. A chain whose last entry's Tail
+// names none of its entries is incomplete — an entry between was torn
+// (its CRC fails), or belongs to an older pass over the ring — and is no
+// candidate: the specification's rule, which QEMU does not apply (it
+// replays a chain whole, whatever its Tail). Its writes must be whole 4 KiB
 // sectors off the file type identifier, the headers and the log (the
 // region tables may be logged); a FlushedFileOffset past the end
 // of the file means a truncated image: refused. The scan reads at most 16
@@ -84,8 +95,15 @@
 // read-only open leaves the file alone: the writes become an overlay —
 // their targets and the log sectors that hold their bytes, not the bytes
 // — laid over every read of the file (region table, metadata, BAT,
-// bitmaps and data), so the disk reads as the replayed image would. QEMU
-// refuses such an open ("contains a log that needs to be replayed").
+// bitmaps and data), and the file is taken to end at the LastFileOffset,
+// so the disk reads as the replayed image would. QEMU refuses such an
+// open ("contains a log that needs to be replayed"). Two of QEMU's
+// replay's ways are not copied: it misreads an entry of more than one
+// descriptor sector (more than 126 descriptors, as Windows may write:
+// it fails the open with EINVAL), and it extends the file to a
+// LastFileOffset only when that is not a multiple of 1 MiB — the spec
+// says it always is — so a block the log places past the old end is
+// then refused as truncated.
 //
 // Headers are updated as the specification and QEMU update them: the
 // inactive slot gets the current header with the next sequence number,

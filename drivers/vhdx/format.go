@@ -212,12 +212,14 @@ type region struct {
 // are.
 type regions struct {
 	bat, meta region
+	others    []region // regions this driver does not know (not required)
 }
 
 // parseRegions validates a region table (§4.3): signature, CRC over the 64
-// KiB, at most 2047 entries, each at whole MiBs inside the file, none
-// overlapping another, the first MiB or the log; known GUIDs once; an
-// unknown entry marked required refused.
+// KiB, at most 2047 entries, the BAT and metadata at whole MiBs inside
+// the file, no entry overlapping another, the first MiB or the log; known
+// GUIDs once; an unknown entry marked required refused, one not required
+// kept only as a place blocks must not overlap.
 func parseRegions(b []byte, fileSize int64, logOff, logLen int64) (*regions, error) {
 	if len(b) < regionSize || string(b[:4]) != "regi" {
 		return nil, fmt.Errorf("no region table signature: %w", drivers.ErrCorrupt)
@@ -249,6 +251,16 @@ func parseRegions(b []byte, fileSize int64, logOff, logLen int64) (*regions, err
 			if required {
 				return nil, fmt.Errorf("unknown required region %s: %w", g, drivers.ErrUnsupported)
 			}
+			// Its content is ignored, its place is not (QEMU's
+			// vhdx_region_check): no other region and no block may
+			// overlap it.
+			for _, u := range used {
+				if rg.off < u.off+u.length && u.off < rg.off+rg.length {
+					return nil, fmt.Errorf("region %s [%#x, +%#x) overlaps [%#x, +%#x): %w", g, rg.off, rg.length, u.off, u.length, drivers.ErrCorrupt)
+				}
+			}
+			used = append(used, rg)
+			r.others = append(r.others, rg)
 			continue
 		}
 		switch {

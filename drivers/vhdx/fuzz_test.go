@@ -25,6 +25,16 @@ func FuzzParse(f *testing.F) {
 	le.PutUint32(h[hChecksum:], crcOf(h, hChecksum))
 	f.Add(h)
 	f.Add(locatorItem("parent_linkage", "{01234567-89AB-CDEF-0123-456789ABCDEF}", "relative_path", `..\p.vhdx`))
+	// As Windows writes them: a header padded with reserved bytes that
+	// are not zero; a locator of Windows paths only.
+	h = bytes.Clone(h)
+	for i := 80; i < headerSize; i++ {
+		h[i] = byte(i)
+	}
+	le.PutUint32(h[hChecksum:], crcOf(h, hChecksum))
+	f.Add(h)
+	f.Add(locatorItem("parent_linkage", "{01234567-89AB-CDEF-0123-456789ABCDEF}",
+		"volume_path", `\\?\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\VMs\base.vhdx`, "absolute_win32_path", `C:\VMs\base.vhdx`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		sentinel := func(what string, err error) {
 			if err != nil && !errors.Is(err, drivers.ErrCorrupt) && !errors.Is(err, drivers.ErrUnsupported) {
@@ -131,6 +141,12 @@ func FuzzLog(f *testing.F) {
 	g := guid{1}
 	data := make([]byte, sectorSize)
 	f.Add(buildEntry([]sectorWrite{{2 * mib, data}}, []region{{3 * mib, sectorSize}}, g, 1, 0, 4*mib, 4*mib))
+	// Logs as Windows leaves them (windowsLog): several entries, two
+	// descriptor sectors, a torn entry, stale ones.
+	for _, v := range []string{"windows", "newer", "tail"} {
+		log, _, _ := windowsLog(g, data, 3*mib, v)
+		f.Add(log[:64<<10])
+	}
 	dir := f.TempDir()
 	if d, err := os.MkdirTemp("/dev/shm", "vhdxlog"); err == nil {
 		dir = d
@@ -149,7 +165,7 @@ func FuzzLog(f *testing.F) {
 		}
 		defer file.Close()
 		coroutine.Run(func(co *coroutine.Co) {
-			rp, err := scanLog(co, file, mib, mib, g, int64(len(b)))
+			rp, err := scanLog(co, file, mib, mib, g, 8*mib) // as if 8 MiB long: the seeds say so
 			if err != nil {
 				if !errors.Is(err, drivers.ErrCorrupt) && !errors.Is(err, drivers.ErrUnsupported) {
 					t.Errorf("scan failed without a sentinel: %v", err)

@@ -191,8 +191,9 @@ func (r *logReader) descriptors(hdr []byte, pos int64, fn func(d []byte, dataPos
 // one); entries chain when one starts where the previous ends (wrapping)
 // with the next sequence number; the chain whose last entry has the
 // highest sequence number is active, from the entry its last entry's Tail
-// names (the whole chain if Tail names none of it). nil when there is no
-// valid entry. The scan reads at most 16 log lengths plus 64 MiB: a log
+// names; a chain whose last entry's Tail names none of it is incomplete
+// (an entry in between was torn) and no candidate. nil when there is no
+// complete sequence. The scan reads at most 16 log lengths plus 64 MiB: a log
 // built to cost more is refused.
 func scanLog(co *coroutine.Co, f *aio.File, off, length int64, g guid, fileSize int64) (*replay, error) {
 	r := &logReader{co: co, f: f, off: off, len: length, budget: 16*length + 64<<20}
@@ -238,17 +239,30 @@ func scanLog(co *coroutine.Co, f *aio.File, off, length int64, g guid, fileSize 
 		for c := e; c != nil && len(chain) <= len(byPos); c = next(c) {
 			chain = append(chain, c)
 		}
-		if best == nil || chain[len(chain)-1].seq > best[len(best)-1].seq {
-			best = chain
+		// A sequence is complete only if its last entry's Tail names one
+		// of its entries: the ones from there on are to replay, and
+		// everything before the tail is in place. An entry whose tail is
+		// missing (a torn entry between them, with a bad CRC) cannot be
+		// replayed without it.
+		last := chain[len(chain)-1]
+		from := -1
+		for i, c := range chain {
+			if c.pos == last.tail {
+				from = i
+				break
+			}
 		}
+		if from < 0 {
+			continue
+		}
+		if best == nil || last.seq > best[len(best)-1].seq {
+			best = chain[from:]
+		}
+	}
+	if best == nil {
+		return nil, nil
 	}
 	last := best[len(best)-1]
-	for i, e := range best {
-		if e.pos == last.tail {
-			best = best[i:]
-			break
-		}
-	}
 	rp := &replay{maxSeq: last.seq, nextWrite: (last.pos + last.length) % length, lo: -1, entries: len(byPos), sequenceLength: len(best)}
 	for _, e := range best {
 		if err := r.read(hdr, e.pos); err != nil {

@@ -55,12 +55,15 @@ const (
 // Driver is an open VHDX image: fixed, dynamic or differencing.
 type Driver struct {
 	// Immutable after Open.
-	f         *aio.File
-	path      string
-	readOnly  bool
-	size      int64
-	md        *metadata
-	rg        *regions
+	f        *aio.File
+	path     string
+	readOnly bool
+	size     int64
+	md       *metadata
+	rg       *regions
+	// reserved: where no block may be: the first MiB, the log, and every
+	// region of the region table, known or not.
+	reserved  []region
 	blockSize int64
 	cr        int64 // chunk ratio: payload blocks per sector bitmap block
 	entries   int64 // BAT entries
@@ -209,6 +212,10 @@ func (d *Driver) open(co *coroutine.Co, opts drivers.OpenOptions) error {
 		case d.readOnly:
 			if rp != nil && len(rp.ops) > 0 {
 				d.overlay = rp
+				// The file as the replay would leave it: extended to the
+				// last entry's LastFileOffset, so that the blocks the log
+				// places there are no truncation.
+				fileSize = max(fileSize, (rp.last+mib-1)/mib*mib)
 				if opts.Logf != nil {
 					opts.Logf("vhdx: %s: the log holds writes not yet in the file: read through them in memory (the file is left as it is)", d.path)
 				}
@@ -249,6 +256,7 @@ func (d *Driver) open(co *coroutine.Co, opts drivers.OpenOptions) error {
 		return fmt.Errorf("vhdx: %s: region table: %w", d.path, err)
 	}
 	d.rg = rg
+	d.reserved = append([]region{{0, mib}, {d.logOff, d.logLen}, rg.bat, rg.meta}, rg.others...)
 	mbuf := aio.AlignedBuffer(int(min(rg.meta.length, 2*mib)))
 	if err := d.readFile(co, mbuf, rg.meta.off); err != nil {
 		return err
@@ -335,7 +343,7 @@ func (d *Driver) checkPlace(off, n int64) error {
 	if off > 1<<52 {
 		return fmt.Errorf("block at %#x: %w", off, drivers.ErrCorrupt)
 	}
-	for _, r := range [...]region{{0, mib}, {d.logOff, d.logLen}, d.rg.bat, d.rg.meta} {
+	for _, r := range d.reserved {
 		if off < r.off+r.length && r.off < off+n {
 			return fmt.Errorf("block [%#x, +%#x) overlaps the headers, the log or a region at [%#x, +%#x): %w", off, n, r.off, r.length, drivers.ErrCorrupt)
 		}
