@@ -205,7 +205,7 @@ func toQemuInfo(info drivers.ImageInfo) qemuInfo {
 	if info.BackingFilename != "" {
 		q.FullBackingFilename = PathCombine(info.Filename, info.BackingFilename)
 	}
-	if du, ok := diskUsage(info.Filename); ok {
+	if du, ok := allocated(info); ok {
 		q.ActualSize = &du
 	}
 	for _, s := range info.Snapshots {
@@ -283,7 +283,7 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 	fmt.Fprintf(b, "file format: %s\n", info.Format)
 	fmt.Fprintf(b, "virtual size: %s (%d bytes)\n", HumanSize(info.VirtualSize), info.VirtualSize)
 	fmt.Fprintf(b, "file size: %s (%d bytes)\n", HumanSize(info.FileSize), info.FileSize)
-	if du, ok := diskUsage(info.Filename); ok {
+	if du, ok := allocated(*info); ok {
 		fmt.Fprintf(b, "disk size: %s\n", HumanSize(du))
 	}
 	if info.ClusterSize != 0 {
@@ -353,6 +353,16 @@ func vmClock(nsec int64) string {
 	s := int64(d/time.Second) % 60
 	ms := int64(d/time.Millisecond) % 1000
 	return fmt.Sprintf("%02d:%02d:%02d.%03d", h, m, s, ms)
+}
+
+// allocated is what qemu-img info calls actual-size (disk size): the
+// space the files of the image occupy, as its driver counts them, or else
+// that of the image file.
+func allocated(info drivers.ImageInfo) (int64, bool) {
+	if info.AllocatedSize > 0 {
+		return info.AllocatedSize, true
+	}
+	return diskUsage(info.Filename)
 }
 
 // diskUsage is the space the file occupies on its filesystem.

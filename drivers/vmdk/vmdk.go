@@ -608,7 +608,9 @@ func (d *Driver) Info() drivers.ImageInfo {
 			}
 		}
 	}
+	// As vmdk_get_allocated_file_size: the descriptor and every extent.
 	info.FileSize = blocks * 512
+	info.AllocatedSize = blocks * 512
 	if d.desc != nil && d.desc.parentHint != "" {
 		// As QEMU's vmdk_parent_open: the hint as written, format vmdk.
 		info.BackingFilename, info.BackingFormat = d.desc.parentHint, "vmdk"
