@@ -11,6 +11,7 @@ import (
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/blocktab"
 )
 
 // Format is the VMDK format, qemu-img's "vmdk".
@@ -490,6 +491,21 @@ func (d *Driver) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, 
 		return nil
 	})
 	return st, err
+}
+
+// HostStatus implements drivers.HostMapper: under a flat extent qemu-img
+// map reports the holes of its file as zeros (QEMU's vmdk sets
+// BDRV_BLOCK_RECURSE for flat extents); sparse extents' grains are data
+// throughout, as QEMU reports them.
+func (d *Driver) HostStatus(st drivers.LayerStatus) (zero bool, n int64) {
+	zero, n = false, st.Len
+	d.split(st.Off, 1, func(pc piece) error {
+		if pc.e.kind == kindFlat && pc.e.f != nil {
+			zero, n = blocktab.HostStatus(pc.e.f, st.Offset, st.Len)
+		}
+		return nil
+	})
+	return zero, n
 }
 
 // BackingLayer implements drivers.LayerMapper: the parent, if any.
