@@ -72,6 +72,9 @@ start=18432, name="two"
 // After the unmount qemu-img compare finds the image equal to a raw
 // model, qemu-img check (where it checks the format) finds it clean, and
 // imgfuse info, map and check print qemu-img's JSON and exit codes.
+// Mounted again, a seeded workload of buffered and O_DIRECT I/O,
+// fallocate and fsync reads back as its model does, and qemu-img compare
+// and check agree.
 func TestFormatParity(t *testing.T) {
 	requireE2E(t, "sfdisk", "du", "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount", "losetup")
 	_, err := os.Stat("/dev/loop-control")
@@ -226,6 +229,23 @@ func (c parityImage) run(t *testing.T) {
 		}
 	}
 	c.sameJSON(t, img)
+
+	// Mounted again: the seeded mix of buffered and O_DIRECT writes and
+	// reads, PUNCH_HOLE, ZERO_RANGE and fsync that qcow2 and raw take.
+	mp, disk = mount(t, img, false, "--format", c.format)
+	t.Run("workload", func(t *testing.T) { // its cleanup closes the disk
+		newWorkload(t, disk, model, writeSeed(t)).run(400)
+	})
+	unmountBusyRetry(t, mp)
+	writeModel(t, raw, model)
+	if code, out := exitCode(t, "qemu-img", "compare", "-f", c.format, "-F", "raw", img, raw); code != 0 {
+		t.Errorf("qemu-img compare after the workload: exit %d\n%s", code, out)
+	}
+	if c.check {
+		if code, out := exitCode(t, "qemu-img", "check", "-f", c.format, img); code != 0 || !strings.Contains(out, "No errors") {
+			t.Errorf("qemu-img check after the workload: exit %d\n%s", code, out)
+		}
+	}
 }
 
 // seekMatchesMap fails t unless SEEK_DATA/SEEK_HOLE on the mounted disk
