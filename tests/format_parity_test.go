@@ -30,18 +30,23 @@ type parityImage struct {
 	records bool
 	// check: qemu-img check checks the format (not VHD's).
 	check bool
+	// child: a delta link (qemu-img create -b) on a base image of the
+	// same format filled with data, which discards and zeros must hide.
+	child bool
 }
 
 var parityImages = []parityImage{
-	{"dynamic.vdi", "vdi", nil, true, false, true},
-	{"static.vdi", "vdi", []string{"-o", "static=on"}, false, false, true},
-	{"dynamic.vhd", "vpc", nil, true, false, false},
-	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, false, false, false},
-	{"dynamic.vhdx", "vhdx", []string{"-o", "block_size=1M"}, true, true, true},
-	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed"}, false, false, true},
-	{"sparse.vmdk", "vmdk", nil, true, false, true},
-	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, true, true, true},
-	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, false, false, true},
+	{"dynamic.vdi", "vdi", nil, true, false, true, false},
+	{"static.vdi", "vdi", []string{"-o", "static=on"}, false, false, true, false},
+	{"dynamic.vhd", "vpc", nil, true, false, false, false},
+	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, false, false, false, false},
+	{"dynamic.vhdx", "vhdx", []string{"-o", "block_size=1M"}, true, true, true, false},
+	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed"}, false, false, true, false},
+	{"sparse.vmdk", "vmdk", nil, true, false, true, false},
+	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, true, true, true, false},
+	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, false, false, true, false},
+	{"child.vmdk", "vmdk", nil, false, false, true, true},
+	{"zeroed-child.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, false, true, true, true},
 }
 
 const (
@@ -70,7 +75,8 @@ start=18432, name="two"
 // become zero blocks in qemu-img map, not data. ext4 made on part2 and
 // loop-mounted takes files and an fstrim, and e2fsck finds it clean.
 // After the unmount qemu-img compare finds the image equal to a raw
-// model, qemu-img check (where it checks the format) finds it clean, and
+// model, qemu-img check (where it checks the format) finds it clean (a
+// VMDK delta link's base, all data, left unchanged), and
 // imgfuse info, map and check print qemu-img's JSON and exit codes.
 // Mounted again, a seeded workload of buffered and O_DIRECT I/O,
 // fallocate and fsync reads back as its model does, and qemu-img compare
@@ -91,7 +97,16 @@ func TestFormatParity(t *testing.T) {
 func (c parityImage) run(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, c.name)
-	driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", c.format}, c.opts...), img, fmt.Sprint(paritySize))...)
+	create := append([]string{"create", "-q", "-f", c.format}, c.opts...)
+	var base frozen
+	if c.child {
+		basePath := filepath.Join(dir, "base-"+c.name)
+		driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", c.format, basePath, fmt.Sprint(paritySize))
+		driverstest.QemuIOFormat(t, c.format, basePath, "write -P 0x5a 0 24M")
+		create = append(create, "-b", basePath, "-F", c.format)
+		base = freeze(t, basePath)
+	}
+	driverstest.Cmd(t, "qemu-img", append(create, img, fmt.Sprint(paritySize))...)
 	mp, disk := mount(t, img, false, "--format", c.format)
 
 	if c.sparse {
@@ -140,7 +155,9 @@ func (c parityImage) run(t *testing.T) {
 	// [4M, 6M) of data, zeroed below; [7M, 7M+256k) ragged.
 	put(disk, 0, 4<<20, patternAt(4<<20, 2<<20, 0x33))
 	put(disk, 0, 7<<20, patternAt(7<<20, 256<<10, 0x44))
-	between(t, "du growth after writing 3.2 MiB", duBytes(t, disk)-duBefore, 3<<20, 8<<20)
+	if !c.child { // a child's disk counts its full base already
+		between(t, "du growth after writing 3.2 MiB", duBytes(t, disk)-duBefore, 3<<20, 8<<20)
+	}
 	c.seekMatchesMap(t, disk, img)
 
 	// Discard and write zeroes: on data (whole 1 MiB and ragged), then
@@ -181,7 +198,7 @@ func (c parityImage) run(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if got := fileSize(t, img); got != size {
+	if got := fileSize(t, img); got != size && (!c.child || c.records) {
 		t.Errorf("zeroing blocks never written grew the image file from %d to %d bytes", size, got)
 	}
 	if c.records {
@@ -246,6 +263,7 @@ func (c parityImage) run(t *testing.T) {
 			t.Errorf("qemu-img check after the workload: exit %d\n%s", code, out)
 		}
 	}
+	base.check(t)
 }
 
 // seekMatchesMap fails t unless SEEK_DATA/SEEK_HOLE on the mounted disk
