@@ -308,6 +308,15 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 				fmt.Fprintf(b, "    (unprintable: %v)\n", err)
 			}
 		}
+	} else if info.FormatSpecific != nil {
+		// No fields of imgfuse's own (a VMDK's): QEMU's, as qemu-img
+		// dumps them.
+		if raw, err := json.Marshal(info.FormatSpecific.Data); err == nil {
+			if obj, err := decodeOrdered(raw); err == nil && len(obj) > 0 {
+				b.WriteString("Format specific information:\n")
+				writeQemuDump(b, obj, 1)
+			}
+		}
 	}
 	if len(info.Snapshots) > 0 {
 		b.WriteString("Snapshot list:\n")
@@ -462,6 +471,32 @@ func writeOrdered(b *strings.Builder, obj []orderedField, depth int) {
 			writeOrdered(b, v, depth+1)
 		default:
 			fmt.Fprintf(b, "%s%s: %s\n", indent, key, scalarString(v))
+		}
+	}
+}
+
+// writeQemuDump prints a decoded JSON value as qemu-img info's
+// dump_qobject does: "key: value", a composite value on the lines below
+// one level deeper, list elements as "[i]:", dashes in keys as spaces.
+func writeQemuDump(b *strings.Builder, v any, depth int) {
+	indent := strings.Repeat("    ", depth)
+	line := func(label string, v any) {
+		switch v.(type) {
+		case []orderedField, []any:
+			fmt.Fprintf(b, "%s%s:\n", indent, label)
+			writeQemuDump(b, v, depth+1)
+		default:
+			fmt.Fprintf(b, "%s%s: %s\n", indent, label, scalarString(v))
+		}
+	}
+	switch v := v.(type) {
+	case []orderedField:
+		for _, f := range v {
+			line(strings.ReplaceAll(f.key, "-", " "), f.value)
+		}
+	case []any:
+		for i, e := range v {
+			line(fmt.Sprintf("[%d]", i), e)
 		}
 	}
 }

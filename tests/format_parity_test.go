@@ -77,7 +77,8 @@ start=18432, name="two"
 // After the unmount qemu-img compare finds the image equal to a raw
 // model, qemu-img check (where it checks the format) finds it clean (a
 // VMDK delta link's base, all data, left unchanged), and
-// imgfuse info, map and check print qemu-img's JSON and exit codes.
+// imgfuse info, map and check print qemu-img's JSON and exit codes, and
+// info qemu-img's text (format-specific fields included).
 // Mounted again, a seeded workload of buffered and O_DIRECT I/O,
 // fallocate and fsync reads back as its model does, and qemu-img compare
 // and check agree.
@@ -246,6 +247,7 @@ func (c parityImage) run(t *testing.T) {
 		}
 	}
 	c.sameJSON(t, img)
+	c.sameHumanInfo(t, img)
 
 	// Mounted again: the seeded mix of buffered and O_DIRECT writes and
 	// reads, PUNCH_HOLE, ZERO_RANGE and fsync that qcow2 and raw take.
@@ -369,6 +371,24 @@ func (c parityImage) sameJSON(t *testing.T, img string) {
 			continue
 		}
 		sameShared(t, cmd, decodeJSON(t, "imgfuse "+cmd, []byte(r.stdout)), decodeJSON(t, "qemu-img "+cmd, out))
+	}
+}
+
+// sameHumanInfo fails t unless imgfuse info prints what qemu-img info
+// prints for img, less imgfuse's own "file size:" line and partition
+// table after it.
+func (c parityImage) sameHumanInfo(t *testing.T, img string) {
+	t.Helper()
+	r := imgfuse(t, nil, "info", "-f", c.format, img)
+	var got []string
+	for _, l := range strings.SplitAfter(r.stdout, "\n") {
+		if !strings.HasPrefix(l, "file size: ") {
+			got = append(got, l)
+		}
+	}
+	want := string(driverstest.Cmd(t, "qemu-img", "info", "-f", c.format, img))
+	if r.code != 0 || !strings.HasPrefix(strings.Join(got, ""), want) {
+		t.Errorf("imgfuse info:\n%v\nqemu-img info:\n%s", r, want)
 	}
 }
 
