@@ -43,6 +43,15 @@ type HostMapper interface {
 	HostStatus(st LayerStatus) (zero bool, n int64)
 }
 
+// FileMapper is implemented by layers whose data lies in more than one
+// file (a VMDK's extents): qemu-img map's text output names the file that
+// holds each run.
+type FileMapper interface {
+	// MapFile names the file holding the layer's run at off, "" if the
+	// layer's image file does. It never yields.
+	MapFile(off int64) string
+}
+
 // MapEntry is one entry of `qemu-img map --output=json`: a run of the
 // virtual disk, the depth in the chain of the layer that decides how it
 // reads (0 for the image itself), whether that layer allocates it

@@ -508,6 +508,16 @@ func (d *Driver) HostStatus(st drivers.LayerStatus) (zero bool, n int64) {
 	return zero, n
 }
 
+// MapFile implements drivers.FileMapper: the extent file holding off.
+func (d *Driver) MapFile(off int64) string {
+	var name string
+	d.split(off, 1, func(pc piece) error {
+		name = pc.e.path
+		return nil
+	})
+	return name
+}
+
 // BackingLayer implements drivers.LayerMapper: the parent, if any.
 func (d *Driver) BackingLayer() drivers.Driver { return d.parent }
 
