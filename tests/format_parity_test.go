@@ -100,8 +100,9 @@ func (c parityImage) run(t *testing.T) {
 	img := filepath.Join(dir, c.name)
 	create := append([]string{"create", "-q", "-f", c.format}, c.opts...)
 	var base frozen
+	basePath := ""
 	if c.child {
-		basePath := filepath.Join(dir, "base-"+c.name)
+		basePath = filepath.Join(dir, "base-"+c.name)
 		driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", c.format, basePath, fmt.Sprint(paritySize))
 		driverstest.QemuIOFormat(t, c.format, basePath, "write -P 0x5a 0 24M")
 		create = append(create, "-b", basePath, "-F", c.format)
@@ -116,6 +117,9 @@ func (c parityImage) run(t *testing.T) {
 
 	// Locks, as for a writable qcow2 mount.
 	qemuWriteFails(t, c.format, img)
+	if c.child {
+		qemuWriteFails(t, c.format, basePath) // read by the mount, as QEMU reads a backing file
+	}
 	if out, err := exec.Command("qemu-img", "info", "-f", c.format, img).CombinedOutput(); err == nil || !lockMsg.Match(out) {
 		t.Errorf("qemu-img info on a writable mount: %v\n%s", err, out)
 	}
@@ -252,6 +256,9 @@ func (c parityImage) run(t *testing.T) {
 	// Mounted again: the seeded mix of buffered and O_DIRECT writes and
 	// reads, PUNCH_HOLE, ZERO_RANGE and fsync that qcow2 and raw take.
 	mp, disk = mount(t, img, false, "--format", c.format)
+	if got, want := listDir(t, mp), []string{"disk", "part1", "part2"}; !slices.Equal(got, want) {
+		t.Errorf("mounted again: %v; want %v", got, want)
+	}
 	t.Run("workload", func(t *testing.T) { // its cleanup closes the disk
 		newWorkload(t, disk, model, writeSeed(t)).run(400)
 	})
