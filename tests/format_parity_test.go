@@ -62,26 +62,29 @@ start=18432, name="two"
 )
 
 // TestFormatParity: what qcow2 and raw disks do through a writable mount,
-// each writable VDI, VHD, VHDX and VMDK variant does too. A fresh sparse
-// image's disk occupies (st_blocks) next to nothing. While it is mounted,
-// qemu-io cannot write the image, qemu-img info reads it only with -U, and
-// a second mount is refused, all for a lock. sfdisk partitions the disk
-// through the mount (GPT, two partitions) and the partN files appear;
-// writes to them land at the partition's offset. st_blocks grows with the
-// writes; SEEK_DATA/SEEK_HOLE on the disk find the data qemu-img map finds.
-// fallocate PUNCH_HOLE and ZERO_RANGE read back as zeros; on blocks never
-// written they do not grow the image file, and where the format records
-// zeros (VHDX block states, VMDK zeroed grains) whole blocks of data
-// become zero blocks in qemu-img map, not data. ext4 made on part2 and
-// loop-mounted takes files and an fstrim, and e2fsck finds it clean.
-// After the unmount qemu-img compare finds the image equal to a raw
-// model, qemu-img check (where it checks the format) finds it clean (a
-// VMDK delta link's base, all data, left unchanged), and
-// imgfuse info, map and check print qemu-img's JSON and exit codes, and
-// info qemu-img's text (format-specific fields included).
-// Mounted again, a seeded workload of buffered and O_DIRECT I/O,
-// fallocate and fsync reads back as its model does, and qemu-img compare
-// and check agree.
+// each writable VDI, VHD, VHDX and VMDK variant does too.
+//   - A fresh sparse image's disk occupies (st_blocks) next to nothing.
+//   - Locks: while it is mounted qemu-io cannot write the image (nor a
+//     delta link's base), qemu-img info reads it only with -U (as when
+//     QEMU writes it), and a second mount, even read-only, exits 4.
+//   - Partitions: sfdisk makes a GPT with two partitions through the
+//     mount, the partN files appear (and again at the next mount), and
+//     writes to them land at the partition's offset.
+//   - st_blocks grows with the writes; SEEK_DATA/SEEK_HOLE on the disk
+//     find the data qemu-img map finds.
+//   - fallocate PUNCH_HOLE and ZERO_RANGE read back as zeros; on blocks
+//     never written they do not grow the image file; where the format
+//     records zeros (VHDX block states, VMDK zeroed grains) whole blocks of
+//     data become zeros in the map, not data.
+//   - ext4 made on part2 and loop-mounted takes files and an fstrim, and
+//     e2fsck finds it clean.
+//   - After the unmount qemu-img compare finds the image equal to a raw
+//     model, qemu-img check (where it checks the format) finds it clean,
+//     a delta link's base is unchanged, and imgfuse info, map and check
+//     print qemu-img's JSON and exit codes, info also its text.
+//   - Mounted again, a seeded workload of buffered and O_DIRECT I/O,
+//     fallocate and fsync reads back as its model does, and qemu-img
+//     compare and check agree.
 func TestFormatParity(t *testing.T) {
 	requireE2E(t, "sfdisk", "du", "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount", "losetup")
 	_, err := os.Stat("/dev/loop-control")
@@ -124,8 +127,11 @@ func (c parityImage) run(t *testing.T) {
 		t.Errorf("qemu-img info on a writable mount: %v\n%s", err, out)
 	}
 	driverstest.Cmd(t, "qemu-img", "info", "-U", "-f", c.format, img)
-	if r := imgfuse(t, nil, "mount", img, newMountpoint(t, false)); r.code == 0 || !lockMsg.MatchString(r.stderr) {
-		t.Errorf("second mount: %v", r)
+	for _, ro := range [][]string{nil, {"--read-only"}} {
+		args := append(append([]string{"mount"}, ro...), img, newMountpoint(t, false))
+		if r := imgfuse(t, nil, args...); r.code != 4 || !lockMsg.MatchString(r.stderr) { // exit 4: locked
+			t.Errorf("second mount %v: %v", ro, r)
+		}
 	}
 
 	// Partitions, made through the mount.
