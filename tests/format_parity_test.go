@@ -169,7 +169,7 @@ func (c parityImage) run(t *testing.T) {
 	if !c.child { // a child's disk counts its full base already
 		between(t, "du growth after writing 3.2 MiB", duBytes(t, disk)-duBefore, 3<<20, 8<<20)
 	}
-	c.seekMatchesMap(t, disk, img)
+	c.seekMatchesMap(t, disk, img, model)
 
 	// Discard and write zeroes: on data (whole 1 MiB and ragged), then
 	// on blocks never written, which must not grow the file.
@@ -217,7 +217,7 @@ func (c parityImage) run(t *testing.T) {
 			t.Errorf("qemu-img map: %d bytes of data left in the 2 MiB discarded and zeroed; want them recorded as zeros", n)
 		}
 	}
-	c.seekMatchesMap(t, disk, img)
+	c.seekMatchesMap(t, disk, img, model)
 	f.Close()
 
 	// A small ext4 workload on part2 through a loop device.
@@ -282,8 +282,10 @@ func (c parityImage) run(t *testing.T) {
 }
 
 // seekMatchesMap fails t unless SEEK_DATA/SEEK_HOLE on the mounted disk
-// find the ranges qemu-img map -U reports as data (after an fsync).
-func (c parityImage) seekMatchesMap(t *testing.T, disk, img string) {
+// find the ranges qemu-img map -U reports as data (after an fsync), and
+// the holes between them are zeros in model (which holds for VHDX too,
+// where the map is imgfuse's own).
+func (c parityImage) seekMatchesMap(t *testing.T, disk, img string, model []byte) {
 	t.Helper()
 	f, err := os.Open(disk)
 	if err != nil {
@@ -294,7 +296,9 @@ func (c parityImage) seekMatchesMap(t *testing.T, disk, img string) {
 		t.Fatal(err)
 	}
 	var got [][2]int64
-	for off := int64(0); off < paritySize; {
+	size := int64(len(model))
+	off := int64(0)
+	for off < size {
 		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, syscall.ENXIO) {
 			break
@@ -306,8 +310,16 @@ func (c parityImage) seekMatchesMap(t *testing.T, disk, img string) {
 		if err != nil {
 			t.Fatalf("SEEK_HOLE %d: %v", data, err)
 		}
+		if d := firstDiff(model[off:data], make([]byte, data-off)); d >= 0 {
+			t.Errorf("SEEK_DATA from %d skips to %d over data at %d", off, data, off+int64(d))
+		}
 		got = append(got, [2]int64{data, hole})
 		off = hole
+	}
+	if off < size {
+		if d := firstDiff(model[off:], make([]byte, size-off)); d >= 0 {
+			t.Errorf("SEEK_DATA from %d finds no data, but there is at %d", off, off+int64(d))
+		}
 	}
 	var want [][2]int64
 	for _, e := range qemuMap(t, img, c.format) {
