@@ -31,22 +31,25 @@ type parityImage struct {
 	// check: qemu-img check checks the format (not VHD's).
 	check bool
 	// child: a delta link (qemu-img create -b) on a base image of the
-	// same format filled with data, which discards and zeros must hide.
-	child bool
+	// same format (made with baseOpts) filled with data, which discards
+	// and zeros must hide.
+	child    bool
+	baseOpts []string
 }
 
 var parityImages = []parityImage{
-	{"dynamic.vdi", "vdi", nil, true, false, true, false},
-	{"static.vdi", "vdi", []string{"-o", "static=on"}, false, false, true, false},
-	{"dynamic.vhd", "vpc", nil, true, false, false, false},
-	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, false, false, false, false},
-	{"dynamic.vhdx", "vhdx", []string{"-o", "block_size=1M"}, true, true, true, false},
-	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed"}, false, false, true, false},
-	{"sparse.vmdk", "vmdk", nil, true, false, true, false},
-	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, true, true, true, false},
-	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, false, false, true, false},
-	{"child.vmdk", "vmdk", nil, false, false, true, true},
-	{"zeroed-child.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, false, true, true, true},
+	{"dynamic.vdi", "vdi", nil, true, false, true, false, nil},
+	{"static.vdi", "vdi", []string{"-o", "static=on"}, false, false, true, false, nil},
+	{"dynamic.vhd", "vpc", nil, true, false, false, false, nil},
+	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, false, false, false, false, nil},
+	{"dynamic.vhdx", "vhdx", []string{"-o", "block_size=1M"}, true, true, true, false, nil},
+	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed"}, false, false, true, false, nil},
+	{"sparse.vmdk", "vmdk", nil, true, false, true, false, nil},
+	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, true, true, true, false, nil},
+	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, false, false, true, false, nil},
+	{"child.vmdk", "vmdk", nil, false, false, true, true, nil},
+	{"zeroed-child.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, false, true, true, true, nil},
+	{"flat-child.vmdk", "vmdk", nil, false, false, true, true, []string{"-o", "subformat=monolithicFlat"}},
 }
 
 const (
@@ -106,10 +109,11 @@ func (c parityImage) run(t *testing.T) {
 	basePath := ""
 	if c.child {
 		basePath = filepath.Join(dir, "base-"+c.name)
-		driverstest.Cmd(t, "qemu-img", "create", "-q", "-f", c.format, basePath, fmt.Sprint(paritySize))
+		driverstest.Cmd(t, "qemu-img", append(append([]string{"create", "-q", "-f", c.format}, c.baseOpts...), basePath, fmt.Sprint(paritySize))...)
 		driverstest.QemuIOFormat(t, c.format, basePath, "write -P 0x5a 0 24M")
 		create = append(create, "-b", basePath, "-F", c.format)
-		base = freeze(t, basePath)
+		files, _ := filepath.Glob(strings.TrimSuffix(basePath, filepath.Ext(basePath)) + "*") // a flat base's extent too
+		base = freeze(t, files...)
 	}
 	driverstest.Cmd(t, "qemu-img", append(create, img, fmt.Sprint(paritySize))...)
 	mp, disk := mount(t, img, false, "--format", c.format)
