@@ -47,6 +47,8 @@ var parityImages = []parityImage{
 	{"sparse.vmdk", "vmdk", nil, true, false, true, false, nil},
 	{"zeroed.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, true, true, true, false, nil},
 	{"flat.vmdk", "vmdk", []string{"-o", "subformat=monolithicFlat"}, false, false, true, false, nil},
+	{"split.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, true, false, true, false, nil},
+	{"split-flat.vmdk", "vmdk", []string{"-o", "subformat=twoGbMaxExtentFlat"}, false, false, true, false, nil},
 	{"child.vmdk", "vmdk", nil, false, false, true, true, nil},
 	{"zeroed-child.vmdk", "vmdk", []string{"-o", "zeroed_grain=on"}, false, true, true, true, nil},
 	{"flat-child.vmdk", "vmdk", nil, false, false, true, true, []string{"-o", "subformat=monolithicFlat"}},
