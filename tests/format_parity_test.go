@@ -42,6 +42,8 @@ var parityImages = []parityImage{
 	{"static.vdi", "vdi", []string{"-o", "static=on"}, false, false, true, false, nil},
 	{"dynamic.vhd", "vpc", nil, true, false, false, false, nil},
 	{"fixed.vhd", "vpc", []string{"-o", "subformat=fixed"}, false, false, false, false, nil},
+	{"forced.vhd", "vpc", []string{"-o", "force_size=on"}, true, false, false, false, nil},
+	{"nozero.vhdx", "vhdx", []string{"-o", "block_size=1M,block_state_zero=off"}, true, true, true, false, nil},
 	{"dynamic.vhdx", "vhdx", []string{"-o", "block_size=1M"}, true, true, true, false, nil},
 	{"fixed.vhdx", "vhdx", []string{"-o", "subformat=fixed"}, false, false, true, false, nil},
 	{"sparse.vmdk", "vmdk", nil, true, false, true, false, nil},
