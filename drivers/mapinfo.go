@@ -30,11 +30,11 @@ type LayerMapper interface {
 	BackingLayer() Driver
 }
 
-// HostMapper is implemented by layers whose data runs lie in image files
-// that may have holes (a fixed VHD, a static VDI, a flat VMDK extent, or
-// blocks written partly). QEMU's block layer asks the file's own block
-// status under every data run with an offset and reports a hole as zeros
-// (still data, at its offset); MapAt does the same through HostStatus.
+// HostMapper is implemented by layers some of whose data runs QEMU's
+// driver leaves to the file's own block status (BDRV_BLOCK_RAW or
+// BDRV_BLOCK_RECURSE: a fixed VHD, a static VDI, a flat VMDK extent):
+// qemu-img map reports a hole of the file there as zeros (still data, at
+// its offset); MapAt does the same through HostStatus.
 type HostMapper interface {
 	// HostStatus describes the run st (a LayerStatus of this layer, with
 	// Data and HasOffset) in the file that holds it: whether its first

@@ -110,11 +110,12 @@ func cHex(n int64) string {
 // mergeable is qemu-img map's entry_mergeable: next continues cur with the
 // same status, at the same depth, contiguously in the same file.
 func mergeable(cur, next *drivers.MapEntry) bool {
-	if cur.Length == 0 || mapFile(cur) != mapFile(next) || cur.Zero != next.Zero || cur.Data != next.Data || cur.Depth != next.Depth ||
+	if cur.Length == 0 || cur.Zero != next.Zero || cur.Data != next.Data || cur.Depth != next.Depth ||
 		cur.Present != next.Present || (cur.Offset == nil) != (next.Offset == nil) {
 		return false
 	}
-	return cur.Offset == nil || *cur.Offset+cur.Length == *next.Offset
+	// qemu-img names a run's file only where it has an offset.
+	return cur.Offset == nil || (*cur.Offset+cur.Length == *next.Offset && mapFile(cur) == mapFile(next))
 }
 
 // mapFile is the file a FileMapper layer names for e, "" otherwise.
