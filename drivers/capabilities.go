@@ -45,6 +45,11 @@ type ImageInfo struct {
 	VirtualSize int64  `json:"virtual-size"`
 	// FileSize is the size of the image file itself.
 	FileSize int64 `json:"actual-size"`
+	// AllocatedSize, if not 0, is the space every file of the image
+	// occupies (a VMDK descriptor and its extent files), QEMU's
+	// bdrv_get_allocated_file_size, which qemu-img info prints as
+	// actual-size; 0 means the image file's own.
+	AllocatedSize int64 `json:"-"`
 	// ClusterSize is the allocation unit, 0 for formats without one.
 	ClusterSize int64 `json:"cluster-size,omitempty"`
 	// Dirty: the image says its metadata may be inconsistent (qcow2's

@@ -30,6 +30,28 @@ type LayerMapper interface {
 	BackingLayer() Driver
 }
 
+// HostMapper is implemented by layers some of whose data runs QEMU's
+// driver leaves to the file's own block status (BDRV_BLOCK_RAW or
+// BDRV_BLOCK_RECURSE: a fixed VHD, a static VDI, a flat VMDK extent):
+// qemu-img map reports a hole of the file there as zeros (still data, at
+// its offset); MapAt does the same through HostStatus.
+type HostMapper interface {
+	// HostStatus describes the run st (a LayerStatus of this layer, with
+	// Data and HasOffset) in the file that holds it: whether its first
+	// bytes are a hole and for how many bytes (in (0, st.Len]) that holds.
+	// It never yields.
+	HostStatus(st LayerStatus) (zero bool, n int64)
+}
+
+// FileMapper is implemented by layers whose data lies in more than one
+// file (a VMDK's extents): qemu-img map's text output names the file that
+// holds each run.
+type FileMapper interface {
+	// MapFile names the file holding the layer's run at off, "" if the
+	// layer's image file does. It never yields.
+	MapFile(off int64) string
+}
+
 // MapEntry is one entry of `qemu-img map --output=json`: a run of the
 // virtual disk, the depth in the chain of the layer that decides how it
 // reads (0 for the image itself), whether that layer allocates it
@@ -64,6 +86,10 @@ func MapAt(co *coroutine.Co, d Driver, off int64) (MapEntry, error) {
 		}
 		if st.Off != off || st.Len <= 0 {
 			return MapEntry{}, fmt.Errorf("block status at %#x returned [%#x,+%#x)", off, st.Off, st.Len)
+		}
+		if hm, ok := layer.(HostMapper); ok && st.Data && !st.Zero && st.HasOffset {
+			zero, n := hm.HostStatus(st)
+			st.Zero, st.Len = zero, max(min(n, st.Len), 1)
 		}
 		e.Length = min(e.Length, st.Len)
 		e.Layer = layer

@@ -208,7 +208,7 @@ func toQemuInfo(info drivers.ImageInfo) qemuInfo {
 	if info.BackingFilename != "" {
 		q.FullBackingFilename = PathCombine(info.Filename, info.BackingFilename)
 	}
-	if du, ok := diskUsage(info.Filename); ok {
+	if du, ok := allocated(info); ok {
 		q.ActualSize = &du
 	}
 	for _, s := range info.Snapshots {
@@ -286,7 +286,7 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 	fmt.Fprintf(b, "file format: %s\n", info.Format)
 	fmt.Fprintf(b, "virtual size: %s (%d bytes)\n", HumanSize(info.VirtualSize), info.VirtualSize)
 	fmt.Fprintf(b, "file size: %s (%d bytes)\n", HumanSize(info.FileSize), info.FileSize)
-	if du, ok := diskUsage(info.Filename); ok {
+	if du, ok := allocated(*info); ok {
 		fmt.Fprintf(b, "disk size: %s\n", HumanSize(du))
 	}
 	if info.ClusterSize != 0 {
@@ -309,6 +309,15 @@ func writeInfoBlock(b *strings.Builder, info *drivers.ImageInfo) {
 			b.WriteString("Format specific information:\n")
 			if err := writeJSONTree(b, raw, 1); err != nil {
 				fmt.Fprintf(b, "    (unprintable: %v)\n", err)
+			}
+		}
+	} else if info.FormatSpecific != nil {
+		// No fields of imgfuse's own (a VMDK's): QEMU's, as qemu-img
+		// dumps them.
+		if raw, err := json.Marshal(info.FormatSpecific.Data); err == nil {
+			if obj, err := decodeOrdered(raw); err == nil && len(obj) > 0 {
+				b.WriteString("Format specific information:\n")
+				writeQemuDump(b, obj, 1)
 			}
 		}
 	}
@@ -356,6 +365,16 @@ func vmClock(nsec int64) string {
 	s := int64(d/time.Second) % 60
 	ms := int64(d/time.Millisecond) % 1000
 	return fmt.Sprintf("%02d:%02d:%02d.%03d", h, m, s, ms)
+}
+
+// allocated is what qemu-img info calls actual-size (disk size): the
+// space the files of the image occupy, as its driver counts them, or else
+// that of the image file.
+func allocated(info drivers.ImageInfo) (int64, bool) {
+	if info.AllocatedSize > 0 {
+		return info.AllocatedSize, true
+	}
+	return diskUsage(info.Filename)
 }
 
 // diskUsage is the space the file occupies on its filesystem.
@@ -455,6 +474,32 @@ func writeOrdered(b *strings.Builder, obj []orderedField, depth int) {
 			writeOrdered(b, v, depth+1)
 		default:
 			fmt.Fprintf(b, "%s%s: %s\n", indent, key, scalarString(v))
+		}
+	}
+}
+
+// writeQemuDump prints a decoded JSON value as qemu-img info's
+// dump_qobject does: "key: value", a composite value on the lines below
+// one level deeper, list elements as "[i]:", dashes in keys as spaces.
+func writeQemuDump(b *strings.Builder, v any, depth int) {
+	indent := strings.Repeat("    ", depth)
+	line := func(label string, v any) {
+		switch v.(type) {
+		case []orderedField, []any:
+			fmt.Fprintf(b, "%s%s:\n", indent, label)
+			writeQemuDump(b, v, depth+1)
+		default:
+			fmt.Fprintf(b, "%s%s: %s\n", indent, label, scalarString(v))
+		}
+	}
+	switch v := v.(type) {
+	case []orderedField:
+		for _, f := range v {
+			line(strings.ReplaceAll(f.key, "-", " "), f.value)
+		}
+	case []any:
+		for i, e := range v {
+			line(fmt.Sprintf("[%d]", i), e)
 		}
 	}
 }

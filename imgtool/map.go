@@ -47,7 +47,13 @@ func Map(stdout io.Writer, image, format string, start, maxLen int64, jsonOut bo
 		} else if e.Data && !e.Zero && e.Offset != nil {
 			// As qemu-img prints it: data that reads as zeros (a
 			// preallocated cluster) is left out.
-			fmt.Fprintf(w, "%-16s%-16s%-16s%s\n", cHex(e.Start), cHex(e.Length), cHex(*e.Offset), names[e.Depth])
+			name := names[e.Depth]
+			if fm, ok := e.Layer.(drivers.FileMapper); ok {
+				if n := fm.MapFile(e.Start); n != "" {
+					name = n
+				}
+			}
+			fmt.Fprintf(w, "%-16s%-16s%-16s%s\n", cHex(e.Start), cHex(e.Length), cHex(*e.Offset), name)
 		}
 		first = false
 	}
@@ -108,7 +114,16 @@ func mergeable(cur, next *drivers.MapEntry) bool {
 		cur.Present != next.Present || (cur.Offset == nil) != (next.Offset == nil) {
 		return false
 	}
-	return cur.Offset == nil || *cur.Offset+cur.Length == *next.Offset
+	// qemu-img names a run's file only where it has an offset.
+	return cur.Offset == nil || (*cur.Offset+cur.Length == *next.Offset && mapFile(cur) == mapFile(next))
+}
+
+// mapFile is the file a FileMapper layer names for e, "" otherwise.
+func mapFile(e *drivers.MapEntry) string {
+	if fm, ok := e.Layer.(drivers.FileMapper); ok {
+		return fm.MapFile(e.Start)
+	}
+	return ""
 }
 
 // layerNames names the file that holds each layer's data, top first: the

@@ -1,5 +1,5 @@
-// Command imgfuse mounts a qcow2 or raw disk image as one regular file
-// through FUSE. This package is only the command line: the cobra
+// Command imgfuse mounts a disk image (qcow2, raw, VDI, VHD, VHDX or
+// VMDK) as one regular file through FUSE. This package is only the command line: the cobra
 // commands, their flags and help, and the edge where an error is rendered
 // (once, one line on stderr, "imgfuse: " first) and turned into the exit
 // code. What the commands do lives in library packages:

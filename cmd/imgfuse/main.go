@@ -51,8 +51,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-const rootLong = `imgfuse exposes a qcow2 or raw disk image as one regular file through FUSE,
-so that loop mounts, fsck, dd and friends can use it without QEMU or NBD.
+const rootLong = `imgfuse exposes a disk image (qcow2, raw, VDI, VHD, VHDX or VMDK) as one regular
+file through FUSE, so that loop mounts, fsck, dd and friends can use it without
+QEMU or NBD.
 
   imgfuse mount image.qcow2 /mnt/img            # returns once the mount answers
   mount -o loop /mnt/img/disk /mnt/root         # use the disk

@@ -36,4 +36,11 @@
 // most significant bit of byte 0 (MSB first); VHDX's sector bitmaps run
 // LSB first. Bitmap knows both, and finds runs of equal bits so that a
 // read of a differencing block is one I/O per run, not per sector.
+//
+// # Holes under raw-like data
+//
+// Where QEMU passes a block status down to the image file (a static VDI,
+// a fixed VHD, a flat VMDK extent), qemu-img map reports the file's holes
+// as zeros; HostStatus asks the file as QEMU's file-posix does, for the
+// drivers' drivers.HostMapper.
 package blocktab

@@ -41,6 +41,7 @@ type Driver struct {
 	size     int64
 	dataOff  int64
 	blocks   int64
+	static   bool // a static image: every block allocated at creation
 
 	// mu is the metadata lock: it protects the block map cache (bmap),
 	// hdr and next. Lock order: allocMu, then mu.
@@ -105,7 +106,7 @@ func open(f *aio.File, path string, opts drivers.OpenOptions) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vdi: %s: %w", path, err)
 	}
-	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, size: h.diskSize, dataOff: h.dataOff, blocks: h.blocks, hdr: h}
+	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly, size: h.diskSize, dataOff: h.dataOff, blocks: h.blocks, hdr: h, static: h.imageType == typeStatic}
 	cacheBytes := opts.CacheSize
 	if cacheBytes <= 0 {
 		cacheBytes = defaultCacheBytes
@@ -394,6 +395,17 @@ func (d *Driver) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, 
 	}
 	st.Data, st.HasOffset, st.Offset = true, true, host+off%blockSize
 	return st, nil
+}
+
+// HostStatus implements drivers.HostMapper: under a static image's blocks
+// qemu-img map reports the holes of the file as zeros (QEMU's vdi sets
+// BDRV_BLOCK_RECURSE for static images); a dynamic image's blocks are data
+// throughout, as QEMU reports them.
+func (d *Driver) HostStatus(st drivers.LayerStatus) (zero bool, n int64) {
+	if !d.static {
+		return false, st.Len
+	}
+	return blocktab.HostStatus(d.f, st.Offset, st.Len)
 }
 
 // BackingLayer implements drivers.LayerMapper: VDI images have none here.

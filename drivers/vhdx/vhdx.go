@@ -2,11 +2,14 @@ package vhdx
 
 import (
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"imgfuse/aio"
 	"imgfuse/cache"
@@ -476,17 +479,55 @@ func (d *Driver) Info() drivers.ImageInfo {
 }
 
 // Allocated implements drivers.Allocator: the file's allocated bytes,
-// less the headers, log and regions, plus the parent's, clamped.
+// less what the headers, log and regions occupy of it, plus the parent's,
+// clamped. Those regions are mostly holes in a fresh image (qemu-img
+// reserves 1 MiB each for the log and the metadata and writes a few
+// pages): subtracting their lengths instead hid the first megabytes of
+// data written (st_blocks 0 after writes).
 func (d *Driver) Allocated() int64 {
 	a, err := d.f.Allocated()
 	if err != nil {
 		return d.size
 	}
-	a -= mib + d.logLen + d.rg.bat.length + d.rg.meta.length
+	for _, r := range [...]region{{0, mib}, {d.logOff, d.logLen}, d.rg.bat, d.rg.meta} {
+		a -= d.allocatedIn(r)
+	}
 	if d.parent != nil {
 		a += drivers.AllocatedOf(d.parent)
 	}
 	return min(max(a, 0), d.size)
+}
+
+// maxRegionExtents bounds the lseek calls allocatedIn makes per region:
+// Allocated runs on every GETATTR. The headers, log and metadata regions
+// hold a few runs of data; past the bound the rest counts as allocated.
+const maxRegionExtents = 8
+
+// allocatedIn is how much of r the file has allocated, found with
+// SEEK_DATA/SEEK_HOLE (all of r where the file system cannot tell).
+func (d *Driver) allocatedIn(r region) int64 {
+	var n int64
+	end := r.off + r.length
+	for off, i := r.off, 0; off < end; i++ {
+		if i == maxRegionExtents {
+			return n + end - off
+		}
+		data, err := d.f.Seek(off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) || (err == nil && data >= end) {
+			return n
+		}
+		if err != nil {
+			return n + end - off
+		}
+		hole, err := d.f.Seek(data, unix.SEEK_HOLE)
+		if err != nil {
+			return n + end - data
+		}
+		hole = min(hole, end)
+		n += hole - data
+		off = hole
+	}
+	return n
 }
 
 // BackingLayer implements drivers.LayerMapper: the parent, if any.

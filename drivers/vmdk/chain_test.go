@@ -59,12 +59,16 @@ var (
 	// A split (twoGbMaxExtentSparse) delta link: the hint is in a
 	// descriptor file.
 	splitLayer = layer{"split.vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}, []string{"write -P 0x40 7M 5000"}}
+	// A monolithicFlat base: opened read-only as a parent, it is served
+	// as one file, and its CID must still be found.
+	flatBaseLayer = layer{"flat.vmdk", []string{"-o", "subformat=monolithicFlat"}, baseLayer.io}
 )
 
 var chains = map[string][]layer{
 	"2-deep":       {baseLayer, midLayer},
 	"3-deep":       {baseLayer, midLayer, topLayer},
 	"split-middle": {baseLayer, splitLayer, topLayer},
+	"flat-base":    {flatBaseLayer, midLayer},
 }
 
 // TestChain: 2- and 3-deep chains read as qemu-img convert reads them,

@@ -43,6 +43,10 @@ func (d *Driver) openParent(opts drivers.OpenOptions) error {
 	}
 	d.parent, d.parentAt = p, path
 	pv, ok := p.(*Driver)
+	if w, whole := p.(wholeFileDriver); whole {
+		// A read-only monolithicFlat parent, served as one file.
+		pv, ok = w.Driver, true
+	}
 	switch {
 	case !ok:
 		d.parentErr = fmt.Errorf("vmdk: %s: parent %s is not a VMDK image: it has no CID to check: %w", d.path, path, drivers.ErrCorrupt)

@@ -10,6 +10,7 @@ import (
 	"imgfuse/aio"
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/blocktab"
 )
 
 // Format is the VMDK format, qemu-img's "vmdk".
@@ -480,6 +481,31 @@ func (d *Driver) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, 
 	return st, err
 }
 
+// HostStatus implements drivers.HostMapper: under a flat extent qemu-img
+// map reports the holes of its file as zeros (QEMU's vmdk sets
+// BDRV_BLOCK_RECURSE for flat extents); sparse extents' grains are data
+// throughout, as QEMU reports them.
+func (d *Driver) HostStatus(st drivers.LayerStatus) (zero bool, n int64) {
+	zero, n = false, st.Len
+	d.split(st.Off, 1, func(pc piece) error {
+		if pc.e.kind == kindFlat && pc.e.f != nil {
+			zero, n = blocktab.HostStatus(pc.e.f, st.Offset, st.Len)
+		}
+		return nil
+	})
+	return zero, n
+}
+
+// MapFile implements drivers.FileMapper: the extent file holding off.
+func (d *Driver) MapFile(off int64) string {
+	var name string
+	d.split(off, 1, func(pc piece) error {
+		name = pc.e.path
+		return nil
+	})
+	return name
+}
+
 // BackingLayer implements drivers.LayerMapper: the parent, if any.
 func (d *Driver) BackingLayer() drivers.Driver { return d.parent }
 
@@ -588,7 +614,9 @@ func (d *Driver) Info() drivers.ImageInfo {
 		}
 		vi.Extents = append(vi.Extents, x)
 	}
+	// As vmdk_get_allocated_file_size: the descriptor and every extent.
 	info.FileSize = drivers.DiskUsage(append([]string{d.path}, extentPaths(d.extents)...)...)
+	info.AllocatedSize = info.FileSize
 	if d.desc != nil && d.desc.parentHint != "" {
 		// As QEMU's vmdk_parent_open: the hint as written, format vmdk.
 		info.SetBacking(d.desc.parentHint, "vmdk", d.parent)

@@ -272,6 +272,17 @@ const statusRun = 1024
 // does: a fixed disk is data at the same offset; an allocated block is
 // data at its offset in the file, an unallocated one zeros (dynamic) or
 // the parent's (differencing: neither data nor zero). In a differencing
+// HostStatus implements drivers.HostMapper: under a fixed disk qemu-img
+// map reports the holes of the file as zeros (QEMU's vpc answers
+// BDRV_BLOCK_RAW there, the file's own status); a dynamic disk's blocks
+// are data throughout, as QEMU reports them.
+func (d *Driver) HostStatus(st drivers.LayerStatus) (zero bool, n int64) {
+	if d.hdr != nil {
+		return false, st.Len
+	}
+	return blocktab.HostStatus(d.f, st.Offset, st.Len)
+}
+
 // block the bitmap's runs decide.
 func (d *Driver) LayerStatus(co *coroutine.Co, off int64) (drivers.LayerStatus, error) {
 	if off < 0 || off >= d.size {
