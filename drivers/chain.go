@@ -5,10 +5,12 @@ import (
 	"os"
 	"strings"
 	"syscall"
+
+	"imgfuse/aio"
 )
 
 // MaxChainDepth bounds a chain of parent images (VMDK delta links, VHD
-// differencing disks) counted across formats: deeper is refused, taken
+// and VHDX differencing disks) counted across formats: deeper is refused, taken
 // for a loop the file identities did not catch (a chain through bind
 // mounts, say). QEMU has no such bound; qcow2 backing chains have the
 // same one (drivers/qcow2).
@@ -27,9 +29,17 @@ type Chain struct {
 	depth int
 }
 
-type chainFileID struct{ dev, ino uint64 }
+// chainFileID identifies a file of a chain by device and inode, or a
+// remote image by its URL.
+type chainFileID struct {
+	dev, ino uint64
+	url      string
+}
 
 func fileIdentity(path string) (chainFileID, error) {
+	if aio.IsURL(path) {
+		return chainFileID{url: path}, nil
+	}
 	fi, err := os.Stat(path)
 	if err != nil {
 		return chainFileID{}, err
@@ -38,7 +48,7 @@ func fileIdentity(path string) (chainFileID, error) {
 	if !ok {
 		return chainFileID{}, fmt.Errorf("%s: cannot identify the file: %w", path, ErrUnsupported)
 	}
-	return chainFileID{uint64(st.Dev), st.Ino}, nil
+	return chainFileID{dev: uint64(st.Dev), ino: st.Ino}, nil
 }
 
 // push links path below c. It refuses a file already in the chain (a

@@ -542,3 +542,33 @@ func TestRemoteLazy(t *testing.T) {
 		t.Errorf("a 4 KiB read transferred %d bytes of a %d-byte image:\n%s", sent, fi.Size(), strings.Join(ng.log(), "\n"))
 	}
 }
+
+// TestRemoteFormats: images of the other formats served over HTTP read
+// back as qemu-img convert says, probed from the bytes fetched: every
+// driver reads a remote image through the same cached file, and a VMDK
+// descriptor's extents are fetched from beside it.
+func TestRemoteFormats(t *testing.T) {
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, cache := t.TempDir(), t.TempDir()
+	names := map[string]bool{"dynamic.vdi": true, "dynamic.vhd": true, "fixed.vhd": true,
+		"dynamic.vhdx": true, "sparse.vmdk": true, "stream.vmdk": true, "flat.vmdk": true, "split-sparse.vmdk": true}
+	var imgs []blockImage
+	for _, b := range blockImages {
+		if names[b.name] {
+			imgs = append(imgs, b)
+		}
+	}
+	if len(imgs) != len(names) {
+		t.Fatalf("found %d of the %d images in blockImages", len(imgs), len(names))
+	}
+	ng := startNginx(t, www)
+	for _, b := range imgs {
+		_, ref := b.build(t, www)
+		want := filepath.Join(t.TempDir(), "want.raw")
+		writeModel(t, want, ref)
+		mp, disk := mount(t, ng.url(b.name), false, "--cache-dir", cache)
+		compareFiles(t, disk, want)
+		unmount(t, mp)
+	}
+}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync/atomic"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -32,10 +31,6 @@ func (Format) Probe(in drivers.ProbeInput) int { return probe(in) }
 func (Format) Open(path string, opts drivers.OpenOptions) (drivers.Driver, error) {
 	return Open(path, opts)
 }
-
-// maxChain bounds a differencing chain: deeper is taken for a loop the
-// file identities did not catch.
-const maxChain = 64
 
 // defaultCacheBytes bounds the BAT cache (and as much again the sector
 // bitmap cache of a differencing image) when OpenOptions.CacheSize is 0:
@@ -127,28 +122,11 @@ func Open(path string, opts drivers.OpenOptions) (*Driver, error) {
 		return nil, fmt.Errorf("vhdx: %s: snapshot %q: VHDX images have no internal snapshots: %w",
 			path, opts.Snapshot, drivers.ErrUnsupported)
 	}
-	return openChain(path, opts, nil)
-}
-
-// fileID identifies a file of a chain, to find loops.
-type fileID struct{ dev, ino uint64 }
-
-func openChain(path string, opts drivers.OpenOptions, seen []fileID) (*Driver, error) {
-	fi, err := os.Stat(path)
+	// The chain of images above this one, for the parent's open to
+	// refuse loops (through other formats too) and over-deep chains.
+	opts, err := drivers.EnterChain(path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("vhdx: %w", err)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		id := fileID{uint64(st.Dev), st.Ino}
-		for _, s := range seen {
-			if s == id {
-				return nil, fmt.Errorf("vhdx: %s: the parent chain loops back to this file: %w", path, drivers.ErrCorrupt)
-			}
-		}
-		seen = append(seen, id)
-	}
-	if len(seen) > maxChain {
-		return nil, fmt.Errorf("vhdx: %s: parent chain deeper than %d: %w", path, maxChain, drivers.ErrUnsupported)
 	}
 	f, err := aio.Open(path, aio.Options{ReadOnly: opts.ReadOnly, NoDirectIO: opts.NoDirectIO, NoLock: opts.ForceShare})
 	if err != nil {
@@ -157,7 +135,7 @@ func openChain(path string, opts drivers.OpenOptions, seen []fileID) (*Driver, e
 	d := &Driver{f: f, path: path, readOnly: opts.ReadOnly}
 	coroutine.Run(func(co *coroutine.Co) { err = d.open(co, opts) })
 	if err == nil && d.md.hasParent && !opts.NoBacking {
-		err = d.openParent(opts, seen)
+		err = d.openParent(opts)
 	}
 	if err != nil {
 		f.Close()
@@ -392,17 +370,20 @@ func (b tableBackend) Sync(co *coroutine.Co) error { return b.d.f.FdatasyncCo(co
 // openParent finds and opens the parent of a differencing image,
 // read-only, and checks that it is the parent the image was made on: its
 // DataWriteGuid must be the locator's parent_linkage.
-func (d *Driver) openParent(opts drivers.OpenOptions, seen []fileID) error {
+func (d *Driver) openParent(opts drivers.OpenOptions) error {
 	cands := d.md.locator.paths(filepath.Dir(d.path))
 	for _, p := range cands {
 		if _, err := os.Stat(p); err != nil {
 			continue
 		}
-		popts := opts
-		popts.ReadOnly, popts.Repair = true, false
-		parent, err := openChain(p, popts, seen)
+		pd, _, err := drivers.OpenParent(p, "vhdx", Format{}, opts)
 		if err != nil {
 			return fmt.Errorf("vhdx: %s: parent: %w", d.path, err)
+		}
+		parent, ok := pd.(*Driver)
+		if !ok {
+			pd.Close()
+			return fmt.Errorf("vhdx: %s: parent %s did not open as a VHDX: %w", d.path, p, drivers.ErrUnsupported)
 		}
 		if !d.md.locator.linkage(parent.hdr.dataWrite) {
 			parent.Close()

@@ -3,7 +3,6 @@ package vmdk
 import (
 	"fmt"
 	"math/rand/v2"
-	"path/filepath"
 	"sort"
 	"syscall"
 
@@ -233,10 +232,9 @@ func (d *Driver) openDescriptorFile(f *aio.File, fileSize int64, opts drivers.Op
 			return fmt.Errorf("vmdk: %s: a NOACCESS extent (%q): %w", d.path, l.file, drivers.ErrUnsupported)
 		}
 		if l.typ != "ZERO" {
-			e.path = l.file
-			if !filepath.IsAbs(e.path) {
-				e.path = filepath.Join(filepath.Dir(d.path), e.path)
-			}
+			// Relative to the descriptor, as QEMU's path_combine (and a
+			// remote descriptor's extents are fetched beside it).
+			e.path = drivers.JoinParent(d.path, l.file)
 		}
 		switch l.typ {
 		case "ZERO":
