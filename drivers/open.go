@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 
+	"golang.org/x/sys/unix"
+
 	"imgfuse/aio"
 )
 
@@ -57,8 +59,21 @@ func ProbeFile(formats []Format, path string) (Format, error) {
 
 // readProbeInput reads what Probe looks at. The size comes from seeking to
 // the end, which a block device answers and its stat does not.
+//
+// It leaves the page cache as it found it (no readahead; the pages read
+// are dropped again): ext4 reports a fallocated but unwritten extent as
+// data where its pages are cached, and map must see the file's holes as
+// qemu-img, which reads no tail, sees them.
 func readProbeInput(file *os.File, path string) (ProbeInput, error) {
 	in := ProbeInput{Name: path}
+	fd := int(file.Fd())
+	_ = unix.Fadvise(fd, 0, 0, unix.FADV_RANDOM)
+	defer func() {
+		_ = unix.Fadvise(fd, 0, pageSize, unix.FADV_DONTNEED)
+		if size, err := file.Seek(0, io.SeekEnd); err == nil && size > ProbeSize {
+			_ = unix.Fadvise(fd, (size-ProbeSize)&^(pageSize-1), 0, unix.FADV_DONTNEED)
+		}
+	}()
 	buf := make([]byte, ProbeSize)
 	n, err := io.ReadFull(file, buf)
 	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
@@ -83,6 +98,9 @@ func readProbeInput(file *os.File, path string) (ProbeInput, error) {
 	} // else the file shrank under us: its tail is not known.
 	return in, nil
 }
+
+// pageSize is the granularity of the page cache's advice.
+var pageSize = int64(os.Getpagesize())
 
 // lockedError keeps a lock conflict's message (which names the file and
 // the permission) and makes it match ErrLocked.
