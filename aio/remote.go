@@ -110,15 +110,19 @@ func openRemote(url string, opts Options) (*File, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Buffered: the local file is written by the filler through another
-	// descriptor, and warm reads are served from the page cache.
-	f, err := openFile(path, Options{ReadOnly: true, NoDirectIO: true})
+	// Direct, as a local image: the filler writes (and syncs) each block
+	// through another descriptor before it is marked present, and a
+	// direct read of a range still dirty in the page cache writes it back
+	// first, so the engine reads what the filler wrote. Buffered reads
+	// through the fallback engine's threads made a warm (fully cached)
+	// image read at about half a local image's speed.
+	f, err := openFile(path, Options{ReadOnly: true})
 	if err != nil {
 		return nil, err
 	}
 	f.name = url
 	f.filler = fill
-	f.engDesc = "pread/pwrite (remote image: " + path + ")"
+	f.engDesc += " (remote image: " + path + ")"
 	return f, nil
 }
 
