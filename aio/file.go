@@ -55,6 +55,11 @@ type File struct {
 	// filler, if not nil, makes the ranges a read needs present first:
 	// the file is a remote image's local file (remote.go).
 	filler Filler
+	// fresh is a buffered descriptor of a remote image's local file: a
+	// read whose blocks were just fetched is served from the page cache,
+	// where the filler left them, instead of waiting for a direct read
+	// to write them back first (remote.go).
+	fresh *os.File
 
 	// rl serializes overlapping writes of the direct engine and caches
 	// the file size (see rangeLock). Unused by the fallback engine.
@@ -272,6 +277,9 @@ func (f *File) Close() error {
 	f.mu.Unlock()
 	if wait != nil {
 		<-wait
+	}
+	if f.fresh != nil {
+		f.fresh.Close()
 	}
 	if err := unix.Close(f.fd); err != nil {
 		return &os.PathError{Op: "close", Path: f.name, Err: err}

@@ -42,6 +42,15 @@ type PresentFiller interface {
 	Present(off, n int64) bool
 }
 
+// SettledFiller is a PresentFiller that also tells whether a present
+// range is on disk yet. A read of a range present but not settled is
+// served from the page cache (File.fresh), where its blocks wait, dirty,
+// for the filler's sync: a direct read would wait for their writeback.
+type SettledFiller interface {
+	PresentFiller
+	Settled(off, n int64) bool
+}
+
 // RemoteOpener opens the object named by url for reading: it returns the
 // path of the local file that holds its bytes (the object's size, sparse
 // where nothing was fetched) and the Filler that fetches into it.
@@ -122,24 +131,45 @@ func openRemote(url string, opts Options) (*File, error) {
 	}
 	f.name = url
 	f.filler = fill
+	if f.direct {
+		fresh, err := os.Open(path)
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		f.fresh = fresh
+	}
 	f.engDesc += " (remote image: " + path + ")"
 	return f, nil
 }
 
 // fill runs the filler, if any, for [off, off+n): off the coroutine's loop
 // (it waits for the network), in place for a plain caller.
-func (f *File) fill(co *coroutine.Co, off, n int64) error {
+func (f *File) fill(co *coroutine.Co, off, n int64) (fetched bool, err error) {
 	if f.filler == nil {
-		return nil
+		return false, nil
 	}
 	if pf, ok := f.filler.(PresentFiller); ok && pf.Present(off, n) {
-		return nil
+		sf, ok := f.filler.(SettledFiller)
+		return ok && !sf.Settled(off, n), nil
 	}
-	var err error
 	if co == nil {
-		return f.filler.Fill(off, n)
+		return true, f.filler.Fill(off, n)
 	}
 	coroutine.RunInWorker(co, func() { err = f.filler.Fill(off, n) })
+	return true, err
+}
+
+// readFresh reads p at off through the buffered descriptor: blocks the
+// filler has just written are in the page cache, so this copies memory
+// (on the calling thread) where a direct read would first wait for their
+// writeback. Past the end of the file reads as zeros, as readDirect.
+func (f *File) readFresh(p []byte, off int64) error {
+	n, err := f.fresh.ReadAt(p, off)
+	if err == io.EOF {
+		clear(p[n:])
+		err = nil
+	}
 	return err
 }
 

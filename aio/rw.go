@@ -138,13 +138,16 @@ func (f *File) pread(co *coroutine.Co, p []byte, off int64) error {
 		return err
 	}
 	defer f.end()
-	if err := f.fill(co, off, int64(len(p))); err != nil {
+	fetched, err := f.fill(co, off, int64(len(p)))
+	if err != nil {
 		return fmt.Errorf("aio: pread %s [%#x, +%#x): %w", f.name, off, len(p), err)
 	}
-	var err error
-	if f.direct {
+	switch {
+	case fetched && f.fresh != nil:
+		err = f.readFresh(p, off)
+	case f.direct:
 		err = f.readDirect(co, p, off)
-	} else {
+	default:
 		err = f.fallback(co, false, p, off)
 	}
 	if err != nil {

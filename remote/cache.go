@@ -251,6 +251,19 @@ func (e *entry) hasAll(b0, b1 int64) bool {
 	return true
 }
 
+// allDurable reports whether blocks [b0, b1) are all on disk (synced):
+// their pages in the page cache, if any, are clean.
+func (e *entry) allDurable(b0, b1 int64) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for b := b0; b < b1; b++ {
+		if !bit(e.durable, b) {
+			return false
+		}
+	}
+	return true
+}
+
 // count returns how many blocks are present.
 func (e *entry) count() int64 {
 	e.mu.Lock()

@@ -190,6 +190,19 @@ func (o *Object) Present(off, n int64) bool {
 	return true
 }
 
+// Settled reports whether [off, off+n) is present and on disk: a direct
+// read of it then waits for no writeback (aio.SettledFiller). Blocks
+// stored but not yet synced sit dirty in the page cache, where a buffered
+// read copies them.
+func (o *Object) Settled(off, n int64) bool {
+	off, n = o.clip(off, n)
+	if n == 0 {
+		return true
+	}
+	b0, b1 := o.blocks(off, n)
+	return o.c.allDurable(b0, b1)
+}
+
 // plan starts the fetches of the missing blocks of [from, to) that are not
 // in flight, in requests of at most a chunk that do not cross a chunk
 // boundary, and returns what a reader of [b0, b1) must wait for: the
