@@ -1,15 +1,13 @@
 package qcow2
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"syscall"
 
-	"golang.org/x/sys/unix"
-
 	"imgfuse/coroutine"
 	"imgfuse/drivers"
+	"imgfuse/drivers/blocktab"
 )
 
 var _ drivers.LayerMapper = (*image)(nil)
@@ -106,27 +104,7 @@ func (img *image) hostStatus(off, n int64) (zero bool, length int64) {
 	if img.data == nil {
 		return false, n // no data file to ask (NoDataFile)
 	}
-	size, err := img.data.Size()
-	if err != nil {
-		return false, n
-	}
-	if off >= size {
-		return true, n
-	}
-	data, err := img.data.Seek(off, unix.SEEK_DATA)
-	switch {
-	case errors.Is(err, unix.ENXIO):
-		return true, n // a trailing hole
-	case err != nil:
-		return false, n
-	case data > off:
-		return true, min(n, data-off)
-	}
-	hole, err := img.data.Seek(off, unix.SEEK_HOLE)
-	if err != nil || hole <= off {
-		return false, n
-	}
-	return false, min(n, hole-off)
+	return blocktab.HostStatus(img.data, off, n)
 }
 
 // BackingLayer implements drivers.LayerMapper.
