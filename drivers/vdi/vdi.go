@@ -2,7 +2,6 @@ package vdi
 
 import (
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -59,6 +58,11 @@ type Driver struct {
 	// across data I/O; never taken by reads or writes to allocated
 	// blocks.
 	allocMu coroutine.CoMutex
+	// blockBuf is the 1 MiB an allocation writes, made at the first one.
+	// Protected by allocMu: each image has its own (a buffer shared by
+	// every image of the process was written by one image's allocation
+	// while another's write was reading it).
+	blockBuf []byte
 
 	// damage is the first problem the open found (drivers.Damaged).
 	damage atomic.Pointer[drivers.DamageError]
@@ -264,10 +268,6 @@ func (d *Driver) writePiece(co *coroutine.Co, q []byte, pc blocktab.Piece) error
 	return nil
 }
 
-// blockBuf is a zeroed 1 MiB buffer for an allocation (one at a time:
-// allocMu).
-var blockBuf = sync.OnceValue(func() []byte { return aio.AlignedBuffer(blockSize) })
-
 // allocate gives block pc.Block a new index and writes q into it, as
 // QEMU's vdi_co_pwritev does but in an order that survives a crash:
 //
@@ -296,7 +296,10 @@ func (d *Driver) allocate(co *coroutine.Co, q []byte, pc blocktab.Piece) (int64,
 	if idx >= d.blocks {
 		return 0, fmt.Errorf("vdi: %s: no free block index (%d blocks in use): %w", d.path, idx, drivers.ErrCorrupt)
 	}
-	buf := blockBuf()
+	if d.blockBuf == nil {
+		d.blockBuf = aio.AlignedBuffer(blockSize)
+	}
+	buf := d.blockBuf
 	clear(buf)
 	copy(buf[pc.In:], q)
 	host = d.dataOff + idx*blockSize
