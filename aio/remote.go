@@ -153,11 +153,20 @@ func (f *File) fill(co *coroutine.Co, off, n int64) (fetched bool, err error) {
 		sf, ok := f.filler.(SettledFiller)
 		return ok && !sf.Settled(off, n), nil
 	}
+	return true, f.fillInWorker(co, off, n)
+}
+
+// fillInWorker calls Fill on a worker for a coroutine (on the caller's
+// goroutine without one). Apart from fill so that the closure's variable
+// is allocated only for a read that fetches: every read of a local file
+// goes through fill too.
+func (f *File) fillInWorker(co *coroutine.Co, off, n int64) error {
 	if co == nil {
-		return true, f.filler.Fill(off, n)
+		return f.filler.Fill(off, n)
 	}
+	var err error
 	coroutine.RunInWorker(co, func() { err = f.filler.Fill(off, n) })
-	return true, err
+	return err
 }
 
 // readFresh reads p at off through the buffered descriptor: blocks the
