@@ -148,15 +148,27 @@ func (e *userEnv) run(t *testing.T, stdin []byte, name string, args ...string) r
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir, cmd.Env = e.dir, e.env
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if stdin != nil {
-		cmd.Stdin = bytes.NewReader(stdin)
+	var err error
+	// ETXTBSY: the copy of the binary was just written, and a process
+	// another test forked meanwhile may still hold the writing
+	// descriptor until it execs (golang/go#22315); it passes at once.
+	for try := 0; ; try++ {
+		stdout.Reset()
+		stderr.Reset()
+		cmd := exec.CommandContext(ctx, name, args...)
+		cmd.Dir, cmd.Env = e.dir, e.env
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if stdin != nil {
+			cmd.Stdin = bytes.NewReader(stdin)
+		}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: e.uid, Gid: e.gid, Groups: []uint32{}}}
+		cmd.WaitDelay = 3 * time.Second
+		err = cmd.Run()
+		if !errors.Is(err, syscall.ETXTBSY) || try == 50 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: e.uid, Gid: e.gid, Groups: []uint32{}}}
-	cmd.WaitDelay = 3 * time.Second
-	err := cmd.Run()
 	r := result{stdout: stdout.String(), stderr: stderr.String()}
 	var ee *exec.ExitError
 	line := filepath.Base(name) + " " + strings.Join(args, " ")
