@@ -16,7 +16,7 @@
 // OpenParent, which carry the chain in OpenOptions.Chain and refuse a
 // loop, across formats too, or a chain deeper than MaxChainDepth) and to
 // describe them (layer.go: LayerFiles, LayerDamage, ImageInfo.SetBacking,
-// DiskUsage, and InDisk, the range check of a request). The formats live in its subpackages (drivers/qcow2,
+// DiskUsage, LayerBlockStatus, and InDisk, the range check of a request). The formats live in its subpackages (drivers/qcow2,
 // drivers/raw, drivers/vdi, drivers/vpc, drivers/vhdx, drivers/vmdk,
 // drivers/foreign), the conformance suite every driver passes in
 // drivers/driverstest.

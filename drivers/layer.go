@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+
+	"imgfuse/coroutine"
 )
 
 // What the formats with a parent image (VHD, VHDX, VMDK) answer alike for
@@ -76,4 +78,26 @@ func InDisk(format, path, op string, off, n, size int64, errNo error) error {
 		where = "past the end"
 	}
 	return fmt.Errorf("%s: %s: %s [%#x, +%#x) %s (size %#x): %w", format, path, op, off, n, where, size, errNo)
+}
+
+// LayerBlockStatus is Driver.BlockStatus for a layer above parent (nil for
+// none), from the layer's own status st at off: what the layer stores as
+// it is (data, or zeros it records), the rest as the parent has it, and
+// zeros past the parent's end or where there is none.
+func LayerBlockStatus(co *coroutine.Co, st LayerStatus, off int64, parent Driver) (Extent, error) {
+	switch {
+	case st.Data:
+		return Extent{Off: off, Len: st.Len, Flags: ExtentData}, nil
+	case st.Zero || parent == nil || off >= parent.Size():
+		return Extent{Off: off, Len: st.Len, Flags: ExtentZero}, nil
+	}
+	e, err := parent.BlockStatus(co, off)
+	if err != nil {
+		return Extent{}, err
+	}
+	if e.Off != off || e.Len <= 0 {
+		return Extent{}, fmt.Errorf("parent block status at %#x returned [%#x,+%#x)", off, e.Off, e.Len)
+	}
+	e.Len = min(e.Len, st.Len, parent.Size()-off)
+	return e, nil
 }

@@ -697,23 +697,7 @@ func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error
 	if err != nil {
 		return drivers.Extent{}, err
 	}
-	e := drivers.Extent{Off: off, Len: st.Len}
-	switch {
-	case st.Data:
-		e.Flags = drivers.ExtentData
-	case st.Zero:
-		e.Flags = drivers.ExtentZero
-	case d.parent == nil || off >= d.parent.Size():
-		e.Flags = drivers.ExtentZero
-	default:
-		pe, err := d.parent.BlockStatus(co, off)
-		if err != nil {
-			return drivers.Extent{}, err
-		}
-		e.Flags = pe.Flags
-		e.Len = min(e.Len, pe.Len)
-	}
-	return e, nil
+	return drivers.LayerBlockStatus(co, st, off, d.parent)
 }
 
 // Truncate refuses any change of size (QEMU's vhdx cannot resize either);

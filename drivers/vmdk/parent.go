@@ -83,23 +83,6 @@ func (d *Driver) readParent(co *coroutine.Co, q []byte, off int64) error {
 	return nil
 }
 
-// parentStatus is the block status of the parent from off, at most n
-// bytes: zeros past its end.
-func (d *Driver) parentStatus(co *coroutine.Co, off, n int64) (drivers.Extent, error) {
-	if d.parent == nil || off >= d.parent.Size() {
-		return drivers.Extent{Off: off, Len: n, Flags: drivers.ExtentZero}, nil
-	}
-	e, err := d.parent.BlockStatus(co, off)
-	if err != nil {
-		return drivers.Extent{}, err
-	}
-	if e.Off != off || e.Len <= 0 {
-		return drivers.Extent{}, fmt.Errorf("vmdk: %s: parent block status at %#x returned [%#x,+%#x)", d.path, off, e.Off, e.Len)
-	}
-	e.Len = min(e.Len, n, d.parent.Size()-off)
-	return e, nil
-}
-
 // windowsBase returns the last element of a Windows drive-letter path
 // (`C:\VMs\base.vmdk`: "base.vmdk").
 func windowsBase(p string) (string, bool) {

@@ -511,20 +511,11 @@ func (d *Driver) BackingLayer() drivers.Driver { return d.parent }
 // leaves to its parent is the parent's status (zeros past its end or
 // without a parent).
 func (d *Driver) BlockStatus(co *coroutine.Co, off int64) (drivers.Extent, error) {
-	if d.parent == nil {
-		return drivers.BlockStatusOf(co, d, off)
-	}
 	st, err := d.LayerStatus(co, off)
 	if err != nil {
 		return drivers.Extent{}, err
 	}
-	switch {
-	case st.Data:
-		return drivers.Extent{Off: off, Len: st.Len, Flags: drivers.ExtentData}, nil
-	case st.Zero:
-		return drivers.Extent{Off: off, Len: st.Len, Flags: drivers.ExtentZero}, nil
-	}
-	return d.parentStatus(co, off, st.Len)
+	return drivers.LayerBlockStatus(co, st, off, d.parent)
 }
 
 // Truncate refuses any change of size (QEMU's vmdk driver cannot resize
