@@ -117,6 +117,22 @@ func remoteImages(t *testing.T, www, dir string) (qcowRaw, rawRaw string) {
 	return qcowRaw, rawRaw
 }
 
+// servedRaw starts a parallel end-to-end test of the raw image of
+// remoteImages served by nginx: the server, an empty cache directory and
+// the image's bytes.
+func servedRaw(t *testing.T) (ng *nginx, cache string, want []byte) {
+	t.Helper()
+	requireE2E(t, "nginx")
+	t.Parallel()
+	www, dir := t.TempDir(), t.TempDir()
+	_, rawRaw := remoteImages(t, www, dir)
+	want, err := os.ReadFile(rawRaw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startNginx(t, www), t.TempDir(), want
+}
+
 func run(t *testing.T, name string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
@@ -248,15 +264,7 @@ func TestRemoteBackingAndOverlay(t *testing.T) {
 // cached fail with EIO within a bounded time (what is cached still
 // reads); after a restart they succeed.
 func TestRemoteServerGone(t *testing.T) {
-	requireE2E(t, "nginx")
-	t.Parallel()
-	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
-	_, rawRaw := remoteImages(t, www, dir)
-	want, err := os.ReadFile(rawRaw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ng := startNginx(t, www)
+	ng, cache, want := servedRaw(t)
 	_, disk := mount(t, ng.url("disk.img"), false, "--cache-dir", cache)
 	if errno, got := readErrno(t, disk, 0, 4096); errno != 0 || !bytes.Equal(got, want[:4096]) {
 		t.Fatalf("first read: %v", errno)
@@ -468,15 +476,7 @@ func (p *faultProxy) serve(c net.Conn) {
 // answers are retried) or fail with EIO within a bounded time, and
 // succeed once the faults stop.
 func TestRemoteFaults(t *testing.T) {
-	requireE2E(t, "nginx")
-	t.Parallel()
-	www, dir, cache := t.TempDir(), t.TempDir(), t.TempDir()
-	_, rawRaw := remoteImages(t, www, dir)
-	want, err := os.ReadFile(rawRaw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ng := startNginx(t, www)
+	ng, cache, want := servedRaw(t)
 	px := startFaultProxy(t, ng.addr)
 	_, disk := mount(t, "http://"+px.addr+"/disk.img", false, "--cache-dir", cache)
 	// Small reads far apart: no readahead fetches what a later step
